@@ -1,0 +1,160 @@
+"""Datasets and loaders. Every loader yields ``(x, y, index)``, index = position in the
+dataset, which keys the per-sample power-iteration vectors.
+
+  mnist        torchvision MNIST under --data_dir (downloaded if missing and allowed)
+  fashionmnist torchvision FashionMNIST under --data_dir, else the Debian package
+               dataset-fashion-mnist (/usr/share/datasets/fashion-mnist/), else download
+  cifar10      torchvision CIFAR-10 under --data_dir; random crop 32 pad 4 + flip
+  tinyimagenet --data_dir/tiny-imagenet-200/{train,val} as ImageFolders (val regrouped
+               into one folder per class by TinyImagenet/prepare_data.py)
+"""
+import gzip
+import os
+import urllib.error
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from torchvision import datasets, transforms
+
+from utils import UserError
+
+DEBIAN_FASHION = '/usr/share/datasets/fashion-mnist'
+HOW_TO_GET = {
+    'mnist': "run once with internet access (torchvision downloads it into --data_dir), "
+             "or copy MNIST/raw/*-ubyte files there",
+    'fashionmnist': "apt-get install dataset-fashion-mnist, or run once with internet access",
+    'cifar10': "run once with internet access (torchvision downloads it into --data_dir), "
+               "or copy cifar-10-batches-py there",
+    'tinyimagenet': "run python TinyImagenet/prepare_data.py --data_dir DIR with internet access",
+}
+
+
+class IndexedDataset(Dataset):
+    """Wraps a dataset so that items are (x, y, index)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, i):
+        x, y = self.ds[i]
+        return x, y, i
+
+
+def read_idx(path):
+    """Read an IDX file (MNIST format), optionally gzip-compressed, into a numpy array."""
+    opener = gzip.open if path.endswith('.gz') else open
+    with opener(path, 'rb') as f:
+        raw = f.read()
+    if raw[0] != 0 or raw[1] != 0 or raw[2] != 8:
+        raise UserError(f"{path} is not an unsigned-byte IDX file")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * k: 8 + 4 * k], 'big') for k in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(dims)):
+        raise UserError(f"{path}: header says {dims}, file holds {data.size} bytes")
+    return data.reshape(dims)
+
+
+class IdxImages(Dataset):
+    """Grey images from IDX files (train-images-idx3-ubyte[.gz] + labels), like MNIST."""
+
+    def __init__(self, folder, train, transform):
+        stem = 'train' if train else 't10k'
+        files = []
+        for kind in ('images-idx3-ubyte', 'labels-idx1-ubyte'):
+            name = os.path.join(folder, f"{stem}-{kind}")
+            name = name if os.path.exists(name) else name + '.gz'
+            files.append(name)
+        self.images = torch.from_numpy(read_idx(files[0]).copy())
+        self.targets = torch.from_numpy(read_idx(files[1]).astype(np.int64))
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.targets)
+
+    def __getitem__(self, i):
+        x = self.images[i].unsqueeze(0).float().div_(255)
+        if self.transform is not None:
+            x = self.transform(x)
+        return x, int(self.targets[i])
+
+
+def has_idx(folder, train):
+    stem = 'train' if train else 't10k'
+    return any(os.path.exists(os.path.join(folder, f"{stem}-images-idx3-ubyte{ext}"))
+               for ext in ('', '.gz'))
+
+
+def _torchvision(cls, name, root, train, transform, download):
+    """torchvision dataset; downloads when missing and allowed; one clear error otherwise."""
+    try:
+        return cls(root, train=train, transform=transform, download=False)
+    except RuntimeError as missing:
+        reason = str(missing)
+    if download:
+        try:
+            return cls(root, train=train, transform=transform, download=True)
+        except (urllib.error.URLError, OSError, RuntimeError) as e:
+            reason = f"download failed: {e}"
+    raise UserError(f"dataset {name} not found under {os.path.abspath(root)} ({reason}); "
+                    f"to get it: {HOW_TO_GET[name]}")
+
+
+def get_dataset(name, data_dir, train, augment, download=True):
+    """The (x, y) dataset ``name``; x in [0, 1], no normalisation (the bound is on raw pixels)."""
+    if name in ('mnist', 'fashionmnist'):
+        aug = [transforms.RandomCrop(28, padding=1)] if (augment and train) else []
+        if name == 'fashionmnist':
+            local = os.path.join(data_dir, 'FashionMNIST', 'raw')
+            for folder in (local, DEBIAN_FASHION):
+                if has_idx(folder, train):
+                    return IdxImages(folder, train, transforms.Compose(aug) if aug else None)
+            cls = datasets.FashionMNIST
+        else:
+            cls = datasets.MNIST
+        return _torchvision(cls, name, data_dir, train, transforms.Compose(aug + [transforms.ToTensor()]),
+                            download)
+    if name == 'cifar10':
+        aug = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
+        tf = transforms.Compose((aug if (augment and train) else []) + [transforms.ToTensor()])
+        return _torchvision(datasets.CIFAR10, name, data_dir, train, tf, download)
+    if name == 'tinyimagenet':
+        folder = os.path.join(data_dir, 'tiny-imagenet-200', 'train' if train else 'val')
+        if not os.path.isdir(folder):
+            raise UserError(f"dataset tinyimagenet not found: no folder {os.path.abspath(folder)}; "
+                            f"to get it: {HOW_TO_GET[name]}")
+        aug = [transforms.RandomCrop(64, padding=4), transforms.RandomHorizontalFlip()]
+        tf = transforms.Compose((aug if (augment and train) else []) + [transforms.ToTensor()])
+        return datasets.ImageFolder(folder, transform=tf)
+    raise UserError(f"unknown --data {name!r}; choose from mnist, fashionmnist, cifar10, tinyimagenet")
+
+
+def get_loaders(args, train=True, test=True):
+    """(train_loader, test_loader) of ``args.data``; either may be None if not asked for.
+
+    The training loader shuffles with its own generator, re-seeded per epoch by the
+    training loop (``loader.generator.manual_seed``), so that an epoch's order does not
+    depend on what ran before it (exact --resume).
+    """
+    pin = torch.cuda.is_available() and not getattr(args, 'cpu', False)
+    out = []
+    for is_train, wanted in ((True, train), (False, test)):
+        if not wanted:
+            out.append(None)
+            continue
+        ds = get_dataset(args.data, args.data_dir, is_train, not args.no_augmentation,
+                         download=not args.no_download)
+        n = args.n_train if is_train else args.n_test
+        if n and n < len(ds):
+            ds = Subset(ds, range(n))
+        gen = torch.Generator()
+        gen.manual_seed(args.seed)
+        out.append(DataLoader(IndexedDataset(ds),
+                              batch_size=args.batch_size if is_train else args.test_batch_size,
+                              shuffle=is_train, generator=gen if is_train else None,
+                              num_workers=args.workers, pin_memory=pin, drop_last=False))
+    return tuple(out)

@@ -1,0 +1,575 @@
+"""Local Lipschitz bound and certified loss of Local-Lip (Huang et al., NeurIPS 2021).
+
+Everything here is about the L2 ball ``{x : ||x - x0||_2 <= eps}`` around each input.
+The bound works on any ``nn.Sequential`` built from Conv2d, Linear, Flatten, ReLU_x,
+nn.ReLU and ClampGroupSort whose last module is a Linear layer; it dispatches on layer
+types, never on model names.
+
+Per sample, the network is walked once, carrying
+  * ``mu``      : the image of the input, i.e. the ordinary forward pass  [batch, *shape]
+  * ``r``       : a radius such that every activation of the eps-ball lies in the
+                  L2 ball ``B(mu, r)``; propagated with the global spectral norm  [batch]
+  * ``lb, ub``  : an elementwise box containing every activation of the eps-ball,
+                  the intersection of interval arithmetic and the ball  [batch, *shape]
+From the pre-activation boxes come the varying-neuron indicators D (1 = the neuron can
+change inside the ball, 0 = it is stuck), and the local Lipschitz constant of the network
+up to its penultimate layer is bounded by prod_i ||D_out W_i D_in||_2 (spec section 3),
+computed by per-sample power iteration.  The last Linear layer is handled exactly by the
+worst-case-logit algorithm of BCP (spec section 4).
+"""
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from utils import ClampGroupSort, Flatten, ReLU_x
+
+TOL = 1e-3          # power iteration stops when the largest per-sample change is below this
+TINY = 1e-12        # guards divisions by norms that can be exactly zero
+AFFINE = (nn.Conv2d, nn.Linear)
+ACTIVATIONS = (ReLU_x, nn.ReLU, ClampGroupSort)
+FLATTEN = (Flatten, nn.Flatten)
+
+
+class BoundError(RuntimeError):
+    """A bound that violates its own invariants (lb > ub, non-finite values)."""
+
+
+# ----------------------------------------------------------------------------------------
+# Linear operators: W x (no bias), W^T y, row norms, |W| x
+# ----------------------------------------------------------------------------------------
+def check_supported(model: nn.Sequential) -> List[int]:
+    """Validate ``model`` for the bound; return the module indices of its affine layers.
+
+    Raises ValueError naming the first unsupported module.
+    """
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"the bound needs an nn.Sequential, got {type(model).__name__}")
+    affine = []
+    for i, m in enumerate(model):
+        if isinstance(m, nn.Conv2d):
+            if m.padding_mode != 'zeros' or isinstance(m.padding, str):
+                raise ValueError(f"layer {i} ({m}): only zero padding given as numbers is supported")
+            affine.append(i)
+        elif isinstance(m, nn.Linear):
+            affine.append(i)
+        elif not isinstance(m, ACTIVATIONS + FLATTEN):
+            raise ValueError(f"layer {i} ({type(m).__name__}) is not supported by the bound; "
+                             f"supported: Conv2d, Linear, Flatten, ReLU_x, ReLU, ClampGroupSort")
+    if not affine or not isinstance(model[len(model) - 1], nn.Linear):
+        raise ValueError("the last module of the model must be nn.Linear (the logit layer)")
+    return affine
+
+
+def apply_W(layer: nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """W x without bias. x: [batch, *in_shape] -> [batch, *out_shape]."""
+    w = layer.weight if weight is None else weight
+    if isinstance(layer, nn.Conv2d):
+        return F.conv2d(x, w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    return F.linear(x, w)
+
+
+def apply_WT(layer: nn.Module, y: torch.Tensor, in_shape) -> torch.Tensor:
+    """W^T y, the adjoint of ``apply_W``. y: [batch, *out_shape] -> [batch, *in_shape].
+
+    For a strided convolution the transposed convolution can come out one pixel short;
+    the exact output padding is computed from ``in_shape``.
+    """
+    if isinstance(layer, nn.Conv2d):
+        pad = []
+        for d in range(2):
+            full = ((y.shape[2 + d] - 1) * layer.stride[d] - 2 * layer.padding[d]
+                    + layer.dilation[d] * (layer.kernel_size[d] - 1) + 1)
+            pad.append(in_shape[1 + d] - full)
+        return F.conv_transpose2d(y, layer.weight, None, layer.stride, layer.padding,
+                                  tuple(pad), layer.groups, layer.dilation)
+    return F.linear(y, layer.weight.t())
+
+
+def row_norms(layer: nn.Module) -> torch.Tensor:
+    """L2 norm of each output unit's weights, shaped to broadcast over [batch, *out_shape].
+
+    For a convolution it is the norm of the whole filter (an upper bound at the borders,
+    where zero padding hides part of it)."""
+    w = layer.weight
+    n = w.flatten(1).pow(2).sum(1).clamp_min(TINY).sqrt()
+    return n.view(1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else n.view(1, -1)
+
+
+def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample scalars [batch] -> [batch, 1, ...] broadcasting against ``like``."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    """Per-sample L2 norm of [batch, ...] -> [batch] (zero-safe gradient)."""
+    return x.flatten(1).pow(2).sum(1).clamp_min(TINY * TINY).sqrt()
+
+
+def _normalize(x: torch.Tensor) -> torch.Tensor:
+    return x / _bcast(_norm(x), x)
+
+
+# ----------------------------------------------------------------------------------------
+# Power iteration
+# ----------------------------------------------------------------------------------------
+def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int, tol: float = TOL):
+    """Spectral norm ||W||_2 of the whole operator of ``layer`` (conv or linear).
+
+    u: persistent vector [1, *in_shape], warm-started across calls. The iterations run
+    without gradient; the returned norm ||W u|| is differentiable in W.
+    Returns (sigma: scalar tensor, u: updated detached vector [1, *in_shape]).
+    """
+    in_shape = u.shape[1:]
+    with torch.no_grad():
+        u = _normalize(u)
+        for _ in range(n_iter):
+            new = _normalize(apply_WT(layer, apply_W(layer, u), in_shape))
+            change = _norm(new - u).max().item()
+            u = new
+            if change < tol:
+                break
+    sigma = _norm(apply_W(layer, u))[0]
+    return sigma, u.detach()
+
+
+@dataclass
+class PowerIterationResult:
+    sigma: torch.Tensor      # [batch] estimate of ||D_out W D_in||_2 (from below)
+    u: torch.Tensor          # [batch, *in_shape] final unit vectors, detached
+    iters: torch.Tensor      # [batch] iterations run for each sample (int)
+    converged: torch.Tensor  # [batch] bool, last change < tol
+
+
+def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
+                           d_in: Optional[torch.Tensor] = None,
+                           d_out: Optional[torch.Tensor] = None,
+                           tol: float = TOL) -> PowerIterationResult:
+    """Per-sample spectral norm of D_out W D_in by power iteration on W^T W (conv/linear).
+
+    u:     [batch, *in_shape] starting vectors (stored from earlier epochs or random).
+    d_in:  [batch, *in_shape] 0/1 indicator of the varying inputs, or None (all vary).
+    d_out: [batch, *out_shape] 0/1 indicator of the varying outputs, or None.
+
+    With gradient enabled (training) the whole batch iterates together, differentiating
+    through every iteration, and stops when the largest per-sample change of the unit
+    vector drops below ``tol`` (the reference behaviour). Without gradient (certification)
+    each sample stops as soon as its own vector has converged.
+    """
+    in_shape = u.shape[1:]
+
+    def op(v, di, do):
+        z = apply_W(layer, v if di is None else v * di)
+        return z if do is None else z * do
+
+    def op_t(z, di):
+        v = apply_WT(layer, z, in_shape)
+        return v if di is None else v * di
+
+    batch = u.shape[0]
+    u = u.detach()
+    if d_in is not None:
+        u = u * d_in
+    # a zero vector (dead sample or a stored vector killed by a new mask) never recovers
+    dead = _norm(u) <= TINY
+    if dead.any():
+        fresh = torch.randn_like(u)
+        if d_in is not None:
+            fresh = fresh * d_in
+        u = torch.where(_bcast(dead, u), fresh, u)
+    u = _normalize(u)
+    iters = torch.zeros(batch, dtype=torch.long, device=u.device)
+    converged = torch.zeros(batch, dtype=torch.bool, device=u.device)
+
+    if torch.is_grad_enabled():
+        for _ in range(n_iter):
+            new = _normalize(op_t(op(u, d_in, d_out), d_in))
+            change = _norm(new - u)
+            u = new
+            iters += 1
+            if change.max().item() < tol:
+                break
+        converged = change < tol if n_iter > 0 else converged
+    else:
+        active = torch.arange(batch, device=u.device)
+        for _ in range(n_iter):
+            di = None if d_in is None else d_in[active]
+            do = None if d_out is None else d_out[active]
+            ua = u[active]
+            new = _normalize(op_t(op(ua, di, do), di))
+            done = _norm(new - ua) < tol
+            u[active] = new
+            iters[active] += 1
+            converged[active[done]] = True
+            active = active[~done]
+            if active.numel() == 0:
+                break
+    sigma = _norm(op(u, d_in, d_out))
+    return PowerIterationResult(sigma, u.detach(), iters, converged)
+
+
+# ----------------------------------------------------------------------------------------
+# Worst-case logits of the last layer
+# ----------------------------------------------------------------------------------------
+def worst_case_margins(weight: torch.Tensor, y: torch.Tensor, r: torch.Tensor,
+                       lo: torch.Tensor, hi: torch.Tensor, opt_iter: int) -> torch.Tensor:
+    """a_iy = max_d (w_i - w_y)^T d  s.t. ||d||_2 <= r, lo <= d <= hi  (BCP algorithm).
+
+    weight: [classes, hidden] last-layer weight; y: [batch] labels; r: [batch] radii;
+    lo, hi: [batch, hidden] box around 0 (lo <= 0 <= hi) of the penultimate activations
+    shifted by their centre. Only the true-class column is computed, so memory is
+    O(batch x classes x hidden). Returns a: [batch, classes], with a[b, y_b] = 0.
+
+    Each round clips the coordinates that leave the box to the box face and rescales the
+    free ones so that ||d|| = r again. After any number of rounds the value is that of a
+    relaxation (box only on the clipped coordinates), so it is an upper bound of the exact
+    maximum: sound for every ``opt_iter``.
+    """
+    w = weight.unsqueeze(0) - weight[y].unsqueeze(1)            # [batch, classes, hidden]
+    lo, hi = lo.unsqueeze(1), hi.unsqueeze(1)                   # [batch, 1, hidden]
+    r2 = r.view(-1, 1).pow(2)                                   # [batch, 1]
+    wn = w.pow(2).sum(-1).clamp_min(TINY * TINY).sqrt()         # [batch, classes]
+    d = w * (r.view(-1, 1) / wn).unsqueeze(-1)
+    fixed = torch.zeros_like(w, dtype=torch.bool)
+    for _ in range(opt_iter):
+        leave = ((d > hi) | (d < lo)) & ~fixed
+        if not leave.any():
+            break
+        fixed = fixed | leave
+        d_fixed = torch.where(fixed, torch.maximum(torch.minimum(d, hi), lo), torch.zeros_like(d))
+        rem = (r2 - d_fixed.pow(2).sum(-1)).clamp_min(TINY * TINY)  # budget left for free coords
+        w_free = torch.where(fixed, torch.zeros_like(w), w)
+        free_n = w_free.pow(2).sum(-1).clamp_min(TINY * TINY).sqrt()
+        d = d_fixed + w_free * (rem.sqrt() / free_n).unsqueeze(-1)
+    return (w * d).sum(-1)
+
+
+def worst_case_margins_all_pairs(weight, r, lo, hi, opt_iter):
+    """All-pairs version a[b, i, j] (memory O(batch x classes^2 x hidden)); for tests."""
+    c = weight.shape[0]
+    cols = [worst_case_margins(weight, torch.full((r.shape[0],), j, dtype=torch.long,
+                                                   device=r.device), r, lo, hi, opt_iter)
+            for j in range(c)]
+    return torch.stack(cols, dim=2)
+
+
+# ----------------------------------------------------------------------------------------
+# Vectors of the per-sample power iteration
+# ----------------------------------------------------------------------------------------
+class RandomVectors:
+    """Fresh Gaussian starting vectors for every layer (certification from scratch)."""
+
+    def __init__(self, batch: int, device, generator: Optional[torch.Generator] = None):
+        self.batch, self.device, self.generator = batch, device, generator
+
+    def get(self, key: int, shape) -> torch.Tensor:
+        return torch.randn((self.batch, *shape), generator=self.generator).to(self.device)
+
+    def put(self, key: int, u: torch.Tensor) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------------------
+# The bound
+# ----------------------------------------------------------------------------------------
+@dataclass
+class BoundResult:
+    logits: torch.Tensor                 # [batch, classes] clean logits
+    worst: torch.Tensor                  # [batch, classes] a_iy (0 at the true class)
+    r_local: torch.Tensor                # [batch] eps * prod sigma_i (penultimate ball)
+    r_global: torch.Tensor               # [batch] eps * prod ||W_i||_2
+    sigmas: Dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [batch]
+    masks: Dict[int, torch.Tensor] = field(default_factory=dict)    # act layer -> [batch, ...]
+    pre_boxes: Dict[int, tuple] = field(default_factory=dict)       # act layer -> (lb, ub)
+    iters: Dict[int, torch.Tensor] = field(default_factory=dict)    # layer -> [batch]
+    converged: Optional[torch.Tensor] = None                         # [batch] bool, all layers
+
+    def worst_logits(self, y: torch.Tensor) -> torch.Tensor:
+        """z_i = logit_i + a_iy (i != y), z_y = logit_y.  [batch, classes]"""
+        return self.logits + self.worst
+
+    def margin(self, y: torch.Tensor) -> torch.Tensor:
+        """min_{i != y} (logit_y - logit_i - a_iy); > 0 means certified. [batch]; NaN stays NaN."""
+        z = self.worst_logits(y)
+        zy = z.gather(1, y.view(-1, 1))
+        gap = zy - z
+        gap = gap.scatter(1, y.view(-1, 1), float('inf'))
+        return gap.min(1).values.masked_fill(~torch.isfinite(z).all(1), float('nan'))
+
+    def certified(self, y: torch.Tensor) -> torch.Tensor:
+        """[batch] bool: correct AND every worst-case logit below the true one. NaN -> False."""
+        m = self.margin(y)
+        return (m > 0) & torch.isfinite(m) & (self.logits.argmax(1) == y)
+
+
+def _varying(act: nn.Module, lb: torch.Tensor, ub: torch.Tensor,
+             lb_out: torch.Tensor, ub_out: torch.Tensor) -> torch.Tensor:
+    """0/1 indicator of neurons that can vary inside the ball (the paper's I_V)."""
+    if isinstance(act, ReLU_x):
+        stuck = (lb > act.threshold) | (ub <= 0)
+    elif isinstance(act, nn.ReLU):
+        stuck = ub <= 0
+    else:   # ClampGroupSort: from the box after the activation
+        h = lb_out.shape[1] // 2
+        stuck = torch.cat([lb_out[:, :h] >= act.max, ub_out[:, h:] <= act.min], dim=1)
+    return (~stuck).to(lb.dtype)
+
+
+def _check_box(lb, ub, where):
+    gap = (lb - ub).max().item()
+    if gap > 1e-4 * (1.0 + ub.abs().max().item()):
+        raise BoundError(f"{where}: lower bound exceeds upper bound by {gap:.3g}")
+    if not (torch.isfinite(lb).all() and torch.isfinite(ub).all()):
+        n = (~torch.isfinite(lb)).sum().item() + (~torch.isfinite(ub)).sum().item()
+        raise BoundError(f"{where}: {n} non-finite box entries")
+
+
+def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
+                  vectors, global_vectors: Dict[int, torch.Tensor], *,
+                  sniter: int, opt_iter: int, global_iter: Optional[int] = None,
+                  bound: str = 'local', tol: float = TOL, check: bool = False) -> BoundResult:
+    """Local-Lip bound of ``model`` on the L2 eps-balls around ``x``.
+
+    x: [batch, *input_shape]; y: [batch] labels; eps: float or [batch] radii (L2).
+    vectors: object with ``get(key, shape) -> [batch, *shape]`` and ``put(key, u)`` giving
+      the per-sample power-iteration vectors, key = module index of the layer.
+    global_vectors: dict module index -> [1, *in_shape], updated in place (warm start).
+    sniter: per-sample power iterations; global_iter: iterations for ||W||_2 (default
+      sniter); opt_iter: rounds of the worst-case-logit algorithm.
+    bound: 'local' (indicators from the boxes) or 'global' (every indicator = 1, i.e. the
+      product of the layers' spectral norms, computed by the same code path).
+    check: verify lb <= ub and finiteness after every layer (raises BoundError).
+    """
+    if bound not in ('local', 'global'):
+        raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
+    affine = check_supported(model)
+    last = affine[-1]
+    global_iter = sniter if global_iter is None else global_iter
+    b = x.shape[0]
+    eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    eps = eps.expand(b) if eps.dim() == 0 else eps
+    if (eps < 0).any():
+        raise ValueError(f"eps must be >= 0, got min {eps.min().item()}")
+
+    mu, r = x, eps
+    lb, ub = x - _bcast(eps, x), x + _bcast(eps, x)
+    r_global = eps
+    res = BoundResult(logits=None, worst=None, r_local=eps, r_global=eps)
+    layer_of_mask = None      # indicator of the activation feeding the next affine layer
+    pending = []              # (module index, d_in, in_shape) of affine layers awaiting d_out
+    log_lip = torch.zeros(b, dtype=x.dtype, device=x.device)
+    conv_all = torch.ones(b, dtype=torch.bool, device=x.device)
+
+    def finish(entry, d_out):
+        nonlocal log_lip, conv_all
+        i, d_in, in_shape = entry
+        u0 = vectors.get(i, in_shape).to(x.dtype)
+        pi = masked_power_iteration(model[i], u0, sniter, d_in, d_out, tol)
+        vectors.put(i, pi.u)
+        res.sigmas[i], res.iters[i] = pi.sigma, pi.iters
+        log_lip = log_lip + torch.log(pi.sigma.clamp_min(1e-30))
+        conv_all = conv_all & pi.converged
+
+    for i, m in enumerate(model):
+        if isinstance(m, FLATTEN):
+            mu, lb, ub = mu.flatten(1), lb.flatten(1), ub.flatten(1)
+            if layer_of_mask is not None:
+                layer_of_mask = layer_of_mask.flatten(1)
+        elif isinstance(m, AFFINE):
+            for entry in pending:   # previous affine layer had no activation of its own
+                finish(entry, None)
+            pending = []
+            if i == last:
+                break
+            in_shape = tuple(mu.shape[1:])
+            if i not in global_vectors:
+                global_vectors[i] = torch.randn((1, *in_shape), device=x.device, dtype=x.dtype)
+            sigma_g, global_vectors[i] = global_power_iteration(m, global_vectors[i], global_iter, tol)
+            # box by interval arithmetic, ball by the network's own forward
+            centre, half = (lb + ub) / 2, (ub - lb) / 2
+            both = m(torch.cat([mu, centre], 0))
+            mu, centre = both[:b], both[b:]
+            half = apply_W(m, half, m.weight.abs())
+            ball = _bcast(r, mu) * row_norms(m)
+            lb = torch.maximum(centre - half, mu - ball)
+            ub = torch.minimum(centre + half, mu + ball)
+            r = r * sigma_g
+            r_global = r_global * sigma_g.detach()
+            d_in = None if bound == 'global' else layer_of_mask
+            pending = [(i, d_in, in_shape)]
+            layer_of_mask = None
+        elif isinstance(m, ACTIVATIONS):
+            rr = _bcast(r, mu)
+            out = m(torch.cat([lb, ub, mu - rr, mu + rr, mu], 0))
+            g_lb, g_ub, g_lo, g_hi, mu_out = out.split(b)
+            lb_out, ub_out = torch.maximum(g_lb, g_lo), torch.minimum(g_ub, g_hi)
+            with torch.no_grad():
+                d = _varying(m, lb, ub, lb_out, ub_out)
+            res.masks[i], res.pre_boxes[i] = d, (lb, ub)
+            d_used = None if bound == 'global' else d
+            is_relu = not isinstance(m, ClampGroupSort)
+            for entry in pending:
+                finish(entry, d_used if is_relu else None)
+            pending = []
+            layer_of_mask = d_used
+            mu, lb, ub = mu_out, lb_out, ub_out
+        if check:
+            _check_box(lb, ub, f"layer {i} ({type(m).__name__})")
+
+    final = model[last]
+    res.logits = final(mu)
+    res.r_local = eps * torch.exp(log_lip)
+    res.r_global = r_global
+    res.converged = conv_all
+    lo = torch.minimum(lb - mu, torch.zeros_like(mu))
+    hi = torch.maximum(ub - mu, torch.zeros_like(mu))
+    res.worst = worst_case_margins(final.weight, y, res.r_local, lo, hi, opt_iter)
+    return res
+
+
+def robust_loss(res: BoundResult, y: torch.Tensor, gloro: bool = False) -> torch.Tensor:
+    """Cross-entropy on the worst-case logits.
+
+    BCP (default): CE([logit_i + a_iy for i != y, logit_y], y).
+    GloRo (--gloro): CE over classes + 1 logits: the clean logits plus
+    max_{i != y}(logit_i + a_iy) as an extra "bottom" class.
+    """
+    z = res.worst_logits(y)
+    if not gloro:
+        return F.cross_entropy(z, y)
+    others = z.scatter(1, y.view(-1, 1), float('-inf'))
+    extra = others.max(1, keepdim=True).values
+    return F.cross_entropy(torch.cat([res.logits, extra], 1), y)
+
+
+def certified_loss(res: BoundResult, y: torch.Tensor, kappa: float, gloro: bool = False):
+    """Training objective. BCP: kappa * CE + (1 - kappa) * robust; GloRo: robust only.
+
+    Returns (loss, clean CE, robust CE), scalars.
+    """
+    clean = F.cross_entropy(res.logits, y)
+    rob = robust_loss(res, y, gloro)
+    loss = rob if gloro else kappa * clean + (1 - kappa) * rob
+    return loss, clean, rob
+
+
+def sparsity_loss(model: nn.Sequential, res: BoundResult, sp_thres: float) -> torch.Tensor:
+    """Pushes pre-activation boxes out of the varying region (TinyImageNet, --sparse).
+
+    ReLU_x: mean(relu(ub)) + sp_thres * mean(relu(threshold - lb));
+    ClampGroupSort: mean(relu(max - lb_firsthalf)) + mean(relu(ub_secondhalf - min)),
+    summed over activations.
+    """
+    total = 0.0
+    for i, (lb, ub) in res.pre_boxes.items():
+        m = model[i]
+        if isinstance(m, ReLU_x):
+            total = total + F.relu(ub).mean() + sp_thres * F.relu(m.threshold - lb).mean()
+        elif isinstance(m, ClampGroupSort):
+            h = lb.shape[1] // 2
+            total = total + F.relu(m.max - lb[:, :h]).mean() + F.relu(ub[:, h:] - m.min).mean()
+    return total
+
+
+# ----------------------------------------------------------------------------------------
+# Per-sample vectors stored across epochs
+# ----------------------------------------------------------------------------------------
+def layer_input_shapes(model: nn.Sequential, input_shape) -> Dict[int, tuple]:
+    """Per-sample input shape of every affine layer except the last (the layers whose
+    per-sample power-iteration vectors are stored), keyed by module index."""
+    last = check_supported(model)[-1]
+    shapes = {}
+    with torch.no_grad():
+        x = torch.zeros((1, *input_shape), device=next(model.parameters()).device)
+        for i, m in enumerate(model):
+            if isinstance(m, AFFINE) and i != last:
+                shapes[i] = tuple(x.shape[1:])
+            x = m(x)
+    return shapes
+
+
+class VectorStore:
+    """The per-sample power-iteration vectors of one dataset (train or test), indexed by
+    the loader's sample index, one array [n, *in_shape] per stored layer.
+
+    keys: module indices that keep vectors (``--indices``); the others restart from random
+    vectors at every step. dtype: storage dtype (float32 or float16; computation is always
+    in the model's dtype). path: back the arrays by a file (numpy memmap) instead of RAM.
+    Rows never written hold no vector yet and are handed out as fresh Gaussian vectors.
+    Memory is only committed for rows that are written.
+    """
+
+    def __init__(self, shapes: Dict[int, tuple], n: int, dtype=torch.float32,
+                 path: Optional[str] = None, keys=None):
+        self.shapes = {k: tuple(s) for k, s in shapes.items() if keys is None or k in keys}
+        self.all_shapes = {k: tuple(s) for k, s in shapes.items()}
+        self.n, self.dtype, self.path = n, dtype, path
+        self.initialized = torch.zeros(n, dtype=torch.bool)
+        self.data = {}
+        if path is not None:
+            np_dtype = {torch.float32: np.float32, torch.float16: np.float16}[dtype]
+            os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+            offset = 0
+            total = self.nbytes()
+            size = max(total, 1)
+            reuse = os.path.isfile(path) and os.path.getsize(path) == size   # --resume
+            mm = np.memmap(path, dtype=np.uint8, mode='r+' if reuse else 'w+', shape=(size,))
+            for k, s in self.shapes.items():
+                size = n * math.prod(s) * np.dtype(np_dtype).itemsize
+                arr = mm[offset:offset + size].view(np_dtype).reshape(n, *s)
+                self.data[k] = torch.from_numpy(arr)
+                offset += size
+            self._mm = mm
+        else:
+            for k, s in self.shapes.items():
+                self.data[k] = torch.empty((n, *s), dtype=dtype)
+
+    @staticmethod
+    def bytes_per_sample(shapes, keys=None, dtype=torch.float32) -> int:
+        elem = torch.empty((), dtype=dtype).element_size()
+        return sum(math.prod(s) for k, s in shapes.items() if keys is None or k in keys) * elem
+
+    def nbytes(self) -> int:
+        return self.n * self.bytes_per_sample(self.shapes, None, self.dtype)
+
+    def batch(self, idx: torch.Tensor, device) -> 'StoredVectors':
+        return StoredVectors(self, idx.cpu(), device)
+
+    def state_dict(self):
+        if self.path is not None:
+            self._mm.flush()
+            return {'initialized': self.initialized.clone(), 'path': self.path}
+        return {'initialized': self.initialized.clone(), 'data': self.data}
+
+    def load_state_dict(self, state):
+        self.initialized.copy_(state['initialized'])
+        if 'data' in state:
+            for k in self.data:
+                self.data[k].copy_(state['data'][k])
+
+
+class StoredVectors:
+    """The vectors of one batch: ``get`` reads the stored rows (random where none is
+    stored yet or the layer is not stored), ``put`` writes them back."""
+
+    def __init__(self, store: VectorStore, idx: torch.Tensor, device):
+        self.store, self.idx, self.device = store, idx, device
+        self.fresh = ~store.initialized[idx]
+
+    def get(self, key: int, shape) -> torch.Tensor:
+        b = self.idx.shape[0]
+        u = torch.randn((b, *shape))
+        if key in self.store.data and not self.fresh.all():
+            old = self.store.data[key][self.idx].float()
+            u = torch.where(self.fresh.view(-1, *([1] * len(shape))), u, old)
+        return u.to(self.device, non_blocking=True)
+
+    def put(self, key: int, u: torch.Tensor) -> None:
+        if key in self.store.data:
+            self.store.data[key][self.idx] = u.detach().to('cpu', self.store.dtype)
+            self.store.initialized[self.idx] = True

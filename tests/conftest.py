@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny seeded networks and datasets written in the exact on-disk formats."""
+import os
+import pickle
+import struct
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+torch.set_num_threads(2)
+
+from utils import ClampGroupSort, Flatten, ReLU_x, _build  # noqa: E402
+
+
+def write_idx(path, array):
+    """MNIST IDX format: magic 0x0000 08 ndim, big-endian dims, raw uint8 bytes."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    with open(path, 'wb') as f:
+        f.write(bytes([0, 0, 8, array.ndim]))
+        for d in array.shape:
+            f.write(struct.pack('>I', d))
+        f.write(array.tobytes())
+
+
+def make_mnist_like(root, n_train=256, n_test=128, seed=0):
+    """A learnable 10-class MNIST-format dataset at root/MNIST/raw (torchvision layout):
+    each class is a bright block at its own position plus noise."""
+    rng = np.random.default_rng(seed)
+    raw = os.path.join(root, 'MNIST', 'raw')
+    os.makedirs(raw, exist_ok=True)
+    for stem, n in (('train', n_train), ('t10k', n_test)):
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        imgs = rng.integers(0, 60, (n, 28, 28)).astype(np.uint8)
+        for k, c in enumerate(labels):
+            r, q = divmod(int(c), 5)
+            imgs[k, 4 + 10 * r: 12 + 10 * r, 1 + 5 * q: 6 + 5 * q] = 230
+        write_idx(os.path.join(raw, f"{stem}-images-idx3-ubyte"), imgs)
+        write_idx(os.path.join(raw, f"{stem}-labels-idx1-ubyte"), labels)
+    return root
+
+
+def make_cifar_like(root, n_per_batch=20, seed=0):
+    """CIFAR-10 python format at root/cifar-10-batches-py (pickled dicts, data uint8 [n, 3072])."""
+    rng = np.random.default_rng(seed)
+    d = os.path.join(root, 'cifar-10-batches-py')
+    os.makedirs(d, exist_ok=True)
+    names = [f"data_batch_{i}" for i in range(1, 6)] + ['test_batch']
+    for name in names:
+        batch = {'data': rng.integers(0, 256, (n_per_batch, 3072)).astype(np.uint8),
+                 'labels': rng.integers(0, 10, n_per_batch).tolist(),
+                 'batch_label': name, 'filenames': [f"{k}.png" for k in range(n_per_batch)]}
+        with open(os.path.join(d, name), 'wb') as f:
+            pickle.dump(batch, f)
+    with open(os.path.join(d, 'batches.meta'), 'wb') as f:
+        pickle.dump({'label_names': [f"c{k}" for k in range(10)], 'num_cases_per_batch': n_per_batch}, f)
+    return root
+
+
+def tiny_net(kind='relux', seed=0, classes=3, in_ch=1, hw=8):
+    """Conv(in,4,3,1,1) A; Conv(4,8,4,2,1) A; Flatten; Linear(8*(hw/2)^2,16) A; Linear(16,classes)."""
+    torch.manual_seed(seed)
+    if kind == 'relux':
+        act = lambda shape, j: ReLU_x(shape, 1.0)
+    elif kind == 'relu':
+        act = lambda shape, j: torch.nn.ReLU()
+    else:
+        act = lambda shape, j: ClampGroupSort((shape[0] // 2, *shape[1:]), 0.5, -0.5)
+    h = hw // 2
+    return _build([(in_ch, 4, 3, 1, 1, hw), (4, 8, 4, 2, 1, h)], [(8 * h * h, 16), (16, classes)], act)
+
+
+@pytest.fixture
+def mnist_dir(tmp_path):
+    return make_mnist_like(str(tmp_path / 'data'))

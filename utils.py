@@ -1,0 +1,377 @@
+"""Architectures, hyper-parameter defaults, the argument parser and small helpers.
+
+Nothing here parses arguments or touches a device at import time.
+"""
+import argparse
+import math
+import os
+import random
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+
+class UserError(Exception):
+    """A mistake in the command line or the files it names; printed without traceback."""
+
+
+# ========================================================================================
+# Hyper-parameter defaults (one per line, with why). The entry scripts pick a column:
+# train_mnist.py / evaluate.py --data mnist|fashionmnist use MNIST, train_cifar10.py and
+# --data cifar10 use CIFAR10, TinyImagenet/ uses TINY. Edit here to change a default.
+# ========================================================================================
+DEFAULTS = dict(
+    batch_size=256,          # reference batch size for MNIST and CIFAR-10
+    test_batch_size=256,     # certification batch; memory-bound, not accuracy-relevant
+    lr=1e-3,                 # Adam, reference
+    end_lr=1e-6,             # exp decay target at the last epoch (reference CIFAR scripts)
+    more=25,                 # lr constant until epoch epochs//2 + more, then decays
+    seed=0,                  # everything random derives from it (per epoch), for exact --resume
+    init=1.0,                # ReLU_x threshold init for c6f2_relux / tinyimagenet_relux
+    opt_iter=1,              # worst-case-logit rounds in training (reference default)
+    test_opt_iter=1000,      # rounds at test: the tightest bound, still sound at any count
+    sniter=1,                # per-sample power iterations per step (scripts use 2 or 5)
+    test_sniter=100,         # power iterations per test batch during training (reference)
+    niter=100,               # PGD-L2 steps at the end of training / in evaluate.py
+    alpha=None,              # PGD step size; None means epsilon / 4 (reference)
+    starting_epsilon=0.001,  # eps at the start of the ramp
+    warmup=0,                # epochs of plain cross-entropy before certified training
+    sparse=0.0,              # weight of the sparsity loss (TinyImageNet uses 0.01)
+    sp_thres=1.0,            # weight of the ReLU_x upper-threshold term in that loss
+    n_train=0,               # use only the first N training images (0 = all); demos, CI
+    n_test=0,                # use only the first N test images (0 = all)
+    workers=0,               # DataLoader workers; 0 is fastest for in-memory MNIST on 2 cores
+    store_dtype='auto',      # per-sample vector store: fp32 if it fits in RAM, else fp16, else disk
+)
+MNIST = dict(
+    data='mnist', model='relux',
+    epochs=300,              # reference MNIST schedule
+    rampup=150,              # eps/kappa ramp length (epochs)
+    epsilon=1.58,            # evaluation radius of the paper's MNIST table
+    epsilon_train=1.58,      # the paper's script trains at 1.75 (--epsilon_train 1.75)
+    augmentation=False,      # reference MNIST trains with --no_augmentation
+)
+CIFAR10 = dict(
+    data='cifar10', model='c6f2_relux',
+    epochs=800,              # reference CIFAR-10 schedule
+    warmup=20,               # 20 epochs of clean training first
+    rampup=400,              # eps/kappa ramp length (epochs)
+    epsilon=36 / 255,        # 0.141, the paper's CIFAR-10 radius
+    epsilon_train=0.1551,    # slightly above the evaluation radius, as in the reference
+    augmentation=True,       # random crop 32 pad 4 + horizontal flip
+)
+TINY = dict(
+    data='tinyimagenet', model='tinyimagenet_relux',
+    epochs=250, rampup=125,  # paper's TinyImageNet schedule
+    batch_size=32,           # per process (the paper used 4 GPUs x 32)
+    test_batch_size=32,      # 200 classes: keep the worst-case-logit tensor small
+    lr=2.5e-4,               # ReLU_x; the MaxMin model used 1e-4
+    epsilon=36 / 255, epsilon_train=0.16,
+    sparse=0.01,             # sparsity loss weight of the paper's runs
+    augmentation=True,
+)
+DATA_DEFAULTS = {'mnist': MNIST, 'fashionmnist': MNIST, 'cifar10': CIFAR10,
+                 'tinyimagenet': TINY}
+
+
+# ========================================================================================
+# Activations
+# ========================================================================================
+class Flatten(nn.Module):
+    def forward(self, x):
+        return x.view(x.size(0), -1)
+
+
+class ReLU_x(nn.Module):
+    """ReLU clipped above at a learnable per-neuron threshold: clamp(min(x, t), min=0).
+
+    input_size: per-sample shape (C, H, W) or (F,); parameter ``threshold`` is
+    [1, *input_size], filled with ``init``.
+    """
+
+    def __init__(self, input_size, init=1.0):
+        super().__init__()
+        self.threshold = nn.Parameter(torch.full((1, *input_size), float(init)))
+
+    def forward(self, x):
+        return torch.minimum(x, self.threshold).clamp(min=0)
+
+
+class ClampGroupSort(nn.Module):
+    """MaxMin (GroupSort of channel halves) with learnable clamps.
+
+    Splits channels into halves a, b and returns
+    cat(min(max(a, b), max_param), max(min(a, b), min_param)).
+    input_size_half: per-sample shape of HALF the channels, e.g. (16, 32, 32) or (256,);
+    parameters ``max``, ``min`` are [1, *input_size_half].
+    """
+
+    def __init__(self, input_size_half, max=1.0, min=-1.0):
+        super().__init__()
+        self.max = nn.Parameter(torch.full((1, *input_size_half), float(max)))
+        self.min = nn.Parameter(torch.full((1, *input_size_half), float(min)))
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        return torch.cat([torch.minimum(torch.maximum(a, b), self.max),
+                          torch.maximum(torch.minimum(a, b), self.min)], dim=1)
+
+
+def clamp_thresholds(model):
+    """After every optimiser step: ReLU_x thresholds >= 0 (reference)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, ReLU_x):
+                m.threshold.clamp_(min=0)
+
+
+# ========================================================================================
+# Architectures (parameter names and shapes follow the reference release)
+# ========================================================================================
+def _conv(cin, cout, k, s, p):
+    c = nn.Conv2d(cin, cout, k, stride=s, padding=p)
+    n = k * k * cout
+    c.weight.data.normal_(0, math.sqrt(2.0 / n))
+    c.bias.data.zero_()
+    return c
+
+
+def _build(convs, fcs, act):
+    """convs: (cin, cout, k, s, p, out_hw); fcs: (fin, fout). ``act(shape, j)`` builds the
+    j-th activation for per-sample output ``shape``; no activation after the last Linear."""
+    layers, j = [], 0
+    for cin, cout, k, s, p, hw in convs:
+        layers += [_conv(cin, cout, k, s, p), act((cout, hw, hw), j)]
+        j += 1
+    layers.append(Flatten())
+    for n, (fin, fout) in enumerate(fcs):
+        layers.append(nn.Linear(fin, fout))
+        if n < len(fcs) - 1:
+            layers.append(act((fout,), j))
+            j += 1
+    return nn.Sequential(*layers)
+
+
+def _relux(init):
+    return lambda shape, j: ReLU_x(shape, init)
+
+
+def _relu():
+    return lambda shape, j: nn.ReLU()
+
+
+def _maxmin_pairs(pairs):
+    return lambda shape, j: ClampGroupSort((shape[0] // 2, *shape[1:]), pairs[j][0], pairs[j][1])
+
+
+def c4f3(in_ch, hw, act):
+    """4C3F of MNIST (in_ch=1, hw=28) and CIFAR-10 (in_ch=3, hw=32)."""
+    h2, h4 = hw // 2, hw // 4
+    return _build([(in_ch, 32, 3, 1, 1, hw), (32, 32, 4, 2, 1, h2), (32, 64, 3, 1, 1, h2),
+                   (64, 64, 4, 2, 1, h4)],
+                  [(64 * h4 * h4, 512), (512, 512), (512, 10)], act)
+
+
+def c6f2(act):
+    """6C2F of CIFAR-10."""
+    return _build([(3, 32, 3, 1, 1, 32), (32, 32, 3, 1, 1, 32), (32, 32, 4, 2, 1, 16),
+                   (32, 64, 3, 1, 1, 16), (64, 64, 3, 1, 1, 16), (64, 64, 4, 2, 1, 8)],
+                  [(4096, 512), (512, 10)], act)
+
+
+def c8f2(act):
+    """8C2F of TinyImageNet (64x64 inputs, 200 classes)."""
+    return _build([(3, 64, 3, 1, 1, 64), (64, 64, 3, 1, 1, 64), (64, 64, 4, 2, 0, 31),
+                   (64, 128, 3, 1, 1, 31), (128, 128, 3, 1, 1, 31), (128, 128, 4, 2, 0, 14),
+                   (128, 256, 3, 1, 1, 14), (256, 256, 4, 2, 0, 6)],
+                  [(9216, 256), (256, 200)], act)
+
+
+CIFAR_MAXMIN = [(0.1, -0.1), (0.1, -0.15), (0.15, -0.15), (0.15, -0.15), (0.2, -0.2),
+                (0.3, -0.3), (1.2, -1.2)]
+TINY_MAXMIN = [(v, -v) for v in (0.8, 1.0, 1.4, 1.4, 1.4, 1.6, 2.0, 3.0, 1.6)]
+
+MODELS = {
+    # (data family, model name) -> builder(init)
+    ('mnist', 'relux'): lambda init: c4f3(1, 28, _relux(1.0)),   # reference builder: 1.0
+    ('mnist', 'standrelu'): lambda init: c4f3(1, 28, _relu()),
+    ('cifar10', 'relux'): lambda init: c4f3(3, 32, _relux(1.0)),  # reference builder: 1.0
+    ('cifar10', 'c6f2_relux'): lambda init: c6f2(_relux(init)),
+    ('cifar10', 'standrelu'): lambda init: c6f2(_relu()),
+    ('cifar10', 'c6f2_clmaxmin'): lambda init: c6f2(_maxmin_pairs(CIFAR_MAXMIN)),
+    ('tinyimagenet', 'tinyimagenet_relux'): lambda init: c8f2(_relux(init)),
+    ('tinyimagenet', 'tiny_clmaxmin'): lambda init: c8f2(_maxmin_pairs(TINY_MAXMIN)),
+}
+FAMILY = {'mnist': 'mnist', 'fashionmnist': 'mnist', 'cifar10': 'cifar10',
+          'tinyimagenet': 'tinyimagenet'}
+
+
+def model_names(data):
+    return sorted(name for fam, name in MODELS if fam == FAMILY.get(data))
+
+
+def select_model(data, model, init=1.0):
+    """Build the reference architecture ``model`` for dataset ``data`` (on the CPU)."""
+    if data not in FAMILY:
+        raise UserError(f"unknown --data {data!r}; choose from {', '.join(sorted(FAMILY))}")
+    key = (FAMILY[data], model)
+    if key not in MODELS:
+        raise UserError(f"unknown --model {model!r} for --data {data}; "
+                        f"choose from {', '.join(model_names(data))}")
+    return MODELS[key](init)
+
+
+# ========================================================================================
+# Command line (flag names and meanings of the reference release)
+# ========================================================================================
+def argparser(argv=None, **overrides):
+    """Parse the command line. Defaults: DEFAULTS, then the dataset column chosen by
+    ``--data`` (or ``overrides['data']``), then ``overrides`` (the entry script's)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--data', default=overrides.get('data', 'mnist'))
+    known, _ = pre.parse_known_args(argv)
+    d = dict(DEFAULTS)
+    d.update(DATA_DEFAULTS.get(known.data, MNIST))
+    d.update(overrides)
+
+    p = argparse.ArgumentParser(description="Local-Lip: certified training and evaluation "
+                                "with local Lipschitz bounds (L2).")
+    a = p.add_argument
+    # data and model
+    a('--data', default=d['data'], help="dataset: mnist, fashionmnist, cifar10, tinyimagenet")
+    a('--data_dir', default='data', help="where datasets live / are downloaded (default data/)")
+    a('--no_download', action='store_true', help="never try to download a missing dataset")
+    a('--model', default=d['model'], help="architecture, e.g. relux, standrelu, c6f2_relux, "
+      "c6f2_clmaxmin (see utils.MODELS)")
+    a('--init', type=float, default=d['init'], help="initial ReLU_x threshold for c6f2_relux "
+      "and tinyimagenet_relux (the 4C3F relux models start at 1.0, as in the reference)")
+    a('--no_augmentation', action='store_true', default=not d['augmentation'],
+      help="disable data augmentation (MNIST default: off)")
+    a('--n_train', type=int, default=d['n_train'], help="use the first N training images (0 = all)")
+    a('--n_test', type=int, default=d['n_test'], help="use the first N test images (0 = all)")
+    a('--workers', type=int, default=d['workers'], help="DataLoader worker processes")
+    # optimisation and schedule
+    a('--batch_size', type=int, default=d['batch_size'], help="training batch size")
+    a('--test_batch_size', type=int, default=d['test_batch_size'], help="evaluation batch size")
+    a('--epochs', type=int, default=d['epochs'], help="number of training epochs")
+    a('--lr', type=float, default=d['lr'], help="Adam learning rate")
+    a('--end_lr', type=float, default=d['end_lr'], help="learning rate reached at the last "
+      "epoch by exponential decay starting at epoch epochs//2 + more")
+    a('--more', type=int, default=d['more'], help="lr decay starts at epoch epochs//2 + more")
+    a('--warmup', type=int, default=d['warmup'], help="epochs of clean training first")
+    a('--rampup', type=int, default=d['rampup'], help="epochs over which eps and kappa ramp")
+    a('--epsilon', type=float, default=d['epsilon'], help="L2 radius for evaluation (and the "
+      "within-epoch eps increment, as in the reference)")
+    a('--epsilon_train', type=float, default=d['epsilon_train'], help="L2 radius reached by "
+      "the training ramp")
+    a('--starting_epsilon', type=float, default=d['starting_epsilon'], help="eps at ramp start")
+    a('--seed', type=int, default=d['seed'], help="random seed")
+    # the bound
+    a('--bound', choices=('local', 'global'), default='local', help="'local': varying-neuron "
+      "indicators from the boxes (Local-Lip); 'global': every indicator 1, the product of "
+      "spectral norms (BCP-style baseline) through the same code")
+    a('--sniter', type=int, default=d['sniter'], help="power iterations per training step")
+    a('--test_sniter', type=int, default=d['test_sniter'], help="max power iterations at test "
+      "(each sample stops at tolerance 1e-3)")
+    a('--opt_iter', type=int, default=d['opt_iter'], help="worst-case-logit rounds in training")
+    a('--test_opt_iter', type=int, default=d['test_opt_iter'], help="worst-case-logit rounds "
+      "at test")
+    a('--gloro', action='store_true', help="GloRo loss (extra 'bottom' logit) instead of BCP")
+    a('--sparse', type=float, default=d['sparse'], help="weight of the sparsity loss")
+    a('--sp_thres', type=float, default=d['sp_thres'], help="weight of the ReLU_x threshold "
+      "term of the sparsity loss")
+    a('--indices', default='', help="comma list of module indices whose per-sample vectors "
+      "are stored across epochs (default: all affine layers but the last)")
+    a('--store_dtype', choices=('auto', 'float32', 'float16'), default=d['store_dtype'],
+      help="dtype of the stored per-sample vectors; auto: float32 when it fits in half the "
+      "available RAM, else float16, else a disk-backed float16 file")
+    # PGD
+    a('--niter', type=int, default=d['niter'], help="PGD-L2 steps")
+    a('--alpha', type=float, default=d['alpha'], help="PGD-L2 step size (default epsilon/4)")
+    # files and devices
+    a('--prefix', default=None, help="checkpoints go to pretrained/<prefix>_<model>_{best,"
+      "checkpoint}.pth (default: the dataset name); an absolute path is used as is")
+    a('--saved_model', default=None, help="evaluate.py: load <saved_model>_best.pth")
+    a('--results', default=None, help="evaluate.py: write a JSON summary here")
+    a('--resume', action='store_true', help="continue from <prefix>_<model>_checkpoint.pth")
+    a('--cuda_ids', default='0', help="GPU to use when CUDA is available (first of a comma list)")
+    a('--cpu', action='store_true', help="run on the CPU even when CUDA is available")
+    a('--verbose', type=int, default=200, help="print a progress line every N batches when "
+      "stderr is not a terminal (0: never)")
+    args = p.parse_args(argv)
+    if args.data not in DATA_DEFAULTS:
+        raise UserError(f"unknown --data {args.data!r}; choose from {', '.join(sorted(DATA_DEFAULTS))}")
+    for name in ('epsilon', 'epsilon_train', 'starting_epsilon'):
+        if getattr(args, name) < 0:
+            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    if args.alpha is None:
+        args.alpha = args.epsilon / 4
+    if args.prefix is None:
+        args.prefix = args.data
+    return args
+
+
+# ========================================================================================
+# Small helpers
+# ========================================================================================
+def get_device(args):
+    if torch.cuda.is_available() and not args.cpu:
+        return torch.device(f"cuda:{args.cuda_ids.split(',')[0]}")
+    return torch.device('cpu')
+
+
+def seed_all(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+def checkpoint_base(args):
+    """pretrained/<prefix>_<model> (an absolute prefix replaces pretrained/)."""
+    return os.path.join('pretrained', f"{args.prefix}_{args.model}")
+
+
+def atomic_save(obj, path):
+    """torch.save to a temporary file, then rename: a killed run never leaves half a file."""
+    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, model, device='cpu'):
+    """Load a checkpoint {'state_dict', ...} into ``model``; clear UserError on mismatch."""
+    if not os.path.isfile(path):
+        raise UserError(f"checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location=device, weights_only=False)
+    state = ckpt['state_dict'] if isinstance(ckpt, dict) and 'state_dict' in ckpt else ckpt
+    if not isinstance(state, dict):
+        raise UserError(f"{path} holds no state_dict")
+    mine = model.state_dict()
+    missing = [k for k in mine if k not in state]
+    extra = [k for k in state if k not in mine]
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+              for k, v in mine.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or extra or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}")
+        if extra:
+            parts.append(f"unexpected keys {extra[:5]}")
+        if shapes:
+            parts.append(f"shape mismatch {shapes[:3]}")
+        raise UserError(f"{path} does not match the model: " + "; ".join(parts)
+                        + " (check --data and --model)")
+    model.load_state_dict(state)
+    return ckpt
+
+
+def run_main(fn):
+    """Run an entry point; a UserError becomes one line on stderr and exit status 2."""
+    try:
+        fn()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
