@@ -237,8 +237,9 @@ def main(argv=None, **dataset_defaults):
         atomic_save({'epoch': epoch, 'train': train_store.state_dict(),
                      'test': test_store.state_dict()}, store_path)
         atomic_save(state, ckpt_path)
-        if is_best:
-            atomic_save(state, best_path)
+        if is_best:   # the best model is for evaluation: no optimiser state (small file)
+            atomic_save({k: state[k] for k in ('state_dict', 'err', 'epoch', 'args',
+                                               'global_vectors')}, best_path)
         print(f"epoch {epoch} | lr {lr:.2e} | train loss {tr['loss']:.4f} clean err "
               f"{100 * tr['clean_err']:.2f}% cert err {100 * tr['robust_err']:.2f}% | test @eps "
               f"{eps_next:.4f}: clean err {100 * clean_err:.2f}% cert err {100 * cert_err:.2f}%"

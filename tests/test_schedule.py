@@ -1,0 +1,38 @@
+"""The reference schedules: eps / kappa ramps with the within-epoch quirks, exp lr decay."""
+import numpy as np
+import pytest
+
+from train import batch_eps_kappa, epoch_eps_kappa, lr_factor
+from utils import argparser
+
+
+def test_cifar_eps_kappa_schedule():
+    a = argparser([], data='cifar10')          # warmup 20, rampup 400, eps 0.141 / 0.1551
+    assert epoch_eps_kappa(a, 5) == (0.0, 1.0)                           # warmup: clean
+    assert batch_eps_kappa(a, 5, 3, 10) == (0.0, 1.0)
+    ramp = np.linspace(a.starting_epsilon, a.epsilon_train, 400)
+    assert epoch_eps_kappa(a, 20) == pytest.approx((a.starting_epsilon, 1.0))
+    assert epoch_eps_kappa(a, 20 + 399) == pytest.approx((a.epsilon_train, 0.0))
+    eps, kappa = batch_eps_kappa(a, 20 + 7, 5, 20)
+    # the within-epoch increment uses the EVALUATION radius (reference quirk)
+    assert eps == pytest.approx(ramp[7] + 5 / 20 * (36 / 255 - a.starting_epsilon) / 400)
+    assert kappa == pytest.approx(np.linspace(1, 0, 400)[7] - 5 / 20 / 400)
+    eps, kappa = batch_eps_kappa(a, 700, 10, 20)                          # after the ramp
+    assert eps == pytest.approx(a.epsilon_train + 0.5 * (36 / 255 - a.starting_epsilon) / 400)
+    assert kappa == pytest.approx(-0.5 / 400) and kappa < 0
+
+
+def test_mnist_has_no_warmup():
+    a = argparser(['--epsilon_train', '1.75'], data='mnist')
+    assert epoch_eps_kappa(a, 0) == pytest.approx((a.starting_epsilon, 1.0))
+    assert epoch_eps_kappa(a, 149)[0] == pytest.approx(1.75)
+
+
+def test_lr_schedule():
+    a = argparser(['--end_lr', '1e-6'], data='cifar10')   # 800 epochs: decay from 425
+    f = lr_factor(a)
+    assert f(0) == 1.0 and f(424) == 1.0
+    assert f(425) < 1.0
+    assert a.lr * f(799) == pytest.approx(1e-6, rel=1e-9)
+    ratios = [f(e + 1) / f(e) for e in range(425, 798)]
+    assert max(ratios) == pytest.approx(min(ratios))       # exponential

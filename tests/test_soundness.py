@@ -1,0 +1,68 @@
+"""Soundness on a small network trained with the certified loss: no sampled point of the
+eps-ball and no PGD attack flips a certified prediction."""
+import pytest
+import torch
+
+from conftest import tiny_net
+from evaluate import pgd_l2
+from local_bound import RandomVectors, VectorStore, certified_loss, compute_bound, layer_input_shapes
+from utils import clamp_thresholds
+
+
+def blobs(n, seed):
+    """3 classes of 8x8 images: a bright 4x4 block in one of three places, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.3
+    for k in range(n):
+        r, c = [(0, 0), (0, 4), (4, 2)][int(y[k])]
+        x[k, 0, r:r + 4, c:c + 4] += 0.6
+    return x.clamp(0, 1), y
+
+
+@pytest.mark.parametrize('kind', ['relux', 'relu', 'maxmin'])
+def test_certified_points_cannot_be_flipped(kind):
+    torch.manual_seed(0)
+    net = tiny_net(kind, seed=0)
+    eps = 0.3
+    x, y = blobs(512, 0)
+    store = VectorStore(layer_input_shapes(net, (1, 8, 8)), 512)
+    gv = {}
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for step in range(150):
+        idx = torch.randint(0, 512, (64,))
+        res = compute_bound(net, x[idx], y[idx], eps * min(1.0, step / 75), store.batch(idx, 'cpu'),
+                            gv, sniter=2, opt_iter=5)
+        loss, _, _ = certified_loss(res, y[idx], kappa=max(0.0, 1 - step / 75))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        clamp_thresholds(net)
+
+    net = net.double()
+    xt, yt = blobs(64, 1)
+    xt = xt.double()
+    with torch.no_grad():
+        res = compute_bound(net, xt, yt, eps, RandomVectors(64, 'cpu'), {}, sniter=3000,
+                            opt_iter=200, tol=0.0, check=True)
+    cert = res.certified(yt)
+    assert cert.sum() >= 10, f"only {int(cert.sum())} certified: the test would be vacuous"
+    xc, yc = xt[cert], yt[cert]
+    n = 400
+    d = torch.randn(n, *xc.shape, dtype=torch.float64)
+    d = d / d.flatten(2).norm(dim=2).view(n, -1, 1, 1, 1) * eps
+    d = d * torch.rand(n, xc.shape[0], 1, 1, 1, dtype=torch.float64) ** (1 / 64)
+    with torch.no_grad():
+        pred = net((xc.unsqueeze(0) + d).reshape(-1, 1, 8, 8)).argmax(1).view(n, -1)
+    assert (pred == yc.unsqueeze(0)).all()
+    for restart in range(3):
+        adv = pgd_l2(net, xc, yc, eps, eps / 4, 50)
+        assert ((adv - xc).flatten(1).norm(dim=1) <= eps * (1 + 1e-9)).all()
+        with torch.no_grad():
+            assert (net(adv).argmax(1) == yc).all()
+    # the attack does work: it flips some correct but uncertified points (or there are none)
+    unc = (~cert) & (res.logits.argmax(1) == yt)
+    if unc.sum() >= 5:
+        with torch.no_grad():
+            flipped = net(pgd_l2(net, xt[unc], yt[unc], 3 * eps, 3 * eps / 4, 50)).argmax(1) != yt[unc]
+        assert flipped.any()
