@@ -45,6 +45,8 @@ def main(argv=None):
     p.add_argument('--eps', type=float, default=0.1551, help="L2 radius of the certified step")
     p.add_argument('--init', type=float, default=2.0, help="ReLU_x threshold init")
     p.add_argument('--gloro', action='store_true', help="GloRo loss instead of BCP")
+    p.add_argument('--pi_grad', choices=('all', 'last'), default='all', help="as in training: "
+                   "'last' differentiates only the final power-iteration product")
     p.add_argument('--mode', choices=('train', 'eval'), default='train', help="what to time")
     p.add_argument('--test_batch_size', type=int, default=256, help="eval mode: batch size")
     p.add_argument('--test_sniter', type=int, default=2000, help="eval mode: power iterations")
@@ -83,7 +85,7 @@ def main(argv=None):
     def certified_step():
         x, y = batch(a.batch_size)
         res = compute_bound(model, x, y, a.eps, RandomVectors(a.batch_size, dev), gv,
-                            sniter=a.sniter, opt_iter=a.opt_iter)
+                            sniter=a.sniter, opt_iter=a.opt_iter, pi_grad=a.pi_grad)
         loss, _, _ = certified_loss(res, y, 0.5, a.gloro)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -114,7 +116,7 @@ def main(argv=None):
         return peak_rss() - before
 
     out = {'model': a.model, 'data': a.data, 'device': str(dev), 'threads': a.threads,
-           'batch_size': a.batch_size, 'sniter': a.sniter, 'mode': a.mode,
+           'batch_size': a.batch_size, 'sniter': a.sniter, 'mode': a.mode, 'pi_grad': a.pi_grad,
            'stored_vector_bytes_per_sample': per_sample, 'torch': torch.__version__}
     if a.mode == 'eval':
         eval_batch()   # warm-up (also converges the global vectors)

@@ -107,8 +107,8 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample L2 norm of [batch, ...] -> [batch] (zero-safe gradient)."""
-    return x.flatten(1).pow(2).sum(1).clamp_min(TINY * TINY).sqrt()
+    """Per-sample L2 norm of [batch, ...] -> [batch], at least TINY (zero-safe gradient)."""
+    return torch.linalg.vector_norm(x.flatten(1), dim=1).clamp_min(TINY)
 
 
 def _normalize(x: torch.Tensor) -> torch.Tensor:
@@ -149,17 +149,19 @@ class PowerIterationResult:
 def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
                            d_in: Optional[torch.Tensor] = None,
                            d_out: Optional[torch.Tensor] = None,
-                           tol: float = TOL) -> PowerIterationResult:
+                           tol: float = TOL, grad_through: bool = True) -> PowerIterationResult:
     """Per-sample spectral norm of D_out W D_in by power iteration on W^T W (conv/linear).
 
     u:     [batch, *in_shape] starting vectors (stored from earlier epochs or random).
     d_in:  [batch, *in_shape] 0/1 indicator of the varying inputs, or None (all vary).
     d_out: [batch, *out_shape] 0/1 indicator of the varying outputs, or None.
 
-    With gradient enabled (training) the whole batch iterates together, differentiating
-    through every iteration, and stops when the largest per-sample change of the unit
-    vector drops below ``tol`` (the reference behaviour). Without gradient (certification)
-    each sample stops as soon as its own vector has converged.
+    With gradient enabled and ``grad_through`` (faithful training) the whole batch
+    iterates together, differentiating through every iteration, and stops when the largest
+    per-sample change of the unit vector drops below ``tol`` (the reference behaviour).
+    Otherwise (certification, or training with ``grad_through=False``, i.e. --pi_grad last)
+    the iterations run without gradient, each sample stopping as soon as its own vector
+    has converged; only the final product sigma = ||D_out W D_in u|| is differentiated.
     """
     in_shape = u.shape[1:]
 
@@ -186,31 +188,39 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     iters = torch.zeros(batch, dtype=torch.long, device=u.device)
     converged = torch.zeros(batch, dtype=torch.bool, device=u.device)
 
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() and grad_through:
         for _ in range(n_iter):
             new = _normalize(op_t(op(u, d_in, d_out), d_in))
-            change = _norm(new - u)
+            with torch.no_grad():
+                change = _norm(new - u)
             u = new
             iters += 1
             if change.max().item() < tol:
                 break
         converged = change < tol if n_iter > 0 else converged
     else:
-        active = torch.arange(batch, device=u.device)
-        for _ in range(n_iter):
-            di = None if d_in is None else d_in[active]
-            do = None if d_out is None else d_out[active]
-            ua = u[active]
-            new = _normalize(op_t(op(ua, di, do), di))
-            done = _norm(new - ua) < tol
-            u[active] = new
-            iters[active] += 1
-            converged[active[done]] = True
-            active = active[~done]
-            if active.numel() == 0:
-                break
+        with torch.no_grad():
+            _iterate_per_sample(op, op_t, u, d_in, d_out, n_iter, tol, iters, converged)
     sigma = _norm(op(u, d_in, d_out))
     return PowerIterationResult(sigma, u.detach(), iters, converged)
+
+
+def _iterate_per_sample(op, op_t, u, d_in, d_out, n_iter, tol, iters, converged):
+    """Power iteration in place on u [batch, ...], each sample stopping at its own
+    convergence: only the samples still active are computed. Updates iters, converged."""
+    active = torch.arange(u.shape[0], device=u.device)
+    for _ in range(n_iter):
+        di = None if d_in is None else d_in[active]
+        do = None if d_out is None else d_out[active]
+        ua = u[active]
+        new = _normalize(op_t(op(ua, di, do), di))
+        done = _norm(new - ua) < tol
+        u[active] = new
+        iters[active] += 1
+        converged[active[done]] = True
+        active = active[~done]
+        if active.numel() == 0:
+            break
 
 
 # ----------------------------------------------------------------------------------------
@@ -332,7 +342,8 @@ def _check_box(lb, ub, where):
 def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
                   vectors, global_vectors: Dict[int, torch.Tensor], *,
                   sniter: int, opt_iter: int, global_iter: Optional[int] = None,
-                  bound: str = 'local', tol: float = TOL, check: bool = False) -> BoundResult:
+                  bound: str = 'local', tol: float = TOL, check: bool = False,
+                  pi_grad: str = 'all') -> BoundResult:
     """Local-Lip bound of ``model`` on the L2 eps-balls around ``x``.
 
     x: [batch, *input_shape]; y: [batch] labels; eps: float or [batch] radii (L2).
@@ -344,7 +355,11 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
     bound: 'local' (indicators from the boxes) or 'global' (every indicator = 1, i.e. the
       product of the layers' spectral norms, computed by the same code path).
     check: verify lb <= ub and finiteness after every layer (raises BoundError).
+    pi_grad: 'all' differentiates through every per-sample power iteration (faithful);
+      'last' iterates without gradient and differentiates only the final product.
     """
+    if pi_grad not in ('all', 'last'):
+        raise ValueError(f"pi_grad must be 'all' or 'last', got {pi_grad!r}")
     if bound not in ('local', 'global'):
         raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
     affine = check_supported(model)
@@ -369,7 +384,8 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
         nonlocal log_lip, conv_all
         i, d_in, in_shape = entry
         u0 = vectors.get(i, in_shape).to(x.dtype)
-        pi = masked_power_iteration(model[i], u0, sniter, d_in, d_out, tol)
+        pi = masked_power_iteration(model[i], u0, sniter, d_in, d_out, tol,
+                                    grad_through=(pi_grad == 'all'))
         vectors.put(i, pi.u)
         res.sigmas[i], res.iters[i] = pi.sigma, pi.iters
         log_lip = log_lip + torch.log(pi.sigma.clamp_min(1e-30))
@@ -405,9 +421,13 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
             layer_of_mask = None
         elif isinstance(m, ACTIVATIONS):
             rr = _bcast(r, mu)
-            out = m(torch.cat([lb, ub, mu - rr, mu + rr, mu], 0))
-            g_lb, g_ub, g_lo, g_hi, mu_out = out.split(b)
-            lb_out, ub_out = torch.maximum(g_lb, g_lo), torch.minimum(g_ub, g_hi)
+            if isinstance(m, ClampGroupSort):
+                out = m(torch.cat([lb, ub, mu - rr, mu + rr, mu], 0))
+                g_lb, g_ub, g_lo, g_hi, mu_out = out.split(b)
+                lb_out, ub_out = torch.maximum(g_lb, g_lo), torch.minimum(g_ub, g_hi)
+            else:   # elementwise and monotone: max(g(a), g(b)) = g(max(a, b)), exactly
+                out = m(torch.cat([torch.maximum(lb, mu - rr), torch.minimum(ub, mu + rr), mu], 0))
+                lb_out, ub_out, mu_out = out.split(b)
             with torch.no_grad():
                 d = _varying(m, lb, ub, lb_out, ub_out)
             res.masks[i], res.pre_boxes[i] = d, (lb, ub)
@@ -485,7 +505,8 @@ def layer_input_shapes(model: nn.Sequential, input_shape) -> Dict[int, tuple]:
     last = check_supported(model)[-1]
     shapes = {}
     with torch.no_grad():
-        x = torch.zeros((1, *input_shape), device=next(model.parameters()).device)
+        p = next(model.parameters())
+        x = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
         for i, m in enumerate(model):
             if isinstance(m, AFFINE) and i != last:
                 shapes[i] = tuple(x.shape[1:])

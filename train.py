@@ -128,7 +128,8 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
         eps, kappa = batch_eps_kappa(args, epoch, i, n_batches)
         if certified_epoch:
             res = compute_bound(model, x, y, eps, store.batch(idx, device), global_vectors,
-                                sniter=args.sniter, opt_iter=args.opt_iter, bound=args.bound)
+                                sniter=args.sniter, opt_iter=args.opt_iter, bound=args.bound,
+                                pi_grad=args.pi_grad)
             loss, clean, rob = certified_loss(res, y, kappa, args.gloro)
             if args.sparse:
                 loss = loss + args.sparse * sparsity_loss(model, res, args.sp_thres)

@@ -273,6 +273,10 @@ def argparser(argv=None, **overrides):
       "indicators from the boxes (Local-Lip); 'global': every indicator 1, the product of "
       "spectral norms (BCP-style baseline) through the same code")
     a('--sniter', type=int, default=d['sniter'], help="power iterations per training step")
+    a('--pi_grad', choices=('all', 'last'), default='all', help="'all' (faithful): "
+      "differentiate through every per-sample power iteration; 'last' (faster, opt-in): "
+      "iterate without gradient and differentiate only the final product ||D W D u||, as "
+      "torch.nn.utils.spectral_norm does; changes the training gradients, not the bound")
     a('--test_sniter', type=int, default=d['test_sniter'], help="max power iterations at test "
       "(each sample stops at tolerance 1e-3)")
     a('--opt_iter', type=int, default=d['opt_iter'], help="worst-case-logit rounds in training")
