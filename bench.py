@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 
 from local_bound import RandomVectors, VectorStore, certified_loss, compute_bound, layer_input_shapes
-from utils import clamp_thresholds, select_model
+from data_load import get_dataset
+from utils import clamp_thresholds, load_checkpoint, select_model
 
 INPUT = {'mnist': (1, 28, 28), 'fashionmnist': (1, 28, 28), 'cifar10': (3, 32, 32),
          'tinyimagenet': (3, 64, 64)}
@@ -51,6 +52,11 @@ def main(argv=None):
     p.add_argument('--test_batch_size', type=int, default=256, help="eval mode: batch size")
     p.add_argument('--test_sniter', type=int, default=2000, help="eval mode: power iterations")
     p.add_argument('--test_opt_iter', type=int, default=1000, help="eval mode: worst-case rounds")
+    p.add_argument('--batch_stop', action='store_true', help="eval mode: hold the whole batch "
+                   "to its slowest sample, as the reference does (the 'before' of per-sample stopping)")
+    p.add_argument('--saved_model', default=None, help="eval mode: load P_best.pth and certify "
+                   "the first --test_batch_size test images of --data (from --data_dir)")
+    p.add_argument('--data_dir', default='data', help="with --saved_model: dataset folder")
     p.add_argument('--steps', type=int, default=10, help="timed steps of each kind (median)")
     p.add_argument('--warmup', type=int, default=2, help="untimed steps of each kind first")
     p.add_argument('--threads', type=int, default=2, help="CPU threads (spec: 2)")
@@ -92,11 +98,20 @@ def main(argv=None):
         opt.step()
         clamp_thresholds(model)
 
+    fixed = None
+    if a.saved_model:
+        load_checkpoint(a.saved_model + '_best.pth', model, dev)
+        ds = get_dataset(a.data, a.data_dir, train=False, augment=False, download=False)
+        items = [ds[k] for k in range(a.test_batch_size)]
+        fixed = (torch.stack([t[0] for t in items]).to(dev),
+                 torch.tensor([int(t[1]) for t in items], device=dev))
+
     def eval_batch():
-        x, y = batch(a.test_batch_size)
+        x, y = batch(a.test_batch_size) if fixed is None else fixed
         with torch.no_grad():
             compute_bound(model, x, y, a.eps, RandomVectors(a.test_batch_size, dev), gv,
-                          sniter=a.test_sniter, opt_iter=a.test_opt_iter)
+                          sniter=a.test_sniter, opt_iter=a.test_opt_iter,
+                          per_sample_stop=not a.batch_stop)
 
     def timed(fn):
         sync()
@@ -122,8 +137,10 @@ def main(argv=None):
         eval_batch()   # warm-up (also converges the global vectors)
         times = [timed(eval_batch) for _ in range(max(1, a.steps // 5))]
         out.update(eval_s=statistics.median(times), test_sniter=a.test_sniter,
+                   per_sample_stop=not a.batch_stop,
                    points_per_s=a.test_batch_size / statistics.median(times))
-        print(f"{a.model} eval batch {a.test_batch_size} test_sniter {a.test_sniter}: "
+        print(f"{a.model} eval batch {a.test_batch_size} test_sniter {a.test_sniter} "
+              f"({'whole-batch' if a.batch_stop else 'per-sample'} stop): "
               f"{out['eval_s']:.2f}s per batch, {out['points_per_s']:.1f} points/s")
     else:
         # peak memory first, measured in a fresh order: certified grows RSS more on CPU

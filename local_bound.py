@@ -115,6 +115,35 @@ def _normalize(x: torch.Tensor) -> torch.Tensor:
     return x / _bcast(_norm(x), x)
 
 
+class _Extremum(torch.autograd.Function):
+    """torch.maximum / torch.minimum with the same values and the same gradients (the
+    gradient goes to the larger / smaller input, split in halves on ties), in fewer passes
+    over memory than autograd's generic formula. a and b have the same shape."""
+
+    @staticmethod
+    def forward(ctx, a, b, is_max):
+        w = torch.sign(a - b) if is_max else torch.sign(b - a)
+        w.add_(1).mul_(0.5)                  # weight of a: 1, 1/2 on ties, 0
+        ctx.save_for_backward(w)
+        return torch.maximum(a, b) if is_max else torch.minimum(a, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        w, = ctx.saved_tensors
+        ga = g * w
+        return ga, g - ga, None
+
+
+def box_max(a, b):
+    """Elementwise max of two same-shaped tensors (see _Extremum)."""
+    return _Extremum.apply(a, b, True)
+
+
+def box_min(a, b):
+    """Elementwise min of two same-shaped tensors (see _Extremum)."""
+    return _Extremum.apply(a, b, False)
+
+
 # ----------------------------------------------------------------------------------------
 # Power iteration
 # ----------------------------------------------------------------------------------------
@@ -149,7 +178,8 @@ class PowerIterationResult:
 def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
                            d_in: Optional[torch.Tensor] = None,
                            d_out: Optional[torch.Tensor] = None,
-                           tol: float = TOL, grad_through: bool = True) -> PowerIterationResult:
+                           tol: float = TOL, grad_through: bool = True,
+                           per_sample_stop: bool = True) -> PowerIterationResult:
     """Per-sample spectral norm of D_out W D_in by power iteration on W^T W (conv/linear).
 
     u:     [batch, *in_shape] starting vectors (stored from earlier epochs or random).
@@ -162,11 +192,13 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     Otherwise (certification, or training with ``grad_through=False``, i.e. --pi_grad last)
     the iterations run without gradient, each sample stopping as soon as its own vector
     has converged; only the final product sigma = ||D_out W D_in u|| is differentiated.
+    ``per_sample_stop=False`` keeps the reference's whole-batch loop there too (benchmarks).
     """
     in_shape = u.shape[1:]
 
+    # every vector u below is already masked (u = D_in u, D in {0, 1}), so W D_in u = W u
     def op(v, di, do):
-        z = apply_W(layer, v if di is None else v * di)
+        z = apply_W(layer, v)
         return z if do is None else z * do
 
     def op_t(z, di):
@@ -188,7 +220,7 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     iters = torch.zeros(batch, dtype=torch.long, device=u.device)
     converged = torch.zeros(batch, dtype=torch.bool, device=u.device)
 
-    if torch.is_grad_enabled() and grad_through:
+    if (torch.is_grad_enabled() and grad_through) or not per_sample_stop:
         for _ in range(n_iter):
             new = _normalize(op_t(op(u, d_in, d_out), d_in))
             with torch.no_grad():
@@ -343,7 +375,7 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
                   vectors, global_vectors: Dict[int, torch.Tensor], *,
                   sniter: int, opt_iter: int, global_iter: Optional[int] = None,
                   bound: str = 'local', tol: float = TOL, check: bool = False,
-                  pi_grad: str = 'all') -> BoundResult:
+                  pi_grad: str = 'all', per_sample_stop: bool = True) -> BoundResult:
     """Local-Lip bound of ``model`` on the L2 eps-balls around ``x``.
 
     x: [batch, *input_shape]; y: [batch] labels; eps: float or [batch] radii (L2).
@@ -357,6 +389,8 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
     check: verify lb <= ub and finiteness after every layer (raises BoundError).
     pi_grad: 'all' differentiates through every per-sample power iteration (faithful);
       'last' iterates without gradient and differentiates only the final product.
+    per_sample_stop: without gradient, stop each sample at its own convergence (default)
+      instead of holding the batch to its slowest sample (reference).
     """
     if pi_grad not in ('all', 'last'):
         raise ValueError(f"pi_grad must be 'all' or 'last', got {pi_grad!r}")
@@ -385,7 +419,8 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
         i, d_in, in_shape = entry
         u0 = vectors.get(i, in_shape).to(x.dtype)
         pi = masked_power_iteration(model[i], u0, sniter, d_in, d_out, tol,
-                                    grad_through=(pi_grad == 'all'))
+                                    grad_through=(pi_grad == 'all'),
+                                    per_sample_stop=per_sample_stop)
         vectors.put(i, pi.u)
         res.sigmas[i], res.iters[i] = pi.sigma, pi.iters
         log_lip = log_lip + torch.log(pi.sigma.clamp_min(1e-30))
@@ -412,8 +447,8 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
             mu, centre = both[:b], both[b:]
             half = apply_W(m, half, m.weight.abs())
             ball = _bcast(r, mu) * row_norms(m)
-            lb = torch.maximum(centre - half, mu - ball)
-            ub = torch.minimum(centre + half, mu + ball)
+            lb = box_max(centre - half, mu - ball)
+            ub = box_min(centre + half, mu + ball)
             r = r * sigma_g
             r_global = r_global * sigma_g.detach()
             d_in = None if bound == 'global' else layer_of_mask
@@ -426,8 +461,9 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
                 g_lb, g_ub, g_lo, g_hi, mu_out = out.split(b)
                 lb_out, ub_out = torch.maximum(g_lb, g_lo), torch.minimum(g_ub, g_hi)
             else:   # elementwise and monotone: max(g(a), g(b)) = g(max(a, b)), exactly
-                out = m(torch.cat([torch.maximum(lb, mu - rr), torch.minimum(ub, mu + rr), mu], 0))
-                lb_out, ub_out, mu_out = out.split(b)
+                lb_out = m(box_max(lb, mu - rr))
+                ub_out = m(box_min(ub, mu + rr))
+                mu_out = m(mu)
             with torch.no_grad():
                 d = _varying(m, lb, ub, lb_out, ub_out)
             res.masks[i], res.pre_boxes[i] = d, (lb, ub)

@@ -76,6 +76,17 @@ def available_ram():
     return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_AVPHYS_PAGES')
 
 
+def choose_store(per_sample_fp32, n, budget, requested='auto'):
+    """(dtype, on_disk) of the vector store: ``requested`` float32 / float16 in RAM, or
+    auto: float32 in RAM if n samples fit in ``budget`` bytes, else float16 in RAM if that
+    fits, else float16 in a disk file."""
+    if requested in ('float32', 'float16'):
+        return getattr(torch, requested), False
+    if per_sample_fp32 * n <= budget:
+        return torch.float32, False
+    return torch.float16, per_sample_fp32 // 2 * n > budget
+
+
 def make_stores(args, model, input_shape, n_train, n_test, base):
     """Train and test VectorStores, sized and typed by --store_dtype / --indices."""
     shapes = layer_input_shapes(model, input_shape)
@@ -89,17 +100,8 @@ def make_stores(args, model, input_shape, n_train, n_test, base):
     n = n_train + n_test
     per32 = VectorStore.bytes_per_sample(shapes, keys, torch.float32)
     budget = available_ram() // 2
-    path = None
-    if args.store_dtype == 'float32':
-        dtype = torch.float32
-    elif args.store_dtype == 'float16':
-        dtype = torch.float16
-    elif per32 * n <= budget:
-        dtype = torch.float32
-    else:
-        dtype = torch.float16
-        if per32 // 2 * n > budget:
-            path = base + '_store'
+    dtype, on_disk = choose_store(per32, n, budget, args.store_dtype)
+    path = base + '_store' if on_disk else None
     total = n * per32 // (1 if dtype == torch.float32 else 2)
     where = f"disk files {path}_{{train,test}}.bin" if path else "RAM"
     print(f"vector store: {per32 // 4} floats per sample x {n} samples, "

@@ -155,3 +155,21 @@ def test_optimised_equals_literal(name, make, shape, dtype):
         for k in ref:
             scale = ref[k].abs().max().item()
             assert (got[k] - ref[k]).abs().max().item() <= 1e-5 * max(scale, 1e-12), k
+
+
+def test_box_max_min_equal_torch_with_ties():
+    from local_bound import box_max, box_min
+    torch.manual_seed(0)
+    a = torch.randint(-3, 4, (5, 7)).double()      # many exact ties
+    b = torch.randint(-3, 4, (5, 7)).double()
+    g = torch.randn(5, 7, dtype=torch.float64)
+    for mine, ref in ((box_max, torch.maximum), (box_min, torch.minimum)):
+        outs = []
+        for fn in (mine, ref):
+            x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+            out = fn(x, y)
+            out.backward(g)
+            outs.append((out.detach(), x.grad, y.grad))
+        assert (a == b).any()
+        for got, want in zip(*outs):
+            assert torch.equal(got, want)

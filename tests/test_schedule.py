@@ -36,3 +36,15 @@ def test_lr_schedule():
     assert a.lr * f(799) == pytest.approx(1e-6, rel=1e-9)
     ratios = [f(e + 1) / f(e) for e in range(425, 798)]
     assert max(ratios) == pytest.approx(min(ratios))       # exponential
+
+
+def test_store_choice_at_real_sizes():
+    """Full MNIST / Fashion-MNIST (70k x 48,336 floats) and CIFAR-10 (60k x 113,664) on a
+    24 GB machine, where half the available RAM is about 11 GiB."""
+    import torch
+    from train import choose_store
+    budget = 11 * 2 ** 30
+    assert choose_store(48336 * 4, 70000, budget) == (torch.float16, False)    # 6.8 GB in RAM
+    assert choose_store(113664 * 4, 60000, budget) == (torch.float16, True)    # 13.6 GB on disk
+    assert choose_store(48336 * 4, 3500, budget) == (torch.float32, False)     # quickstart
+    assert choose_store(48336 * 4, 70000, budget, 'float32') == (torch.float32, False)
