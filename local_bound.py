@@ -152,9 +152,11 @@ def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int, tol: 
 
     u: persistent vector [1, *in_shape], warm-started across calls. The iterations run
     without gradient; the returned norm ||W u|| is differentiable in W.
-    Returns (sigma: scalar tensor, u: updated detached vector [1, *in_shape]).
+    Returns (sigma: scalar tensor, u: updated detached vector [1, *in_shape],
+    converged: bool, the last change was below tol).
     """
     in_shape = u.shape[1:]
+    change = float('inf')
     with torch.no_grad():
         u = _normalize(u)
         for _ in range(n_iter):
@@ -164,7 +166,7 @@ def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int, tol: 
             if change < tol:
                 break
     sigma = _norm(apply_W(layer, u))[0]
-    return sigma, u.detach()
+    return sigma, u.detach(), change < tol
 
 
 @dataclass
@@ -330,22 +332,25 @@ class BoundResult:
     pre_boxes: Dict[int, tuple] = field(default_factory=dict)       # act layer -> (lb, ub)
     iters: Dict[int, torch.Tensor] = field(default_factory=dict)    # layer -> [batch]
     converged: Optional[torch.Tensor] = None                         # [batch] bool, all layers
+    global_converged: bool = True        # every global power iteration reached tolerance
+    worst_global: Optional[torch.Tensor] = None   # [batch, classes] a_iy with r_global
 
-    def worst_logits(self, y: torch.Tensor) -> torch.Tensor:
+    def worst_logits(self, y: torch.Tensor, worst: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z_i = logit_i + a_iy (i != y), z_y = logit_y.  [batch, classes]"""
-        return self.logits + self.worst
+        return self.logits + (self.worst if worst is None else worst)
 
-    def margin(self, y: torch.Tensor) -> torch.Tensor:
+    def margin(self, y: torch.Tensor, worst: Optional[torch.Tensor] = None) -> torch.Tensor:
         """min_{i != y} (logit_y - logit_i - a_iy); > 0 means certified. [batch]; NaN stays NaN."""
-        z = self.worst_logits(y)
+        z = self.worst_logits(y, worst)
         zy = z.gather(1, y.view(-1, 1))
         gap = zy - z
         gap = gap.scatter(1, y.view(-1, 1), float('inf'))
         return gap.min(1).values.masked_fill(~torch.isfinite(z).all(1), float('nan'))
 
-    def certified(self, y: torch.Tensor) -> torch.Tensor:
-        """[batch] bool: correct AND every worst-case logit below the true one. NaN -> False."""
-        m = self.margin(y)
+    def certified(self, y: torch.Tensor, worst: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[batch] bool: correct AND every worst-case logit below the true one. NaN -> False.
+        ``worst``: other worst-case margins (e.g. ``worst_global``) instead of ``self.worst``."""
+        m = self.margin(y, worst)
         return (m > 0) & torch.isfinite(m) & (self.logits.argmax(1) == y)
 
 
@@ -375,7 +380,8 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
                   vectors, global_vectors: Dict[int, torch.Tensor], *,
                   sniter: int, opt_iter: int, global_iter: Optional[int] = None,
                   bound: str = 'local', tol: float = TOL, check: bool = False,
-                  pi_grad: str = 'all', per_sample_stop: bool = True) -> BoundResult:
+                  pi_grad: str = 'all', per_sample_stop: bool = True,
+                  also_global: bool = False) -> BoundResult:
     """Local-Lip bound of ``model`` on the L2 eps-balls around ``x``.
 
     x: [batch, *input_shape]; y: [batch] labels; eps: float or [batch] radii (L2).
@@ -391,6 +397,9 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
       'last' iterates without gradient and differentiates only the final product.
     per_sample_stop: without gradient, stop each sample at its own convergence (default)
       instead of holding the batch to its slowest sample (reference).
+    also_global: also compute ``worst_global``, the worst-case margins of the global bound
+      (radius r_global = eps * prod ||W_i||_2, same box): what ``bound='global'`` gives once
+      its per-sample iterations have converged, for the cost of one more worst-case step.
     """
     if pi_grad not in ('all', 'last'):
         raise ValueError(f"pi_grad must be 'all' or 'last', got {pi_grad!r}")
@@ -440,7 +449,9 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
             in_shape = tuple(mu.shape[1:])
             if i not in global_vectors:
                 global_vectors[i] = torch.randn((1, *in_shape), device=x.device, dtype=x.dtype)
-            sigma_g, global_vectors[i] = global_power_iteration(m, global_vectors[i], global_iter, tol)
+            sigma_g, global_vectors[i], g_conv = global_power_iteration(m, global_vectors[i],
+                                                                        global_iter, tol)
+            res.global_converged = res.global_converged and g_conv
             # box by interval arithmetic, ball by the network's own forward
             centre, half = (lb + ub) / 2, (ub - lb) / 2
             both = m(torch.cat([mu, centre], 0))
@@ -485,6 +496,8 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
     lo = torch.minimum(lb - mu, torch.zeros_like(mu))
     hi = torch.maximum(ub - mu, torch.zeros_like(mu))
     res.worst = worst_case_margins(final.weight, y, res.r_local, lo, hi, opt_iter)
+    if also_global:
+        res.worst_global = worst_case_margins(final.weight, y, res.r_global, lo, hi, opt_iter)
     return res
 
 

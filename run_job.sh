@@ -3,6 +3,11 @@
 #   quickstart   set up, then a few minutes of certified training on offline Fashion-MNIST
 #   test         set up, then the test suite (what CI runs)
 #   setup        only create .venv and install requirements (+ the Fashion-MNIST package)
+#   report [P]   evaluation at several radii (local and global bound), per-sample TSV,
+#                soundness audit, three PNGs and a markdown table for checkpoint P_best.pth
+#                (default: the quickstart model, trained first if it is not there).
+#                Env: DATA (fashionmnist), MODEL (relux), RADII ("0.5 1.0 1.58"), N_TEST (500),
+#                TEST_SNITER (2000)
 #   mnist_relu | cifar_relu_4c3f | cifar_relu_6c2f | cifar_relu_6c2f_gloro | cifar_maxmin_6c2f
 #                the paper's training commands (need the datasets and, realistically, a GPU)
 #   eval_mnist | eval_cifar     the paper's evaluation commands on pretrained/ checkpoints
@@ -38,6 +43,18 @@ case "$job" in
         "$PY" train_mnist.py --data fashionmnist --model relux --n_train 3000 --n_test 500 \
             --batch_size 64 --epochs 6 --rampup 3 --sniter 2 --epsilon 0.5 --epsilon_train 0.5 \
             --test_sniter 100 --prefix quickstart/fashion "$@" ;;
+    report)
+        setup
+        P=${1:-pretrained/quickstart/fashion_relux}
+        shift || true
+        if [ ! -f "${P}_best.pth" ] && [ "$P" = pretrained/quickstart/fashion_relux ]; then
+            bash "$0" quickstart
+        fi
+        "$PY" evaluate.py --data "${DATA:-fashionmnist}" --model "${MODEL:-relux}" \
+            --epsilon ${RADII:-0.5 1.0 1.58} --n_test "${N_TEST:-500}" \
+            --test_sniter "${TEST_SNITER:-2000}" --saved_model "$P" \
+            --out "${P}_report.tsv" --results "${P}_report.json" --audit --plots --markdown "$@"
+        echo "report files: ${P}_report.tsv ${P}_report.json ${P}_plots/" ;;
     test)
         setup
         "$PY" -m pytest -q tests "$@" ;;

@@ -173,6 +173,8 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
 # ----------------------------------------------------------------------------------------
 def main(argv=None, **dataset_defaults):
     args = argparser(argv, **dataset_defaults)
+    if len(args.radii) > 1:
+        raise UserError("training takes one --epsilon (several radii are for evaluate.py)")
     device = get_device(args)
     base = checkpoint_base(args)
     seed_all(args.seed)

@@ -262,8 +262,9 @@ def argparser(argv=None, **overrides):
     a('--more', type=int, default=d['more'], help="lr decay starts at epoch epochs//2 + more")
     a('--warmup', type=int, default=d['warmup'], help="epochs of clean training first")
     a('--rampup', type=int, default=d['rampup'], help="epochs over which eps and kappa ramp")
-    a('--epsilon', type=float, default=d['epsilon'], help="L2 radius for evaluation (and the "
-      "within-epoch eps increment, as in the reference)")
+    a('--epsilon', type=float, nargs='+', default=[d['epsilon']], help="L2 radius for "
+      "evaluation (and the within-epoch eps increment, as in the reference); evaluate.py "
+      "takes several radii, the first is the primary one (PGD, margins, sparsity)")
     a('--epsilon_train', type=float, default=d['epsilon_train'], help="L2 radius reached by "
       "the training ramp")
     a('--starting_epsilon', type=float, default=d['starting_epsilon'], help="eps at ramp start")
@@ -299,17 +300,30 @@ def argparser(argv=None, **overrides):
       "checkpoint}.pth (default: the dataset name); an absolute path is used as is")
     a('--saved_model', default=None, help="evaluate.py: load <saved_model>_best.pth")
     a('--results', default=None, help="evaluate.py: write a JSON summary here")
+    a('--out', default=None, help="evaluate.py: write one tab-separated row per test point "
+      "here, flushed as it goes")
+    a('--audit', action='store_true', help="evaluate.py: attack every certified point inside "
+      "its ball (PGD-L2 on the margin, --audit_restarts x --audit_steps, no clipping) and "
+      "stop with exit status 3 if any certified prediction flips")
+    a('--audit_restarts', type=int, default=5, help="random restarts of the audit attack")
+    a('--audit_steps', type=int, default=200, help="steps of each audit attack")
+    a('--plot_dir', default=None, help="evaluate.py: write the analysis PNGs here")
+    a('--plots', action='store_true', help="evaluate.py: write the PNGs to <saved_model>_plots/")
+    a('--markdown', action='store_true', help="evaluate.py: end with a markdown table")
     a('--resume', action='store_true', help="continue from <prefix>_<model>_checkpoint.pth")
     a('--cuda_ids', default='0', help="GPU to use when CUDA is available (first of a comma list)")
     a('--cpu', action='store_true', help="run on the CPU even when CUDA is available")
     a('--verbose', type=int, default=200, help="print a progress line every N batches when "
       "stderr is not a terminal (0: never)")
     args = p.parse_args(argv)
+    args.radii = list(args.epsilon)
+    args.epsilon = args.radii[0]
     if args.data not in DATA_DEFAULTS:
         raise UserError(f"unknown --data {args.data!r}; choose from {', '.join(sorted(DATA_DEFAULTS))}")
-    for name in ('epsilon', 'epsilon_train', 'starting_epsilon'):
-        if getattr(args, name) < 0:
-            raise UserError(f"--{name} must be >= 0, got {getattr(args, name)}")
+    for name, values in (('epsilon', args.radii), ('epsilon_train', [args.epsilon_train]),
+                         ('starting_epsilon', [args.starting_epsilon])):
+        if min(values) < 0:
+            raise UserError(f"--{name} must be >= 0, got {min(values)}")
     if args.alpha is None:
         args.alpha = args.epsilon / 4
     if args.prefix is None:

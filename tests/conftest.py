@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
-from utils import ClampGroupSort, Flatten, ReLU_x, _build  # noqa: E402
+from utils import ClampGroupSort, ReLU_x, _build  # noqa: E402
 
 
 def write_idx(path, array):
@@ -75,3 +75,50 @@ def tiny_net(kind='relux', seed=0, classes=3, in_ch=1, hw=8):
 @pytest.fixture
 def mnist_dir(tmp_path):
     return make_mnist_like(str(tmp_path / 'data'))
+
+
+def blobs(n, seed):
+    """3 classes of 8x8 images: a bright 4x4 block in one of three places, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, 3, (n,), generator=g)
+    x = torch.rand(n, 1, 8, 8, generator=g) * 0.3
+    for k in range(n):
+        r, c = [(0, 0), (0, 4), (4, 2)][int(y[k])]
+        x[k, 0, r:r + 4, c:c + 4] += 0.6
+    return x.clamp(0, 1), y
+
+
+_TRAINED = {}
+
+
+def trained_tiny(kind='relux', eps=0.3, steps=150):
+    """tiny_net trained with the certified loss on blobs (cached per session)."""
+    from local_bound import VectorStore, certified_loss, compute_bound, layer_input_shapes
+    from utils import clamp_thresholds
+    key = (kind, eps, steps)
+    if key not in _TRAINED:
+        torch.manual_seed(0)
+        net = tiny_net(kind, seed=0)
+        x, y = blobs(512, 0)
+        store = VectorStore(layer_input_shapes(net, (1, 8, 8)), 512)
+        gv = {}
+        opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+        for step in range(steps):
+            idx = torch.randint(0, 512, (64,))
+            res = compute_bound(net, x[idx], y[idx], eps * min(1.0, step / (steps / 2)),
+                                store.batch(idx, 'cpu'), gv, sniter=2, opt_iter=5)
+            loss, _, _ = certified_loss(res, y[idx], kappa=max(0.0, 1 - step / (steps / 2)))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            clamp_thresholds(net)
+        _TRAINED[key] = net
+    return _TRAINED[key]
+
+
+def blob_loader(n=64, seed=1, batch=32):
+    """Loader of (x, y, index) over fresh blobs."""
+    from torch.utils.data import DataLoader, TensorDataset
+    from data_load import IndexedDataset
+    x, y = blobs(n, seed)
+    return DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=batch)

@@ -65,8 +65,10 @@ def test_masked_power_iteration_equals_exact_svd(name, make, in_shape):
     exact = torch.linalg.matrix_norm(M, ord=2).item()
     pi = masked_power_iteration(layer, u0, 3000, None, None, tol=1e-10)
     assert pi.sigma.min().item() == pytest.approx(exact, rel=1e-6)
-    sg, _ = global_power_iteration(layer, u0[:1], 3000, tol=1e-10)
+    sg, _, _ = global_power_iteration(layer, u0[:1], 3000, tol=1e-10)
     assert sg.item() == pytest.approx(exact, rel=1e-6)
+    assert global_power_iteration(layer, u0[:1], 3000, tol=1e-3)[2]       # converged
+    assert not global_power_iteration(layer, u0[:1], 1, tol=1e-3)[2]      # reported as not
 
 
 def test_power_iteration_reports_convergence():

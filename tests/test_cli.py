@@ -43,10 +43,20 @@ def test_train_then_evaluate(tmp_path, mnist_dir):
     assert 'optimizer' not in b and b['args']['model'] == 'relux'
     assert os.listdir(prefix + '_relux_tb')               # TensorBoard events
     out = str(tmp_path / 'res.json')
+    tsv = str(tmp_path / 'rows.tsv')
     p = run('evaluate.py', '--data', 'mnist', '--model', 'relux', '--data_dir', mnist_dir,
-            '--no_download', '--epsilon', '0.3', '--test_sniter', '20', '--niter', '3',
-            '--n_test', '64', '--saved_model', prefix + '_relux', '--results', out)
+            '--no_download', '--epsilon', '0.3', '0.1', '--test_sniter', '20', '--niter', '3',
+            '--n_test', '64', '--saved_model', prefix + '_relux', '--results', out, '--out', tsv,
+            '--audit', '--audit_restarts', '1', '--audit_steps', '10', '--plots', '--markdown')
     r = json.load(open(out))
+    assert set(r['radii']) == {'0.3', '0.1'} and r['audit']['broken'] == 0
+    assert '| 0.1 |' in p.stdout and 'eps 0.1: certified acc local' in p.stdout
+    for name in ('certified_vs_radius.png', 'tightness.png', 'sparsity.png'):
+        assert os.path.getsize(os.path.join(prefix + '_relux_plots', name)) > 5000
+    from evaluate import read_tsv
+    header, rows = read_tsv(tsv)
+    assert len(rows) == 64 and header[:7] == ['idx', 'label', 'pred', 'correct', 'local_bound',
+                                              'global_bound', 'margin']
     for k in ('clean_acc', 'pgd_acc', 'certified_acc', 'epsilon', 'n', 'per_sample'):
         assert k in r
     assert r['n'] == 64 and len(r['per_sample']) == 64 and r['epsilon'] == 0.3
@@ -141,3 +151,22 @@ def test_reference_flags_parse():
     a = argparser("--data cifar10 --model c6f2_relux --epsilon 0.141 --test_batch_size 256 "
                   "--test_sniter 2000 --saved_model pretrained/relu/cifar_6C2F".split())
     assert (a.test_sniter, a.saved_model, a.alpha) == (2000, 'pretrained/relu/cifar_6C2F', 0.141 / 4)
+
+
+def test_audit_failure_exits_nonzero(tmp_path, mnist_dir, monkeypatch, capsys):
+    """A wrong (shrunk) bound on purpose: the audit prints the sample and exits with 3."""
+    import local_bound
+    import evaluate
+    from utils import select_model
+    torch.manual_seed(0)
+    torch.save({'state_dict': select_model('mnist', 'relux').state_dict(), 'err': 1, 'epoch': 0},
+               str(tmp_path / 'm_best.pth'))
+    monkeypatch.setattr(local_bound, 'worst_case_margins', lambda *a: 0 * a[2].view(-1, 1) * a[0][:, 0])
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(['--data_dir', mnist_dir, '--no_download', '--n_test', '64',
+                       '--test_sniter', '2', '--niter', '1', '--epsilon', '3.0', '--audit',
+                       '--audit_restarts', '1', '--audit_steps', '20', '--saved_model',
+                       str(tmp_path / 'm'), '--cpu'])
+    assert e.value.code == evaluate.AUDIT_FAILED
+    err = capsys.readouterr().err
+    assert 'AUDIT FAILURE: test point' in err and 'certified at eps 3' in err
