@@ -23,7 +23,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from local_bound import RandomVectors, VectorStore, certified_loss, compute_bound, layer_input_shapes
+from local_bound import (RandomVectors, VectorStore, certified_loss, compute_bound, layer_input_shapes,
+                         worst_case_margins, worst_case_margins_all_pairs)
 from data_load import get_dataset
 from utils import clamp_thresholds, load_checkpoint, select_model
 
@@ -48,7 +49,11 @@ def main(argv=None):
     p.add_argument('--gloro', action='store_true', help="GloRo loss instead of BCP")
     p.add_argument('--pi_grad', choices=('all', 'last'), default='all', help="as in training: "
                    "'last' differentiates only the final power-iteration product")
-    p.add_argument('--mode', choices=('train', 'eval'), default='train', help="what to time")
+    p.add_argument('--mode', choices=('train', 'eval', 'worst'), default='train', help="what to "
+                   "measure; worst: peak memory of one worst-case-logit computation, true-class "
+                   "column vs all pairs (--classes, --hidden, --batch_size, --opt_iter)")
+    p.add_argument('--classes', type=int, default=200, help="worst mode: classes")
+    p.add_argument('--hidden', type=int, default=256, help="worst mode: penultimate width")
     p.add_argument('--test_batch_size', type=int, default=256, help="eval mode: batch size")
     p.add_argument('--test_sniter', type=int, default=2000, help="eval mode: power iterations")
     p.add_argument('--test_opt_iter', type=int, default=1000, help="eval mode: worst-case rounds")
@@ -65,6 +70,8 @@ def main(argv=None):
     p.add_argument('--json', default=None, help="also write the results here")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.mode == 'worst':
+        return worst_memory(a)
     torch.manual_seed(a.seed)
     dev = torch.device(a.device)
     cuda = dev.type == 'cuda'
@@ -160,6 +167,48 @@ def main(argv=None):
               f"clean {1000 * out['clean_s']:.1f} ms, certified {1000 * out['certified_s']:.1f} ms, "
               f"ratio {out['ratio']:.2f}x | peak memory clean {clean_peak / 2 ** 20:.1f} MiB, "
               f"certified {cert_peak / 2 ** 20:.1f} MiB | stored vectors {per_sample} B/sample")
+    if a.json:
+        with open(a.json, 'w') as f:
+            json.dump(out, f, indent=1)
+    return out
+
+
+def worst_memory(a):
+    """Peak memory of the worst-case logits: true-class column (ours) then all pairs (the
+    reference's layout), in that order so that each peak-RSS growth is its own."""
+    dev = torch.device(a.device)
+    cuda = dev.type == 'cuda'
+    g = torch.Generator().manual_seed(a.seed)
+    W = torch.randn(a.classes, a.hidden, generator=g).to(dev)
+    y = torch.randint(0, a.classes, (a.batch_size,), generator=g).to(dev)
+    r = (torch.rand(a.batch_size, generator=g) + 0.5).to(dev)
+    lo = (-torch.rand(a.batch_size, a.hidden, generator=g) * 0.3).to(dev)
+    hi = (torch.rand(a.batch_size, a.hidden, generator=g) * 0.3).to(dev)
+    out = {'mode': 'worst', 'classes': a.classes, 'hidden': a.hidden, 'batch_size': a.batch_size,
+           'opt_iter': a.opt_iter, 'device': str(dev)}
+    results = {}
+    for name, fn in (('true_class', lambda: worst_case_margins(W, y, r, lo, hi, a.opt_iter)),
+                     ('all_pairs', lambda: worst_case_margins_all_pairs(W, r, lo, hi, a.opt_iter))):
+        if cuda:
+            torch.cuda.synchronize(dev)
+            torch.cuda.reset_peak_memory_stats(dev)
+            base = torch.cuda.memory_allocated(dev)
+        else:
+            base = peak_rss()
+        t = time.perf_counter()
+        with torch.no_grad():
+            results[name] = fn()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        seconds = time.perf_counter() - t
+        peak = (torch.cuda.max_memory_allocated(dev) if cuda else peak_rss()) - base
+        out[f"{name}_peak_bytes"], out[f"{name}_s"] = peak, seconds
+    col = results['all_pairs'][torch.arange(a.batch_size), :, y]
+    out['identical'] = bool(torch.equal(col, results['true_class']))
+    print(f"worst-case logits, {a.classes} classes, hidden {a.hidden}, batch {a.batch_size}, "
+          f"opt_iter {a.opt_iter} on {dev}: true-class column {out['true_class_peak_bytes'] / 2 ** 20:.1f} MiB "
+          f"({out['true_class_s']:.3f}s), all pairs {out['all_pairs_peak_bytes'] / 2 ** 20:.1f} MiB "
+          f"({out['all_pairs_s']:.3f}s); identical results: {out['identical']}")
     if a.json:
         with open(a.json, 'w') as f:
             json.dump(out, f, indent=1)

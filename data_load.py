@@ -14,7 +14,7 @@ import urllib.error
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
 
 from utils import UserError
@@ -133,12 +133,14 @@ def get_dataset(name, data_dir, train, augment, download=True):
     raise UserError(f"unknown --data {name!r}; choose from mnist, fashionmnist, cifar10, tinyimagenet")
 
 
-def get_loaders(args, train=True, test=True):
+def get_loaders(args, train=True, test=True, rank=0, world=1):
     """(train_loader, test_loader) of ``args.data``; either may be None if not asked for.
 
-    The training loader shuffles with its own generator, re-seeded per epoch by the
-    training loop (``loader.generator.manual_seed``), so that an epoch's order does not
-    depend on what ran before it (exact --resume).
+    Items carry the index in the full dataset. Training: a DistributedSampler (also for one
+    process) shuffles with (seed, epoch), set per epoch by the training loop
+    (``loader.sampler.set_epoch``): an epoch's order does not depend on what ran before it
+    (exact --resume), and the global batch of N processes x b equals the batch of one
+    process x N*b. Test: process ``rank`` of ``world`` takes samples rank, rank + world, ...
     """
     pin = torch.cuda.is_available() and not getattr(args, 'cpu', False)
     out = []
@@ -146,15 +148,21 @@ def get_loaders(args, train=True, test=True):
         if not wanted:
             out.append(None)
             continue
-        ds = get_dataset(args.data, args.data_dir, is_train, not args.no_augmentation,
-                         download=not args.no_download)
+        ds = IndexedDataset(get_dataset(args.data, args.data_dir, is_train, not args.no_augmentation,
+                                        download=not args.no_download))
         n = args.n_train if is_train else args.n_test
         if n and n < len(ds):
             ds = Subset(ds, range(n))
-        gen = torch.Generator()
-        gen.manual_seed(args.seed)
-        out.append(DataLoader(IndexedDataset(ds),
-                              batch_size=args.batch_size if is_train else args.test_batch_size,
-                              shuffle=is_train, generator=gen if is_train else None,
-                              num_workers=args.workers, pin_memory=pin, drop_last=False))
+        n_total = len(ds)
+        if is_train:
+            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
+                                         seed=args.seed)
+            out.append(DataLoader(ds, batch_size=args.batch_size, sampler=sampler,
+                                  num_workers=args.workers, pin_memory=pin))
+        else:
+            if world > 1:
+                ds = Subset(ds, range(rank, len(ds), world))
+            out.append(DataLoader(ds, batch_size=args.test_batch_size, shuffle=False,
+                                  num_workers=args.workers, pin_memory=pin))
+        out[-1].n_total = n_total     # samples of the whole split (sizes the vector stores)
     return tuple(out)

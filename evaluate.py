@@ -318,8 +318,8 @@ def markdown_table(r):
     return '\n'.join(rows)
 
 
-def main(argv=None):
-    args = argparser(argv)
+def main(argv=None, **defaults):
+    args = argparser(argv, **defaults)
     if args.saved_model is None:
         raise UserError("--saved_model P is required (loads P_best.pth)")
     device = get_device(args)

@@ -260,25 +260,19 @@ def _iterate_per_sample(op, op_t, u, d_in, d_out, n_iter, tol, iters, converged)
 # ----------------------------------------------------------------------------------------
 # Worst-case logits of the last layer
 # ----------------------------------------------------------------------------------------
-def worst_case_margins(weight: torch.Tensor, y: torch.Tensor, r: torch.Tensor,
-                       lo: torch.Tensor, hi: torch.Tensor, opt_iter: int) -> torch.Tensor:
-    """a_iy = max_d (w_i - w_y)^T d  s.t. ||d||_2 <= r, lo <= d <= hi  (BCP algorithm).
-
-    weight: [classes, hidden] last-layer weight; y: [batch] labels; r: [batch] radii;
-    lo, hi: [batch, hidden] box around 0 (lo <= 0 <= hi) of the penultimate activations
-    shifted by their centre. Only the true-class column is computed, so memory is
-    O(batch x classes x hidden). Returns a: [batch, classes], with a[b, y_b] = 0.
+def _bcp(w: torch.Tensor, r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+         opt_iter: int) -> torch.Tensor:
+    """max_d w^T d s.t. ||d||_2 <= r, lo <= d <= hi, for every row of w [batch, ..., hidden];
+    r [batch, 1, ...] and lo, hi broadcastable to w. Returns [batch, ...].
 
     Each round clips the coordinates that leave the box to the box face and rescales the
     free ones so that ||d|| = r again. After any number of rounds the value is that of a
     relaxation (box only on the clipped coordinates), so it is an upper bound of the exact
     maximum: sound for every ``opt_iter``.
     """
-    w = weight.unsqueeze(0) - weight[y].unsqueeze(1)            # [batch, classes, hidden]
-    lo, hi = lo.unsqueeze(1), hi.unsqueeze(1)                   # [batch, 1, hidden]
-    r2 = r.view(-1, 1).pow(2)                                   # [batch, 1]
-    wn = w.pow(2).sum(-1).clamp_min(TINY * TINY).sqrt()         # [batch, classes]
-    d = w * (r.view(-1, 1) / wn).unsqueeze(-1)
+    r2 = r.pow(2)
+    wn = w.pow(2).sum(-1).clamp_min(TINY * TINY).sqrt()
+    d = w * (r / wn).unsqueeze(-1)
     fixed = torch.zeros_like(w, dtype=torch.bool)
     for _ in range(opt_iter):
         leave = ((d > hi) | (d < lo)) & ~fixed
@@ -293,13 +287,25 @@ def worst_case_margins(weight: torch.Tensor, y: torch.Tensor, r: torch.Tensor,
     return (w * d).sum(-1)
 
 
+def worst_case_margins(weight: torch.Tensor, y: torch.Tensor, r: torch.Tensor,
+                       lo: torch.Tensor, hi: torch.Tensor, opt_iter: int) -> torch.Tensor:
+    """a_iy = max_d (w_i - w_y)^T d  s.t. ||d||_2 <= r, lo <= d <= hi  (BCP algorithm).
+
+    weight: [classes, hidden] last-layer weight; y: [batch] labels; r: [batch] radii;
+    lo, hi: [batch, hidden] box around 0 (lo <= 0 <= hi) of the penultimate activations
+    shifted by their centre. Only the true-class column is computed, so memory is
+    O(batch x classes x hidden). Returns a: [batch, classes], with a[b, y_b] = 0.
+    """
+    w = weight.unsqueeze(0) - weight[y].unsqueeze(1)            # [batch, classes, hidden]
+    return _bcp(w, r.view(-1, 1), lo.unsqueeze(1), hi.unsqueeze(1), opt_iter)
+
+
 def worst_case_margins_all_pairs(weight, r, lo, hi, opt_iter):
-    """All-pairs version a[b, i, j] (memory O(batch x classes^2 x hidden)); for tests."""
-    c = weight.shape[0]
-    cols = [worst_case_margins(weight, torch.full((r.shape[0],), j, dtype=torch.long,
-                                                   device=r.device), r, lo, hi, opt_iter)
-            for j in range(c)]
-    return torch.stack(cols, dim=2)
+    """a[b, i, j] for every pair of classes, as the reference computes it: memory
+    O(batch x classes^2 x hidden). For tests and the memory benchmark."""
+    b, (c, h) = r.shape[0], weight.shape
+    w = (weight.unsqueeze(1) - weight.unsqueeze(0)).unsqueeze(0).expand(b, c, c, h)
+    return _bcp(w, r.view(-1, 1, 1), lo.view(b, 1, 1, h), hi.view(b, 1, 1, h), opt_iter)
 
 
 # ----------------------------------------------------------------------------------------
@@ -579,16 +585,17 @@ class VectorStore:
         self.shapes = {k: tuple(s) for k, s in shapes.items() if keys is None or k in keys}
         self.all_shapes = {k: tuple(s) for k, s in shapes.items()}
         self.n, self.dtype, self.path = n, dtype, path
+        self.seed, self.epoch = 0, 0     # fresh vectors depend on (seed, epoch, sample, layer)
         self.initialized = torch.zeros(n, dtype=torch.bool)
         self.data = {}
         if path is not None:
             np_dtype = {torch.float32: np.float32, torch.float16: np.float16}[dtype]
             os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-            offset = 0
-            total = self.nbytes()
-            size = max(total, 1)
-            reuse = os.path.isfile(path) and os.path.getsize(path) == size   # --resume
+            size = n + self.nbytes()          # n flag bytes ("row written"), then the arrays
+            reuse = os.path.isfile(path) and os.path.getsize(path) == size   # resume, other ranks
             mm = np.memmap(path, dtype=np.uint8, mode='r+' if reuse else 'w+', shape=(size,))
+            self.initialized = torch.from_numpy(mm[:n].view(np.bool_))   # shared by processes
+            offset = n
             for k, s in self.shapes.items():
                 size = n * math.prod(s) * np.dtype(np_dtype).itemsize
                 arr = mm[offset:offset + size].view(np_dtype).reshape(n, *s)
@@ -632,11 +639,15 @@ class StoredVectors:
         self.fresh = ~store.initialized[idx]
 
     def get(self, key: int, shape) -> torch.Tensor:
-        b = self.idx.shape[0]
-        u = torch.randn((b, *shape))
-        if key in self.store.data and not self.fresh.all():
-            old = self.store.data[key][self.idx].float()
-            u = torch.where(self.fresh.view(-1, *([1] * len(shape))), u, old)
+        stored = key in self.store.data
+        u = self.store.data[key][self.idx].float() if stored else torch.empty((len(self.idx), *shape))
+        g = torch.Generator()
+        for k in (self.fresh.nonzero().flatten().tolist() if stored else range(len(self.idx))):
+            # a sample's fresh vector depends on (seed, epoch, sample, layer) only, not on the
+            # batch or the process it lands in: runs on 1 or N processes draw the same vectors
+            g.manual_seed((((self.store.seed * 1000003 + self.store.epoch) * 1000003
+                            + int(self.idx[k])) * 131 + key) % (2 ** 63))
+            u[k] = torch.randn(shape, generator=g)
         return u.to(self.device, non_blocking=True)
 
     def put(self, key: int, u: torch.Tensor) -> None:

@@ -13,11 +13,13 @@ the model, optimiser, scheduler, power-iteration vectors and arguments, so that
 ``--resume`` after a killed run reaches the same result as an uninterrupted run.
 """
 import os
+import shutil
 import sys
 import time
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
@@ -87,8 +89,10 @@ def choose_store(per_sample_fp32, n, budget, requested='auto'):
     return torch.float16, per_sample_fp32 // 2 * n > budget
 
 
-def make_stores(args, model, input_shape, n_train, n_test, base):
-    """Train and test VectorStores, sized and typed by --store_dtype / --indices."""
+def make_stores(args, model, input_shape, n_train, n_test, base, say=print, rank=0, world=1):
+    """Train and test VectorStores, sized and typed by --store_dtype / --store_backing /
+    --indices. Refuses (UserError) before training when the store cannot fit. A disk store
+    is one file per split shared by all processes of a node (rank 0 creates it)."""
     shapes = layer_input_shapes(model, input_shape)
     keys = None
     if getattr(args, 'indices', None):
@@ -101,24 +105,45 @@ def make_stores(args, model, input_shape, n_train, n_test, base):
     per32 = VectorStore.bytes_per_sample(shapes, keys, torch.float32)
     budget = available_ram() // 2
     dtype, on_disk = choose_store(per32, n, budget, args.store_dtype)
+    on_disk = {'auto': on_disk, 'ram': False, 'disk': True}[args.store_backing]
     path = base + '_store' if on_disk else None
     total = n * per32 // (1 if dtype == torch.float32 else 2)
     where = f"disk files {path}_{{train,test}}.bin" if path else "RAM"
-    print(f"vector store: {per32 // 4} floats per sample x {n} samples, "
-          f"{str(dtype).replace('torch.', '')} in {where}: {total / 2 ** 30:.2f} GiB "
-          f"(half the available RAM is {budget / 2 ** 30:.1f} GiB)", flush=True)
-    if dtype == torch.float32 and args.store_dtype == 'float32' and total > 2 * budget:
-        raise UserError(f"--store_dtype float32 needs {total / 2 ** 30:.1f} GiB, more than the "
-                        f"{2 * budget / 2 ** 30:.1f} GiB available; use --store_dtype auto or float16")
-    train = VectorStore(shapes, n_train, dtype, path and path + '_train.bin', keys)
-    test = VectorStore(shapes, n_test, dtype, path and path + '_test.bin', keys)
-    return train, test
+    say(f"vector store: {per32 // 4} floats per sample x {n} samples, "
+        f"{str(dtype).replace('torch.', '')} in {where}: {total / 2 ** 30:.2f} GiB "
+        f"(half the available RAM is {budget / 2 ** 30:.1f} GiB)", flush=True)
+    check_store_fits(total, path, budget * 2 // world)
+    stores = None
+    for turn in range(2 if (path and world > 1) else 1):   # rank 0 creates the shared files
+        if (turn == 0) == (rank == 0) or not (path and world > 1):
+            stores = (VectorStore(shapes, n_train, dtype, path and path + '_train.bin', keys),
+                      VectorStore(shapes, n_test, dtype, path and path + '_test.bin', keys))
+        if path and world > 1:
+            dist.barrier()
+    return stores
+
+
+def check_store_fits(total, path, ram_available):
+    """UserError unless ``total`` bytes fit: in RAM (this process's share) or on disk."""
+    if path is None and total > ram_available:
+        raise UserError(f"the vector store needs {total / 2 ** 30:.1f} GiB of RAM but only "
+                        f"{ram_available / 2 ** 30:.1f} GiB are available to this process; use "
+                        f"--store_dtype float16, --store_backing disk or fewer --indices")
+    if path is not None:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        free = shutil.disk_usage(folder).free
+        if total > free:
+            raise UserError(f"the vector store needs {total / 2 ** 30:.1f} GiB of disk in {folder} "
+                            f"but only {free / 2 ** 30:.1f} GiB are free; use fewer --indices or "
+                            f"another --prefix location")
 
 
 # ----------------------------------------------------------------------------------------
 # One epoch
 # ----------------------------------------------------------------------------------------
-def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, writer, step0):
+def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, writer, step0,
+                world=1, first=False):
     model.train()
     stats = {'loss': 0.0, 'clean_loss': 0.0, 'robust_loss': 0.0, 'clean_err': 0.0,
              'robust_err': 0.0, 'n': 0}
@@ -146,8 +171,14 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
                             f"lower --lr or check the data")
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(model, world)
         opt.step()
         clamp_thresholds(model)
+        if first and i == 0:    # the global batch's mean loss (all processes hold equal shares)
+            mean_loss = all_reduce_sum([loss.item()], device, world)[0] / world
+            if writer is not None:
+                print(f"first step: loss {mean_loss:.8f} (global batch {b_global(x, world)})",
+                      flush=True)
         b = x.shape[0]
         stats['n'] += b
         stats['loss'] += loss.item() * b
@@ -164,8 +195,51 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
         if bar.disable and args.verbose and (i + 1) % args.verbose == 0:
             print(f"  epoch {epoch} batch {i + 1}/{n_batches} loss {loss.item():.4f} eps {eps:.4f}",
                   flush=True)
-    n = max(stats.pop('n'), 1)
-    return {k: v / n for k, v in stats.items()}
+    keys = list(stats)
+    totals = dict(zip(keys, all_reduce_sum([stats[k] for k in keys], device, world)))
+    n = max(totals.pop('n'), 1)
+    return {k: v / n for k, v in totals.items()}
+
+
+def b_global(x, world):
+    return x.shape[0] * world
+
+
+# ----------------------------------------------------------------------------------------
+# Distributed helpers (torchrun; one process works without it)
+# ----------------------------------------------------------------------------------------
+def init_distributed(args):
+    """(rank, world, device). Under torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world == 1:
+        return 0, 1, get_device(args)
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    dist.init_process_group('nccl' if use_cuda else 'gloo')
+    local = int(os.environ.get('LOCAL_RANK', '0'))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), world, torch.device(f'cuda:{local}' if use_cuda else 'cpu')
+
+
+def all_reduce_sum(values, device, world):
+    """Sum a list of floats over processes."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def average_gradients(model, world):
+    if world == 1:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for p, g in zip(model.parameters(), grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
+        offset += g.numel()
 
 
 # ----------------------------------------------------------------------------------------
@@ -175,20 +249,23 @@ def main(argv=None, **dataset_defaults):
     args = argparser(argv, **dataset_defaults)
     if len(args.radii) > 1:
         raise UserError("training takes one --epsilon (several radii are for evaluate.py)")
-    device = get_device(args)
+    rank, world, device = init_distributed(args)
+    lead = rank == 0
+    say = print if lead else (lambda *a, **k: None)
     base = checkpoint_base(args)
     seed_all(args.seed)
     model = select_model(args.data, args.model, args.init).to(device)
-    train_loader, test_loader = get_loaders(args)
+    train_loader, test_loader = get_loaders(args, rank=rank, world=world)
     input_shape = tuple(train_loader.dataset[0][0].shape)
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args))
-    train_store, test_store = make_stores(args, model, input_shape, len(train_loader.dataset),
-                                          len(test_loader.dataset), base)
+    train_store, test_store = make_stores(args, model, input_shape, train_loader.n_total,
+                                          test_loader.n_total, base, say, rank, world)
+    train_store.seed = test_store.seed = args.seed
     global_vectors = {}
     start, best_err = 0, float('inf')
-    ckpt_path, best_path, store_path = (base + '_checkpoint.pth', base + '_best.pth',
-                                        base + '_vectors.pt')
+    ckpt_path, best_path = base + '_checkpoint.pth', base + '_best.pth'
+    store_path = base + ('_vectors.pt' if world == 1 else f'_vectors.rank{rank}.pt')
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, model, device)
         opt.load_state_dict(ckpt['optimizer'])
@@ -205,51 +282,60 @@ def main(argv=None, **dataset_defaults):
                       f"from epoch {ckpt['epoch']}: power-iteration vectors restart from random")
         else:
             print(f"warning: no {store_path}: power-iteration vectors restart from random")
-        print(f"resuming from {ckpt_path} at epoch {start}", flush=True)
-    writer = SummaryWriter(base + '_tb')
-    print(f"training {args.model} on {args.data} ({len(train_loader.dataset)} train / "
-          f"{len(test_loader.dataset)} test) on {device}; checkpoints {base}_*.pth", flush=True)
+        say(f"resuming from {ckpt_path} at epoch {start}", flush=True)
+    writer = SummaryWriter(base + '_tb') if lead else None
+    say(f"training {args.model} on {args.data} ({train_loader.n_total} train / "
+        f"{test_loader.n_total} test) on {world} x {device}; checkpoints {base}_*.pth", flush=True)
 
     for epoch in range(start, args.epochs):
         seed_all(args.seed * 100003 + epoch)
-        train_loader.generator.manual_seed(args.seed * 100003 + epoch)
+        train_loader.sampler.set_epoch(epoch)
+        train_store.epoch = test_store.epoch = epoch
         t0 = time.time()
         lr = opt.param_groups[0]['lr']
         tr = train_epoch(model, train_loader, opt, args, epoch, train_store, global_vectors,
-                         device, writer, epoch * len(train_loader))
+                         device, writer, epoch * len(train_loader), world, first=(epoch == start))
         sched.step()
         eps_next, _ = epoch_eps_kappa(args, epoch + 1)
         te = certify(model, test_loader, eps_next, sniter=args.test_sniter,
                      opt_iter=args.test_opt_iter, device=device, store=test_store,
                      global_vectors=global_vectors, bound=args.bound, desc='test')
-        clean_err = 1 - te['correct'].float().mean().item()
-        cert_err = 1 - te['certified'].float().mean().item()
+        n_te, correct, certified = all_reduce_sum(
+            [len(te['correct']), te['correct'].sum().item(), te['certified'].sum().item()], device, world)
+        clean_err, cert_err = 1 - correct / max(n_te, 1), 1 - certified / max(n_te, 1)
         ramp_over = epoch + 1 >= args.warmup + args.rampup
         is_best = ramp_over and cert_err <= best_err
         if is_best:
             best_err = cert_err
-        for k, v in tr.items():
-            writer.add_scalar(f"train/{k}_epoch", v, epoch)
-        writer.add_scalar('test/clean_err', clean_err, epoch)
-        writer.add_scalar('test/certified_err', cert_err, epoch)
-        writer.add_scalar('test/eps', eps_next, epoch)
-        writer.add_scalar('lr', lr, epoch)
-        writer.flush()
-        state = {'state_dict': model.state_dict(), 'err': cert_err, 'epoch': epoch,
-                 'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
-                 'global_vectors': {k: v.cpu() for k, v in global_vectors.items()},
-                 'best_err': best_err, 'args': vars(args)}
         atomic_save({'epoch': epoch, 'train': train_store.state_dict(),
                      'test': test_store.state_dict()}, store_path)
-        atomic_save(state, ckpt_path)
-        if is_best:   # the best model is for evaluation: no optimiser state (small file)
-            atomic_save({k: state[k] for k in ('state_dict', 'err', 'epoch', 'args',
-                                               'global_vectors')}, best_path)
-        print(f"epoch {epoch} | lr {lr:.2e} | train loss {tr['loss']:.4f} clean err "
-              f"{100 * tr['clean_err']:.2f}% cert err {100 * tr['robust_err']:.2f}% | test @eps "
-              f"{eps_next:.4f}: clean err {100 * clean_err:.2f}% cert err {100 * cert_err:.2f}%"
-              f"{' (best)' if is_best else ''} | {time.time() - t0:.1f}s", flush=True)
-    writer.close()
+        if lead:
+            for k, v in tr.items():
+                writer.add_scalar(f"train/{k}_epoch", v, epoch)
+            writer.add_scalar('test/clean_err', clean_err, epoch)
+            writer.add_scalar('test/certified_err', cert_err, epoch)
+            writer.add_scalar('test/eps', eps_next, epoch)
+            writer.add_scalar('lr', lr, epoch)
+            writer.flush()
+            state = {'state_dict': model.state_dict(), 'err': cert_err, 'epoch': epoch,
+                     'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
+                     'global_vectors': {k: v.cpu() for k, v in global_vectors.items()},
+                     'best_err': best_err, 'args': vars(args)}
+            atomic_save(state, ckpt_path)
+            if is_best:   # the best model is for evaluation: no optimiser state (small file)
+                atomic_save({k: state[k] for k in ('state_dict', 'err', 'epoch', 'args',
+                                                   'global_vectors')}, best_path)
+        say(f"epoch {epoch} | lr {lr:.2e} | train loss {tr['loss']:.4f} clean err "
+            f"{100 * tr['clean_err']:.2f}% cert err {100 * tr['robust_err']:.2f}% | test @eps "
+            f"{eps_next:.4f}: clean err {100 * clean_err:.2f}% cert err {100 * cert_err:.2f}%"
+            f"{' (best)' if is_best else ''} | {time.time() - t0:.1f}s", flush=True)
+    if lead:
+        writer.close()
+    if world > 1:
+        dist.barrier()
+        if not lead:
+            dist.destroy_process_group()
+            return None
 
     final = best_path if os.path.isfile(best_path) else ckpt_path
     if not os.path.isfile(final):
@@ -258,8 +344,12 @@ def main(argv=None, **dataset_defaults):
         print("note: the ramp did not finish, so there is no best model; evaluating the last")
     load_checkpoint(final, model, device)
     seed_all(args.seed)
+    if world > 1:   # the final evaluation runs on the whole test set, in this process
+        _, test_loader = get_loaders(args, train=False)
     res = full_evaluation(model, test_loader, args, device)
     print(f"final ({os.path.basename(final)}): " + summary_line(res), flush=True)
+    if world > 1:
+        dist.destroy_process_group()
     return res
 
 

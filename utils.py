@@ -289,6 +289,9 @@ def argparser(argv=None, **overrides):
       "term of the sparsity loss")
     a('--indices', default='', help="comma list of module indices whose per-sample vectors "
       "are stored across epochs (default: all affine layers but the last)")
+    a('--store_backing', choices=('auto', 'ram', 'disk'), default='auto', help="where the "
+      "per-sample vectors live: RAM, or a disk file next to the checkpoint shared by all "
+      "processes of a node; auto: RAM unless even float16 does not fit in half the RAM")
     a('--store_dtype', choices=('auto', 'float32', 'float16'), default=d['store_dtype'],
       help="dtype of the stored per-sample vectors; auto: float32 when it fits in half the "
       "available RAM, else float16, else a disk-backed float16 file")
