@@ -128,14 +128,7 @@ def main(argv=None):
         return time.perf_counter() - t
 
     def peak(fn):
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(dev)
-            base = torch.cuda.memory_allocated(dev)
-            fn()
-            return torch.cuda.max_memory_allocated(dev) - base
-        before = peak_rss()
-        fn()
-        return peak_rss() - before
+        return measure(fn, dev)[1]
 
     out = {'model': a.model, 'data': a.data, 'device': str(dev), 'threads': a.threads,
            'batch_size': a.batch_size, 'sniter': a.sniter, 'mode': a.mode, 'pi_grad': a.pi_grad,
@@ -167,8 +160,29 @@ def main(argv=None):
               f"clean {1000 * out['clean_s']:.1f} ms, certified {1000 * out['certified_s']:.1f} ms, "
               f"ratio {out['ratio']:.2f}x | peak memory clean {clean_peak / 2 ** 20:.1f} MiB, "
               f"certified {cert_peak / 2 ** 20:.1f} MiB | stored vectors {per_sample} B/sample")
-    if a.json:
-        with open(a.json, 'w') as f:
+    return write_json(out, a.json)
+
+
+def measure(fn, dev):
+    """Run fn once: (its result, peak memory growth in bytes, seconds). CUDA:
+    max_memory_allocated; CPU: growth of the process's peak RSS (monotone, so measure the
+    smaller computation first)."""
+    cuda = dev.type == 'cuda'
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev) if cuda else peak_rss()
+    t = time.perf_counter()
+    result = fn()
+    if cuda:
+        torch.cuda.synchronize(dev)
+    seconds = time.perf_counter() - t
+    return result, (torch.cuda.max_memory_allocated(dev) if cuda else peak_rss()) - base, seconds
+
+
+def write_json(out, path):
+    if path:
+        with open(path, 'w') as f:
             json.dump(out, f, indent=1)
     return out
 
@@ -177,7 +191,6 @@ def worst_memory(a):
     """Peak memory of the worst-case logits: true-class column (ours) then all pairs (the
     reference's layout), in that order so that each peak-RSS growth is its own."""
     dev = torch.device(a.device)
-    cuda = dev.type == 'cuda'
     g = torch.Generator().manual_seed(a.seed)
     W = torch.randn(a.classes, a.hidden, generator=g).to(dev)
     y = torch.randint(0, a.classes, (a.batch_size,), generator=g).to(dev)
@@ -189,19 +202,8 @@ def worst_memory(a):
     results = {}
     for name, fn in (('true_class', lambda: worst_case_margins(W, y, r, lo, hi, a.opt_iter)),
                      ('all_pairs', lambda: worst_case_margins_all_pairs(W, r, lo, hi, a.opt_iter))):
-        if cuda:
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            base = torch.cuda.memory_allocated(dev)
-        else:
-            base = peak_rss()
-        t = time.perf_counter()
         with torch.no_grad():
-            results[name] = fn()
-        if cuda:
-            torch.cuda.synchronize(dev)
-        seconds = time.perf_counter() - t
-        peak = (torch.cuda.max_memory_allocated(dev) if cuda else peak_rss()) - base
+            results[name], peak, seconds = measure(fn, dev)
         out[f"{name}_peak_bytes"], out[f"{name}_s"] = peak, seconds
     col = results['all_pairs'][torch.arange(a.batch_size), :, y]
     out['identical'] = bool(torch.equal(col, results['true_class']))
@@ -209,10 +211,7 @@ def worst_memory(a):
           f"opt_iter {a.opt_iter} on {dev}: true-class column {out['true_class_peak_bytes'] / 2 ** 20:.1f} MiB "
           f"({out['true_class_s']:.3f}s), all pairs {out['all_pairs_peak_bytes'] / 2 ** 20:.1f} MiB "
           f"({out['all_pairs_s']:.3f}s); identical results: {out['identical']}")
-    if a.json:
-        with open(a.json, 'w') as f:
-            json.dump(out, f, indent=1)
-    return out
+    return write_json(out, a.json)
 
 
 if __name__ == '__main__':

@@ -35,6 +35,15 @@ def sparsity_data(header, rows):
     return [int(h.split('@')[1]) for h in layers], [sum(r[h] for r in rows) / n for h in layers]
 
 
+def _save(fig, out_dir, name):
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    path = os.path.join(out_dir, name)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def make_plots(tsv_path, out_dir, title=''):
     """Draw the three PNGs from ``tsv_path`` into ``out_dir``; returns their paths."""
     import matplotlib
@@ -60,10 +69,7 @@ def make_plots(tsv_path, out_dir, title=''):
     ax.grid(alpha=0.3)
     ax.legend()
     ax.set_title(f"Certified accuracy vs radius {title} (n = {n})")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, 'certified_vs_radius.png'))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir, 'certified_vs_radius.png'))
 
     ratio = tightness_data(rows)
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -76,10 +82,7 @@ def make_plots(tsv_path, out_dir, title=''):
     ax.set_ylabel('test points')
     ax.legend()
     ax.set_title(f"Tightness of the local bound {title} (n = {len(ratio)})")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, 'tightness.png'))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir, 'tightness.png'))
 
     layers, frac = sparsity_data(header, rows)
     fig, ax = plt.subplots(figsize=(6, 4.2))
@@ -91,8 +94,5 @@ def make_plots(tsv_path, out_dir, title=''):
     ax.set_ylabel('varying neurons (% of the layer)')
     ax.set_ylim(0, 105)
     ax.set_title(f"Varying neurons per activation at eps {eps0} {title}")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, 'sparsity.png'))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out_dir, 'sparsity.png'))
     return paths

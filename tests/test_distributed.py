@@ -55,6 +55,15 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     files = sorted(os.listdir(tmp_path))
     assert 'ddp_tinyimagenet_relux_checkpoint.pth' in files and 'ddp_tinyimagenet_relux_best.pth' in files
     assert torch.load(str(tmp_path / 'ddp_tinyimagenet_relux_checkpoint.pth'), weights_only=False)['epoch'] == 0
+    # --resume, distributed: continues at epoch 1 from rank 0's checkpoint and each rank's vectors
+    p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                        '--master_port', '29534', os.path.join(ROOT, 'TinyImagenet', 'train_tinyimagenet.py'),
+                        *ARGS, '--epochs', '2', '--data_dir', data, '--batch_size', '4',
+                        '--prefix', ddp, '--resume'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert 'at epoch 1' in p.stdout and p.stdout.count('epoch 1 |') == 1 and 'warning' not in p.stdout
+    assert torch.load(str(tmp_path / 'ddp_tinyimagenet_relux_checkpoint.pth'), weights_only=False)['epoch'] == 1
     one = str(tmp_path / 'one')
     p = subprocess.run([sys.executable, os.path.join(ROOT, 'TinyImagenet', 'train_tinyimagenet.py'), *ARGS,
                         '--data_dir', data, '--batch_size', '8', '--prefix', one],
