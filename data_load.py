@@ -99,7 +99,7 @@ def _torchvision(cls, name, root, train, transform, download):
         try:
             return cls(root, train=train, transform=transform, download=True)
         except (urllib.error.URLError, OSError, RuntimeError) as e:
-            reason = f"download failed: {e}"
+            reason = "download failed: " + ' '.join(str(e).split())
     raise UserError(f"dataset {name} not found under {os.path.abspath(root)} ({reason}); "
                     f"to get it: {HOW_TO_GET[name]}")
 
