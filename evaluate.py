@@ -118,6 +118,24 @@ def pgd_correct_batch(model, x, y, eps, alpha, niter):
         return (clean & (model(adv).argmax(1) == y)).cpu()
 
 
+def _audit_certified(model, x, y, idx, eps, certified, args):
+    """Audit the certified points of one batch at ``eps``; print the first point broken.
+    Returns (points attacked, points broken)."""
+    sel = certified.to(x.device)
+    if not sel.any():
+        return 0, 0
+    broken, found = audit_batch(model, x[sel], y[sel], eps, args.audit_restarts, args.audit_steps)
+    if broken.any():
+        k = int(broken.nonzero()[0])
+        dist = (found[k] - x[sel][k]).norm().item()
+        with torch.no_grad():
+            pred = int(model(found[k:k + 1]).argmax(1))
+        print(f"AUDIT FAILURE: test point {int(idx[sel.cpu()][k])} (label {int(y[sel][k])}) is "
+              f"certified at eps {eps:g} but the attack found a point at L2 distance {dist:.4f} "
+              f"predicted {pred}", file=sys.stderr)
+    return int(sel.sum()), int(broken.sum())
+
+
 def audit_batch(model, x, y, eps, restarts, steps):
     """Strong attack on certified points: ``restarts`` x PGD-L2 with ``steps`` steps of size
     eps/10 on the margin loss, over the whole L2 ball (no clipping: the certificate covers the ball).
@@ -202,20 +220,10 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False):
             pgd = pgd_correct_batch(model, x, y, eps0, args.alpha, args.niter)
             if audit:
                 for e in radii:
-                    sel = by_eps[e]['certified'].to(device)
-                    if sel.any():
-                        broken, found = audit_batch(model, x[sel], y[sel], e, args.audit_restarts,
-                                                    args.audit_steps)
-                        audited += int(sel.sum())
-                        if broken.any():
-                            k = int(broken.nonzero()[0])
-                            i_ds = int(idx[sel.cpu()][k])
-                            dist = (found[k] - x[sel][k]).norm().item()
-                            print(f"AUDIT FAILURE: test point {i_ds} (label {int(y[sel][k])}) is "
-                                  f"certified at eps {e:g} but the attack found a point at L2 "
-                                  f"distance {dist:.4f} predicted "
-                                  f"{int(model(found[k:k + 1]).argmax(1))}", file=sys.stderr)
-                            broken_total += int(broken.sum())
+                    attacked, broken = _audit_certified(model, x, y, idx, e, by_eps[e]['certified'],
+                                                        args)
+                    audited += attacked
+                    broken_total += broken
             seconds = (time.time() - t0) / b
             n += b
             acc['correct'] += int(first['correct'].sum())

@@ -199,7 +199,7 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     in_shape = u.shape[1:]
 
     # every vector u below is already masked (u = D_in u, D in {0, 1}), so W D_in u = W u
-    def op(v, di, do):
+    def op(v, do):
         z = apply_W(layer, v)
         return z if do is None else z * do
 
@@ -224,7 +224,7 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
 
     if (torch.is_grad_enabled() and grad_through) or not per_sample_stop:
         for _ in range(n_iter):
-            new = _normalize(op_t(op(u, d_in, d_out), d_in))
+            new = _normalize(op_t(op(u, d_out), d_in))
             with torch.no_grad():
                 change = _norm(new - u)
             u = new
@@ -235,7 +235,7 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     else:
         with torch.no_grad():
             _iterate_per_sample(op, op_t, u, d_in, d_out, n_iter, tol, iters, converged)
-    sigma = _norm(op(u, d_in, d_out))
+    sigma = _norm(op(u, d_out))
     return PowerIterationResult(sigma, u.detach(), iters, converged)
 
 
@@ -247,7 +247,7 @@ def _iterate_per_sample(op, op_t, u, d_in, d_out, n_iter, tol, iters, converged)
         di = None if d_in is None else d_in[active]
         do = None if d_out is None else d_out[active]
         ua = u[active]
-        new = _normalize(op_t(op(ua, di, do), di))
+        new = _normalize(op_t(op(ua, do), di))
         done = _norm(new - ua) < tol
         u[active] = new
         iters[active] += 1
@@ -583,7 +583,6 @@ class VectorStore:
     def __init__(self, shapes: Dict[int, tuple], n: int, dtype=torch.float32,
                  path: Optional[str] = None, keys=None):
         self.shapes = {k: tuple(s) for k, s in shapes.items() if keys is None or k in keys}
-        self.all_shapes = {k: tuple(s) for k, s in shapes.items()}
         self.n, self.dtype, self.path = n, dtype, path
         self.seed, self.epoch = 0, 0     # fresh vectors depend on (seed, epoch, sample, layer)
         self.initialized = torch.zeros(n, dtype=torch.bool)

@@ -113,14 +113,15 @@ def make_stores(args, model, input_shape, n_train, n_test, base, say=print, rank
         f"{str(dtype).replace('torch.', '')} in {where}: {total / 2 ** 30:.2f} GiB "
         f"(half the available RAM is {budget / 2 ** 30:.1f} GiB)", flush=True)
     check_store_fits(total, path, budget * 2 // world)
-    stores = None
-    for turn in range(2 if (path and world > 1) else 1):   # rank 0 creates the shared files
-        if (turn == 0) == (rank == 0) or not (path and world > 1):
-            stores = (VectorStore(shapes, n_train, dtype, path and path + '_train.bin', keys),
-                      VectorStore(shapes, n_test, dtype, path and path + '_test.bin', keys))
-        if path and world > 1:
-            dist.barrier()
-    return stores
+    def build():
+        return (VectorStore(shapes, n_train, dtype, path and path + '_train.bin', keys),
+                VectorStore(shapes, n_test, dtype, path and path + '_test.bin', keys))
+
+    if path is None or world == 1:
+        return build()
+    stores = build() if rank == 0 else None     # rank 0 creates the shared files,
+    dist.barrier()                               # the others open them once they exist
+    return stores if rank == 0 else build()
 
 
 def check_store_fits(total, path, ram_available):
@@ -177,7 +178,7 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
         if first and i == 0:    # the global batch's mean loss (all processes hold equal shares)
             mean_loss = all_reduce_sum([loss.item()], device, world)[0] / world
             if writer is not None:
-                print(f"first step: loss {mean_loss:.8f} (global batch {b_global(x, world)})",
+                print(f"first step: loss {mean_loss:.8f} (global batch {x.shape[0] * world})",
                       flush=True)
         b = x.shape[0]
         stats['n'] += b
@@ -199,10 +200,6 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
     totals = dict(zip(keys, all_reduce_sum([stats[k] for k in keys], device, world)))
     n = max(totals.pop('n'), 1)
     return {k: v / n for k, v in totals.items()}
-
-
-def b_global(x, world):
-    return x.shape[0] * world
 
 
 # ----------------------------------------------------------------------------------------
@@ -238,7 +235,7 @@ def average_gradients(model, world):
     flat /= world
     offset = 0
     for p, g in zip(model.parameters(), grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(p).clone()
+        p.grad = flat[offset:offset + g.numel()].view_as(p)
         offset += g.numel()
 
 
