@@ -28,6 +28,7 @@ from local_bound import RandomVectors, compute_bound
 from utils import UserError, argparser, get_device, load_checkpoint, run_main, select_model
 
 AUDIT_FAILED = 3   # exit status when the audit breaks a certificate
+EXPECT_FAILED = 4  # exit status when --expect numbers are not reproduced
 
 
 # ----------------------------------------------------------------------------------------
@@ -120,11 +121,13 @@ def pgd_correct_batch(model, x, y, eps, alpha, niter):
 
 def _audit_certified(model, x, y, idx, eps, certified, args):
     """Audit the certified points of one batch at ``eps``; print the first point broken.
-    Returns (points attacked, points broken)."""
+    Returns per-sample CPU bool tensors (attacked, broken), each [batch]."""
     sel = certified.to(x.device)
+    broken_all = torch.zeros(x.shape[0], dtype=torch.bool)
     if not sel.any():
-        return 0, 0
+        return sel.cpu(), broken_all
     broken, found = audit_batch(model, x[sel], y[sel], eps, args.audit_restarts, args.audit_steps)
+    broken_all[sel.cpu()] = broken
     if broken.any():
         k = int(broken.nonzero()[0])
         dist = (found[k] - x[sel][k]).norm().item()
@@ -133,7 +136,7 @@ def _audit_certified(model, x, y, idx, eps, certified, args):
         print(f"AUDIT FAILURE: test point {int(idx[sel.cpu()][k])} (label {int(y[sel][k])}) is "
               f"certified at eps {eps:g} but the attack found a point at L2 distance {dist:.4f} "
               f"predicted {pred}", file=sys.stderr)
-    return int(sel.sum()), int(broken.sum())
+    return sel.cpu(), broken_all
 
 
 def audit_batch(model, x, y, eps, restarts, steps):
@@ -155,9 +158,13 @@ def audit_batch(model, x, y, eps, restarts, steps):
 # Per-sample rows
 # ----------------------------------------------------------------------------------------
 def tsv_columns(radii, act_layers):
-    return (['idx', 'label', 'pred', 'correct', 'local_bound', 'global_bound', 'margin']
-            + [f"certified@{e:g}" for e in radii] + [f"certified_global@{e:g}" for e in radii]
-            + [f"varying@{i}" for i in act_layers] + ['converged', 'seconds'])
+    return (['idx', 'label', 'pred', 'correct', 'pgd_correct', 'local_bound', 'global_bound',
+             'margin'] + [f"certified@{e:g}" for e in radii]
+            + [f"certified_global@{e:g}" for e in radii] + [f"varying@{i}" for i in act_layers]
+            + ['converged', 'global_converged', 'audited', 'broken', 'seconds'])
+
+
+INT_COLUMNS = ('idx', 'label', 'pred')
 
 
 def read_tsv(path):
@@ -173,118 +180,230 @@ def read_tsv(path):
         if len(parts) != len(header):
             raise UserError(f"{path}: malformed row {line[:80]!r}")
         row = {h: float(v) for h, v in zip(header, parts)}
-        for k in ('idx', 'label', 'pred'):
+        for k in INT_COLUMNS:
             row[k] = int(row[k])
         rows.append(row)
     return header, rows
 
 
 def _fmt(v):
+    if isinstance(v, (bool, int)):
+        return str(int(v))
     return 'nan' if v != v else f"{v:.6g}"
+
+
+def batch_rows(idx, y, by_eps, radii, pgd, audit_counts, global_converged, seconds):
+    """One row dict per sample of a batch (the TSV's columns, as Python numbers)."""
+    first = by_eps[radii[0]]
+    converged = torch.stack([by_eps[e]['converged'] for e in radii]).all(0)
+    rows = []
+    for k in range(len(idx)):
+        row = {'idx': int(idx[k]), 'label': int(y[k]), 'pred': int(first['pred'][k]),
+               'correct': int(first['correct'][k]), 'pgd_correct': int(pgd[k]),
+               'local_bound': float(first['lip_local'][k]),
+               'global_bound': float(first['lip_global'][k]), 'margin': float(first['margin'][k])}
+        for e in radii:
+            row[f"certified@{e:g}"] = int(by_eps[e]['certified'][k])
+        for e in radii:
+            row[f"certified_global@{e:g}"] = int(by_eps[e]['certified_global'][k])
+        for i, v in first['varying'].items():
+            row[f"varying@{i}"] = float(v[k])
+        row.update(converged=int(converged[k]), global_converged=int(global_converged),
+                   audited=int(audit_counts[0][k]), broken=int(audit_counts[1][k]),
+                   seconds=seconds)
+        # floats as the TSV holds them, so a summary of read-back rows is the same
+        rows.append({k: float(_fmt(v)) if isinstance(v, float) else v for k, v in row.items()})
+    return rows
+
+
+def summarize(rows, radii, args, audit=False):
+    """The results dict (JSON-ready) of a list of rows: everything is counted per sample, so
+    a resumed evaluation gives the same summary as an uninterrupted one."""
+    n = max(len(rows), 1)
+    eps0 = radii[0]
+
+    def frac(f):
+        return sum(f(r) for r in rows) / n
+    per_radius = {}
+    for e in radii:
+        c, g = f"certified@{e:g}", f"certified_global@{e:g}"
+        per_radius[f"{e:g}"] = {'certified_acc': frac(lambda r: r[c]),
+                                'certified_acc_converged_only': frac(lambda r: r[c] * r['converged']),
+                                'certified_acc_global': frac(lambda r: r[g])}
+    layers = [k.split('@')[1] for k in (rows[0] if rows else {}) if k.startswith('varying@')]
+    first = per_radius[f"{eps0:g}"]
+    out = {
+        'clean_acc': frac(lambda r: r['correct']), 'pgd_acc': frac(lambda r: r['pgd_correct']),
+        'certified_acc': first['certified_acc'], 'epsilon': eps0, 'n': len(rows),
+        'bound': args.bound, 'certified_acc_converged_only': first['certified_acc_converged_only'],
+        'radii': per_radius,
+        'unconverged': sum(1 for r in rows if not r['converged']),
+        'global_converged': all(r['global_converged'] for r in rows),
+        'nan_bounds': sum(1 for r in rows if math.isnan(r['margin'])),
+        'varying_fraction': {i: frac(lambda r: r[f"varying@{i}"]) for i in layers},
+        'test_sniter': args.test_sniter, 'test_opt_iter': args.test_opt_iter,
+        'seconds': sum(r['seconds'] for r in rows),
+        'per_sample': [{'idx': r['idx'], 'label': r['label'], 'pred': r['pred'],
+                        'certified': bool(r[f"certified@{eps0:g}"]),
+                        'pgd_correct': bool(r['pgd_correct']),
+                        'margin': None if math.isnan(r['margin']) else r['margin'],
+                        'local_bound': r['local_bound'], 'converged': bool(r['converged'])}
+                       for r in rows],
+    }
+    if audit:
+        out['audit'] = {'attacked': int(sum(r['audited'] for r in rows)),
+                        'broken': int(sum(r['broken'] for r in rows)),
+                        'restarts': args.audit_restarts, 'steps': args.audit_steps}
+    return out
+
+
+def _resume_rows(tsv_path, radii, loader_indices):
+    """Rows of an interrupted --out TSV that can be kept: whole batches only (a batch cut
+    off in the middle is certified again). Returns (header, rows, set of done batches)."""
+    header, rows = read_tsv(tsv_path)
+    want = [f"certified@{e:g}" for e in radii]
+    have = [h for h in header if h.startswith('certified@')]
+    if have != want or 'audited' not in header:
+        raise UserError(f"--resume: {tsv_path} was written with other radii or by an older "
+                        f"version ({', '.join(have)}); remove it or choose another --out")
+    done = {r['idx'] for r in rows}
+    batches = {b for b, ids in enumerate(loader_indices) if all(i in done for i in ids)}
+    keep = {i for b in batches for i in loader_indices[b]}
+    return header, [r for r in rows if r['idx'] in keep], batches
 
 
 # ----------------------------------------------------------------------------------------
 # Full evaluation
 # ----------------------------------------------------------------------------------------
-def full_evaluation(model, loader, args, device, tsv_path=None, audit=False):
+def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, resume=False):
     """Clean, PGD (at the first radius) and certified accuracy at every radius of
     ``args.radii`` (default: args.epsilon), local and global bound; optional per-sample TSV
-    and audit. Returns the results dict (JSON-ready)."""
+    (written as it goes) and audit. Every batch is seeded from (--seed, batch number) and
+    starts its global power iterations afresh, so
+    ``resume`` (continue the TSV of an interrupted run, skipping its finished batches)
+    gives the rows of an uninterrupted run. Returns the results dict (JSON-ready)."""
     radii = list(getattr(args, 'radii', [args.epsilon]))
     eps0 = radii[0]
+    seed = getattr(args, 'seed', 0)
     model.eval()
-    t_start = time.time()
-    global_vectors = {}
-    n = 0
-    acc = {'correct': 0, 'pgd': 0, 'unconverged': 0, 'nan': 0}
-    cert = {e: {'local': 0, 'local_converged': 0, 'global': 0} for e in radii}
-    varying_sum = {}
-    global_converged = True
-    audited = broken_total = 0
-    per_sample = []
+    rows, skip, header = [], set(), None
+    if resume and tsv_path and os.path.isfile(tsv_path):
+        indices = [list(map(int, ids)) for ids in batch_indices(loader)]
+        header, rows, skip = _resume_rows(tsv_path, radii, indices)
+        print(f"resuming {tsv_path}: {len(rows)} points done, {len(indices) - len(skip)} of "
+              f"{len(indices)} batches to go", flush=True)
     tsv = None
-    cols = None
+    if tsv_path:
+        os.makedirs(os.path.dirname(tsv_path) or '.', exist_ok=True)
+        tsv = open(tsv_path, 'w')
+        if header is not None:
+            tsv.write('\t'.join(header) + '\n')
+            for r in rows:
+                tsv.write('\t'.join(_fmt(r[c]) for c in header) + '\n')
+            tsv.flush()
     try:
-        for x, y, idx in tqdm(loader, desc='evaluate', leave=False, disable=None):
+        bar = tqdm(loader, desc='evaluate', leave=False, disable=None)
+        for bi, (x, y, idx) in enumerate(bar):
+            if bi in skip:
+                continue
             t0 = time.time()
+            torch.manual_seed(seed * 1000003 + bi)
             x, y = x.to(device), y.to(device)
             b = x.shape[0]
-            by_eps = {}
+            by_eps, g_conv = {}, True
+            global_vectors = {}    # per batch (not warm-started across batches): resumable
             for e in radii:
                 by_eps[e] = certify_batch(model, x, y, e, RandomVectors(b, device), global_vectors,
                                           sniter=args.test_sniter, opt_iter=args.test_opt_iter,
                                           bound=args.bound)
-                global_converged &= by_eps[e]['global_converged']
-            first = by_eps[eps0]
-            converged = torch.stack([by_eps[e]['converged'] for e in radii]).all(0)
+                g_conv &= by_eps[e]['global_converged']
             pgd = pgd_correct_batch(model, x, y, eps0, args.alpha, args.niter)
+            audited, broken = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)
             if audit:
                 for e in radii:
-                    attacked, broken = _audit_certified(model, x, y, idx, e, by_eps[e]['certified'],
-                                                        args)
-                    audited += attacked
-                    broken_total += broken
-            seconds = (time.time() - t0) / b
-            n += b
-            acc['correct'] += int(first['correct'].sum())
-            acc['pgd'] += int(pgd.sum())
-            acc['unconverged'] += int((~converged).sum())
-            acc['nan'] += int(torch.isnan(first['margin']).sum())
-            for e in radii:
-                c = by_eps[e]
-                cert[e]['local'] += int(c['certified'].sum())
-                cert[e]['local_converged'] += int((c['certified'] & converged).sum())
-                cert[e]['global'] += int(c['certified_global'].sum())
-            for i, v in first['varying'].items():
-                varying_sum[i] = varying_sum.get(i, 0.0) + float(v.sum())
-            if tsv_path and tsv is None:
-                cols = tsv_columns(radii, list(first['varying']))
-                os.makedirs(os.path.dirname(tsv_path) or '.', exist_ok=True)
-                tsv = open(tsv_path, 'w')
-                tsv.write('\t'.join(cols) + '\n')
+                    sel, brk = _audit_certified(model, x, y, idx, e, by_eps[e]['certified'], args)
+                    audited += sel.long()
+                    broken += brk.long()
+            new = batch_rows(idx, y.cpu(), by_eps, radii, pgd, (audited, broken), g_conv,
+                             (time.time() - t0) / b)
+            if tsv is not None:
+                if header is None:
+                    header = tsv_columns(radii, list(by_eps[eps0]['varying']))
+                    tsv.write('\t'.join(header) + '\n')
+                for r in new:
+                    tsv.write('\t'.join(_fmt(r[c]) for c in header) + '\n')
                 tsv.flush()
-            for k in range(b):
-                row = {'idx': int(idx[k]), 'label': int(y[k]), 'pred': int(first['pred'][k]),
-                       'correct': int(first['correct'][k]),
-                       'local_bound': float(first['lip_local'][k]),
-                       'global_bound': float(first['lip_global'][k]),
-                       'margin': float(first['margin'][k]), 'converged': int(converged[k]),
-                       'pgd_correct': bool(pgd[k]), 'seconds': seconds}
-                for e in radii:
-                    row[f"certified@{e:g}"] = int(by_eps[e]['certified'][k])
-                    row[f"certified_global@{e:g}"] = int(by_eps[e]['certified_global'][k])
-                for i, v in first['varying'].items():
-                    row[f"varying@{i}"] = float(v[k])
-                if tsv is not None:
-                    tsv.write('\t'.join(str(row[c]) if isinstance(row[c], int) else _fmt(row[c])
-                                        for c in cols) + '\n')
-                    tsv.flush()
-                per_sample.append({'idx': row['idx'], 'label': row['label'], 'pred': row['pred'],
-                                   'certified': bool(row[f"certified@{eps0:g}"]),
-                                   'pgd_correct': row['pgd_correct'],
-                                   'margin': None if math.isnan(row['margin']) else row['margin'],
-                                   'local_bound': row['local_bound'],
-                                   'converged': bool(row['converged'])})
+            rows.extend(new)
+            if bar.disable and getattr(args, 'verbose', 0) and (bi + 1) % max(1, args.verbose // 10) == 0:
+                print(f"  evaluate: batch {bi + 1}/{len(loader)}, {len(rows)} points", flush=True)
     finally:
         if tsv is not None:
             tsv.close()
-    n = max(n, 1)
-    out = {
-        'clean_acc': acc['correct'] / n, 'pgd_acc': acc['pgd'] / n,
-        'certified_acc': cert[eps0]['local'] / n, 'epsilon': eps0, 'n': n, 'bound': args.bound,
-        'certified_acc_converged_only': cert[eps0]['local_converged'] / n,
-        'radii': {f"{e:g}": {'certified_acc': cert[e]['local'] / n,
-                             'certified_acc_converged_only': cert[e]['local_converged'] / n,
-                             'certified_acc_global': cert[e]['global'] / n} for e in radii},
-        'unconverged': acc['unconverged'], 'global_converged': bool(global_converged),
-        'nan_bounds': acc['nan'], 'varying_fraction': {str(i): v / n for i, v in varying_sum.items()},
-        'test_sniter': args.test_sniter, 'test_opt_iter': args.test_opt_iter,
-        'seconds': time.time() - t_start, 'per_sample': per_sample,
-    }
-    if audit:
-        out['audit'] = {'attacked': audited, 'broken': broken_total,
-                        'restarts': args.audit_restarts, 'steps': args.audit_steps}
-    return out
+    rows.sort(key=lambda r: r['idx'])
+    return summarize(rows, radii, args, audit)
+
+
+def batch_indices(loader):
+    """The sample indices (as IndexedDataset gives them) of every batch of a sequential
+    loader, without loading any image."""
+    if isinstance(loader.sampler, torch.utils.data.RandomSampler):
+        raise UserError("--resume needs a sequential test loader")
+
+    def index(ds, i):
+        while isinstance(ds, torch.utils.data.Subset):
+            ds, i = ds.dataset, ds.indices[i]
+        return int(i)
+    return [[index(loader.dataset, i) for i in b] for b in loader.batch_sampler]
+
+
+def expected_results(res):
+    """The numbers --expect compares, from a results dict: n, clean and certified accuracy
+    (reference count) per radius, in percent."""
+    return {'n': res['n'], 'clean_acc': round(100 * res['clean_acc'], 4),
+            'certified_acc': {e: round(100 * v['certified_acc'], 4) for e, v in res['radii'].items()}}
+
+
+def check_expected(res, expected, tol_pp=0.5):
+    """Messages for every number of ``expected`` (as written by expected_results) that
+    ``res`` misses by more than ``tol_pp`` percentage points; [] when all agree."""
+    got = expected_results(res)
+    bad = []
+    if got['n'] != expected['n']:
+        bad.append(f"n: evaluated {got['n']} points, the record is for {expected['n']}")
+    pairs = [('clean accuracy', got['clean_acc'], expected['clean_acc'])]
+    for e, want in expected['certified_acc'].items():
+        if e not in got['certified_acc']:
+            bad.append(f"certified accuracy at eps {e}: not evaluated (add it to --epsilon)")
+            continue
+        pairs.append((f"certified accuracy at eps {e}", got['certified_acc'][e], want))
+    for name, g, w in pairs:
+        if not abs(g - w) <= tol_pp:
+            bad.append(f"{name}: got {g:.2f}%, recorded {w:.2f}% (off by {g - w:+.2f} pp, "
+                       f"tolerance {tol_pp} pp)")
+    return bad
+
+
+def comparison_table(named):
+    """Markdown table of several results dicts ({name: results}, e.g. the models trained
+    with each bound): clean, PGD, certified accuracy (local / global bound) per radius,
+    unconverged points and the audit."""
+    radii = list(next(iter(named.values()))['radii'])
+    pgd_eps = next(iter(named.values()))['epsilon']
+    head = (["trained with", "clean", f"PGD @{pgd_eps:g}"]
+            + [f"certified @{e} (local / global bound)" for e in radii]
+            + ["unconverged", "audit: broken / attacked"])
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in named.items():
+        cells = [name, f"{100 * r['clean_acc']:.2f}%", f"{100 * r['pgd_acc']:.2f}%"]
+        for e in radii:
+            v = r['radii'].get(e)
+            cells.append("-" if v is None else
+                         f"{100 * v['certified_acc']:.2f}% / {100 * v['certified_acc_global']:.2f}%")
+        a = r.get('audit')
+        cells += [f"{r['unconverged']} of {r['n']}",
+                  "-" if a is None else f"{a['broken']} / {a['attacked']}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return '\n'.join(rows)
 
 
 def summary_line(r):
@@ -328,6 +447,19 @@ def markdown_table(r):
 
 def main(argv=None, **defaults):
     args = argparser(argv, **defaults)
+    if args.compare:
+        named = {}
+        for item in args.compare:
+            name, sep, path = item.partition('=')
+            if not sep:
+                raise UserError(f"--compare wants NAME=results.json, got {item!r}")
+            try:
+                with open(path) as f:
+                    named[name] = json.load(f)
+            except FileNotFoundError:
+                raise UserError(f"--compare: no {path} (run the evaluation with --results first)")
+        print(comparison_table(named))
+        return named
     if args.saved_model is None:
         raise UserError("--saved_model P is required (loads P_best.pth)")
     device = get_device(args)
@@ -337,7 +469,13 @@ def main(argv=None, **defaults):
     model.to(device)
     _, test_loader = get_loaders(args, train=False)
     torch.manual_seed(args.seed)
-    res = full_evaluation(model, test_loader, args, device, tsv_path=args.out, audit=args.audit)
+    if args.resume and not args.out:
+        raise UserError("evaluate.py --resume continues the --out TSV of an interrupted run; "
+                        "give --out")
+    t0 = time.time()
+    res = full_evaluation(model, test_loader, args, device, tsv_path=args.out, audit=args.audit,
+                          resume=args.resume)
+    res['wall_seconds'] = time.time() - t0
     res['checkpoint'] = path
     if args.results:
         os.makedirs(os.path.dirname(args.results) or '.', exist_ok=True)
@@ -354,6 +492,22 @@ def main(argv=None, **defaults):
     if args.markdown:
         print(markdown_table(res))
     print(summary_line(res))
+    if args.expect:
+        with open(args.expect) as f:
+            expected = json.load(f)
+        bad = check_expected(res, expected, expected.get('tolerance_pp', 0.5))
+        for line in bad:
+            print(f"error: {line}", file=sys.stderr)
+        if bad:
+            print(f"error: the results differ from {args.expect}", file=sys.stderr)
+            sys.exit(EXPECT_FAILED)
+        print(f"results agree with {args.expect} (within {expected.get('tolerance_pp', 0.5)} pp)")
+    if args.record:
+        rec = dict(expected_results(res), tolerance_pp=0.5, checkpoint=res['checkpoint'],
+                   test_sniter=args.test_sniter, test_opt_iter=args.test_opt_iter)
+        with open(args.record, 'w') as f:
+            json.dump(rec, f, indent=1)
+        print(f"wrote {args.record}")
     if args.audit and res['audit']['broken']:
         print(f"error: the audit broke {res['audit']['broken']} certified points", file=sys.stderr)
         sys.exit(AUDIT_FAILED)

@@ -313,7 +313,16 @@ def argparser(argv=None, **overrides):
     a('--plot_dir', default=None, help="evaluate.py: write the analysis PNGs here")
     a('--plots', action='store_true', help="evaluate.py: write the PNGs to <saved_model>_plots/")
     a('--markdown', action='store_true', help="evaluate.py: end with a markdown table")
-    a('--resume', action='store_true', help="continue from <prefix>_<model>_checkpoint.pth")
+    a('--resume', action='store_true', help="training: continue from "
+      "<prefix>_<model>_checkpoint.pth; evaluate.py: continue the --out TSV of an interrupted "
+      "run (its finished batches are kept)")
+    a('--expect', default=None, help="evaluate.py: JSON of recorded clean / certified "
+      "accuracies (written by --record); exit status 4 if a number differs by more than its "
+      "tolerance_pp (0.5 percentage points)")
+    a('--compare', nargs='+', default=None, metavar='NAME=JSON', help="evaluate.py: only "
+      "print a markdown table comparing --results files (e.g. local=a.json global=b.json)")
+    a('--record', default=None, help="evaluate.py: write the clean / certified accuracies of "
+      "this evaluation as a JSON for --expect")
     a('--cuda_ids', default='0', help="GPU to use when CUDA is available (first of a comma list)")
     a('--cpu', action='store_true', help="run on the CPU even when CUDA is available")
     a('--verbose', type=int, default=200, help="print a progress line every N batches when "

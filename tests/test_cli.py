@@ -55,8 +55,8 @@ def test_train_then_evaluate(tmp_path, mnist_dir):
         assert os.path.getsize(os.path.join(prefix + '_relux_plots', name)) > 5000
     from evaluate import read_tsv
     header, rows = read_tsv(tsv)
-    assert len(rows) == 64 and header[:7] == ['idx', 'label', 'pred', 'correct', 'local_bound',
-                                              'global_bound', 'margin']
+    assert len(rows) == 64 and header[:8] == ['idx', 'label', 'pred', 'correct', 'pgd_correct',
+                                              'local_bound', 'global_bound', 'margin']
     for k in ('clean_acc', 'pgd_acc', 'certified_acc', 'epsilon', 'n', 'per_sample'):
         assert k in r
     assert r['n'] == 64 and len(r['per_sample']) == 64 and r['epsilon'] == 0.3
@@ -134,6 +134,8 @@ def test_bad_evaluation_input(tmp_path, mnist_dir):
     assert p.returncode == 2 and '--epsilon must be >= 0' in p.stderr
     p = run('evaluate.py', *base, check=False)
     assert p.returncode == 2 and '--saved_model' in p.stderr
+    p = run('evaluate.py', *base, '--saved_model', str(tmp_path / 'm'), '--resume', check=False)
+    assert p.returncode == 2 and 'give --out' in p.stderr
 
 
 def test_reference_flags_parse():

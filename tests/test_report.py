@@ -8,9 +8,10 @@ import torch
 
 import local_bound
 from conftest import blob_loader, blobs, trained_tiny
-from evaluate import full_evaluation, read_tsv, markdown_table
+from evaluate import check_expected, comparison_table, expected_results, full_evaluation, markdown_table, read_tsv
 from local_bound import RandomVectors, compute_bound
 from plots import make_plots, radius_data, sparsity_data, tightness_data
+from utils import UserError
 
 
 def eval_args(**kw):
@@ -106,3 +107,73 @@ def test_audit_catches_a_shrunk_bound(monkeypatch):
     wrong = full_evaluation(net, blob_loader(64), args, 'cpu', audit=True)
     assert wrong['radii']['1.5']['certified_acc'] > honest['radii']['1.5']['certified_acc']
     assert wrong['audit']['broken'] > 0
+
+
+def test_resumed_evaluation_equals_uninterrupted(tmp_path):
+    """Kill in the middle of batch 2 (of 4): --resume keeps batch 1, redoes the rest, and the
+    rows and the summary equal an uninterrupted run (every batch is seeded by its number).
+    test_sniter 5 leaves points unconverged, so the rows depend on the random vectors."""
+    net = trained_tiny('relux')
+    args = eval_args(radii=[0.3, 0.6], test_sniter=5, seed=3, niter=3, audit_restarts=1,
+                     audit_steps=5)
+    full_path, cut_path = str(tmp_path / 'full.tsv'), str(tmp_path / 'cut.tsv')
+    full = full_evaluation(net, blob_loader(64, batch=16), args, 'cpu', tsv_path=full_path,
+                           audit=True)
+    text = open(full_path).read()
+    lines = text.split('\n')
+    open(cut_path, 'w').write('\n'.join(lines[:1 + 16 + 5]) + '\n' + lines[22][:9])
+    assert len(read_tsv(cut_path)[1]) == 21
+    resumed = full_evaluation(net, blob_loader(64, batch=16), args, 'cpu', tsv_path=cut_path,
+                              audit=True, resume=True)
+    _, rows_full = read_tsv(full_path)
+    _, rows_resumed = read_tsv(cut_path)
+    strip = [{k: v for k, v in r.items() if k != 'seconds'} for r in rows_full]
+    assert [{k: v for k, v in r.items() if k != 'seconds'} for r in rows_resumed] == strip
+    for k in ('clean_acc', 'pgd_acc', 'radii', 'unconverged', 'audit', 'varying_fraction'):
+        assert resumed[k] == full[k], k
+    assert full['unconverged'] > 0
+    # a different seed changes unconverged rows: the equality above is not vacuous
+    other = full_evaluation(net, blob_loader(64, batch=16), eval_args(radii=[0.3], test_sniter=5,
+                                                                       seed=4, niter=1), 'cpu')
+    assert [p['local_bound'] for p in other['per_sample']] != \
+        [p['local_bound'] for p in full['per_sample']]
+
+
+def test_resume_refuses_other_radii(tmp_path):
+    net = trained_tiny('relux')
+    tsv = str(tmp_path / 'rows.tsv')
+    full_evaluation(net, blob_loader(16), eval_args(radii=[0.3]), 'cpu', tsv_path=tsv)
+    with pytest.raises(UserError, match='other radii'):
+        full_evaluation(net, blob_loader(16), eval_args(radii=[0.3, 0.5]), 'cpu', tsv_path=tsv,
+                        resume=True)
+
+
+def test_expect_accepts_its_record_and_rejects_a_shift():
+    net = trained_tiny('relux')
+    res = full_evaluation(net, blob_loader(32), eval_args(test_sniter=50, niter=2), 'cpu')
+    rec = expected_results(res)
+    assert rec['clean_acc'] == pytest.approx(100 * res['clean_acc'])
+    assert check_expected(res, rec) == []
+    near = copy.deepcopy(rec)
+    near['clean_acc'] += 0.49
+    near['certified_acc']['0.6'] -= 0.49
+    assert check_expected(res, near) == []
+    for key, radius, shift in (('clean_acc', None, 0.51), ('certified_acc', '0.1', -0.6)):
+        off = copy.deepcopy(rec)
+        if radius is None:
+            off[key] += shift
+        else:
+            off[key][radius] += shift
+        bad = check_expected(res, off)
+        assert len(bad) == 1 and 'pp' in bad[0], bad
+    off = copy.deepcopy(rec)
+    off['n'] = 500
+    assert 'the record is for 500' in check_expected(res, off)[0]
+    off = copy.deepcopy(rec)
+    off['certified_acc']['2.0'] = 0.0
+    assert 'not evaluated' in check_expected(res, off)[0]
+    table = comparison_table({'local': res, 'global': res})
+    lines = table.split('\n')
+    assert len(lines) == 4 and lines[2].startswith('| local | ') and lines[3].startswith('| global | ')
+    v = res['radii']['0.6']
+    assert f"{100 * v['certified_acc']:.2f}% / {100 * v['certified_acc_global']:.2f}%" in lines[2]
