@@ -295,12 +295,13 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
     tsv = None
     if tsv_path:
         os.makedirs(os.path.dirname(tsv_path) or '.', exist_ok=True)
-        tsv = open(tsv_path, 'w')
-        if header is not None:
-            tsv.write('\t'.join(header) + '\n')
-            for r in rows:
-                tsv.write('\t'.join(_fmt(r[c]) for c in header) + '\n')
-            tsv.flush()
+        if header is not None:      # keep the finished batches (atomically), then append
+            with open(tsv_path + '.tmp', 'w') as f:
+                f.write('\t'.join(header) + '\n')
+                for r in rows:
+                    f.write('\t'.join(_fmt(r[c]) for c in header) + '\n')
+            os.replace(tsv_path + '.tmp', tsv_path)
+        tsv = open(tsv_path, 'a' if header is not None else 'w')
     try:
         bar = tqdm(loader, desc='evaluate', leave=False, disable=None)
         for bi, (x, y, idx) in enumerate(bar):
@@ -334,8 +335,9 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
                     tsv.write('\t'.join(_fmt(r[c]) for c in header) + '\n')
                 tsv.flush()
             rows.extend(new)
-            if bar.disable and getattr(args, 'verbose', 0) and (bi + 1) % max(1, args.verbose // 10) == 0:
-                print(f"  evaluate: batch {bi + 1}/{len(loader)}, {len(rows)} points", flush=True)
+            if bar.disable and getattr(args, 'verbose', 0):
+                print(f"  evaluate: batch {bi + 1}/{len(loader)} done, {len(rows)} points, "
+                      f"{time.time() - t0:.0f}s", flush=True)
     finally:
         if tsv is not None:
             tsv.close()
