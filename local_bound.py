@@ -324,6 +324,24 @@ class RandomVectors:
         pass
 
 
+class KeptVectors(RandomVectors):
+    """Fresh Gaussian vectors on a layer's first use, then the last vectors ``put`` for it:
+    warm start for the same batch bounded again, e.g. at a larger radius (whose varying
+    sets contain the smaller radius's, so the old top vector is a close start)."""
+
+    def __init__(self, batch: int, device, generator: Optional[torch.Generator] = None):
+        super().__init__(batch, device, generator)
+        self.kept: Dict[int, torch.Tensor] = {}
+
+    def get(self, key: int, shape) -> torch.Tensor:
+        if key in self.kept:
+            return self.kept[key].clone()
+        return super().get(key, shape)
+
+    def put(self, key: int, u: torch.Tensor) -> None:
+        self.kept[key] = u.detach().clone()
+
+
 # ----------------------------------------------------------------------------------------
 # The bound
 # ----------------------------------------------------------------------------------------
