@@ -339,7 +339,7 @@ class KeptVectors(RandomVectors):
         return super().get(key, shape)
 
     def put(self, key: int, u: torch.Tensor) -> None:
-        self.kept[key] = u.detach().clone()
+        self.kept[key] = u.detach()      # get() hands out copies
 
 
 # ----------------------------------------------------------------------------------------
