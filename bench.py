@@ -12,8 +12,15 @@ memory of each (CUDA: max_memory_allocated; CPU: growth of the process's peak RS
 stored-vector bytes per sample.
 eval mode: certification of one --test_batch_size batch at --test_sniter (certified test
 points per second).
+--vectors store: the certified step takes its per-sample vectors from a VectorStore, as the
+training loop does, on rows never written before (so every vector is a fresh draw of the
+store's own generator and all iterations run): it times the loop's real vector path.
+--profile N: afterwards, N certified steps under torch.profiler: the top operators by device
+and by CPU time, and on CUDA the share of the steps' wall time the GPU was busy (union of
+kernel intervals), plus the counts of host-device copies and synchronisations.
 """
 import argparse
+import inspect
 import json
 import resource
 import statistics
@@ -68,8 +75,19 @@ def main(argv=None):
     p.add_argument('--device', default='cpu', help="cpu or cuda[:N]")
     p.add_argument('--seed', type=int, default=0, help="random seed")
     p.add_argument('--json', default=None, help="also write the results here")
+    p.add_argument('--vectors', choices=('random', 'store'), default='random', help="train "
+                   "mode: fresh vectors from RandomVectors (spec section 8) or from a VectorStore "
+                   "on unwritten rows (the training loop's path, store on --store_device)")
+    p.add_argument('--store_device', default='auto', help="with --vectors store: cpu, the "
+                   "--device, or auto (as training chooses)")
+    p.add_argument('--tf32', choices=('default', 'on', 'off'), default='default', help="CUDA: "
+                   "TF32 for convolutions and matmuls in the timed steps (default: PyTorch's)")
+    p.add_argument('--profile', type=int, default=0, help="train mode: profile this many "
+                   "certified steps after the timing (torch.profiler) and print a summary")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
+    if a.tf32 != 'default':
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = a.tf32 == 'on'
     if a.mode == 'worst':
         return worst_memory(a)
     torch.manual_seed(a.seed)
@@ -95,9 +113,22 @@ def main(argv=None):
         loss.backward()
         opt.step()
 
+    store, next_row = None, [0]
+    if a.vectors == 'store':
+        rows = a.batch_size * (3 + 2 * a.warmup + 2 * a.steps + a.profile)   # never reused
+        sdev = None if a.store_device == 'auto' else torch.device(a.store_device)
+        store = VectorStore(layer_input_shapes(model, shape), rows, **store_kwargs(sdev, dev))
+
+    def vectors_for(n):
+        if store is None:
+            return RandomVectors(n, dev)
+        idx = torch.arange(next_row[0], next_row[0] + n)
+        next_row[0] += n
+        return store.batch(idx, dev)
+
     def certified_step():
         x, y = batch(a.batch_size)
-        res = compute_bound(model, x, y, a.eps, RandomVectors(a.batch_size, dev), gv,
+        res = compute_bound(model, x, y, a.eps, vectors_for(a.batch_size), gv,
                             sniter=a.sniter, opt_iter=a.opt_iter, pi_grad=a.pi_grad)
         loss, _, _ = certified_loss(res, y, 0.5, a.gloro)
         opt.zero_grad(set_to_none=True)
@@ -131,6 +162,7 @@ def main(argv=None):
         return measure(fn, dev)[1]
 
     out = {'model': a.model, 'data': a.data, 'device': str(dev), 'threads': a.threads,
+           'vectors': a.vectors, 'tf32': a.tf32,
            'batch_size': a.batch_size, 'sniter': a.sniter, 'mode': a.mode, 'pi_grad': a.pi_grad,
            'stored_vector_bytes_per_sample': per_sample, 'torch': torch.__version__}
     if a.mode == 'eval':
@@ -156,7 +188,10 @@ def main(argv=None):
         out.update(clean_s=statistics.median(tc), certified_s=statistics.median(tr),
                    clean_peak_bytes=clean_peak, certified_peak_bytes=cert_peak)
         out['ratio'] = out['certified_s'] / out['clean_s']
-        print(f"{a.model} batch {a.batch_size} sniter {a.sniter} on {dev} ({a.threads} threads): "
+        if a.profile:
+            out['profile'] = profile_steps(certified_step, a.profile, dev)
+        print(f"{a.model} batch {a.batch_size} sniter {a.sniter} on {dev} ({a.threads} threads, "
+              f"{a.vectors} vectors, tf32 {a.tf32}): "
               f"clean {1000 * out['clean_s']:.1f} ms, certified {1000 * out['certified_s']:.1f} ms, "
               f"ratio {out['ratio']:.2f}x | peak memory clean {clean_peak / 2 ** 20:.1f} MiB, "
               f"certified {cert_peak / 2 ** 20:.1f} MiB | stored vectors {per_sample} B/sample")
@@ -178,6 +213,62 @@ def measure(fn, dev):
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t
     return result, (torch.cuda.max_memory_allocated(dev) if cuda else peak_rss()) - base, seconds
+
+
+def store_kwargs(store_device, dev):
+    """VectorStore keyword arguments placing the store (older versions keep it on the CPU)."""
+    if 'device' not in inspect.signature(VectorStore).parameters:
+        return {}
+    return {'device': dev if store_device is None else store_device}
+
+
+def profile_steps(step, n, dev):
+    """Run ``step`` n times under torch.profiler; print and return a summary: the top
+    operators, and on CUDA the fraction of the wall time with a kernel running."""
+    from torch.profiler import ProfilerActivity, profile
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == 'cuda' else [])
+    if dev.type == 'cuda':
+        torch.cuda.synchronize(dev)
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for _ in range(n):
+            step()
+        if dev.type == 'cuda':
+            torch.cuda.synchronize(dev)
+    wall = time.perf_counter() - t0
+    ka = prof.key_averages()
+    sort = 'self_cuda_time_total' if dev.type == 'cuda' else 'self_cpu_time_total'
+    print(ka.table(sort_by=sort, row_limit=15))
+    print(ka.table(sort_by='self_cpu_time_total', row_limit=12))
+    summary = {'steps': n, 'wall_s': wall}
+    counts = {e.key: e.count for e in ka}
+    for name in ('aten::item', 'aten::_local_scalar_dense', 'cudaStreamSynchronize',
+                 'cudaDeviceSynchronize', 'aten::to', 'aten::copy_', 'aten::randn',
+                 'aten::normal_', 'cudaMemcpyAsync', 'Memcpy HtoD (Pageable -> Device)',
+                 'Memcpy DtoH (Device -> Pageable)', 'cudaLaunchKernel'):
+        if name in counts:
+            summary[f"count {name}"] = counts[name] / n
+    if dev.type == 'cuda':
+        spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type.name == 'CUDA')
+        busy, cur_s, cur_e = 0.0, None, None
+        for s0, e0 in spans:
+            if cur_e is None or s0 > cur_e:
+                if cur_e is not None:
+                    busy += cur_e - cur_s
+                cur_s, cur_e = s0, e0
+            else:
+                cur_e = max(cur_e, e0)
+        if cur_e is not None:
+            busy += cur_e - cur_s
+        cpu = [e.time_range for e in prof.events() if e.device_type.name == 'CPU']
+        span = (max(t.end for t in cpu) - min(t.start for t in cpu)) if cpu else wall * 1e6
+        summary['gpu_busy_fraction'] = busy / max(span, 1e-9)
+        summary['gpu_kernel_ms_per_step'] = busy / 1000 / n
+        summary['profiled_ms_per_step'] = span / 1000 / n
+    print("profile summary: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in summary.items()))
+    return summary
 
 
 def write_json(out, path):

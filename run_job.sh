@@ -19,6 +19,10 @@
 #   mnist_relu | cifar_relu_4c3f | cifar_relu_6c2f | cifar_relu_6c2f_gloro | cifar_maxmin_6c2f
 #                the paper's training commands (need the datasets and, realistically, a GPU)
 #   eval_mnist | eval_cifar     the paper's evaluation commands on pretrained/ checkpoints
+#   gpu_check [tests|bench|torchrun|all]   on a CUDA machine with PyTorch installed (uses
+#                ${PYTHON:-python3}, no .venv): the test suite on cuda, the GPU benchmark table
+#                and profile, and a one-process torchrun (NCCL) epoch; logs and JSON go to
+#                ${OUT:-gpu_out}/. Fashion-MNIST must be under data/FashionMNIST/raw or installed.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=.venv/bin/python
@@ -128,6 +132,43 @@ case "$job" in
     eval_cifar)
         "$PY" evaluate.py --data 'cifar10' --model 'c6f2_relux' --epsilon 0.141 --test_batch_size 256 \
             --test_sniter 2000 --saved_model 'pretrained/relu/cifar_6C2F' "$@" ;;
+    gpu_check)
+        PY=${PYTHON:-python3}
+        O=${OUT:-gpu_out}
+        mkdir -p "$O"
+        what=${1:-all}
+        export PYTHONUNBUFFERED=1
+        nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+        "$PY" -c 'import torch, torchvision; print("torch", torch.__version__, "torchvision", torchvision.__version__, torch.cuda.get_device_name())'
+        if [ "$what" = tests ] || [ "$what" = all ]; then
+            LOCALLIP_TEST_DEVICE=cuda "$PY" -m pytest -q -p no:cacheprovider tests 2>&1 \
+                | tee "$O/tests_cuda.log" | tail -25 || true
+        fi
+        if [ "$what" = bench ] || [ "$what" = all ]; then
+            b() { local name=$1; shift; "$PY" bench.py --device cuda --json "$O/bench_$name.json" "$@" \
+                    > "$O/bench_$name.log" 2>&1 || echo "bench $name failed"; tail -1 "$O/bench_$name.log"; }
+            b c6f2_b32 --model c6f2_relux --data cifar10 --batch_size 32 --sniter 2
+            b mnist_b64 --model relux --data mnist --batch_size 64 --sniter 5
+            b c6f2_b256 --model c6f2_relux --data cifar10 --batch_size 256 --sniter 2
+            b mnist_b256 --model relux --data mnist --batch_size 256 --sniter 5
+            b c6f2_b256_tf32off --model c6f2_relux --data cifar10 --batch_size 256 --sniter 2 --tf32 off
+            b mnist_b256_tf32off --model relux --data mnist --batch_size 256 --sniter 5 --tf32 off
+            b c6f2_b256_store --model c6f2_relux --data cifar10 --batch_size 256 --sniter 2 --vectors store --profile 5
+            b mnist_b256_store --model relux --data mnist --batch_size 256 --sniter 5 --vectors store --profile 5
+            for s in "" --batch_stop; do
+                b "eval${s}" --mode eval --data fashionmnist --model relux --saved_model \
+                    pretrained/fashionmnist/local_relux --eps 0.5 --test_batch_size 256 \
+                    --test_sniter 2000 --steps 5 --tf32 off $s
+            done
+            grep -h "profile summary" "$O"/bench_*store.log || true
+        fi
+        if [ "$what" = torchrun ] || [ "$what" = all ]; then
+            rm -rf /tmp/gpu_torchrun
+            "$PY" -m torch.distributed.run --nproc_per_node=1 train_mnist.py --data fashionmnist \
+                --model relux --no_download --n_train 10000 --n_test 1000 --epochs 1 --rampup 1 \
+                --sniter 5 --epsilon 1.0 --epsilon_train 1.0 --prefix /tmp/gpu_torchrun/fashion \
+                2>&1 | tee "$O/torchrun.log" | grep -v "^ *epoch 0 batch" | tail -8
+        fi ;;
     *)
         sed -n '2,10p' "$0"; exit 2 ;;
 esac

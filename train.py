@@ -206,9 +206,13 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
 # Distributed helpers (torchrun; one process works without it)
 # ----------------------------------------------------------------------------------------
 def init_distributed(args):
-    """(rank, world, device). Under torchrun (WORLD_SIZE > 1): NCCL on GPUs, gloo on CPU."""
+    """(rank, world, device). Under torchrun (its RANK / WORLD_SIZE environment, also with
+    one process): a process group, NCCL on GPUs, gloo on CPU; otherwise one plain process."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
-    if world == 1:
+    if 'RANK' not in os.environ or 'MASTER_ADDR' not in os.environ:
+        if world > 1:
+            raise UserError("WORLD_SIZE > 1 without torchrun's RANK / MASTER_ADDR; launch with "
+                            "torchrun --nproc_per_node=N")
         return 0, 1, get_device(args)
     use_cuda = torch.cuda.is_available() and not args.cpu
     dist.init_process_group('nccl' if use_cuda else 'gloo')
@@ -218,16 +222,21 @@ def init_distributed(args):
     return dist.get_rank(), world, torch.device(f'cuda:{local}' if use_cuda else 'cpu')
 
 
+def distributed():
+    """True inside a torchrun process group (also of one process)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def all_reduce_sum(values, device, world):
-    """Sum a list of floats over processes."""
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    if world > 1:
+    """Sum a list of floats (or 0-dim tensors) over processes."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    if distributed():
         dist.all_reduce(t)
     return t.tolist()
 
 
 def average_gradients(model, world):
-    if world == 1:
+    if not distributed():
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in model.parameters()]
     flat = torch.cat([g.flatten() for g in grads])
@@ -282,7 +291,9 @@ def main(argv=None, **dataset_defaults):
         say(f"resuming from {ckpt_path} at epoch {start}", flush=True)
     writer = SummaryWriter(base + '_tb') if lead else None
     say(f"training {args.model} on {args.data} ({train_loader.n_total} train / "
-        f"{test_loader.n_total} test) on {world} x {device}; checkpoints {base}_*.pth", flush=True)
+        f"{test_loader.n_total} test) on {world} x {device}"
+        f"{' (' + dist.get_backend() + ')' if distributed() else ''}; checkpoints {base}_*.pth",
+        flush=True)
 
     for epoch in range(start, args.epochs):
         seed_all(args.seed * 100003 + epoch)
@@ -328,7 +339,7 @@ def main(argv=None, **dataset_defaults):
             f"{' (best)' if is_best else ''} | {time.time() - t0:.1f}s", flush=True)
     if lead:
         writer.close()
-    if world > 1:
+    if distributed():
         dist.barrier()
         if not lead:
             dist.destroy_process_group()
@@ -345,7 +356,7 @@ def main(argv=None, **dataset_defaults):
         _, test_loader = get_loaders(args, train=False)
     res = full_evaluation(model, test_loader, args, device)
     print(f"final ({os.path.basename(final)}): " + summary_line(res), flush=True)
-    if world > 1:
+    if distributed():
         dist.destroy_process_group()
     return res
 

@@ -14,6 +14,40 @@ torch.set_num_threads(2)
 
 from utils import ClampGroupSort, ReLU_x, _build  # noqa: E402
 
+# The device of every device-capable test: `pytest --device cuda` or LOCALLIP_TEST_DEVICE=cuda.
+# Tests build their seeded inputs on the CPU and move them with ``dev``, so CPU and CUDA runs
+# check the same cases. The subprocess tests pass --cpu unless the device is CUDA.
+DEVICE = torch.device(os.environ.get('LOCALLIP_TEST_DEVICE', 'cpu'))
+
+
+def pytest_addoption(parser):
+    parser.addoption('--device', default=None, help="run the device-capable tests on this "
+                     "device (cpu or cuda); default $LOCALLIP_TEST_DEVICE, else cpu")
+
+
+def pytest_configure(config):
+    global DEVICE
+    name = config.getoption('--device') or os.environ.get('LOCALLIP_TEST_DEVICE', 'cpu')
+    DEVICE = torch.device(name)
+    if DEVICE.type == 'cuda' and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--device {name}: CUDA is not available on this machine")
+    os.environ['LOCALLIP_TEST_DEVICE'] = name      # for the subprocesses
+
+
+def pytest_report_header(config):
+    return f"Local-Lip tests on device: {DEVICE}"
+
+
+def dev(*objs):
+    """Move tensors / modules to the test device; one object or a tuple."""
+    out = tuple(o.to(DEVICE) for o in objs)
+    return out[0] if len(out) == 1 else out
+
+
+def device_flags():
+    """Command-line flags choosing the test device for the training / evaluation scripts."""
+    return [] if DEVICE.type == 'cuda' else ['--cpu']
+
 
 def write_idx(path, array):
     """MNIST IDX format: magic 0x0000 08 ndim, big-endian dims, raw uint8 bytes."""
@@ -98,16 +132,17 @@ def trained_tiny(kind='relux', eps=0.3, steps=150):
     key = (kind, eps, steps)
     if key not in _TRAINED:
         torch.manual_seed(0)
-        net = tiny_net(kind, seed=0)
-        x, y = blobs(512, 0)
+        net = dev(tiny_net(kind, seed=0))
+        x, y = dev(*blobs(512, 0))
         store = VectorStore(layer_input_shapes(net, (1, 8, 8)), 512)
         gv = {}
         opt = torch.optim.Adam(net.parameters(), lr=3e-3)
         for step in range(steps):
             idx = torch.randint(0, 512, (64,))
-            res = compute_bound(net, x[idx], y[idx], eps * min(1.0, step / (steps / 2)),
-                                store.batch(idx, 'cpu'), gv, sniter=2, opt_iter=5)
-            loss, _, _ = certified_loss(res, y[idx], kappa=max(0.0, 1 - step / (steps / 2)))
+            xi, yi = x[idx.to(DEVICE)], y[idx.to(DEVICE)]
+            res = compute_bound(net, xi, yi, eps * min(1.0, step / (steps / 2)),
+                                store.batch(idx, DEVICE), gv, sniter=2, opt_iter=5)
+            loss, _, _ = certified_loss(res, yi, kappa=max(0.0, 1 - step / (steps / 2)))
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import tiny_net
+from conftest import DEVICE, dev, tiny_net
 from local_bound import (BoundError, KeptVectors, RandomVectors, VectorStore, apply_W, apply_WT,
                          compute_bound, certified_loss, global_power_iteration,
                          masked_power_iteration, worst_case_margins,
@@ -17,7 +17,7 @@ from utils import ClampGroupSort, ReLU_x
 def explicit_matrix(layer, in_shape):
     """The matrix [out, in] of the linear map x -> W x (no bias)."""
     n = math.prod(in_shape)
-    basis = torch.eye(n, dtype=torch.float64).reshape(n, *in_shape)
+    basis = torch.eye(n, dtype=torch.float64, device=layer.weight.device).reshape(n, *in_shape)
     layer = layer.double()
     return apply_W(layer, basis).reshape(n, -1).t()
 
@@ -33,10 +33,10 @@ LAYERS = [
 @pytest.mark.parametrize('name,make,in_shape', LAYERS, ids=[l[0] for l in LAYERS])
 def test_adjoint(name, make, in_shape):
     torch.manual_seed(0)
-    layer = make().double()
-    x = torch.randn(3, *in_shape, dtype=torch.float64)
+    layer = dev(make().double())
+    x = dev(torch.randn(3, *in_shape, dtype=torch.float64))
     y_shape = apply_W(layer, x).shape
-    y = torch.randn(y_shape, dtype=torch.float64)
+    y = dev(torch.randn(y_shape, dtype=torch.float64))
     lhs = (apply_W(layer, x) * y).sum()
     rhs = (x * apply_WT(layer, y, in_shape)).sum()
     assert abs(lhs - rhs).item() < 1e-10
@@ -46,13 +46,13 @@ def test_adjoint(name, make, in_shape):
 @pytest.mark.parametrize('name,make,in_shape', LAYERS, ids=[l[0] for l in LAYERS])
 def test_masked_power_iteration_equals_exact_svd(name, make, in_shape):
     torch.manual_seed(1)
-    layer = make().double()
+    layer = dev(make().double())
     M = explicit_matrix(layer, in_shape)
-    out_shape = apply_W(layer, torch.zeros(1, *in_shape, dtype=torch.float64)).shape[1:]
+    out_shape = apply_W(layer, dev(torch.zeros(1, *in_shape, dtype=torch.float64))).shape[1:]
     b = 4
-    d_in = (torch.rand(b, *in_shape) > 0.4).double()
-    d_out = (torch.rand(b, *out_shape) > 0.3).double()
-    u0 = torch.randn(b, *in_shape, dtype=torch.float64)
+    d_in = dev((torch.rand(b, *in_shape) > 0.4).double())
+    d_out = dev((torch.rand(b, *out_shape) > 0.3).double())
+    u0 = dev(torch.randn(b, *in_shape, dtype=torch.float64))
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
             pi = masked_power_iteration(layer, u0, 3000, d_in, d_out, tol=1e-10)
@@ -77,14 +77,14 @@ def test_warm_start_from_a_smaller_radius_gives_the_fresh_sigmas():
     ones a fresh start reaches (exact SVD agreement is tested above). (That this takes fewer
     iterations on a trained model is measured, not unit-tested: see the README.)"""
     torch.manual_seed(0)
-    net = tiny_net('relux').double().eval()
-    x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
-    y = torch.randint(0, 3, (6,))
+    net = dev(tiny_net('relux').double().eval())
+    x = dev(torch.rand(6, 1, 8, 8, dtype=torch.float64))
+    y = dev(torch.randint(0, 3, (6,)))
     kw = dict(sniter=3000, opt_iter=100, tol=1e-10)
-    kept = KeptVectors(6, 'cpu')
+    kept = KeptVectors(6, DEVICE)
     small = compute_bound(net, x, y, 0.05, kept, {}, **kw)
     warm = compute_bound(net, x, y, 0.2, kept, {}, **kw)
-    fresh = compute_bound(net, x, y, 0.2, RandomVectors(6, 'cpu'), {}, **kw)
+    fresh = compute_bound(net, x, y, 0.2, RandomVectors(6, DEVICE), {}, **kw)
     for i in small.masks:
         assert (small.masks[i] <= warm.masks[i]).all()          # larger ball, more varying
     assert any((small.masks[i] < warm.masks[i]).any() for i in small.masks)   # not trivial
@@ -95,8 +95,8 @@ def test_warm_start_from_a_smaller_radius_gives_the_fresh_sigmas():
 
 def test_power_iteration_reports_convergence():
     torch.manual_seed(0)
-    layer = nn.Conv2d(2, 3, 3, padding=1).double()
-    u0 = torch.randn(5, 2, 6, 6, dtype=torch.float64)
+    layer = dev(nn.Conv2d(2, 3, 3, padding=1).double())
+    u0 = dev(torch.randn(5, 2, 6, 6, dtype=torch.float64))
     with torch.no_grad():
         short = masked_power_iteration(layer, u0, 1, tol=1e-3)
         long = masked_power_iteration(layer, u0, 5000, tol=1e-3)
@@ -131,7 +131,7 @@ def test_worst_case_margins_upper_bound_exact_max(opt_iter):
     r = torch.rand(b, dtype=torch.float64) * 2 + 0.1
     lo = -torch.rand(b, h, dtype=torch.float64) * 0.5
     hi = torch.rand(b, h, dtype=torch.float64) * 0.5
-    a = worst_case_margins(W, y, r, lo, hi, opt_iter)
+    a = worst_case_margins(*dev(W, y, r, lo, hi), opt_iter).cpu()
     for k in range(b):
         for i in range(c):
             ex = exact_max(W[i] - W[y[k]], r[k], lo[k], hi[k])
@@ -152,6 +152,7 @@ def test_true_class_column_equals_all_pairs():
     y = torch.randint(0, c, (b,))
     r = torch.rand(b) + 0.2
     lo, hi = -torch.rand(b, h) * 0.3, torch.rand(b, h) * 0.3
+    W, y, r, lo, hi = dev(W, y, r, lo, hi)
     full = worst_case_margins_all_pairs(W, r, lo, hi, 10)      # [b, c, c]
     col = worst_case_margins(W, y, r, lo, hi, 10)              # [b, c]
     assert torch.equal(col, full[torch.arange(b), :, y])
@@ -177,25 +178,25 @@ def exact_products(net, res, b):
                 m = m * ins[k].reshape(1, -1)
             p *= torch.linalg.matrix_norm(m, ord=2).item()
         local.append(p)
-    return torch.tensor(local, dtype=torch.float64), glob
+    return dev(torch.tensor(local, dtype=torch.float64)), glob
 
 
 @pytest.mark.parametrize('kind', ['relux', 'relu', 'maxmin'])
 def test_local_bound_at_most_global(kind):
     """The paper's theorem on exact values, and the power iteration reaching them."""
     torch.manual_seed(0)
-    net = tiny_net(kind, seed=3).double()
+    net = dev(tiny_net(kind, seed=3).double())
     kw = dict(sniter=3000, opt_iter=100, tol=0.0, check=True)
     for eps in (0.05, 0.3):
-        x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
-        y = torch.randint(0, 3, (6,))
+        x = dev(torch.rand(6, 1, 8, 8, dtype=torch.float64))
+        y = dev(torch.randint(0, 3, (6,)))
         with torch.no_grad():
-            loc = compute_bound(net, x, y, eps, RandomVectors(6, 'cpu'), {}, **kw)
-            glo = compute_bound(net, x, y, eps, RandomVectors(6, 'cpu'), {}, bound='global', **kw)
+            loc = compute_bound(net, x, y, eps, RandomVectors(6, DEVICE), {}, **kw)
+            glo = compute_bound(net, x, y, eps, RandomVectors(6, DEVICE), {}, bound='global', **kw)
         exact_local, exact_global = exact_products(net, loc, 6)
         assert (exact_local <= exact_global * (1 + 1e-12)).all()
         assert torch.allclose(loc.r_local, eps * exact_local, rtol=2e-3)
-        assert torch.allclose(glo.r_local, torch.full((6,), eps * exact_global, dtype=torch.float64), rtol=2e-3)
+        assert torch.allclose(glo.r_local, dev(torch.full((6,), eps * exact_global, dtype=torch.float64)), rtol=2e-3)
         assert torch.allclose(glo.r_global, glo.r_local, rtol=2e-3)   # global ball radius too
         assert (loc.worst <= glo.worst + 1e-9).all()
         if kind != 'maxmin':
@@ -204,15 +205,15 @@ def test_local_bound_at_most_global(kind):
 
 def test_local_equals_global_when_every_neuron_varies():
     torch.manual_seed(0)
-    net = tiny_net('relux', seed=1).double()
-    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
-    y = torch.zeros(4, dtype=torch.long)
+    net = dev(tiny_net('relux', seed=1).double())
+    x = dev(torch.rand(4, 1, 8, 8, dtype=torch.float64))
+    y = dev(torch.zeros(4, dtype=torch.long))
     with torch.no_grad():
-        loc = compute_bound(net, x, y, 1e3, RandomVectors(4, 'cpu'), {}, sniter=3000,
+        loc = compute_bound(net, x, y, 1e3, RandomVectors(4, DEVICE), {}, sniter=3000,
                             opt_iter=10, tol=0.0)
     assert all(bool((m == 1).all()) for m in loc.masks.values())
     exact_local, exact_global = exact_products(net, loc, 4)
-    assert torch.allclose(exact_local, torch.full((4,), exact_global, dtype=torch.float64), rtol=1e-12)
+    assert torch.allclose(exact_local, dev(torch.full((4,), exact_global, dtype=torch.float64)), rtol=1e-12)
     assert torch.allclose(loc.r_local, 1e3 * exact_local, rtol=2e-3)
 
 
@@ -224,8 +225,9 @@ def test_indicators_follow_the_spec():
     with torch.no_grad():
         net[0].weight.copy_(torch.eye(3))
         net[0].bias.copy_((lb + ub)[0] / 2)
-    res = compute_bound(net, torch.zeros(1, 3), torch.zeros(1, dtype=torch.long),
-                        0.15, RandomVectors(1, 'cpu'), {}, sniter=50, opt_iter=5)
+    net = dev(net)
+    res = compute_bound(net, *dev(torch.zeros(1, 3), torch.zeros(1, dtype=torch.long)),
+                        0.15, RandomVectors(1, DEVICE), {}, sniter=50, opt_iter=5)
     assert res.masks[1].tolist() == [[0.0, 0.0, 1.0]]
 
 
@@ -233,17 +235,17 @@ def test_bound_contains_sampled_activations_and_logits():
     """Sampled points in the eps-ball never leave the boxes nor beat the worst-case logits."""
     torch.manual_seed(0)
     for kind in ('relux', 'relu', 'maxmin'):
-        net = tiny_net(kind, seed=2).double()
+        net = dev(tiny_net(kind, seed=2).double())
         b, eps = 3, 0.2
-        x = torch.rand(b, 1, 8, 8, dtype=torch.float64)
-        y = torch.randint(0, 3, (b,))
+        x = dev(torch.rand(b, 1, 8, 8, dtype=torch.float64))
+        y = dev(torch.randint(0, 3, (b,)))
         with torch.no_grad():
-            res = compute_bound(net, x, y, eps, RandomVectors(b, 'cpu'), {}, sniter=3000,
+            res = compute_bound(net, x, y, eps, RandomVectors(b, DEVICE), {}, sniter=3000,
                                 opt_iter=100, tol=1e-10, check=True)
         n = 2000
         d = torch.randn(n, b, 1, 8, 8, dtype=torch.float64)
         d = d / d.flatten(2).norm(dim=2).view(n, b, 1, 1, 1) * eps
-        d = d * torch.rand(n, b, 1, 1, 1, dtype=torch.float64) ** (1 / 64)
+        d = dev(d * torch.rand(n, b, 1, 1, 1, dtype=torch.float64) ** (1 / 64))
         xs = (x.unsqueeze(0) + d).reshape(n * b, 1, 8, 8)
         h = xs
         for i, m in enumerate(net):
@@ -259,28 +261,28 @@ def test_bound_contains_sampled_activations_and_logits():
 def test_unsupported_layer_is_named():
     net = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 2))
     with pytest.raises(ValueError, match='Tanh'):
-        compute_bound(net, torch.zeros(1, 4), torch.zeros(1, dtype=torch.long), 0.1,
-                      RandomVectors(1, 'cpu'), {}, sniter=1, opt_iter=1)
+        compute_bound(dev(net), *dev(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long)), 0.1,
+                      RandomVectors(1, DEVICE), {}, sniter=1, opt_iter=1)
     with pytest.raises(ValueError, match='last module'):
         check_supported(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
 
 
 def test_negative_eps_and_bad_box_fail_loudly():
-    net = tiny_net('relu').double()
-    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
-    y = torch.zeros(2, dtype=torch.long)
+    net = dev(tiny_net('relu').double())
+    x = dev(torch.rand(2, 1, 8, 8, dtype=torch.float64))
+    y = dev(torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match='eps must be >= 0'):
-        compute_bound(net, x, y, -0.1, RandomVectors(2, 'cpu'), {}, sniter=1, opt_iter=1)
+        compute_bound(net, x, y, -0.1, RandomVectors(2, DEVICE), {}, sniter=1, opt_iter=1)
     x[0, 0, 0, 0] = float('inf')
     with pytest.raises(BoundError, match='non-finite'):
-        compute_bound(net, x, y, 0.1, RandomVectors(2, 'cpu'), {}, sniter=1, opt_iter=1, check=True)
+        compute_bound(net, x, y, 0.1, RandomVectors(2, DEVICE), {}, sniter=1, opt_iter=1, check=True)
 
 
 def test_nan_is_never_certified():
-    net = tiny_net('relu').double()
-    x = torch.rand(2, 1, 8, 8, dtype=torch.float64)
+    net = dev(tiny_net('relu').double())
+    x = dev(torch.rand(2, 1, 8, 8, dtype=torch.float64))
     y = net(x).argmax(1)
-    res = compute_bound(net, x, y, 0.0, RandomVectors(2, 'cpu'), {}, sniter=5, opt_iter=5)
+    res = compute_bound(net, x, y, 0.0, RandomVectors(2, DEVICE), {}, sniter=5, opt_iter=5)
     assert res.certified(y).all()          # eps = 0: every correct point is certified
     res.worst[0, (y[0] + 1) % 3] = float('nan')
     assert res.certified(y).tolist() == [False, True]
@@ -289,14 +291,14 @@ def test_nan_is_never_certified():
 
 def test_losses():
     torch.manual_seed(0)
-    net = tiny_net('relux')
-    x = torch.rand(4, 1, 8, 8)
-    y = torch.tensor([0, 1, 2, 0])
-    res = compute_bound(net, x, y, 0.1, RandomVectors(4, 'cpu'), {}, sniter=3, opt_iter=3)
+    net = dev(tiny_net('relux'))
+    x = dev(torch.rand(4, 1, 8, 8))
+    y = dev(torch.tensor([0, 1, 2, 0]))
+    res = compute_bound(net, x, y, 0.1, RandomVectors(4, DEVICE), {}, sniter=3, opt_iter=3)
     z = res.logits + res.worst
     assert robust_loss(res, y).item() == pytest.approx(F.cross_entropy(z, y).item(), rel=1e-6)
     zo = z.clone()
-    zo[torch.arange(4), y] = -float('inf')
+    zo[dev(torch.arange(4)), y] = -float('inf')
     g = torch.cat([res.logits, zo.max(1, keepdim=True).values], 1)
     assert robust_loss(res, y, gloro=True).item() == pytest.approx(F.cross_entropy(g, y).item(), rel=1e-6)
     loss, clean, rob = certified_loss(res, y, 0.3)
@@ -313,12 +315,12 @@ def test_vector_store_round_trip(tmp_path):
         for path in (None, str(tmp_path / f"store_{dtype}.bin")):
             st = VectorStore(shapes, 10, dtype, path)
             idx = torch.tensor([3, 7])
-            view = st.batch(idx, 'cpu')
+            view = st.batch(idx, DEVICE)
             assert view.fresh.all()
-            u = torch.randn(2, 2, 3, 3)
+            u = dev(torch.randn(2, 2, 3, 3))
             view.put(0, u)
-            view.put(2, torch.randn(2, 5))
-            back = st.batch(idx, 'cpu').get(0, (2, 3, 3))
+            view.put(2, dev(torch.randn(2, 5)))
+            back = st.batch(idx, DEVICE).get(0, (2, 3, 3))
             tol = 0 if dtype == torch.float32 else 1e-3
             assert torch.allclose(back, u, atol=tol * u.abs().max().item(), rtol=tol)
             assert st.initialized.tolist() == [k in (3, 7) for k in range(10)]

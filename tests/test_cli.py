@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, device_flags
 
 FAST = ['--data_dir', None, '--no_download', '--batch_size', '64', '--test_batch_size', '64',
         '--n_train', '128', '--n_test', '64', '--rampup', '1', '--sniter', '1',
@@ -20,7 +20,7 @@ FAST = ['--data_dir', None, '--no_download', '--batch_size', '64', '--test_batch
 
 def cmd(script, *args, data_dir=None):
     args = [data_dir if a is None else a for a in args]
-    return [sys.executable, os.path.join(ROOT, script), *args]
+    return [sys.executable, os.path.join(ROOT, script), *args, *device_flags()]
 
 
 def run(script, *args, data_dir=None, check=True):
@@ -168,7 +168,7 @@ def test_audit_failure_exits_nonzero(tmp_path, mnist_dir, monkeypatch, capsys):
         evaluate.main(['--data_dir', mnist_dir, '--no_download', '--n_test', '64',
                        '--test_sniter', '2', '--niter', '1', '--epsilon', '3.0', '--audit',
                        '--audit_restarts', '1', '--audit_steps', '20', '--saved_model',
-                       str(tmp_path / 'm'), '--cpu'])
+                       str(tmp_path / 'm'), *device_flags()])
     assert e.value.code == evaluate.AUDIT_FAILED
     err = capsys.readouterr().err
     assert 'AUDIT FAILURE: test point' in err and 'certified at eps 3' in err

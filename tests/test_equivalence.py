@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import tiny_net
+from conftest import dev, tiny_net
 from local_bound import apply_W, apply_WT, certified_loss, compute_bound
 from utils import ClampGroupSort, Flatten, ReLU_x, select_model
 
@@ -33,7 +33,7 @@ def literal_loss(model, x, y, eps, vecs, gvecs, sniter, opt_iter, kappa, tol=1e-
     """Spec sections 3-4, written out with no fusion and the all-pairs worst case."""
     affine = [i for i, m in enumerate(model) if isinstance(m, (nn.Conv2d, nn.Linear))]
     last = affine[-1]
-    mu, r = x, torch.full((x.shape[0],), eps, dtype=x.dtype)
+    mu, r = x, torch.full((x.shape[0],), eps, dtype=x.dtype, device=x.device)
     lb, ub = x - eps, x + eps
     bc = lambda v, t: v.view(-1, *([1] * (t.dim() - 1)))
     feeding = None           # indicator of the activation feeding the next affine layer
@@ -95,7 +95,7 @@ def literal_loss(model, x, y, eps, vecs, gvecs, sniter, opt_iter, kappa, tol=1e-
     lo = torch.clamp(lb - mu, max=0)
     hi = torch.clamp(ub - mu, min=0)
     b, c = logits.shape
-    a = torch.zeros(b, c, c, dtype=x.dtype)                       # a[:, i, j], all pairs
+    a = torch.zeros(b, c, c, dtype=x.dtype, device=x.device)                       # a[:, i, j], all pairs
     for j in range(c):
         for k in range(c):
             if k == j:
@@ -113,7 +113,7 @@ def literal_loss(model, x, y, eps, vecs, gvecs, sniter, opt_iter, kappa, tol=1e-
                 wf = torch.where(fixed, torch.zeros_like(w), w)
                 d = df + wf / wf.norm(dim=1, keepdim=True) * rem.view(-1, 1)
             a[:, k, j] = (w * d).sum(1)
-    worst = logits + a[torch.arange(b), :, y]
+    worst = logits + a[torch.arange(b, device=x.device), :, y]
     return kappa * F.cross_entropy(logits, y) + (1 - kappa) * F.cross_entropy(worst, y)
 
 
@@ -133,16 +133,16 @@ CASES = [('relux', lambda: tiny_net('relux', seed=0), (1, 8, 8)),
 @pytest.mark.parametrize('name,make,shape', CASES, ids=[c[0] for c in CASES])
 def test_optimised_equals_literal(name, make, shape, dtype):
     torch.manual_seed(0)
-    net = make().to(dtype)
+    net = dev(make().to(dtype))
     b = 4
-    x = torch.rand(b, *shape, dtype=dtype)
-    y = torch.arange(b) % 3
+    x = dev(torch.rand(b, *shape, dtype=dtype))
+    y = dev(torch.arange(b) % 3)
     eps, kappa = 0.1, 0.3
     # vectors, of the right shapes, drawn once
     from local_bound import layer_input_shapes
     shapes = layer_input_shapes(net, shape)
-    vecs = {k: torch.randn(b, *s, dtype=dtype) for k, s in shapes.items()}
-    gvecs = {k: torch.randn(1, *s, dtype=dtype) for k, s in shapes.items()}
+    vecs = {k: dev(torch.randn(b, *s, dtype=dtype)) for k, s in shapes.items()}
+    gvecs = {k: dev(torch.randn(1, *s, dtype=dtype)) for k, s in shapes.items()}
     for sniter, opt_iter in ((2, 1), (5, 10)):
         ref_loss = literal_loss(net, x, y, eps, vecs, gvecs, sniter, opt_iter, kappa)
         ref = grads(net, ref_loss)

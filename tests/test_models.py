@@ -3,6 +3,7 @@ reference release load as they are, save/load round trip."""
 import pytest
 import torch
 
+from conftest import DEVICE, dev
 from utils import UserError, load_checkpoint, select_model, MODELS, ReLU_x, ClampGroupSort
 
 
@@ -97,11 +98,11 @@ def test_reference_checkpoint_loads(tmp_path, data, name):
     state = {k: torch.randn(s) for k, s in spec_layout(convs, fcs, act).items()}
     path = tmp_path / 'ref_best.pth'
     torch.save({'state_dict': state, 'err': 0.5, 'epoch': 3}, path)
-    model = select_model(data, name)
-    ckpt = load_checkpoint(str(path), model)
+    model = dev(select_model(data, name))
+    ckpt = load_checkpoint(str(path), model, DEVICE)
     assert ckpt['epoch'] == 3
     for k, v in model.state_dict().items():
-        assert torch.equal(v, state[k])
+        assert v.device.type == DEVICE.type and torch.equal(v.cpu(), state[k])
 
 
 def test_round_trip_and_mismatch(tmp_path):

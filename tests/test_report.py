@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import local_bound
-from conftest import blob_loader, blobs, trained_tiny
+from conftest import DEVICE, blob_loader, blobs, dev, trained_tiny
 from evaluate import check_expected, comparison_table, expected_results, full_evaluation, markdown_table, read_tsv
 from local_bound import RandomVectors, compute_bound
 from plots import make_plots, radius_data, sparsity_data, tightness_data
@@ -24,12 +24,12 @@ def eval_args(**kw):
 def test_one_pass_global_equals_global_mode():
     """The global column of one propagation equals --bound global (every indicator 1)."""
     net = copy.deepcopy(trained_tiny('relux')).double()
-    x, y = blobs(8, 3)
+    x, y = dev(*blobs(8, 3))
     x = x.double()
     kw = dict(sniter=3000, opt_iter=100, tol=0.0)
     with torch.no_grad():
-        both = compute_bound(net, x, y, 0.3, RandomVectors(8, 'cpu'), {}, also_global=True, **kw)
-        glo = compute_bound(net, x, y, 0.3, RandomVectors(8, 'cpu'), {}, bound='global', **kw)
+        both = compute_bound(net, x, y, 0.3, RandomVectors(8, DEVICE), {}, also_global=True, **kw)
+        glo = compute_bound(net, x, y, 0.3, RandomVectors(8, DEVICE), {}, bound='global', **kw)
     assert torch.allclose(both.r_global, glo.r_local, rtol=2e-3)
     assert torch.allclose(both.worst_global, glo.worst, rtol=2e-3, atol=1e-6)
     assert (both.worst <= both.worst_global + 1e-9).all()
@@ -38,7 +38,7 @@ def test_one_pass_global_equals_global_mode():
 def test_tsv_agrees_with_summary_and_plots(tmp_path):
     net = trained_tiny('relux')
     tsv = str(tmp_path / 'rows.tsv')
-    res = full_evaluation(net, blob_loader(64), eval_args(), 'cpu', tsv_path=tsv)
+    res = full_evaluation(net, blob_loader(64), eval_args(), DEVICE, tsv_path=tsv)
     header, rows = read_tsv(tsv)
     assert len(rows) == 64 == res['n']
     assert [r['idx'] for r in rows] == list(range(64))
@@ -79,7 +79,7 @@ def test_tsv_agrees_with_summary_and_plots(tmp_path):
 def test_interrupted_tsv_is_readable(tmp_path):
     net = trained_tiny('relux')
     tsv = str(tmp_path / 'rows.tsv')
-    full_evaluation(net, blob_loader(16), eval_args(radii=[0.3]), 'cpu', tsv_path=tsv)
+    full_evaluation(net, blob_loader(16), eval_args(radii=[0.3]), DEVICE, tsv_path=tsv)
     text = open(tsv).read()
     cut = tmp_path / 'cut.tsv'
     cut.write_text(text[:len(text) - 7])          # killed in the middle of the last row
@@ -89,22 +89,22 @@ def test_interrupted_tsv_is_readable(tmp_path):
 
 def test_unconverged_evaluation_is_reported():
     net = trained_tiny('relux')
-    res = full_evaluation(net, blob_loader(32), eval_args(test_sniter=1), 'cpu')
+    res = full_evaluation(net, blob_loader(32), eval_args(test_sniter=1), DEVICE)
     assert res['unconverged'] == 32
     for v in res['radii'].values():
         assert v['certified_acc_converged_only'] == 0
-    res = full_evaluation(net, blob_loader(32), eval_args(test_sniter=3000), 'cpu')
+    res = full_evaluation(net, blob_loader(32), eval_args(test_sniter=3000), DEVICE)
     assert res['unconverged'] == 0
 
 
 def test_audit_catches_a_shrunk_bound(monkeypatch):
     net = trained_tiny('relu', eps=0.0)     # clean training: attackable at radius 1.5
     args = eval_args(radii=[0.3, 1.5], audit_restarts=3, audit_steps=100)
-    honest = full_evaluation(net, blob_loader(64), args, 'cpu', audit=True)
+    honest = full_evaluation(net, blob_loader(64), args, DEVICE, audit=True)
     assert honest['audit']['attacked'] > 0 and honest['audit']['broken'] == 0
     real = local_bound.worst_case_margins
     monkeypatch.setattr(local_bound, 'worst_case_margins', lambda *a: 0.05 * real(*a))
-    wrong = full_evaluation(net, blob_loader(64), args, 'cpu', audit=True)
+    wrong = full_evaluation(net, blob_loader(64), args, DEVICE, audit=True)
     assert wrong['radii']['1.5']['certified_acc'] > honest['radii']['1.5']['certified_acc']
     assert wrong['audit']['broken'] > 0
 
@@ -117,13 +117,13 @@ def test_resumed_evaluation_equals_uninterrupted(tmp_path):
     args = eval_args(radii=[0.3, 0.6], test_sniter=5, seed=3, niter=3, audit_restarts=1,
                      audit_steps=5)
     full_path, cut_path = str(tmp_path / 'full.tsv'), str(tmp_path / 'cut.tsv')
-    full = full_evaluation(net, blob_loader(64, batch=16), args, 'cpu', tsv_path=full_path,
+    full = full_evaluation(net, blob_loader(64, batch=16), args, DEVICE, tsv_path=full_path,
                            audit=True)
     text = open(full_path).read()
     lines = text.split('\n')
     open(cut_path, 'w').write('\n'.join(lines[:1 + 16 + 5]) + '\n' + lines[22][:9])
     assert len(read_tsv(cut_path)[1]) == 21
-    resumed = full_evaluation(net, blob_loader(64, batch=16), args, 'cpu', tsv_path=cut_path,
+    resumed = full_evaluation(net, blob_loader(64, batch=16), args, DEVICE, tsv_path=cut_path,
                               audit=True, resume=True)
     _, rows_full = read_tsv(full_path)
     _, rows_resumed = read_tsv(cut_path)
@@ -134,7 +134,7 @@ def test_resumed_evaluation_equals_uninterrupted(tmp_path):
     assert full['unconverged'] > 0
     # a different seed changes unconverged rows: the equality above is not vacuous
     other = full_evaluation(net, blob_loader(64, batch=16), eval_args(radii=[0.3], test_sniter=5,
-                                                                       seed=4, niter=1), 'cpu')
+                                                                       seed=4, niter=1), DEVICE)
     assert [p['local_bound'] for p in other['per_sample']] != \
         [p['local_bound'] for p in full['per_sample']]
 
@@ -142,15 +142,15 @@ def test_resumed_evaluation_equals_uninterrupted(tmp_path):
 def test_resume_refuses_other_radii(tmp_path):
     net = trained_tiny('relux')
     tsv = str(tmp_path / 'rows.tsv')
-    full_evaluation(net, blob_loader(16), eval_args(radii=[0.3]), 'cpu', tsv_path=tsv)
+    full_evaluation(net, blob_loader(16), eval_args(radii=[0.3]), DEVICE, tsv_path=tsv)
     with pytest.raises(UserError, match='other radii'):
-        full_evaluation(net, blob_loader(16), eval_args(radii=[0.3, 0.5]), 'cpu', tsv_path=tsv,
+        full_evaluation(net, blob_loader(16), eval_args(radii=[0.3, 0.5]), DEVICE, tsv_path=tsv,
                         resume=True)
 
 
 def test_expect_accepts_its_record_and_rejects_a_shift():
     net = trained_tiny('relux')
-    res = full_evaluation(net, blob_loader(32), eval_args(test_sniter=50, niter=2), 'cpu')
+    res = full_evaluation(net, blob_loader(32), eval_args(test_sniter=50, niter=2), DEVICE)
     rec = expected_results(res)
     assert rec['clean_acc'] == pytest.approx(100 * res['clean_acc'])
     assert check_expected(res, rec) == []

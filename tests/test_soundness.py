@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from conftest import blobs, trained_tiny
+from conftest import DEVICE, blobs, dev, trained_tiny
 from evaluate import pgd_l2
 from local_bound import RandomVectors, compute_bound
 
@@ -15,18 +15,18 @@ def test_certified_points_cannot_be_flipped(kind):
     eps = 0.3
     net = copy.deepcopy(trained_tiny(kind, eps))
     net = net.double()
-    xt, yt = blobs(64, 1)
+    xt, yt = dev(*blobs(64, 1))
     xt = xt.double()
     with torch.no_grad():
-        res = compute_bound(net, xt, yt, eps, RandomVectors(64, 'cpu'), {}, sniter=3000,
+        res = compute_bound(net, xt, yt, eps, RandomVectors(64, DEVICE), {}, sniter=3000,
                             opt_iter=200, tol=0.0, check=True)
     cert = res.certified(yt)
     assert cert.sum() >= 10, f"only {int(cert.sum())} certified: the test would be vacuous"
     xc, yc = xt[cert], yt[cert]
     n = 400
-    d = torch.randn(n, *xc.shape, dtype=torch.float64)
+    d = torch.randn(n, *xc.shape, dtype=torch.float64, device='cpu')
     d = d / d.flatten(2).norm(dim=2).view(n, -1, 1, 1, 1) * eps
-    d = d * torch.rand(n, xc.shape[0], 1, 1, 1, dtype=torch.float64) ** (1 / 64)
+    d = dev(d * torch.rand(n, xc.shape[0], 1, 1, 1, dtype=torch.float64) ** (1 / 64))
     with torch.no_grad():
         pred = net((xc.unsqueeze(0) + d).reshape(-1, 1, 8, 8)).argmax(1).view(n, -1)
     assert (pred == yc.unsqueeze(0)).all()
