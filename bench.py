@@ -30,7 +30,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from local_bound import (RandomVectors, VectorStore, certified_loss, compute_bound, layer_input_shapes,
+from local_bound import (RandomVectors, VectorStore, certified_loss, compute_bound, exact_float32,
+                         layer_input_shapes,
                          worst_case_margins, worst_case_margins_all_pairs)
 from data_load import get_dataset
 from utils import clamp_thresholds, load_checkpoint, select_model
@@ -129,7 +130,8 @@ def main(argv=None):
     def certified_step():
         x, y = batch(a.batch_size)
         res = compute_bound(model, x, y, a.eps, vectors_for(a.batch_size), gv,
-                            sniter=a.sniter, opt_iter=a.opt_iter, pi_grad=a.pi_grad)
+                            sniter=a.sniter, opt_iter=a.opt_iter, pi_grad=a.pi_grad,
+                            reference_nan=True)
         loss, _, _ = certified_loss(res, y, 0.5, a.gloro)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -146,7 +148,7 @@ def main(argv=None):
 
     def eval_batch():
         x, y = batch(a.test_batch_size) if fixed is None else fixed
-        with torch.no_grad():
+        with torch.no_grad(), exact_float32():
             compute_bound(model, x, y, a.eps, RandomVectors(a.test_batch_size, dev), gv,
                           sniter=a.test_sniter, opt_iter=a.test_opt_iter,
                           per_sample_stop=not a.batch_stop)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_load import get_loaders
-from local_bound import KeptVectors, RandomVectors, compute_bound
+from local_bound import KeptVectors, RandomVectors, compute_bound, exact_float32
 from utils import UserError, argparser, get_device, load_checkpoint, run_main, select_model
 
 AUDIT_FAILED = 3   # exit status when the audit breaks a certificate
@@ -36,14 +36,16 @@ EXPECT_FAILED = 4  # exit status when --expect numbers are not reproduced
 # ----------------------------------------------------------------------------------------
 # Certification
 # ----------------------------------------------------------------------------------------
-def certify_batch(model, x, y, eps, vectors, global_vectors, *, sniter, opt_iter, bound='local'):
+def certify_batch(model, x, y, eps, vectors, global_vectors, *, sniter, opt_iter, bound='local',
+                  estimate='bilinear'):
     """Certify one batch at L2 radius ``eps``. Returns a dict of per-sample CPU tensors:
     pred, correct, certified (the chosen bound), certified_global, margin, lip_local
     (prod_i sigma_i), lip_global (prod_i ||W_i||_2), converged, and ``varying``
     {activation index: fraction of varying neurons}; plus 'global_converged' (bool)."""
-    with torch.no_grad():
+    with torch.no_grad(), exact_float32():
         res = compute_bound(model, x, y, eps, vectors, global_vectors, sniter=sniter,
-                            opt_iter=opt_iter, bound=bound, check=True, also_global=True)
+                            opt_iter=opt_iter, bound=bound, check=True, also_global=True,
+                            estimate=estimate)
     pred = res.logits.argmax(1)
     safe = max(float(eps), 1e-30)
     out = {'pred': pred, 'correct': pred == y, 'certified': res.certified(y),
@@ -57,7 +59,7 @@ def certify_batch(model, x, y, eps, vectors, global_vectors, *, sniter, opt_iter
 
 
 def certify(model, loader, eps, *, sniter, opt_iter, device, store=None,
-            global_vectors=None, bound='local', desc='certify'):
+            global_vectors=None, bound='local', desc='certify', estimate='bilinear'):
     """Certify every sample of ``loader`` at ``eps`` (training-time test evaluation).
 
     store: a VectorStore to warm-start from, or None for fresh random vectors.
@@ -71,7 +73,7 @@ def certify(model, loader, eps, *, sniter, opt_iter, device, store=None,
         x, y = x.to(device), y.to(device)
         vecs = RandomVectors(x.shape[0], device) if store is None else store.batch(idx, device)
         r = certify_batch(model, x, y, eps, vecs, global_vectors, sniter=sniter,
-                          opt_iter=opt_iter, bound=bound)
+                          opt_iter=opt_iter, bound=bound, estimate=estimate)
         r['idx'], r['label'] = idx, y.cpu()
         for k in keys:
             cols[k].append(r[k])
@@ -319,7 +321,8 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
             for e in sorted(radii):
                 by_eps[e] = certify_batch(model, x, y, e, vectors, global_vectors,
                                           sniter=args.test_sniter, opt_iter=args.test_opt_iter,
-                                          bound=args.bound)
+                                          bound=args.bound,
+                                          estimate=getattr(args, 'estimate', 'bilinear'))
                 g_conv &= by_eps[e]['global_converged']
             pgd = pgd_correct_batch(model, x, y, eps0, args.alpha, args.niter)
             audited, broken = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)

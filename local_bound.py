@@ -17,6 +17,7 @@ up to its penultimate layer is bounded by prod_i ||D_out W_i D_in||_2 (spec sect
 computed by per-sample power iteration.  The last Linear layer is handled exactly by the
 worst-case-logit algorithm of BCP (spec section 4).
 """
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -38,6 +39,20 @@ FLATTEN = (Flatten, nn.Flatten)
 
 class BoundError(RuntimeError):
     """A bound that violates its own invariants (lb > ub, non-finite values)."""
+
+
+@contextlib.contextmanager
+def exact_float32():
+    """Certification runs inside this: no TF32 in CUDA convolutions and matmuls (its
+    10-bit mantissa perturbs products by ~1e-3 relative, enough to break a bound). The
+    previous settings are restored on exit; training keeps PyTorch's (see the README)."""
+    cudnn, matmul = torch.backends.cudnn, torch.backends.cuda.matmul
+    old = cudnn.allow_tf32, matmul.allow_tf32
+    cudnn.allow_tf32 = matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        cudnn.allow_tf32, matmul.allow_tf32 = old
 
 
 # ----------------------------------------------------------------------------------------
@@ -145,27 +160,57 @@ def box_min(a, b):
 
 
 # ----------------------------------------------------------------------------------------
-# Power iteration
+# Power iteration (spec section 9: the reference's iteration and its bilinear estimate)
 # ----------------------------------------------------------------------------------------
-def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int, tol: float = TOL):
+GLOBAL_TOL = 1e-4   # the global (whole-operator) iteration stops at a change below this
+NORM_EPS = 1e-12    # normalize(t) = t / (||t|| + NORM_EPS), as the reference
+ESTIMATES = ('bilinear', 'forward')
+
+
+def _ref_normalize(t: torch.Tensor):
+    """(t / (||t|| + 1e-12), ||t||) per sample, the reference's normalisation."""
+    n = torch.linalg.vector_norm(t.flatten(1), dim=1)
+    return t / _bcast(n + NORM_EPS, t), n
+
+
+def _bilinear(tn: torch.Tensor) -> torch.Tensor:
+    """v^T A u for u = A^T v / (||A^T v|| + 1e-12), from tn = ||A^T v||: the reference's
+    estimate without the extra product (same value, same gradient)."""
+    return tn * tn / (tn + NORM_EPS)
+
+
+def _check_estimate(estimate):
+    if estimate not in ESTIMATES:
+        raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
+
+
+def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
+                           tol: float = GLOBAL_TOL, estimate: str = 'bilinear'):
     """Spectral norm ||W||_2 of the whole operator of ``layer`` (conv or linear).
 
-    u: persistent vector [1, *in_shape], warm-started across calls. The iterations run
-    without gradient; the returned norm ||W u|| is differentiable in W.
+    u: persistent vector [1, *in_shape], warm-started across calls (detached here).
+    Each iteration: v = normalize(W u); u = normalize(W^T v); stop after ``n_iter`` or when
+    ||u_new - u|| < tol. The estimate is the bilinear v^T W u (= ||W^T v||) with the last v
+    and u, differentiable in W through every iteration of this call (the reference's global
+    norm); ``estimate='forward'`` returns ||W u|| instead (one more product).
     Returns (sigma: scalar tensor, u: updated detached vector [1, *in_shape],
     converged: bool, the last change was below tol).
     """
+    _check_estimate(estimate)
+    if n_iter < 1:
+        raise ValueError(f"the global power iteration needs n_iter >= 1, got {n_iter}")
     in_shape = u.shape[1:]
+    u = u.detach()
     change = float('inf')
-    with torch.no_grad():
-        u = _normalize(u)
-        for _ in range(n_iter):
-            new = _normalize(apply_WT(layer, apply_W(layer, u), in_shape))
+    for _ in range(n_iter):
+        v, _ = _ref_normalize(apply_W(layer, u))
+        new, tn = _ref_normalize(apply_WT(layer, v, in_shape))
+        with torch.no_grad():
             change = _norm(new - u).max().item()
-            u = new
-            if change < tol:
-                break
-    sigma = _norm(apply_W(layer, u))[0]
+        u = new
+        if change < tol:
+            break
+    sigma = _bilinear(tn)[0] if estimate == 'bilinear' else _norm(apply_W(layer, u))[0]
     return sigma, u.detach(), change < tol
 
 
@@ -181,98 +226,125 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
                            d_in: Optional[torch.Tensor] = None,
                            d_out: Optional[torch.Tensor] = None,
                            tol: float = TOL, grad_through: bool = True,
-                           per_sample_stop: bool = True) -> PowerIterationResult:
-    """Per-sample spectral norm of D_out W D_in by power iteration on W^T W (conv/linear).
+                           per_sample_stop: bool = True,
+                           estimate: str = 'bilinear') -> PowerIterationResult:
+    """Per-sample spectral norm of A = D_out W D_in by power iteration (conv or linear).
 
     u:     [batch, *in_shape] starting vectors (stored from earlier epochs or random).
     d_in:  [batch, *in_shape] 0/1 indicator of the varying inputs, or None (all vary).
     d_out: [batch, *out_shape] 0/1 indicator of the varying outputs, or None.
 
-    With gradient enabled and ``grad_through`` (faithful training) the whole batch
-    iterates together, differentiating through every iteration, and stops when the largest
-    per-sample change of the unit vector drops below ``tol`` (the reference behaviour).
-    Otherwise (certification, or training with ``grad_through=False``, i.e. --pi_grad last)
-    the iterations run without gradient, each sample stopping as soon as its own vector
-    has converged; only the final product sigma = ||D_out W D_in u|| is differentiated.
-    ``per_sample_stop=False`` keeps the reference's whole-batch loop there too (benchmarks).
+    Each iteration (spec section 9): u <- D_in u; v = normalize(D_out W u);
+    u = normalize(D_in W^T v); the estimate is the bilinear v^T A u = ||A^T v|| with the
+    last v and u (``estimate='forward'``: ||A u||, opt-in, one more product, a slightly
+    larger value). With gradient enabled and ``grad_through`` (faithful training) the whole
+    batch iterates together, differentiating through every iteration, and stops when the
+    largest per-sample change ||u_new - u|| drops below ``tol``. Otherwise (certification,
+    or --pi_grad last) the iterations run without gradient, each sample stopping as soon as
+    its own vector has converged; only the estimate from the last iterate is
+    differentiated. ``per_sample_stop=False`` keeps the whole-batch loop there too.
+    A start vector that the mask zeroes entirely restarts from D_in (no random draw).
     """
+    _check_estimate(estimate)
     in_shape = u.shape[1:]
 
-    # every vector u below is already masked (u = D_in u, D in {0, 1}), so W D_in u = W u
-    def op(v, do):
-        z = apply_W(layer, v)
+    def op(x, do):
+        z = apply_W(layer, x)
         return z if do is None else z * do
 
     def op_t(z, di):
-        v = apply_WT(layer, z, in_shape)
-        return v if di is None else v * di
+        x = apply_WT(layer, z, in_shape)
+        return x if di is None else x * di
+
+    def step(x, di, do):
+        """One iteration from a masked x: (new unit u, ||A^T v||, v)."""
+        v, _ = _ref_normalize(op(x, do))
+        new, tn = _ref_normalize(op_t(v, di))
+        return new, tn, v
 
     batch = u.shape[0]
     u = u.detach()
     if d_in is not None:
         u = u * d_in
-    # a zero vector (dead sample or a stored vector killed by a new mask) never recovers
-    dead = _norm(u) <= TINY
-    if dead.any():
-        fresh = torch.randn_like(u)
-        if d_in is not None:
-            fresh = fresh * d_in
-        u = torch.where(_bcast(dead, u), fresh, u)
-    u = _normalize(u)
+    # a zero vector (a stored vector killed by a new mask) would never recover: restart
+    # from the mask itself (from all ones without a mask); no host synchronisation
+    dead = _bcast(torch.linalg.vector_norm(u.flatten(1), dim=1) <= TINY, u)
+    u = torch.where(dead, torch.ones_like(u) if d_in is None else d_in, u)
     iters = torch.zeros(batch, dtype=torch.long, device=u.device)
     converged = torch.zeros(batch, dtype=torch.bool, device=u.device)
+    tn = v = None
+    differentiate_all = torch.is_grad_enabled() and grad_through
 
-    if (torch.is_grad_enabled() and grad_through) or not per_sample_stop:
+    if differentiate_all or not per_sample_stop:
         for _ in range(n_iter):
-            new = _normalize(op_t(op(u, d_out), d_in))
+            new, tn, v = step(u, d_in, d_out)
             with torch.no_grad():
                 change = _norm(new - u)
             u = new
             iters += 1
             if change.max().item() < tol:
                 break
-        converged = change < tol if n_iter > 0 else converged
+        if n_iter > 0:
+            converged = change < tol
     else:
         with torch.no_grad():
-            _iterate_per_sample(op, op_t, u, d_in, d_out, n_iter, tol, iters, converged)
-    sigma = _norm(op(u, d_out))
+            u, tn, v = _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged)
+    if estimate == 'forward' or tn is None:
+        sigma = _norm(op(u, d_out))
+    elif differentiate_all or not torch.is_grad_enabled():
+        sigma = _bilinear(tn)
+    else:   # --pi_grad last: the same value v^T A u, differentiated through W only
+        sigma = (v.detach() * op(u.detach(), d_out)).flatten(1).sum(1)
     return PowerIterationResult(sigma, u.detach(), iters, converged)
 
 
-def _iterate_per_sample(op, op_t, u, d_in, d_out, n_iter, tol, iters, converged):
-    """Power iteration in place on u [batch, ...], each sample stopping at its own
-    convergence: only the samples still active are computed. Updates iters, converged."""
+def _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged):
+    """Power iteration on u [batch, ...], each sample stopping at its own convergence: only
+    the samples still active are computed. Updates iters, converged in place; returns
+    (u, ||A^T v|| and v of each sample's last iteration; None, None without iterations)."""
+    u = u.clone()
+    tn = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
+    v = None
     active = torch.arange(u.shape[0], device=u.device)
     for _ in range(n_iter):
         di = None if d_in is None else d_in[active]
         do = None if d_out is None else d_out[active]
         ua = u[active]
-        new = _normalize(op_t(op(ua, do), di))
+        new, tna, va = step(ua, di, do)
+        if v is None:
+            v = torch.zeros((u.shape[0], *va.shape[1:]), dtype=u.dtype, device=u.device)
         done = _norm(new - ua) < tol
         u[active] = new
+        tn[active] = tna
+        v[active] = va
         iters[active] += 1
         converged[active[done]] = True
         active = active[~done]
         if active.numel() == 0:
             break
+    return u, (tn if v is not None else None), v
 
 
 # ----------------------------------------------------------------------------------------
 # Worst-case logits of the last layer
 # ----------------------------------------------------------------------------------------
 def _bcp(w: torch.Tensor, r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-         opt_iter: int) -> torch.Tensor:
+         opt_iter: int, reference_nan: bool = False) -> torch.Tensor:
     """max_d w^T d s.t. ||d||_2 <= r, lo <= d <= hi, for every row of w [batch, ..., hidden];
     r [batch, 1, ...] and lo, hi broadcastable to w. Returns [batch, ...].
 
     Each round clips the coordinates that leave the box to the box face and rescales the
     free ones so that ||d|| = r again. After any number of rounds the value is that of a
     relaxation (box only on the clipped coordinates), so it is an upper bound of the exact
-    maximum: sound for every ``opt_iter``.
+    maximum: sound for every ``opt_iter``. Where every coordinate ends on a box face (or
+    w = 0), the reference's rescaling divides 0 by 0 and gives NaN, which its training loss
+    replaces by 0: ``reference_nan=True`` returns 0 there (training, faithful); otherwise
+    the value at that box corner, a sound upper bound (certification).
     """
     r2 = r.pow(2)
-    wn = w.pow(2).sum(-1).clamp_min(TINY * TINY).sqrt()
-    d = w * (r / wn).unsqueeze(-1)
+    wn_raw = w.pow(2).sum(-1)
+    nan_like = wn_raw == 0
+    d = w * (r / wn_raw.clamp_min(TINY * TINY).sqrt()).unsqueeze(-1)
     fixed = torch.zeros_like(w, dtype=torch.bool)
     for _ in range(opt_iter):
         leave = ((d > hi) | (d < lo)) & ~fixed
@@ -280,15 +352,20 @@ def _bcp(w: torch.Tensor, r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
             break
         fixed = fixed | leave
         d_fixed = torch.where(fixed, torch.maximum(torch.minimum(d, hi), lo), torch.zeros_like(d))
-        rem = (r2 - d_fixed.pow(2).sum(-1)).clamp_min(TINY * TINY)  # budget left for free coords
+        rem_raw = r2 - d_fixed.pow(2).sum(-1)
+        rem = rem_raw.clamp_min(TINY * TINY)                  # budget left for free coords
         w_free = torch.where(fixed, torch.zeros_like(w), w)
-        free_n = w_free.pow(2).sum(-1).clamp_min(TINY * TINY).sqrt()
-        d = d_fixed + w_free * (rem.sqrt() / free_n).unsqueeze(-1)
-    return (w * d).sum(-1)
+        free_raw = w_free.pow(2).sum(-1)
+        if reference_nan:
+            nan_like = nan_like | (free_raw == 0) | (rem_raw < 0)
+        d = d_fixed + w_free * (rem.sqrt() / free_raw.clamp_min(TINY * TINY).sqrt()).unsqueeze(-1)
+    a = (w * d).sum(-1)
+    return torch.where(nan_like, torch.zeros_like(a), a) if reference_nan else a
 
 
 def worst_case_margins(weight: torch.Tensor, y: torch.Tensor, r: torch.Tensor,
-                       lo: torch.Tensor, hi: torch.Tensor, opt_iter: int) -> torch.Tensor:
+                       lo: torch.Tensor, hi: torch.Tensor, opt_iter: int,
+                       reference_nan: bool = False) -> torch.Tensor:
     """a_iy = max_d (w_i - w_y)^T d  s.t. ||d||_2 <= r, lo <= d <= hi  (BCP algorithm).
 
     weight: [classes, hidden] last-layer weight; y: [batch] labels; r: [batch] radii;
@@ -297,7 +374,7 @@ def worst_case_margins(weight: torch.Tensor, y: torch.Tensor, r: torch.Tensor,
     O(batch x classes x hidden). Returns a: [batch, classes], with a[b, y_b] = 0.
     """
     w = weight.unsqueeze(0) - weight[y].unsqueeze(1)            # [batch, classes, hidden]
-    return _bcp(w, r.view(-1, 1), lo.unsqueeze(1), hi.unsqueeze(1), opt_iter)
+    return _bcp(w, r.view(-1, 1), lo.unsqueeze(1), hi.unsqueeze(1), opt_iter, reference_nan)
 
 
 def worst_case_margins_all_pairs(weight, r, lo, hi, opt_iter):
@@ -312,13 +389,14 @@ def worst_case_margins_all_pairs(weight, r, lo, hi, opt_iter):
 # Vectors of the per-sample power iteration
 # ----------------------------------------------------------------------------------------
 class RandomVectors:
-    """Fresh Gaussian starting vectors for every layer (certification from scratch)."""
+    """Fresh Gaussian starting vectors for every layer (certification from scratch), drawn
+    on ``device`` (with ``generator``, which must live there, if given)."""
 
     def __init__(self, batch: int, device, generator: Optional[torch.Generator] = None):
-        self.batch, self.device, self.generator = batch, device, generator
+        self.batch, self.device, self.generator = batch, torch.device(device), generator
 
     def get(self, key: int, shape) -> torch.Tensor:
-        return torch.randn((self.batch, *shape), generator=self.generator).to(self.device)
+        return torch.randn((self.batch, *shape), generator=self.generator, device=self.device)
 
     def put(self, key: int, u: torch.Tensor) -> None:
         pass
@@ -354,6 +432,7 @@ class BoundResult:
     sigmas: Dict[int, torch.Tensor] = field(default_factory=dict)   # layer -> [batch]
     masks: Dict[int, torch.Tensor] = field(default_factory=dict)    # act layer -> [batch, ...]
     pre_boxes: Dict[int, tuple] = field(default_factory=dict)       # act layer -> (lb, ub)
+    post_boxes: Dict[int, tuple] = field(default_factory=dict)      # MaxMin layer -> box after
     iters: Dict[int, torch.Tensor] = field(default_factory=dict)    # layer -> [batch]
     converged: Optional[torch.Tensor] = None                         # [batch] bool, all layers
     global_converged: bool = True        # every global power iteration reached tolerance
@@ -405,7 +484,8 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
                   sniter: int, opt_iter: int, global_iter: Optional[int] = None,
                   bound: str = 'local', tol: float = TOL, check: bool = False,
                   pi_grad: str = 'all', per_sample_stop: bool = True,
-                  also_global: bool = False) -> BoundResult:
+                  also_global: bool = False, estimate: str = 'bilinear',
+                  global_tol: float = GLOBAL_TOL, reference_nan: bool = False) -> BoundResult:
     """Local-Lip bound of ``model`` on the L2 eps-balls around ``x``.
 
     x: [batch, *input_shape]; y: [batch] labels; eps: float or [batch] radii (L2).
@@ -421,6 +501,10 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
       'last' iterates without gradient and differentiates only the final product.
     per_sample_stop: without gradient, stop each sample at its own convergence (default)
       instead of holding the batch to its slowest sample (reference).
+    estimate: 'bilinear' (the reference's v^T A u) or 'forward' (||A u||, opt-in) for every
+      spectral-norm estimate; global_tol: tolerance of the global iterations (1e-4).
+    reference_nan: training (faithful): worst-case margins that the reference's algorithm
+      makes NaN (0/0) are 0, as its training loss sets them; certification leaves it False.
     also_global: also compute ``worst_global``, the worst-case margins of the global bound
       (radius r_global = eps * prod ||W_i||_2, same box): what ``bound='global'`` gives once
       its per-sample iterations have converged, for the cost of one more worst-case step.
@@ -453,7 +537,7 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
         u0 = vectors.get(i, in_shape).to(x.dtype)
         pi = masked_power_iteration(model[i], u0, sniter, d_in, d_out, tol,
                                     grad_through=(pi_grad == 'all'),
-                                    per_sample_stop=per_sample_stop)
+                                    per_sample_stop=per_sample_stop, estimate=estimate)
         vectors.put(i, pi.u)
         res.sigmas[i], res.iters[i] = pi.sigma, pi.iters
         log_lip = log_lip + torch.log(pi.sigma.clamp_min(1e-30))
@@ -473,8 +557,8 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
             in_shape = tuple(mu.shape[1:])
             if i not in global_vectors:
                 global_vectors[i] = torch.randn((1, *in_shape), device=x.device, dtype=x.dtype)
-            sigma_g, global_vectors[i], g_conv = global_power_iteration(m, global_vectors[i],
-                                                                        global_iter, tol)
+            sigma_g, global_vectors[i], g_conv = global_power_iteration(
+                m, global_vectors[i], global_iter, global_tol, estimate)
             res.global_converged = res.global_converged and g_conv
             # box by interval arithmetic, ball by the network's own forward
             centre, half = (lb + ub) / 2, (ub - lb) / 2
@@ -502,6 +586,8 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
             with torch.no_grad():
                 d = _varying(m, lb, ub, lb_out, ub_out)
             res.masks[i], res.pre_boxes[i] = d, (lb, ub)
+            if isinstance(m, ClampGroupSort):
+                res.post_boxes[i] = (lb_out, ub_out)
             d_used = None if bound == 'global' else d
             is_relu = not isinstance(m, ClampGroupSort)
             for entry in pending:
@@ -519,7 +605,7 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
     res.converged = conv_all
     lo = torch.minimum(lb - mu, torch.zeros_like(mu))
     hi = torch.maximum(ub - mu, torch.zeros_like(mu))
-    res.worst = worst_case_margins(final.weight, y, res.r_local, lo, hi, opt_iter)
+    res.worst = worst_case_margins(final.weight, y, res.r_local, lo, hi, opt_iter, reference_nan)
     if also_global:
         res.worst_global = worst_case_margins(final.weight, y, res.r_global, lo, hi, opt_iter)
     return res
@@ -540,23 +626,29 @@ def robust_loss(res: BoundResult, y: torch.Tensor, gloro: bool = False) -> torch
     return F.cross_entropy(torch.cat([res.logits, extra], 1), y)
 
 
-def certified_loss(res: BoundResult, y: torch.Tensor, kappa: float, gloro: bool = False):
-    """Training objective. BCP: kappa * CE + (1 - kappa) * robust; GloRo: robust only.
+def certified_loss(res: BoundResult, y: torch.Tensor, kappa: float, gloro: bool = False,
+                   sparsity: Optional[torch.Tensor] = None, sparse: float = 0.0):
+    """Training objective (the reference's, spec section 9).
+    BCP: kappa * CE + (1 - kappa) * (robust + sparse * sparsity); GloRo: robust only (no
+    sparsity term). ``sparsity``: sparsity_loss(...) or None.
 
     Returns (loss, clean CE, robust CE), scalars.
     """
     clean = F.cross_entropy(res.logits, y)
     rob = robust_loss(res, y, gloro)
-    loss = rob if gloro else kappa * clean + (1 - kappa) * rob
-    return loss, clean, rob
+    if gloro:
+        return rob, clean, rob
+    inner = rob if (sparsity is None or not sparse) else rob + sparse * sparsity
+    return kappa * clean + (1 - kappa) * inner, clean, rob
 
 
 def sparsity_loss(model: nn.Sequential, res: BoundResult, sp_thres: float) -> torch.Tensor:
-    """Pushes pre-activation boxes out of the varying region (TinyImageNet, --sparse).
+    """Pushes the boxes out of the varying region (TinyImageNet, --sparse), spec section 9.
 
-    ReLU_x: mean(relu(ub)) + sp_thres * mean(relu(threshold - lb));
-    ClampGroupSort: mean(relu(max - lb_firsthalf)) + mean(relu(ub_secondhalf - min)),
-    summed over activations.
+    ReLU_x, from the box entering the activation: mean(relu(ub)) + sp_thres *
+    mean(relu(threshold - lb)); ClampGroupSort, from the box after it (the one its indicator
+    uses): mean(relu(max - lb_firsthalf)) + mean(relu(ub_secondhalf - min)); summed over
+    activations.
     """
     total = 0.0
     for i, (lb, ub) in res.pre_boxes.items():
@@ -564,6 +656,7 @@ def sparsity_loss(model: nn.Sequential, res: BoundResult, sp_thres: float) -> to
         if isinstance(m, ReLU_x):
             total = total + F.relu(ub).mean() + sp_thres * F.relu(m.threshold - lb).mean()
         elif isinstance(m, ClampGroupSort):
+            lb, ub = res.post_boxes[i]
             h = lb.shape[1] // 2
             total = total + F.relu(m.max - lb[:, :h]).mean() + F.relu(ub[:, h:] - m.min).mean()
     return total
@@ -587,6 +680,39 @@ def layer_input_shapes(model: nn.Sequential, input_shape) -> Dict[int, tuple]:
     return shapes
 
 
+M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash of int64 tensors holding values in [0, 2^32) (products stay
+    below 2^63, so it is exact on every device). Works in place on x."""
+    x ^= x >> 16
+    x.mul_(0x45D9F3B).bitwise_and_(M32)
+    x ^= x >> 16
+    x.mul_(0x45D9F3B).bitwise_and_(M32)
+    x ^= x >> 16
+    return x
+
+
+def counter_normal(seed: int, epoch: int, idx: torch.Tensor, key: int, shape,
+                   device) -> torch.Tensor:
+    """Standard normal vectors [len(idx), *shape] that depend only on (seed, epoch, sample
+    index, layer key, element): the same on every device, batch and process, drawn on
+    ``device`` in one pass (a hash of a counter, then Box-Muller), with no host loop."""
+    n = math.prod(shape)
+    half = (n + 1) // 2
+    s = torch.full((1,), (seed * 0x9E3779B1 + 0x7F4A7C15) & M32, dtype=torch.long, device=device)
+    s = _mix32(_mix32(s) ^ (epoch & M32))
+    s = _mix32(s ^ (key & M32))
+    s = _mix32(s ^ idx.to(device=device, dtype=torch.long).view(-1, 1))        # [b, 1]
+    j = torch.arange(half, dtype=torch.long, device=device).view(1, -1)
+    u1 = _mix32(s ^ _mix32(2 * j)).float().add_(0.5).mul_(1.0 / 2 ** 32)       # (0, 1)
+    u2 = _mix32(s ^ _mix32(2 * j + 1)).float().mul_(2 * math.pi / 2 ** 32)     # [0, 2 pi)
+    r = u1.log_().mul_(-2.0).sqrt_()
+    z = torch.cat([r * torch.cos(u2), r.mul_(torch.sin(u2))], dim=1)[:, :n]
+    return z.reshape(len(idx), *shape)
+
+
 class VectorStore:
     """The per-sample power-iteration vectors of one dataset (train or test), indexed by
     the loader's sample index, one array [n, *in_shape] per stored layer.
@@ -594,16 +720,20 @@ class VectorStore:
     keys: module indices that keep vectors (``--indices``); the others restart from random
     vectors at every step. dtype: storage dtype (float32 or float16; computation is always
     in the model's dtype). path: back the arrays by a file (numpy memmap) instead of RAM.
-    Rows never written hold no vector yet and are handed out as fresh Gaussian vectors.
-    Memory is only committed for rows that are written.
+    device: where the arrays live without a path: 'cpu' (RAM) or a CUDA device (no copies
+    between host and GPU at every step). Rows never written hold no vector yet and are handed
+    out as fresh Gaussian vectors (``counter_normal``: the same on every device and process).
     """
 
     def __init__(self, shapes: Dict[int, tuple], n: int, dtype=torch.float32,
-                 path: Optional[str] = None, keys=None):
+                 path: Optional[str] = None, keys=None, device='cpu'):
         self.shapes = {k: tuple(s) for k, s in shapes.items() if keys is None or k in keys}
         self.n, self.dtype, self.path = n, dtype, path
+        self.device = torch.device(device)
+        if path is not None and self.device.type != 'cpu':
+            raise ValueError("a disk-backed vector store lives on the CPU")
         self.seed, self.epoch = 0, 0     # fresh vectors depend on (seed, epoch, sample, layer)
-        self.initialized = torch.zeros(n, dtype=torch.bool)
+        self.initialized = torch.zeros(n, dtype=torch.bool)     # on the CPU: no GPU syncs
         self.data = {}
         if path is not None:
             np_dtype = {torch.float32: np.float32, torch.float16: np.float16}[dtype]
@@ -621,7 +751,7 @@ class VectorStore:
             self._mm = mm
         else:
             for k, s in self.shapes.items():
-                self.data[k] = torch.empty((n, *s), dtype=dtype)
+                self.data[k] = torch.empty((n, *s), dtype=dtype, device=self.device)
 
     @staticmethod
     def bytes_per_sample(shapes, keys=None, dtype=torch.float32) -> int:
@@ -648,26 +778,31 @@ class VectorStore:
 
 
 class StoredVectors:
-    """The vectors of one batch: ``get`` reads the stored rows (random where none is
-    stored yet or the layer is not stored), ``put`` writes them back."""
+    """The vectors of one batch: ``get`` reads the stored rows (fresh where none is stored
+    yet or the layer is not stored), ``put`` writes them back."""
 
     def __init__(self, store: VectorStore, idx: torch.Tensor, device):
-        self.store, self.idx, self.device = store, idx, device
+        self.store, self.idx, self.device = store, idx, torch.device(device)
         self.fresh = ~store.initialized[idx]
+        self.fresh_rows = self.fresh.nonzero().flatten()         # CPU, no device sync
+        self.all_fresh = len(self.fresh_rows) == len(idx)
+        self._idx_store = idx.to(store.device, non_blocking=True)
+
+    def _fresh(self, key, rows, shape):
+        st = self.store
+        return counter_normal(st.seed, st.epoch, self.idx[rows], key, shape, self.device)
 
     def get(self, key: int, shape) -> torch.Tensor:
-        stored = key in self.store.data
-        u = self.store.data[key][self.idx].float() if stored else torch.empty((len(self.idx), *shape))
-        g = torch.Generator()
-        for k in (self.fresh.nonzero().flatten().tolist() if stored else range(len(self.idx))):
-            # a sample's fresh vector depends on (seed, epoch, sample, layer) only, not on the
-            # batch or the process it lands in: runs on 1 or N processes draw the same vectors
-            g.manual_seed((((self.store.seed * 1000003 + self.store.epoch) * 1000003
-                            + int(self.idx[k])) * 131 + key) % (2 ** 63))
-            u[k] = torch.randn(shape, generator=g)
-        return u.to(self.device, non_blocking=True)
+        every = torch.arange(len(self.idx))
+        if key not in self.store.data or self.all_fresh:
+            return self._fresh(key, every, shape)
+        u = self.store.data[key][self._idx_store].to(self.device, torch.float32, non_blocking=True)
+        if len(self.fresh_rows):
+            rows = self.fresh_rows.to(self.device, non_blocking=True)
+            u[rows] = self._fresh(key, self.fresh_rows, shape)
+        return u
 
     def put(self, key: int, u: torch.Tensor) -> None:
         if key in self.store.data:
-            self.store.data[key][self.idx] = u.detach().to('cpu', self.store.dtype)
+            self.store.data[key][self._idx_store] = u.detach().to(self.store.device, self.store.dtype)
             self.store.initialized[self.idx] = True

@@ -12,6 +12,7 @@ Every epoch re-seeds all random generators from (seed, epoch), and the checkpoin
 the model, optimiser, scheduler, power-iteration vectors and arguments, so that
 ``--resume`` after a killed run reaches the same result as an uninterrupted run.
 """
+import math
 import os
 import shutil
 import sys
@@ -89,10 +90,13 @@ def choose_store(per_sample_fp32, n, budget, requested='auto'):
     return torch.float16, per_sample_fp32 // 2 * n > budget
 
 
-def make_stores(args, model, input_shape, n_train, n_test, base, say=print, rank=0, world=1):
+def make_stores(args, model, input_shape, n_train, n_test, base, say=print, rank=0, world=1,
+                device=torch.device('cpu')):
     """Train and test VectorStores, sized and typed by --store_dtype / --store_backing /
-    --indices. Refuses (UserError) before training when the store cannot fit. A disk store
-    is one file per split shared by all processes of a node (rank 0 creates it)."""
+    --indices. Refuses (UserError) before training when the store cannot fit. On a GPU the
+    store lives in GPU memory when it fits in half the free memory (auto) or when asked
+    (device). A disk store is one file per split shared by all processes of a node (rank 0
+    creates it)."""
     shapes = layer_input_shapes(model, input_shape)
     keys = None
     if getattr(args, 'indices', None):
@@ -104,18 +108,42 @@ def make_stores(args, model, input_shape, n_train, n_test, base, say=print, rank
     n = n_train + n_test
     per32 = VectorStore.bytes_per_sample(shapes, keys, torch.float32)
     budget = available_ram() // 2
+    backing = args.store_backing
+    on_gpu = device.type == 'cuda'
+    if backing == 'device' and not on_gpu:
+        raise UserError("--store_backing device needs a CUDA device (training runs on the CPU)")
+    gpu_budget = torch.cuda.mem_get_info(device)[0] // 2 if on_gpu else 0
     dtype, on_disk = choose_store(per32, n, budget, args.store_dtype)
-    on_disk = {'auto': on_disk, 'ram': False, 'disk': True}[args.store_backing]
-    path = base + '_store' if on_disk else None
+    place = {'auto': 'disk' if on_disk else 'ram', 'ram': 'ram', 'disk': 'disk',
+             'device': 'device'}[backing]
+    if on_gpu and backing in ('auto', 'device'):
+        wanted = ([getattr(torch, args.store_dtype)] if args.store_dtype != 'auto'
+                  else [torch.float32, torch.float16])
+        fitting = [t for t in wanted if n * per32 // (4 // torch.empty((), dtype=t).element_size())
+                   <= gpu_budget]
+        if fitting or backing == 'device':
+            dtype, place = (fitting or wanted)[0], 'device'
     total = n * per32 // (1 if dtype == torch.float32 else 2)
-    where = f"disk files {path}_{{train,test}}.bin" if path else "RAM"
+    path = base + '_store' if place == 'disk' else None
+    where = {'disk': f"disk files {path}_{{train,test}}.bin", 'ram': "RAM",
+             'device': f"{device} memory"}[place]
+    room = (f"half the free GPU memory is {gpu_budget / 2 ** 30:.1f} GiB" if place == 'device'
+            else f"half the available RAM is {budget / 2 ** 30:.1f} GiB")
     say(f"vector store: {per32 // 4} floats per sample x {n} samples, "
-        f"{str(dtype).replace('torch.', '')} in {where}: {total / 2 ** 30:.2f} GiB "
-        f"(half the available RAM is {budget / 2 ** 30:.1f} GiB)", flush=True)
-    check_store_fits(total, path, budget * 2 // world)
+        f"{str(dtype).replace('torch.', '')} in {where}: {total / 2 ** 30:.2f} GiB ({room})",
+        flush=True)
+    if place == 'device':
+        if total > 2 * gpu_budget:
+            raise UserError(f"the vector store needs {total / 2 ** 30:.1f} GiB of GPU memory but "
+                            f"only {2 * gpu_budget / 2 ** 30:.1f} GiB are free; use --store_dtype "
+                            f"float16, --store_backing ram or fewer --indices")
+    else:
+        check_store_fits(total, path, budget * 2 // world)
+    store_device = device if place == 'device' else torch.device('cpu')
+
     def build():
-        return (VectorStore(shapes, n_train, dtype, path and path + '_train.bin', keys),
-                VectorStore(shapes, n_test, dtype, path and path + '_test.bin', keys))
+        return (VectorStore(shapes, n_train, dtype, path and path + '_train.bin', keys, store_device),
+                VectorStore(shapes, n_test, dtype, path and path + '_test.bin', keys, store_device))
 
     if path is None or world == 1:
         return build()
@@ -146,8 +174,9 @@ def check_store_fits(total, path, ram_available):
 def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, writer, step0,
                 world=1, first=False):
     model.train()
-    stats = {'loss': 0.0, 'clean_loss': 0.0, 'robust_loss': 0.0, 'clean_err': 0.0,
-             'robust_err': 0.0, 'n': 0}
+    keys = ('loss', 'clean_loss', 'robust_loss', 'clean_err', 'robust_err')
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)   # no per-step syncs
+    n_seen = 0
     n_batches = len(loader)
     certified_epoch = epoch >= args.warmup
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None, file=sys.stderr)
@@ -157,49 +186,47 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
         if certified_epoch:
             res = compute_bound(model, x, y, eps, store.batch(idx, device), global_vectors,
                                 sniter=args.sniter, opt_iter=args.opt_iter, bound=args.bound,
-                                pi_grad=args.pi_grad)
-            loss, clean, rob = certified_loss(res, y, kappa, args.gloro)
-            if args.sparse:
-                loss = loss + args.sparse * sparsity_loss(model, res, args.sp_thres)
+                                pi_grad=args.pi_grad, estimate=args.estimate,
+                                reference_nan=True)
+            sp = sparsity_loss(model, res, args.sp_thres) if args.sparse else None
+            loss, clean, rob = certified_loss(res, y, kappa, args.gloro, sp, args.sparse)
             logits = res.logits
-            rerr = (~res.certified(y)).float().sum().item()
+            rerr = (~res.certified(y)).sum()
         else:
             logits = model(x)
             loss = clean = rob = torch.nn.functional.cross_entropy(logits, y)
-            rerr = float('nan')
-        if not torch.isfinite(loss):
-            raise UserError(f"loss became {loss.item()} at epoch {epoch}, batch {i} (eps {eps:.4g}); "
-                            f"lower --lr or check the data")
+            rerr = torch.tensor(float('nan'), device=device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        lv = loss.item()     # the step's one host sync (the reference's loop has several)
+        if not math.isfinite(lv):
+            raise UserError(f"loss became {lv} at epoch {epoch}, batch {i} (eps {eps:.4g}); "
+                            f"lower --lr or check the data")
         average_gradients(model, world)
         opt.step()
         clamp_thresholds(model)
         if first and i == 0:    # the global batch's mean loss (all processes hold equal shares)
-            mean_loss = all_reduce_sum([loss.item()], device, world)[0] / world
+            mean_loss = all_reduce_sum([lv], device, world)[0] / world
             if writer is not None:
                 print(f"first step: loss {mean_loss:.8f} (global batch {x.shape[0] * world})",
                       flush=True)
         b = x.shape[0]
-        stats['n'] += b
-        stats['loss'] += loss.item() * b
-        stats['clean_loss'] += clean.item() * b
-        stats['robust_loss'] += rob.item() * b
-        stats['clean_err'] += (logits.argmax(1) != y).float().sum().item()
-        stats['robust_err'] += rerr
+        n_seen += b
+        with torch.no_grad():
+            sums += torch.stack([loss.detach() * b, clean.detach() * b, rob.detach() * b,
+                                 (logits.argmax(1) != y).sum(), rerr]).to(torch.float64)
         if writer is not None:
             step = step0 + i
-            writer.add_scalar('train/loss', loss.item(), step)
+            writer.add_scalar('train/loss', lv, step)
             writer.add_scalar('train/eps', eps, step)
             writer.add_scalar('train/kappa', kappa, step)
-        bar.set_postfix(loss=f"{loss.item():.3f}", eps=f"{eps:.3f}")
+        bar.set_postfix(loss=f"{lv:.3f}", eps=f"{eps:.3f}", refresh=False)
         if bar.disable and args.verbose and (i + 1) % args.verbose == 0:
-            print(f"  epoch {epoch} batch {i + 1}/{n_batches} loss {loss.item():.4f} eps {eps:.4f}",
+            print(f"  epoch {epoch} batch {i + 1}/{n_batches} loss {lv:.4f} eps {eps:.4f}",
                   flush=True)
-    keys = list(stats)
-    totals = dict(zip(keys, all_reduce_sum([stats[k] for k in keys], device, world)))
-    n = max(totals.pop('n'), 1)
-    return {k: v / n for k, v in totals.items()}
+    totals = all_reduce_sum([*sums.unbind(), n_seen], device, world)
+    n = max(totals[-1], 1)
+    return {k: v / n for k, v in zip(keys, totals[:-1])}
 
 
 # ----------------------------------------------------------------------------------------
@@ -266,7 +293,7 @@ def main(argv=None, **dataset_defaults):
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args))
     train_store, test_store = make_stores(args, model, input_shape, train_loader.n_total,
-                                          test_loader.n_total, base, say, rank, world)
+                                          test_loader.n_total, base, say, rank, world, device)
     train_store.seed = test_store.seed = args.seed
     global_vectors = {}
     start, best_err = 0, float('inf')
@@ -307,7 +334,8 @@ def main(argv=None, **dataset_defaults):
         eps_next, _ = epoch_eps_kappa(args, epoch + 1)
         te = certify(model, test_loader, eps_next, sniter=args.test_sniter,
                      opt_iter=args.test_opt_iter, device=device, store=test_store,
-                     global_vectors=global_vectors, bound=args.bound, desc='test')
+                     global_vectors=global_vectors, bound=args.bound, desc='test',
+                     estimate=args.estimate)
         n_te, correct, certified = all_reduce_sum(
             [len(te['correct']), te['correct'].sum().item(), te['certified'].sum().item()], device, world)
         clean_err, cert_err = 1 - correct / max(n_te, 1), 1 - certified / max(n_te, 1)

@@ -111,7 +111,9 @@ def test_sparsity_loss_values():
                               ClampGroupSort((2,), 0.5, -0.5), torch.nn.Linear(4, 2))
     res = BoundResult(None, None, None, None)
     res.pre_boxes = {1: (torch.tensor([[0.5, -1.0]]), torch.tensor([[2.0, -0.5]])),
-                     3: (torch.tensor([[0.0, 1.0, -1.0, 0.0]]), torch.tensor([[1.0, 2.0, 0.0, 1.0]]))}
+                     3: (torch.tensor([[9.0, 9.0, 9.0, 9.0]]), torch.tensor([[9.0, 9.0, 9.0, 9.0]]))}
+    # MaxMin: the box AFTER the activation (the pre-activation box above must not be used)
+    res.post_boxes = {3: (torch.tensor([[0.0, 1.0, -1.0, 0.0]]), torch.tensor([[1.0, 2.0, 0.0, 1.0]]))}
     # ReLU_x: mean(relu(ub)) = 1.0; mean(relu(1 - lb)) = (0.5 + 2) / 2 = 1.25, weighted 0.1
     # MaxMin: mean(relu(0.5 - lb[:2])) = (0.5 + 0) / 2; mean(relu(ub[2:] + 0.5)) = (0.5 + 1.5) / 2
     assert sparsity_loss(net, res, 0.1).item() == pytest.approx(1.0 + 0.125 + 0.25 + 1.0)
