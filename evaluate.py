@@ -54,7 +54,7 @@ def certify_batch(model, x, y, eps, vectors, global_vectors, *, sniter, opt_iter
            'converged': res.converged}
     out = {k: v.detach().cpu() for k, v in out.items()}
     out['varying'] = {i: d.flatten(1).mean(1).cpu() for i, d in res.masks.items()}
-    out['global_converged'] = res.global_converged
+    out['global_converged'] = bool(res.global_converged)
     return out
 
 

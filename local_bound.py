@@ -194,22 +194,32 @@ def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     and u, differentiable in W through every iteration of this call (the reference's global
     norm); ``estimate='forward'`` returns ||W u|| instead (one more product).
     Returns (sigma: scalar tensor, u: updated detached vector [1, *in_shape],
-    converged: bool, the last change was below tol).
+    converged: 0-dim bool tensor, the last change was below tol). On CUDA the stop is a
+    device flag (no host sync per iteration; the remaining iterations change nothing).
     """
     _check_estimate(estimate)
     if n_iter < 1:
         raise ValueError(f"the global power iteration needs n_iter >= 1, got {n_iter}")
     in_shape = u.shape[1:]
     u = u.detach()
-    change = float('inf')
+    sync_free = u.device.type == 'cuda'
+    stopped = torch.zeros((), dtype=torch.bool, device=u.device)
+    change = torch.full((), float('inf'), device=u.device)
+    tn = None
     for _ in range(n_iter):
         v, _ = _ref_normalize(apply_W(layer, u))
-        new, tn = _ref_normalize(apply_WT(layer, v, in_shape))
+        new, tn_new = _ref_normalize(apply_WT(layer, v, in_shape))
         with torch.no_grad():
-            change = _norm(new - u).max().item()
-        u = new
-        if change < tol:
-            break
+            ch = _norm(new - u).max()
+        if sync_free:     # same values and gradients as the loop below, without host syncs
+            u = torch.where(stopped, u, new)
+            tn = tn_new if tn is None else torch.where(stopped, tn, tn_new)
+            change = torch.where(stopped, change, ch)
+            stopped = stopped | (ch < tol)
+        else:
+            u, tn, change = new, tn_new, ch
+            if ch.item() < tol:
+                break
     sigma = _bilinear(tn)[0] if estimate == 'bilinear' else _norm(apply_W(layer, u))[0]
     return sigma, u.detach(), change < tol
 
@@ -276,14 +286,28 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     differentiate_all = torch.is_grad_enabled() and grad_through
 
     if differentiate_all or not per_sample_stop:
+        # on CUDA the whole-batch stop is a device flag (no host sync per iteration): the
+        # remaining iterations still run but change nothing, values and gradients as the loop
+        sync_free = u.device.type == 'cuda'
+        stopped = torch.zeros((), dtype=torch.bool, device=u.device)
+        change = None
         for _ in range(n_iter):
-            new, tn, v = step(u, d_in, d_out)
+            new, tn_new, v_new = step(u, d_in, d_out)
             with torch.no_grad():
-                change = _norm(new - u)
-            u = new
-            iters += 1
-            if change.max().item() < tol:
-                break
+                ch = _norm(new - u)
+            if sync_free:
+                keep = stopped
+                u = torch.where(keep, u, new)
+                tn = tn_new if tn is None else torch.where(keep, tn, tn_new)
+                v = v_new if v is None else torch.where(keep, v, v_new)
+                iters += (~keep).long()
+                change = ch if change is None else torch.where(keep, change, ch)
+                stopped = stopped | (ch.max() < tol)
+            else:
+                u, tn, v, change = new, tn_new, v_new, ch
+                iters += 1
+                if ch.max().item() < tol:
+                    break
         if n_iter > 0:
             converged = change < tol
     else:
@@ -435,7 +459,7 @@ class BoundResult:
     post_boxes: Dict[int, tuple] = field(default_factory=dict)      # MaxMin layer -> box after
     iters: Dict[int, torch.Tensor] = field(default_factory=dict)    # layer -> [batch]
     converged: Optional[torch.Tensor] = None                         # [batch] bool, all layers
-    global_converged: bool = True        # every global power iteration reached tolerance
+    global_converged: object = True      # 0-dim bool tensor: every global iteration converged
     worst_global: Optional[torch.Tensor] = None   # [batch, classes] a_iy with r_global
 
     def worst_logits(self, y: torch.Tensor, worst: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -517,10 +541,15 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
     last = affine[-1]
     global_iter = sniter if global_iter is None else global_iter
     b = x.shape[0]
-    eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
-    eps = eps.expand(b) if eps.dim() == 0 else eps
-    if (eps < 0).any():
-        raise ValueError(f"eps must be >= 0, got min {eps.min().item()}")
+    if isinstance(eps, (int, float)):        # a number: checked without a device sync
+        if eps < 0:
+            raise ValueError(f"eps must be >= 0, got min {eps}")
+        eps = torch.full((b,), float(eps), dtype=x.dtype, device=x.device)
+    else:
+        eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+        eps = eps.expand(b) if eps.dim() == 0 else eps
+        if (eps < 0).any():
+            raise ValueError(f"eps must be >= 0, got min {eps.min().item()}")
 
     mu, r = x, eps
     lb, ub = x - _bcast(eps, x), x + _bcast(eps, x)
@@ -559,7 +588,7 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
                 global_vectors[i] = torch.randn((1, *in_shape), device=x.device, dtype=x.dtype)
             sigma_g, global_vectors[i], g_conv = global_power_iteration(
                 m, global_vectors[i], global_iter, global_tol, estimate)
-            res.global_converged = res.global_converged and g_conv
+            res.global_converged = res.global_converged & g_conv
             # box by interval arithmetic, ball by the network's own forward
             centre, half = (lb + ub) / 2, (ub - lb) / 2
             both = m(torch.cat([mu, centre], 0))

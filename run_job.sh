@@ -149,7 +149,7 @@ case "$job" in
                     > "$O/bench_$name.log" 2>&1 || echo "bench $name failed"; tail -1 "$O/bench_$name.log"; }
             b c6f2_b32 --model c6f2_relux --data cifar10 --batch_size 32 --sniter 2
             b mnist_b64 --model relux --data mnist --batch_size 64 --sniter 5
-            b c6f2_b256 --model c6f2_relux --data cifar10 --batch_size 256 --sniter 2
+            b c6f2_b256 --model c6f2_relux --data cifar10 --batch_size 256 --sniter 2 --profile 5
             b mnist_b256 --model relux --data mnist --batch_size 256 --sniter 5
             b c6f2_b256_tf32off --model c6f2_relux --data cifar10 --batch_size 256 --sniter 2 --tf32 off
             b mnist_b256_tf32off --model relux --data mnist --batch_size 256 --sniter 5 --tf32 off

@@ -180,6 +180,24 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
     n_batches = len(loader)
     certified_epoch = epoch >= args.warmup
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None, file=sys.stderr)
+    pending = None
+
+    def report(i, loss, eps):
+        """Finiteness check, progress bar, TensorBoard and --verbose line of step i."""
+        lv = loss.item()
+        if not math.isfinite(lv):
+            raise UserError(f"loss became {lv} at epoch {epoch}, batch {i} (eps {eps:.4g}); "
+                            f"lower --lr or check the data")
+        if writer is not None:
+            writer.add_scalar('train/loss', lv, step0 + i)
+            writer.add_scalar('train/eps', eps, step0 + i)
+            writer.add_scalar('train/kappa', batch_eps_kappa(args, epoch, i, n_batches)[1],
+                              step0 + i)
+        bar.set_postfix(loss=f"{lv:.3f}", eps=f"{eps:.3f}", refresh=False)
+        if bar.disable and args.verbose and (i + 1) % args.verbose == 0:
+            print(f"  epoch {epoch} batch {i + 1}/{n_batches} loss {lv:.4f} eps {eps:.4f}",
+                  flush=True)
+
     for i, (x, y, idx) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         eps, kappa = batch_eps_kappa(args, epoch, i, n_batches)
@@ -198,15 +216,11 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
             rerr = torch.tensor(float('nan'), device=device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        lv = loss.item()     # the step's one host sync (the reference's loop has several)
-        if not math.isfinite(lv):
-            raise UserError(f"loss became {lv} at epoch {epoch}, batch {i} (eps {eps:.4g}); "
-                            f"lower --lr or check the data")
         average_gradients(model, world)
         opt.step()
         clamp_thresholds(model)
         if first and i == 0:    # the global batch's mean loss (all processes hold equal shares)
-            mean_loss = all_reduce_sum([lv], device, world)[0] / world
+            mean_loss = all_reduce_sum([loss.detach()], device, world)[0] / world
             if writer is not None:
                 print(f"first step: loss {mean_loss:.8f} (global batch {x.shape[0] * world})",
                       flush=True)
@@ -215,15 +229,13 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
         with torch.no_grad():
             sums += torch.stack([loss.detach() * b, clean.detach() * b, rob.detach() * b,
                                  (logits.argmax(1) != y).sum(), rerr]).to(torch.float64)
-        if writer is not None:
-            step = step0 + i
-            writer.add_scalar('train/loss', lv, step)
-            writer.add_scalar('train/eps', eps, step)
-            writer.add_scalar('train/kappa', kappa, step)
-        bar.set_postfix(loss=f"{lv:.3f}", eps=f"{eps:.3f}", refresh=False)
-        if bar.disable and args.verbose and (i + 1) % args.verbose == 0:
-            print(f"  epoch {epoch} batch {i + 1}/{n_batches} loss {lv:.4f} eps {eps:.4f}",
-                  flush=True)
+        # the previous step's loss is read now, while this step runs on the device: one
+        # host sync per step that does not drain the GPU's queue
+        if pending is not None:
+            report(*pending)
+        pending = (i, loss.detach(), eps)
+    if pending is not None:
+        report(*pending)
     totals = all_reduce_sum([*sums.unbind(), n_seen], device, world)
     n = max(totals[-1], 1)
     return {k: v / n for k, v in zip(keys, totals[:-1])}

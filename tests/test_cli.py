@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from conftest import ROOT, device_flags
+from conftest import DEVICE, ROOT, device_flags
 
 FAST = ['--data_dir', None, '--no_download', '--batch_size', '64', '--test_batch_size', '64',
         '--n_train', '128', '--n_test', '64', '--rampup', '1', '--sniter', '1',
@@ -91,11 +91,13 @@ def test_resume_after_kill_reaches_the_same_result(tmp_path, mnist_dir):
     a = torch.load(ref + '_relux_checkpoint.pth', weights_only=False)
     b = torch.load(ckpt, weights_only=False)
     assert a['epoch'] == b['epoch'] == 2
-    # two uninterrupted runs differ by ~3e-8 (CPU kernel round-off across processes);
-    # resuming without the stored vectors differs by ~3e-3
+    # two uninterrupted CPU runs differ by ~3e-8 (kernel round-off across processes); CUDA's
+    # convolution backward is not bitwise deterministic (~1e-6 after 3 epochs here); resuming
+    # without the stored vectors differs by ~3e-3
+    atol = 1e-6 if DEVICE.type == 'cpu' else 1e-4
     for k, v in a['state_dict'].items():
-        assert torch.allclose(v, b['state_dict'][k], rtol=0, atol=1e-6), k
-    assert a['err'] == b['err']
+        assert torch.allclose(v, b['state_dict'][k], rtol=0, atol=atol), k
+    assert abs(a['err'] - b['err']) <= (0 if DEVICE.type == 'cpu' else 2 / 64)
 
 
 @pytest.mark.parametrize('args,message', [
