@@ -91,13 +91,22 @@ def test_resume_after_kill_reaches_the_same_result(tmp_path, mnist_dir):
     a = torch.load(ref + '_relux_checkpoint.pth', weights_only=False)
     b = torch.load(ckpt, weights_only=False)
     assert a['epoch'] == b['epoch'] == 2
-    # two uninterrupted CPU runs differ by ~3e-8 (kernel round-off across processes); CUDA's
-    # convolution backward is not bitwise deterministic (~1e-6 after 3 epochs here); resuming
-    # without the stored vectors differs by ~3e-3
-    atol = 1e-6 if DEVICE.type == 'cpu' else 1e-4
-    for k, v in a['state_dict'].items():
-        assert torch.allclose(v, b['state_dict'][k], rtol=0, atol=atol), k
-    assert abs(a['err'] - b['err']) <= (0 if DEVICE.type == 'cpu' else 2 / 64)
+    # two uninterrupted CPU runs differ by ~3e-8 (kernel round-off across processes);
+    # resuming without the stored vectors differs by ~3e-3
+    if DEVICE.type == 'cpu':
+        for k, v in a['state_dict'].items():
+            assert torch.allclose(v, b['state_dict'][k], rtol=0, atol=1e-6), k
+        assert a['err'] == b['err']
+    else:
+        # CUDA's convolution backward is not bitwise deterministic and Adam amplifies tiny
+        # gradient differences (an H100 run differed by more than 1e-4 after 6 steps): the
+        # resumed run must be as close to the first run as a second uninterrupted run is
+        ref2 = str(tmp_path / 'ref2')
+        run('train_mnist.py', *args, '--prefix', ref2, data_dir=mnist_dir)
+        c = torch.load(ref2 + '_relux_checkpoint.pth', weights_only=False)
+        spread = max((v - c['state_dict'][k]).abs().max().item() for k, v in a['state_dict'].items())
+        gap = max((v - b['state_dict'][k]).abs().max().item() for k, v in a['state_dict'].items())
+        assert gap <= 10 * spread + 1e-6, (gap, spread)
 
 
 @pytest.mark.parametrize('args,message', [

@@ -177,3 +177,26 @@ def test_expect_accepts_its_record_and_rejects_a_shift():
     assert len(lines) == 4 and lines[2].startswith('| local | ') and lines[3].startswith('| global | ')
     v = res['radii']['0.6']
     assert f"{100 * v['certified_acc']:.2f}% / {100 * v['certified_acc_global']:.2f}%" in lines[2]
+
+
+def test_certification_runs_without_tf32(monkeypatch):
+    """Certification disables TF32 for CUDA convolutions and matmuls (10-bit mantissas
+    perturb the products enough to break a bound) and restores the previous settings; the
+    training step keeps PyTorch's settings."""
+    import evaluate
+    seen = []
+    real = evaluate.compute_bound
+
+    def spy(*a, **k):
+        seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
+        return real(*a, **k)
+    monkeypatch.setattr(evaluate, 'compute_bound', spy)
+    old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        full_evaluation(trained_tiny('relux'), blob_loader(16), eval_args(radii=[0.3, 0.1],
+                                                                          niter=1), DEVICE)
+        assert seen and all(s == (False, False) for s in seen)
+        assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
