@@ -104,23 +104,27 @@ def _torchvision(cls, name, root, train, transform, download):
                     f"to get it: {HOW_TO_GET[name]}")
 
 
-def get_dataset(name, data_dir, train, augment, download=True):
-    """The (x, y) dataset ``name``; x in [0, 1], no normalisation (the bound is on raw pixels)."""
+NORMALIZE = transforms.Normalize((0.485, 0.456, 0.406), (0.225, 0.225, 0.225))  # the reference's
+
+
+def get_dataset(name, data_dir, train, augment, download=True, normalization=False):
+    """The (x, y) dataset ``name``; x in [0, 1], unless ``normalization`` (CIFAR-10 and
+    TinyImageNet: (x - mean) / 0.225, as the reference's --normalization). MNIST and
+    Fashion-MNIST are never augmented nor normalised (as in the reference)."""
     if name in ('mnist', 'fashionmnist'):
-        aug = [transforms.RandomCrop(28, padding=1)] if (augment and train) else []
         if name == 'fashionmnist':
             local = os.path.join(data_dir, 'FashionMNIST', 'raw')
             for folder in (local, DEBIAN_FASHION):
                 if has_idx(folder, train):
-                    return IdxImages(folder, train, transforms.Compose(aug) if aug else None)
+                    return IdxImages(folder, train, None)
             cls = datasets.FashionMNIST
         else:
             cls = datasets.MNIST
-        return _torchvision(cls, name, data_dir, train, transforms.Compose(aug + [transforms.ToTensor()]),
-                            download)
+        return _torchvision(cls, name, data_dir, train, transforms.ToTensor(), download)
+    norm = [NORMALIZE] if normalization else []
     if name == 'cifar10':
         aug = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
-        tf = transforms.Compose((aug if (augment and train) else []) + [transforms.ToTensor()])
+        tf = transforms.Compose((aug if (augment and train) else []) + [transforms.ToTensor()] + norm)
         return _torchvision(datasets.CIFAR10, name, data_dir, train, tf, download)
     if name == 'tinyimagenet':
         folder = os.path.join(data_dir, 'tiny-imagenet-200', 'train' if train else 'val')
@@ -128,7 +132,7 @@ def get_dataset(name, data_dir, train, augment, download=True):
             raise UserError(f"dataset tinyimagenet not found: no folder {os.path.abspath(folder)}; "
                             f"to get it: {HOW_TO_GET[name]}")
         aug = [transforms.RandomCrop(64, padding=4), transforms.RandomHorizontalFlip()]
-        tf = transforms.Compose((aug if (augment and train) else []) + [transforms.ToTensor()])
+        tf = transforms.Compose((aug if (augment and train) else []) + [transforms.ToTensor()] + norm)
         return datasets.ImageFolder(folder, transform=tf)
     raise UserError(f"unknown --data {name!r}; choose from mnist, fashionmnist, cifar10, tinyimagenet")
 
@@ -149,16 +153,19 @@ def get_loaders(args, train=True, test=True, rank=0, world=1):
             out.append(None)
             continue
         ds = IndexedDataset(get_dataset(args.data, args.data_dir, is_train, not args.no_augmentation,
-                                        download=not args.no_download))
+                                        download=not args.no_download,
+                                        normalization=getattr(args, 'normalization', False)))
         n = args.n_train if is_train else args.n_test
         if n and n < len(ds):
             ds = Subset(ds, range(n))
         n_total = len(ds)
         if is_train:
-            sampler = DistributedSampler(ds, num_replicas=world, rank=rank, shuffle=True,
+            sampler = DistributedSampler(ds, num_replicas=world, rank=rank,
+                                         shuffle=not getattr(args, 'no_shuffle', False),
                                          seed=args.seed)
             out.append(DataLoader(ds, batch_size=args.batch_size, sampler=sampler,
-                                  num_workers=args.workers, pin_memory=pin))
+                                  num_workers=args.workers, pin_memory=pin,
+                                  drop_last=getattr(args, 'drop_last', False)))
         else:
             if world > 1:
                 ds = Subset(ds, range(rank, len(ds), world))

@@ -422,6 +422,8 @@ def summary_line(r):
          f"{r['unconverged']} unconverged, {r['nan_bounds']} NaN) [{r['seconds']:.0f}s]")
     if 'audit' in r:
         s += f" | audit: {r['audit']['broken']} of {r['audit']['attacked']} certified points broken"
+    if r.get('normalization'):
+        s += " | eps in the NORMALISED input space ((x - mean) / 0.225, --normalization)"
     return s
 
 
@@ -485,6 +487,7 @@ def main(argv=None, **defaults):
                           resume=args.resume)
     res['wall_seconds'] = time.time() - t0
     res['checkpoint'] = path
+    res['normalization'] = bool(getattr(args, 'normalization', False))
     if args.results:
         os.makedirs(os.path.dirname(args.results) or '.', exist_ok=True)
         with open(args.results, 'w') as f:

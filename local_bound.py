@@ -256,10 +256,16 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
         return x if di is None else x * di
 
     def step(x, di, do):
-        """One iteration from a masked x: (new unit u, ||A^T v||, v)."""
-        v, _ = _ref_normalize(op(x, do))
-        new, tn = _ref_normalize(op_t(v, di))
-        return new, tn, v
+        """One iteration from a masked x: (new unit u, ||A^T v||, z, ||z|| + 1e-12) with
+        z = A x and v = z / (||z|| + 1e-12). v is never divided out: A^T v = (A^T z) / that
+        scale, so u and ||A^T v|| are the reference's (to 1e-12 relative) with one full-size
+        division less; v is formed only where it is needed (--pi_grad last)."""
+        z = op(x, do)
+        zn = torch.linalg.vector_norm(z.flatten(1), dim=1) + NORM_EPS
+        t = op_t(z, di)
+        tzn = torch.linalg.vector_norm(t.flatten(1), dim=1)
+        new = t / _bcast(tzn + NORM_EPS * zn, t)
+        return new, tzn / zn, z, zn
 
     batch = u.shape[0]
     u = u.detach()
@@ -278,10 +284,11 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
         # (a device-side stop flag instead of this host sync was measured on an H100: the
         # extra select operations cost more CPU dispatch time than the syncs, see README)
         for _ in range(n_iter):
-            new, tn, v = step(u, d_in, d_out)
+            new, tn, z, zn = step(u, d_in, d_out)
             with torch.no_grad():
                 change = _norm(new - u)
             u = new
+            v = z / _bcast(zn, z) if not differentiate_all and torch.is_grad_enabled() else None
             iters += 1
             if change.max().item() < tol:
                 break
@@ -289,7 +296,8 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
             converged = change < tol
     else:
         with torch.no_grad():
-            u, tn, v = _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged)
+            u, tn, v = _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged,
+                                           keep_v=torch.is_grad_enabled())
     if estimate == 'forward' or tn is None:
         sigma = _norm(op(u, d_out))
     elif differentiate_all or not torch.is_grad_enabled():
@@ -299,31 +307,33 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     return PowerIterationResult(sigma, u.detach(), iters, converged)
 
 
-def _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged):
+def _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged, keep_v=False):
     """Power iteration on u [batch, ...], each sample stopping at its own convergence: only
     the samples still active are computed. Updates iters, converged in place; returns
     (u, ||A^T v|| and v of each sample's last iteration; None, None without iterations)."""
     u = u.clone()
     tn = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
-    v = None
+    v, ran = None, False
     active = torch.arange(u.shape[0], device=u.device)
     for _ in range(n_iter):
         di = None if d_in is None else d_in[active]
         do = None if d_out is None else d_out[active]
         ua = u[active]
-        new, tna, va = step(ua, di, do)
-        if v is None:
-            v = torch.zeros((u.shape[0], *va.shape[1:]), dtype=u.dtype, device=u.device)
+        new, tna, za, zna = step(ua, di, do)
+        if keep_v and v is None:
+            v = torch.zeros((u.shape[0], *za.shape[1:]), dtype=u.dtype, device=u.device)
         done = _norm(new - ua) < tol
         u[active] = new
         tn[active] = tna
-        v[active] = va
+        ran = True
+        if keep_v:
+            v[active] = za / _bcast(zna, za)
         iters[active] += 1
         converged[active[done]] = True
         active = active[~done]
         if active.numel() == 0:
             break
-    return u, (tn if v is not None else None), v
+    return u, (tn if ran else None), v
 
 
 # ----------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ Every epoch re-seeds all random generators from (seed, epoch), and the checkpoin
 the model, optimiser, scheduler, power-iteration vectors and arguments, so that
 ``--resume`` after a killed run reaches the same result as an uninterrupted run.
 """
+import bisect
 import math
 import os
 import shutil
@@ -35,34 +36,66 @@ from utils import (UserError, argparser, atomic_save, checkpoint_base, clamp_thr
 # Schedules
 # ----------------------------------------------------------------------------------------
 def epoch_eps_kappa(args, epoch):
-    """(eps, kappa) at the start of ``epoch``; eps = 0 means a clean (warmup) epoch."""
+    """(eps, kappa) at the start of ``epoch`` (before ``warmup``: a clean epoch, (0, 1)):
+    eps = linspace(starting_epsilon, epsilon_train, schedule_length)[t - warmup], then
+    epsilon_train; kappa = linspace(starting_kappa, kappa, kappa_schedule_length)[...], then
+    kappa."""
     k = epoch - args.warmup
     if k < 0:
         return 0.0, 1.0
-    if k < args.rampup:
-        eps = np.linspace(args.starting_epsilon, args.epsilon_train, args.rampup)[k]
-        kappa = np.linspace(1, 0, args.rampup)[k]
-        return float(eps), float(kappa)
-    return args.epsilon_train, 0.0
+    n_eps, n_kappa = args.schedule_length, args.kappa_schedule_length
+    eps = (np.linspace(args.starting_epsilon, args.epsilon_train, n_eps)[k] if k < n_eps
+           else args.epsilon_train)
+    kappa = (np.linspace(args.starting_kappa, args.kappa, n_kappa)[k] if k < n_kappa
+             else args.kappa)
+    return float(eps), float(kappa)
 
 
 def batch_eps_kappa(args, epoch, i, n_batches):
-    """Within-epoch values (reference quirk kept: the eps increment uses the evaluation
+    """Within-epoch values (reference quirks kept: the eps increment uses the evaluation
     radius --epsilon, and both increments continue after the ramp)."""
     eps, kappa = epoch_eps_kappa(args, epoch)
-    if epoch < args.warmup or args.rampup <= 0:
+    if epoch < args.warmup:
         return eps, kappa
     frac = i / n_batches
-    return (eps + frac * (args.epsilon - args.starting_epsilon) / args.rampup,
-            kappa + frac * (0 - 1) / args.rampup)
+    if args.schedule_length > 0:
+        eps += frac * (args.epsilon - args.starting_epsilon) / args.schedule_length
+    if args.kappa_schedule_length > 0:
+        kappa += frac * (args.kappa - args.starting_kappa) / args.kappa_schedule_length
+    return eps, kappa
 
 
 def lr_factor(args):
-    """lr multiplier per epoch: 1 until epochs//2 + more, then exponential to end_lr."""
-    start = args.epochs // 2 + args.more
-    span = args.epochs - start
-    gamma = (args.end_lr / args.lr) ** (1.0 / span) if span > 0 else 1.0
-    return lambda e: 1.0 if e < start else gamma ** (e - start + 1)
+    """The learning rate of epoch t is lr * f(t) (the reference's schedulers):
+    exp: 1 until epochs//2 + more, then (end_lr / lr)^((t - (epochs//2 + more - 1)) /
+    (epochs//2 - more)); step: gamma^(e // step_size) and multistep: gamma^(number of
+    --wd_list milestones <= e), with e = max(t - (rampup + warmup - 1) + 1, 0), i.e.
+    constant until the ramp ends."""
+    if args.lr_scheduler == 'exp':
+        start = args.epochs // 2 + args.more
+        span = args.epochs // 2 - args.more
+        ratio = args.end_lr / args.lr
+
+        def f(t):
+            if t < start or span <= 0:
+                return 1.0
+            return ratio ** ((t - (start - 1)) / span)
+        return f
+
+    def after_ramp(t):
+        return max(t - (args.rampup + args.warmup - 1) + 1, 0)
+    if args.lr_scheduler == 'step':
+        return lambda t: args.gamma ** (after_ramp(t) // args.step_size)
+    milestones = sorted(args.wd_list)
+    return lambda t: args.gamma ** bisect.bisect_right(milestones, after_ramp(t))
+
+
+def make_optimizer(args, model):
+    """Adam(lr), or SGD(lr, momentum, weight_decay) with --opt sgd (reference)."""
+    if args.opt == 'sgd':
+        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
+                               weight_decay=args.weight_decay)
+    return torch.optim.Adam(model.parameters(), lr=args.lr)
 
 
 # ----------------------------------------------------------------------------------------
@@ -254,7 +287,7 @@ def init_distributed(args):
                             "torchrun --nproc_per_node=N")
         return 0, 1, get_device(args)
     use_cuda = torch.cuda.is_available() and not args.cpu
-    dist.init_process_group('nccl' if use_cuda else 'gloo')
+    dist.init_process_group(args.dist_backend if use_cuda else 'gloo')
     local = int(os.environ.get('LOCAL_RANK', '0'))
     if use_cuda:
         torch.cuda.set_device(local)
@@ -302,13 +335,14 @@ def main(argv=None, **dataset_defaults):
     model = select_model(args.data, args.model, args.init).to(device)
     train_loader, test_loader = get_loaders(args, rank=rank, world=world)
     input_shape = tuple(train_loader.dataset[0][0].shape)
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    opt = make_optimizer(args, model)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args))
     train_store, test_store = make_stores(args, model, input_shape, train_loader.n_total,
                                           test_loader.n_total, base, say, rank, world, device)
     train_store.seed = test_store.seed = args.seed
     global_vectors = {}
-    start, best_err = 0, float('inf')
+    start, best_err = 0, 1.0         # the reference: best only strictly below 1 (and later best)
+    best_state = None                 # --no_save: the best model, kept in memory
     ckpt_path, best_path = base + '_checkpoint.pth', base + '_best.pth'
     store_path = base + ('_vectors.pt' if world == 1 else f'_vectors.rank{rank}.pt')
     if args.resume:
@@ -328,7 +362,7 @@ def main(argv=None, **dataset_defaults):
         else:
             print(f"warning: no {store_path}: power-iteration vectors restart from random")
         say(f"resuming from {ckpt_path} at epoch {start}", flush=True)
-    writer = SummaryWriter(base + '_tb') if lead else None
+    writer = SummaryWriter(base + '_tb') if lead and not args.no_save else None
     say(f"training {args.model} on {args.data} ({train_loader.n_total} train / "
         f"{test_loader.n_total} test) on {world} x {device}"
         f"{' (' + dist.get_backend() + ')' if distributed() else ''}; checkpoints {base}_*.pth",
@@ -351,13 +385,16 @@ def main(argv=None, **dataset_defaults):
         n_te, correct, certified = all_reduce_sum(
             [len(te['correct']), te['correct'].sum().item(), te['certified'].sum().item()], device, world)
         clean_err, cert_err = 1 - correct / max(n_te, 1), 1 - certified / max(n_te, 1)
-        ramp_over = epoch + 1 >= args.warmup + args.rampup
-        is_best = ramp_over and cert_err <= best_err
+        ramp_over = epoch >= args.warmup + args.rampup      # the epoch after the ramp's last
+        is_best = ramp_over and cert_err < best_err
         if is_best:
             best_err = cert_err
-        atomic_save({'epoch': epoch, 'train': train_store.state_dict(),
-                     'test': test_store.state_dict()}, store_path)
-        if lead:
+            if args.no_save:
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        if not args.no_save:
+            atomic_save({'epoch': epoch, 'train': train_store.state_dict(),
+                         'test': test_store.state_dict()}, store_path)
+        if lead and writer is not None:
             for k, v in tr.items():
                 writer.add_scalar(f"train/{k}_epoch", v, epoch)
             writer.add_scalar('test/clean_err', clean_err, epoch)
@@ -365,6 +402,7 @@ def main(argv=None, **dataset_defaults):
             writer.add_scalar('test/eps', eps_next, epoch)
             writer.add_scalar('lr', lr, epoch)
             writer.flush()
+        if lead and not args.no_save:
             state = {'state_dict': model.state_dict(), 'err': cert_err, 'epoch': epoch,
                      'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
                      'global_vectors': {k: v.cpu() for k, v in global_vectors.items()},
@@ -385,17 +423,30 @@ def main(argv=None, **dataset_defaults):
             dist.destroy_process_group()
             return None
 
-    final = best_path if os.path.isfile(best_path) else ckpt_path
-    if not os.path.isfile(final):
-        raise UserError(f"no checkpoint at {final} to evaluate")
-    if final == ckpt_path:
-        print("note: the ramp did not finish, so there is no best model; evaluating the last")
-    load_checkpoint(final, model, device)
+    if args.no_save:
+        final = 'the best model (in memory)' if best_state is not None else 'the last model'
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        else:
+            print("note: no epoch after the ramp certified better than 100% error, so there is "
+                  "no best model; evaluating the last")
+    else:
+        final = best_path if os.path.isfile(best_path) else ckpt_path
+        if not os.path.isfile(final):
+            raise UserError(f"no checkpoint at {final} to evaluate")
+        if final == ckpt_path:
+            print("note: there is no best model (it is chosen after the ramp, on a certified "
+                  "error below 100%); evaluating the last")
+        load_checkpoint(final, model, device)
     seed_all(args.seed)
     if world > 1:   # the final evaluation runs on the whole test set, in this process
         _, test_loader = get_loaders(args, train=False)
     res = full_evaluation(model, test_loader, args, device)
+    res['normalization'] = bool(args.normalization)
     print(f"final ({os.path.basename(final)}): " + summary_line(res), flush=True)
+    if not args.no_save:
+        say(f"wrote {ckpt_path}" + (f" and {best_path}" if os.path.isfile(best_path) else "")
+            + f"; vectors {store_path}; TensorBoard {base}_tb", flush=True)
     if distributed():
         dist.destroy_process_group()
     return res

@@ -26,9 +26,9 @@ DEFAULTS = dict(
     batch_size=256,          # reference batch size for MNIST and CIFAR-10
     test_batch_size=256,     # certification batch; memory-bound, not accuracy-relevant
     lr=1e-3,                 # Adam, reference
-    end_lr=1e-6,             # exp decay target at the last epoch (reference CIFAR scripts)
+    end_lr=5e-6,             # exp decay target at the last epoch (reference; its CIFAR scripts pass 1e-6)
     more=25,                 # lr constant until epoch epochs//2 + more, then decays
-    seed=0,                  # everything random derives from it (per epoch), for exact --resume
+    seed=2019,               # reference default; everything random derives from it (per epoch)
     init=1.0,                # ReLU_x threshold init for c6f2_relux / tinyimagenet_relux
     opt_iter=1,              # worst-case-logit rounds in training (reference default)
     test_opt_iter=1000,      # rounds at test: the tightest bound, still sound at any count
@@ -36,10 +36,10 @@ DEFAULTS = dict(
     test_sniter=100,         # power iterations per test batch during training (reference)
     niter=100,               # PGD-L2 steps at the end of training / in evaluate.py
     alpha=None,              # PGD step size; None means epsilon / 4 (reference)
-    starting_epsilon=0.001,  # eps at the start of the ramp
+    starting_epsilon=0.0,    # eps at the start of the ramp (reference)
     warmup=0,                # epochs of plain cross-entropy before certified training
     sparse=0.0,              # weight of the sparsity loss (TinyImageNet uses 0.01)
-    sp_thres=1.0,            # weight of the ReLU_x upper-threshold term in that loss
+    sp_thres=0.1,            # weight of the ReLU_x upper-threshold term in that loss (reference)
     n_train=0,               # use only the first N training images (0 = all); demos, CI
     n_test=0,                # use only the first N test images (0 = all)
     workers=0,               # DataLoader workers; 0 is fastest for in-memory MNIST on 2 cores
@@ -51,7 +51,7 @@ MNIST = dict(
     rampup=150,              # eps/kappa ramp length (epochs)
     epsilon=1.58,            # evaluation radius of the paper's MNIST table
     epsilon_train=1.58,      # the paper's script trains at 1.75 (--epsilon_train 1.75)
-    augmentation=False,      # reference MNIST trains with --no_augmentation
+    augmentation=False,      # the reference never augments MNIST (no augmentation exists for it)
 )
 CIFAR10 = dict(
     data='cifar10', model='c6f2_relux',
@@ -69,8 +69,10 @@ TINY = dict(
     test_batch_size=32,      # 200 classes: keep the worst-case-logit tensor small
     lr=2.5e-4,               # ReLU_x; the MaxMin model used 1e-4
     epsilon=36 / 255, epsilon_train=0.16,
-    sparse=0.01,             # sparsity loss weight of the paper's runs
-    augmentation=True,
+    sparse=0.1,              # reference TinyImageNet default (the paper's runs pass --sparse 0.01)
+    end_lr=5e-7,             # reference TinyImageNet default
+    store_dtype='float16',   # the reference stores TinyImageNet's per-sample vectors in half precision
+    augmentation=True,       # random crop 64 pad 4 + horizontal flip
 )
 DATA_DEFAULTS = {'mnist': MNIST, 'fashionmnist': MNIST, 'cifar10': CIFAR10,
                  'tinyimagenet': TINY}
@@ -94,6 +96,28 @@ def _max_ties_to_other(x, other):
     return torch.where(x > other, x, other)
 
 
+class _ClippedReLU(torch.autograd.Function):
+    """clamp(min(x, t), min=0) with torch 1.8's gradients (see ReLU_x), in two passes
+    forward and one backward (a where-based version takes twice the operations)."""
+
+    @staticmethod
+    def forward(ctx, x, t):
+        ctx.save_for_backward(x, t)
+        return torch.minimum(x, t).clamp_min(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, t = ctx.saved_tensors
+        below = x < t                                   # min's tie goes to t
+        gx = g * (below & (x >= 0)) if ctx.needs_input_grad[0] else None
+        gt = None
+        if ctx.needs_input_grad[1]:
+            gt = g * (~below & (t >= 0))                # clamp passes the full gradient at 0
+            dims = [d for d in range(gt.dim()) if t.shape[d] == 1 and gt.shape[d] != 1]
+            gt = gt.sum(dims, keepdim=True) if dims else gt
+        return gx, gt
+
+
 class ReLU_x(nn.Module):
     """ReLU clipped above at a learnable per-neuron threshold: clamp(min(x, t), min=0).
 
@@ -109,8 +133,7 @@ class ReLU_x(nn.Module):
         self.threshold = nn.Parameter(torch.full((1, *input_size), float(init)))
 
     def forward(self, x):
-        m = _min_ties_to_other(x, self.threshold)
-        return torch.where(m >= 0, m, torch.zeros((), dtype=m.dtype, device=m.device))
+        return _ClippedReLU.apply(x, self.threshold)
 
 
 class ClampGroupSort(nn.Module):
@@ -263,7 +286,13 @@ def argparser(argv=None, **overrides):
     a('--init', type=float, default=d['init'], help="initial ReLU_x threshold for c6f2_relux "
       "and tinyimagenet_relux (the 4C3F relux models start at 1.0, as in the reference)")
     a('--no_augmentation', action='store_true', default=not d['augmentation'],
-      help="disable data augmentation (MNIST default: off)")
+      help="disable data augmentation (CIFAR-10: random crop 32 pad 4 + flip; TinyImageNet: "
+      "crop 64 pad 4 + flip; MNIST is never augmented, as in the reference)")
+    a('--normalization', action='store_true', help="normalise inputs in the loader, as the "
+      "reference: CIFAR-10 and TinyImageNet mean (0.485, 0.456, 0.406), std 0.225 (MNIST: no "
+      "effect). eps, the certificates and PGD are then in the normalised input space")
+    a('--drop_last', action='store_true', help="drop the last incomplete training batch")
+    a('--no_shuffle', action='store_true', help="do not shuffle the training set")
     a('--n_train', type=int, default=d['n_train'], help="use the first N training images (0 = all)")
     a('--n_test', type=int, default=d['n_test'], help="use the first N test images (0 = all)")
     a('--workers', type=int, default=d['workers'], help="DataLoader worker processes")
@@ -271,7 +300,19 @@ def argparser(argv=None, **overrides):
     a('--batch_size', type=int, default=d['batch_size'], help="training batch size")
     a('--test_batch_size', type=int, default=d['test_batch_size'], help="evaluation batch size")
     a('--epochs', type=int, default=d['epochs'], help="number of training epochs")
-    a('--lr', type=float, default=d['lr'], help="Adam learning rate")
+    a('--lr', type=float, default=d['lr'], help="learning rate")
+    a('--opt', choices=('adam', 'sgd'), default='adam', help="optimiser: Adam, or SGD with "
+      "--momentum and --weight_decay (reference)")
+    a('--momentum', type=float, default=0.9, help="SGD momentum (--opt sgd)")
+    a('--weight_decay', type=float, default=0.0, help="SGD weight decay (--opt sgd)")
+    a('--lr_scheduler', choices=('exp', 'step', 'multistep'), default='exp', help="exp: lr "
+      "constant until epoch epochs//2 + more, then exponential to --end_lr at the last epoch; "
+      "step: x --gamma every --step_size epochs counted from the ramp's last epoch; multistep: "
+      "x --gamma at each epoch of --wd_list, counted the same way (reference)")
+    a('--step_size', type=int, default=10, help="epochs per lr step (--lr_scheduler step)")
+    a('--gamma', type=float, default=0.5, help="lr factor per step (step, multistep)")
+    a('--wd_list', type=int, nargs='+', default=None, help="milestones (epochs after the "
+      "ramp) of --lr_scheduler multistep")
     a('--end_lr', type=float, default=d['end_lr'], help="learning rate reached at the last "
       "epoch by exponential decay starting at epoch epochs//2 + more")
     a('--more', type=int, default=d['more'], help="lr decay starts at epoch epochs//2 + more")
@@ -283,6 +324,14 @@ def argparser(argv=None, **overrides):
     a('--epsilon_train', type=float, default=d['epsilon_train'], help="L2 radius reached by "
       "the training ramp")
     a('--starting_epsilon', type=float, default=d['starting_epsilon'], help="eps at ramp start")
+    a('--schedule_length', type=int, default=None, help="eps ramp length in epoch (default and "
+      "whenever --rampup is non-zero: --rampup, as the reference)")
+    a('--kappa', type=float, default=0.0, help="final weight of the clean loss (BCP loss)")
+    a('--starting_kappa', type=float, default=1.0, help="weight of the clean loss at ramp start")
+    a('--kappa_schedule_length', type=int, default=None, help="kappa ramp length (default and "
+      "whenever --rampup is non-zero: --rampup)")
+    a('--epsilon_pgd', type=float, default=None, help="accepted for the reference's command "
+      "line, which parses it but attacks at --epsilon; so does this code (ignored)")
     a('--seed', type=int, default=d['seed'], help="random seed")
     # the bound
     a('--bound', choices=('local', 'global'), default='local', help="'local': varying-neuron "
@@ -349,6 +398,25 @@ def argparser(argv=None, **overrides):
     a('--cpu', action='store_true', help="run on the CPU even when CUDA is available")
     a('--verbose', type=int, default=200, help="print a progress line every N batches when "
       "stderr is not a terminal (0: never)")
+    a('--no_save', action='store_true', help="training: write no checkpoint, vector store or "
+      "TensorBoard file (the final evaluation uses the best model kept in memory)")
+    # parsed by the reference and never used: accepted so that its scripts run, ignored
+    a('--project', default='debug_bcp', help="ignored (the reference's experiment-tracking name)")
+    a('--test_pth', default=None, help="ignored (parsed, unused by the reference)")
+    a('--print', action='store_true', help="ignored (parsed, unused by the reference)")
+    a('--real_time', action='store_true', help="ignored (parsed, unused by the reference)")
+    # torch.distributed.launch / the reference's distributed flags: torchrun's environment
+    # (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) wins; these are accepted for old scripts
+    a('--local_rank', '--local-rank', dest='local_rank', type=int, default=-1, help="set by "
+      "the old torch.distributed.launch; LOCAL_RANK from the environment wins")
+    a('--world-size', dest='world_size', type=int, default=-1, help="accepted; WORLD_SIZE "
+      "from torchrun's environment wins")
+    a('--node-rank', dest='node_rank', type=int, default=0, help="accepted; torchrun's "
+      "--node_rank / RANK wins")
+    a('--dist-url', dest='dist_url', default='tcp://127.0.0.1:23456', help="accepted; "
+      "torchrun's MASTER_ADDR / MASTER_PORT win")
+    a('--dist-backend', dest='dist_backend', default='nccl', help="process-group backend on "
+      "GPUs (nccl); CPU processes use gloo")
     args = p.parse_args(argv)
     args.radii = list(args.epsilon)
     args.epsilon = args.radii[0]
@@ -360,6 +428,15 @@ def argparser(argv=None, **overrides):
             raise UserError(f"--{name} must be >= 0, got {min(values)}")
     if args.alpha is None:
         args.alpha = args.epsilon / 4
+    if args.epsilon_pgd is None:
+        args.epsilon_pgd = args.epsilon
+    # the reference: a non-zero --rampup sets both schedule lengths
+    if args.rampup or args.schedule_length is None:
+        args.schedule_length = args.rampup
+    if args.rampup or args.kappa_schedule_length is None:
+        args.kappa_schedule_length = args.rampup
+    if args.lr_scheduler == 'multistep' and not args.wd_list:
+        raise UserError("--lr_scheduler multistep needs --wd_list (its milestone epochs)")
     if args.prefix is None:
         args.prefix = args.data
     return args

@@ -12,13 +12,13 @@ case "$job" in
     prepare) "$PY" TinyImagenet/prepare_data.py --data_dir data "$@" ;;
     train_relu)
         $RUN TinyImagenet/train_tinyimagenet.py --model tinyimagenet_relux --sniter 1 --init 2.0 --epochs 250 \
-            --rampup 125 --warmup 0 --batch_size 32 --epsilon_train 0.16 --lr 2.5e-4 --end_lr 1e-6 \
-            --sparse 0.01 --indices 0,6,12,14,17 --store_dtype float16 \
+            --rampup 125 --warmup 0 --batch_size 32 --epsilon_train 0.16 --lr 2.5e-4 --lr_scheduler exp \
+            --sparse 0.01 --indices 0,6,12,14,17 \
             --prefix '../TinyImagenet/pretrained/tiny_relu' "$@" ;;
     train_maxmin)
         $RUN TinyImagenet/train_tinyimagenet.py --model tiny_clmaxmin --sniter 3 --epochs 250 --rampup 125 \
-            --warmup 0 --batch_size 32 --epsilon_train 0.16 --lr 1e-4 --end_lr 1e-6 --sparse 0.01 \
-            --indices 0,6,12,14,17 --store_dtype float16 \
+            --warmup 0 --batch_size 32 --epsilon_train 0.16 --lr 1e-4 --lr_scheduler exp --sparse 0.01 \
+            --indices 0,6,12,14,17 \
             --prefix '../TinyImagenet/pretrained/tiny_maxmin' "$@" ;;
     eval_relu)
         "$PY" TinyImagenet/evaluate_tinyimagenet.py --model tinyimagenet_relux --epsilon 0.141 --test_batch_size 32 \
