@@ -94,7 +94,10 @@ def _torchvision(cls, name, root, train, transform, download):
     try:
         return cls(root, train=train, transform=transform, download=False)
     except RuntimeError as missing:
-        reason = str(missing)
+        # torchvision's text ends with advice for its own API ("You can use download=True")
+        reason = str(missing).split(' You can use download=True')[0].rstrip('. ')
+    if not download:
+        reason += "; --no_download was given, so it was not downloaded"
     if download:
         try:
             return cls(root, train=train, transform=transform, download=True)

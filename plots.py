@@ -13,13 +13,22 @@ from evaluate import read_tsv
 
 
 def radius_data(header, rows):
-    """(radii, local acc, local acc counting unconverged as not certified, global acc), %."""
+    """(radii, local acc, local acc counting unconverged as not certified, global acc), %,
+    starting at radius 0 where every curve is the clean accuracy."""
     radii = sorted(float(h.split('@')[1]) for h in header if h.startswith('certified@'))
     n = max(len(rows), 1)
-    local = [100 * sum(r[f"certified@{e:g}"] for r in rows) / n for e in radii]
-    strict = [100 * sum(r[f"certified@{e:g}"] * r['converged'] for r in rows) / n for e in radii]
-    glob = [100 * sum(r[f"certified_global@{e:g}"] for r in rows) / n for e in radii]
-    return radii, local, strict, glob
+    clean = 100 * sum(r['correct'] for r in rows) / n
+    local = [clean] + [100 * sum(r[f"certified@{e:g}"] for r in rows) / n for e in radii]
+    strict = [clean] + [100 * sum(r[f"certified@{e:g}"] * r['converged'] for r in rows) / n
+                        for e in radii]
+    glob = [clean] + [100 * sum(r[f"certified_global@{e:g}"] for r in rows) / n for e in radii]
+    return [0.0] + radii, local, strict, glob
+
+
+def global_converged(rows):
+    """True when every row's global power iterations converged (else the global curve is
+    not a bound: power iteration approaches the norms from below)."""
+    return all(r['global_converged'] for r in rows)
 
 
 def tightness_data(rows):
@@ -61,14 +70,17 @@ def make_plots(tsv_path, out_dir, title=''):
     ax.plot(radii, local, 'o-', color='tab:blue', lw=3, ms=9, label='local bound (Local-Lip)')
     ax.plot(radii, strict, 's--', color='tab:cyan', lw=1.5, ms=4,
             label='local, unconverged = not certified')
-    ax.plot(radii, glob, '^-', color='tab:red', label='global bound (product of norms)')
+    g_ok = global_converged(rows)
+    ax.plot(radii, glob, '^-' if g_ok else '^:', color='tab:red',
+            label='global bound (product of norms)' if g_ok else
+            'global bound: iterations NOT converged (not a bound)')
     ax.set_xlabel('L2 radius eps (pixels in [0, 1])')
     ax.set_ylabel('certified accuracy (%)')
     ax.set_ylim(0, 100)
     ax.set_xlim(0, max(radii) * 1.05 if radii and max(radii) > 0 else 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(f"Certified accuracy vs radius {title} (n = {n})")
+    ax.set_title(f"Certified accuracy vs radius{' - ' + title if title else ''} (n = {n})")
     paths.append(_save(fig, out_dir, 'certified_vs_radius.png'))
 
     ratio = tightness_data(rows)
@@ -81,7 +93,7 @@ def make_plots(tsv_path, out_dir, title=''):
     ax.set_xlabel(f"local / global Lipschitz bound at eps {eps0} (lower = tighter)")
     ax.set_ylabel('test points')
     ax.legend()
-    ax.set_title(f"Tightness of the local bound {title} (n = {len(ratio)})")
+    ax.set_title(f"Tightness of the local bound{' - ' + title if title else ''} (n = {len(ratio)})")
     paths.append(_save(fig, out_dir, 'tightness.png'))
 
     layers, frac = sparsity_data(header, rows)
@@ -93,6 +105,7 @@ def make_plots(tsv_path, out_dir, title=''):
     ax.set_xlabel('activation layer [module index in the nn.Sequential]')
     ax.set_ylabel('varying neurons (% of the layer)')
     ax.set_ylim(0, 105)
-    ax.set_title(f"Varying neurons per activation at eps {eps0} {title}")
+    ax.set_title(f"Varying neurons per activation at eps {eps0}{' - ' + title if title else ''} "
+                 f"(n = {n})")
     paths.append(_save(fig, out_dir, 'sparsity.png'))
     return paths

@@ -54,7 +54,7 @@ case "$job" in
         # 6 epochs (eps/kappa ramp over 3), certified accuracy at L2 eps 0.5 on 500 test images
         "$PY" train_mnist.py --data fashionmnist --model relux --n_train 3000 --n_test 500 \
             --batch_size 64 --epochs 6 --rampup 3 --sniter 2 --epsilon 0.5 --epsilon_train 0.5 \
-            --test_sniter 100 --prefix quickstart/fashion "$@" ;;
+            --test_sniter 100 --no_save_vectors --prefix quickstart/fashion "$@" ;;
     report)
         setup
         P=${1:-pretrained/quickstart/fashion_relux}

@@ -204,6 +204,9 @@ def check_store_fits(total, path, ram_available):
 # ----------------------------------------------------------------------------------------
 # One epoch
 # ----------------------------------------------------------------------------------------
+PROGRESS_EVERY_S = 60.0     # without a terminal, a progress line at least this often
+
+
 def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, writer, step0,
                 world=1, first=False):
     model.train()
@@ -214,9 +217,11 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
     certified_epoch = epoch >= args.warmup
     bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None, file=sys.stderr)
     pending = None
+    last_line = [time.monotonic()]
 
     def report(i, loss, eps):
-        """Finiteness check, progress bar, TensorBoard and --verbose line of step i."""
+        """Finiteness check, progress bar, TensorBoard and, without a terminal, a progress
+        line every --verbose batches and at least once a minute."""
         lv = loss.item()
         if not math.isfinite(lv):
             raise UserError(f"loss became {lv} at epoch {epoch}, batch {i} (eps {eps:.4g}); "
@@ -227,7 +232,10 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
             writer.add_scalar('train/kappa', batch_eps_kappa(args, epoch, i, n_batches)[1],
                               step0 + i)
         bar.set_postfix(loss=f"{lv:.3f}", eps=f"{eps:.3f}", refresh=False)
-        if bar.disable and args.verbose and (i + 1) % args.verbose == 0:
+        now = time.monotonic()
+        if bar.disable and args.verbose and ((i + 1) % args.verbose == 0
+                                             or now - last_line[0] >= PROGRESS_EVERY_S):
+            last_line[0] = now
             print(f"  epoch {epoch} batch {i + 1}/{n_batches} loss {lv:.4f} eps {eps:.4f}",
                   flush=True)
 
@@ -363,6 +371,15 @@ def main(argv=None, **dataset_defaults):
             print(f"warning: no {store_path}: power-iteration vectors restart from random")
         say(f"resuming from {ckpt_path} at epoch {start}", flush=True)
     writer = SummaryWriter(base + '_tb') if lead and not args.no_save else None
+    if args.no_save:
+        say("--no_save: no checkpoint, vector store or TensorBoard file is written", flush=True)
+    else:
+        vec_bytes = sum(st.nbytes() for st in (train_store, test_store) if st.path is None)
+        vec_note = (f"not saved (--no_save_vectors: --resume restarts them from random)"
+                    if args.no_save_vectors else f"{store_path} ({vec_bytes / 2 ** 20:.0f} MiB, "
+                    f"rewritten every epoch, for --resume)")
+        say(f"writing: checkpoints {ckpt_path} (every epoch) and {best_path} (best after the "
+            f"ramp); power-iteration vectors {vec_note}; TensorBoard {base}_tb", flush=True)
     say(f"training {args.model} on {args.data} ({train_loader.n_total} train / "
         f"{test_loader.n_total} test) on {world} x {device}"
         f"{' (' + dist.get_backend() + ')' if distributed() else ''}; checkpoints {base}_*.pth",
@@ -391,7 +408,7 @@ def main(argv=None, **dataset_defaults):
             best_err = cert_err
             if args.no_save:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if not args.no_save:
+        if not args.no_save and not args.no_save_vectors:
             atomic_save({'epoch': epoch, 'train': train_store.state_dict(),
                          'test': test_store.state_dict()}, store_path)
         if lead and writer is not None:
@@ -446,7 +463,8 @@ def main(argv=None, **dataset_defaults):
     print(f"final ({os.path.basename(final)}): " + summary_line(res), flush=True)
     if not args.no_save:
         say(f"wrote {ckpt_path}" + (f" and {best_path}" if os.path.isfile(best_path) else "")
-            + f"; vectors {store_path}; TensorBoard {base}_tb", flush=True)
+            + ("" if args.no_save_vectors else f"; vectors {store_path}")
+            + f"; TensorBoard {base}_tb", flush=True)
     if distributed():
         dist.destroy_process_group()
     return res

@@ -398,6 +398,9 @@ def argparser(argv=None, **overrides):
     a('--cpu', action='store_true', help="run on the CPU even when CUDA is available")
     a('--verbose', type=int, default=200, help="print a progress line every N batches when "
       "stderr is not a terminal (0: never)")
+    a('--no_save_vectors', action='store_true', help="training: do not write the per-sample "
+      "vector store <prefix>_<model>_vectors.pt each epoch (it can be large: 677 MB for the "
+      "quickstart); --resume then restarts the vectors from random")
     a('--no_save', action='store_true', help="training: write no checkpoint, vector store or "
       "TensorBoard file (the final evaluation uses the best model kept in memory)")
     # parsed by the reference and never used: accepted so that its scripts run, ignored
@@ -474,10 +477,17 @@ def load_checkpoint(path, model, device='cpu'):
     """Load a checkpoint {'state_dict', ...} into ``model``; clear UserError on mismatch."""
     if not os.path.isfile(path):
         raise UserError(f"checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location=device, weights_only=False)
+    try:
+        ckpt = torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:     # truncated zip, not a torch file, pickle errors: one line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read checkpoint {path} ({os.path.getsize(path)} bytes): "
+                        f"{first} -- is the file complete?") from e
     state = ckpt['state_dict'] if isinstance(ckpt, dict) and 'state_dict' in ckpt else ckpt
-    if not isinstance(state, dict):
-        raise UserError(f"{path} holds no state_dict")
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise UserError(f"{path} holds no state_dict (a {type(ckpt).__name__}"
+                        + (f" with keys {sorted(map(str, ckpt))[:5]}" if isinstance(ckpt, dict) else "")
+                        + "); expected {'state_dict': ..., 'epoch': ..., 'err': ...}")
     mine = model.state_dict()
     missing = [k for k in mine if k not in state]
     extra = [k for k in state if k not in mine]
@@ -493,6 +503,9 @@ def load_checkpoint(path, model, device='cpu'):
             parts.append(f"shape mismatch {shapes[:3]}")
         raise UserError(f"{path} does not match the model: " + "; ".join(parts)
                         + " (check --data and --model)")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"{path} holds NaN or infinite weights in {bad[:5]} (a diverged run?)")
     model.load_state_dict(state)
     return ckpt
 

@@ -38,6 +38,8 @@ def test_train_then_evaluate(tmp_path, mnist_dir):
     p = run('train_mnist.py', *FAST, '--epochs', '2', '--epsilon', '0.02', '--epsilon_train',
             '0.02', '--prefix', prefix, data_dir=mnist_dir)
     assert 'epoch 0 |' in p.stdout and 'epoch 1 |' in p.stdout and 'final (' in p.stdout
+    assert f"writing: checkpoints {prefix}_relux_checkpoint.pth" in p.stdout      # announced
+    assert f"TensorBoard {prefix}_relux_tb" in p.stdout and '_vectors.pt (' in p.stdout
     best, last = prefix + '_relux_best.pth', prefix + '_relux_checkpoint.pth'
     ck = torch.load(last, weights_only=False)
     assert ck['epoch'] == 1 and ck['args']['epochs'] == 2 and 'optimizer' in ck
@@ -52,6 +54,7 @@ def test_train_then_evaluate(tmp_path, mnist_dir):
             '--audit', '--audit_restarts', '1', '--audit_steps', '10', '--plots', '--markdown')
     r = json.load(open(out))
     assert set(r['radii']) == {'0.3', '0.1'} and r['audit']['broken'] == 0
+    assert f"wrote {out}" in p.stdout and f"wrote {tsv} (64 rows)" in p.stdout
     assert '| 0.1 |' in p.stdout and 'eps 0.1: certified acc local' in p.stdout
     for name in ('certified_vs_radius.png', 'tightness.png', 'sparsity.png'):
         assert os.path.getsize(os.path.join(prefix + '_relux_plots', name)) > 5000
@@ -129,6 +132,8 @@ def test_missing_dataset_message(tmp_path):
             '--epochs', '1', '--prefix', str(tmp_path / 'x'), check=False)
     assert p.returncode == 2 and 'Traceback' not in p.stderr
     assert 'dataset mnist not found' in p.stderr and 'nothing' in p.stderr and 'to get it' in p.stderr
+    # torchvision's own advice names a flag that does not exist here
+    assert 'download=True' not in p.stderr and '--no_download was given' in p.stderr
 
 
 def test_bad_evaluation_input(tmp_path, mnist_dir):
@@ -149,6 +154,20 @@ def test_bad_evaluation_input(tmp_path, mnist_dir):
     assert p.returncode == 2 and '--saved_model' in p.stderr
     p = run('evaluate.py', *base, '--saved_model', str(tmp_path / 'm'), '--resume', check=False)
     assert p.returncode == 2 and 'give --out' in p.stderr
+    # a truncated file, a file that is not a checkpoint, one without a state_dict, NaN weights
+    good = open(str(tmp_path / 'm_best.pth'), 'rb').read()
+    open(str(tmp_path / 'cut_best.pth'), 'wb').write(good[:1000])
+    torch.save([1, 2, 3], str(tmp_path / 'list_best.pth'))
+    torch.save({'epoch': 3, 'err': 0.5}, str(tmp_path / 'nostate_best.pth'))
+    state = select_model('mnist', 'relux').state_dict()
+    state['0.weight'][0, 0, 0, 0] = float('nan')
+    torch.save({'state_dict': state}, str(tmp_path / 'nan_best.pth'))
+    for name, message in (('cut', 'cannot read checkpoint'), ('list', 'holds no state_dict'),
+                          ('nostate', 'holds no state_dict'), ('nan', "NaN or infinite weights in ['0.weight']")):
+        p = run('evaluate.py', *base, '--saved_model', str(tmp_path / name), check=False)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and 'Traceback' not in p.stderr, (name, p.stderr)
+        assert len(lines) == 1 and lines[0].startswith('error:') and message in lines[0], lines
 
 
 def test_audit_failure_exits_nonzero(tmp_path, mnist_dir, monkeypatch, capsys):
@@ -168,3 +187,26 @@ def test_audit_failure_exits_nonzero(tmp_path, mnist_dir, monkeypatch, capsys):
     assert e.value.code == evaluate.AUDIT_FAILED
     err = capsys.readouterr().err
     assert 'AUDIT FAILURE: test point' in err and 'certified at eps 3' in err
+
+
+def test_progress_lines_without_a_terminal(monkeypatch, capsys):
+    """Without a terminal an epoch of fewer than --verbose batches still prints progress at
+    least every PROGRESS_EVERY_S seconds (here 0: every batch; by default none in 4 quick
+    batches)."""
+    import train
+    from conftest import blob_loader, tiny_net
+    from local_bound import VectorStore, layer_input_shapes
+    from utils import argparser
+    args = argparser(['--verbose', '200', '--sniter', '1', '--rampup', '1', '--epsilon', '0.1',
+                      '--epsilon_train', '0.1'])
+    net = tiny_net('relux')
+    opt = torch.optim.Adam(net.parameters())
+
+    def epoch():
+        store = VectorStore(layer_input_shapes(net, (1, 8, 8)), 64)
+        train.train_epoch(net, blob_loader(64, batch=16), opt, args, 0, store, {},
+                          torch.device('cpu'), None, 0)
+        return capsys.readouterr().out.count('epoch 0 batch ')
+    assert epoch() == 0
+    monkeypatch.setattr(train, 'PROGRESS_EVERY_S', 0.0)
+    assert epoch() == 4

@@ -65,9 +65,11 @@ def test_tsv_agrees_with_summary_and_plots(tmp_path):
             head = f.read(8)
         assert head == b'\x89PNG\r\n\x1a\n' and len(open(p, 'rb').read()) > 5000
     radii, local, strict, glob = radius_data(header, rows)
-    assert radii == [0.1, 0.3, 0.6]
-    assert local == pytest.approx([100 * res['radii'][f"{e:g}"]['certified_acc'] for e in radii])
-    assert glob == pytest.approx([100 * res['radii'][f"{e:g}"]['certified_acc_global'] for e in radii])
+    assert radii == [0.0, 0.1, 0.3, 0.6]                       # radius 0: the clean accuracy
+    assert local[0] == strict[0] == glob[0] == pytest.approx(100 * res['clean_acc'])
+    assert local[1:] == pytest.approx([100 * res['radii'][f"{e:g}"]['certified_acc'] for e in radii[1:]])
+    assert glob[1:] == pytest.approx([100 * res['radii'][f"{e:g}"]['certified_acc_global']
+                                      for e in radii[1:]])
     ratio = tightness_data(rows)
     assert ratio == pytest.approx([r['local_bound'] / r['global_bound'] for r in rows])
     layers, frac = sparsity_data(header, rows)
@@ -93,8 +95,14 @@ def test_unconverged_evaluation_is_reported():
     assert res['unconverged'] == 32
     for v in res['radii'].values():
         assert v['certified_acc_converged_only'] == 0
+    assert not res['global_converged']        # one iteration: the global norms did not converge
+    from evaluate import GLOBAL_WARNING, radius_lines, summary_line
+    lines = radius_lines(res)
+    assert GLOBAL_WARNING in lines and all('NOT converged' in l for l in lines[:-1])
+    assert 'global iterations NOT converged' in summary_line(res)
     res = full_evaluation(net, blob_loader(32), eval_args(test_sniter=3000), DEVICE)
-    assert res['unconverged'] == 0
+    assert res['unconverged'] == 0 and res['global_converged']
+    assert GLOBAL_WARNING not in radius_lines(res) and 'NOT' not in summary_line(res)
 
 
 def test_audit_catches_a_shrunk_bound(monkeypatch):
