@@ -53,7 +53,9 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     assert p.stdout.count('epoch 0 |') == 1             # one summary line: rank 0 only
     assert 'final (' in p.stdout
     files = sorted(os.listdir(tmp_path))
-    assert 'ddp_tinyimagenet_relux_checkpoint.pth' in files and 'ddp_tinyimagenet_relux_best.pth' in files
+    # the best model is chosen only from epoch warmup + rampup = 1 on (the reference's rule)
+    assert 'ddp_tinyimagenet_relux_checkpoint.pth' in files and 'ddp_tinyimagenet_relux_best.pth' not in files
+    assert 'there is no best model' in p.stdout
     assert torch.load(str(tmp_path / 'ddp_tinyimagenet_relux_checkpoint.pth'), weights_only=False)['epoch'] == 0
     # --resume, distributed: continues at epoch 1 from rank 0's checkpoint and each rank's vectors
     p = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
