@@ -210,8 +210,9 @@ PROGRESS_EVERY_S = 60.0     # without a terminal, a progress line at least this 
 def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, writer, step0,
                 world=1, first=False):
     model.train()
-    keys = ('loss', 'clean_loss', 'robust_loss', 'clean_err', 'robust_err')
+    keys = ('loss', 'clean_loss', 'robust_loss', 'clean_err', 'robust_err', 'lip_ratio')
     sums = torch.zeros(len(keys), dtype=torch.float64, device=device)   # no per-step syncs
+    varying = {}     # activation index -> summed fraction of varying neurons (x batch size)
     n_seen = 0
     n_batches = len(loader)
     certified_epoch = epoch >= args.warmup
@@ -251,10 +252,15 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
             loss, clean, rob = certified_loss(res, y, kappa, args.gloro, sp, args.sparse)
             logits = res.logits
             rerr = (~res.certified(y)).sum()
+            with torch.no_grad():   # the paper's training figures: local / global bound, sparsity
+                ratio = (res.r_local / res.r_global.clamp_min(1e-30)).sum()
+                for k, d in res.masks.items():
+                    varying[k] = varying.get(k, 0) + d.flatten(1).mean(1).sum().double()
         else:
             logits = model(x)
             loss = clean = rob = torch.nn.functional.cross_entropy(logits, y)
             rerr = torch.tensor(float('nan'), device=device)
+            ratio = torch.tensor(float('nan'), device=device)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         average_gradients(model, world)
@@ -269,7 +275,7 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
         n_seen += b
         with torch.no_grad():
             sums += torch.stack([loss.detach() * b, clean.detach() * b, rob.detach() * b,
-                                 (logits.argmax(1) != y).sum(), rerr]).to(torch.float64)
+                                 (logits.argmax(1) != y).sum(), rerr, ratio]).to(torch.float64)
         # the previous step's loss is read now, while this step runs on the device: one
         # host sync per step that does not drain the GPU's queue
         if pending is not None:
@@ -277,9 +283,12 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
         pending = (i, loss.detach(), eps)
     if pending is not None:
         report(*pending)
-    totals = all_reduce_sum([*sums.unbind(), n_seen], device, world)
+    vkeys = sorted(varying)
+    totals = all_reduce_sum([*sums.unbind(), *(varying[k] for k in vkeys), n_seen], device, world)
     n = max(totals[-1], 1)
-    return {k: v / n for k, v in zip(keys, totals[:-1])}
+    out = {k: v / n for k, v in zip(keys, totals[:len(keys)])}
+    out.update({f"varying@{k}": v / n for k, v in zip(vkeys, totals[len(keys):-1])})
+    return out
 
 
 # ----------------------------------------------------------------------------------------

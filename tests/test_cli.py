@@ -210,3 +210,20 @@ def test_progress_lines_without_a_terminal(monkeypatch, capsys):
     assert epoch() == 0
     monkeypatch.setattr(train, 'PROGRESS_EVERY_S', 0.0)
     assert epoch() == 4
+
+
+def test_epoch_logs_the_training_figures():
+    """Each certified epoch reports the paper's training-figure quantities: the mean local /
+    global Lipschitz ratio (<= 1) and the fraction of varying neurons per activation."""
+    import train
+    from conftest import blob_loader, tiny_net
+    from local_bound import VectorStore, layer_input_shapes
+    from utils import argparser
+    args = argparser(['--sniter', '2', '--rampup', '1', '--epsilon', '0.2', '--epsilon_train', '0.2'])
+    net = tiny_net('relux')
+    store = VectorStore(layer_input_shapes(net, (1, 8, 8)), 64)
+    out = train.train_epoch(net, blob_loader(64, batch=16), torch.optim.Adam(net.parameters()),
+                            args, 0, store, {}, torch.device('cpu'), None, 0)
+    assert 0 < out['lip_ratio'] <= 1 + 1e-6
+    assert sorted(k for k in out if k.startswith('varying@')) == ['varying@1', 'varying@3', 'varying@6']
+    assert all(0 <= out[k] <= 1 for k in out if k.startswith('varying@'))
