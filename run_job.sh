@@ -98,7 +98,8 @@ case "$job" in
         # (4C3F relux, GloRo, sniter 5, opt_iter 10, init 2.0) on the first 12,000 Fashion-MNIST
         # training images at batch 64 (188 steps per epoch): eps ramp over 30 epochs (5,640
         # steps, 6x the 4-epoch run's 940) to 1.0, then 20 epochs at 1.0; lr decays from epoch
-        # 35. About 3 h per run on 2 CPU threads; add --resume to continue a killed run.
+        # 35. About 7 min per epoch at one thread (PARALLEL=1): ~6 h for both side by side;
+        # add --resume to continue a killed run.
         bounds=${1:-local global}
         shift || true
         for b in $bounds; do
