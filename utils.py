@@ -339,9 +339,10 @@ def argparser(argv=None, **overrides):
       "spectral norms (BCP-style baseline) through the same code")
     a('--sniter', type=int, default=d['sniter'], help="power iterations per training step")
     a('--pi_grad', choices=('all', 'last'), default='all', help="'all' (faithful): "
-      "differentiate through every per-sample power iteration; 'last' (faster, opt-in): "
-      "iterate without gradient and differentiate only the final product ||D W D u||, as "
-      "torch.nn.utils.spectral_norm does; changes the training gradients, not the bound")
+      "differentiate through every per-sample power iteration; 'last' (DEVIATION, faster, "
+      "opt-in): iterate without gradient and differentiate only the final estimate "
+      "v^T D W D u with v and u held fixed, as torch.nn.utils.spectral_norm does; changes the "
+      "training gradients, not the bound")
     a('--estimate', choices=('bilinear', 'forward'), default='bilinear', help="spectral-norm "
       "estimate of every power iteration, in training and certification: 'bilinear' "
       "(reference, v^T A u = ||A^T v|| with the last v and u); 'forward' (DEVIATION, opt-in: "
