@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data_load import get_loaders
-from local_bound import (KeptVectors, RandomVectors, check_supported, compute_bound, exact_float32,
-                         global_power_iteration)
+from local_bound import (KeptVectors, RandomVectors, compute_bound, exact_float32,
+                         global_power_iteration, layer_input_shapes)
 from utils import UserError, argparser, get_device, load_checkpoint, run_main, select_model
 
 AUDIT_FAILED = 3   # exit status when the audit breaks a certificate
@@ -359,17 +359,13 @@ def converged_global_vectors(model, loader, args, seed, device):
     """{affine layer: its global power-iteration vector [1, *in_shape]}, iterated from a
     seeded Gaussian start to tolerance 1e-4 (or --test_sniter iterations), once per
     evaluation; certification starts every batch from these."""
-    x0 = next(iter(loader))[0][:1].to(device)
+    shapes = layer_input_shapes(model, tuple(loader.dataset[0][0].shape))
     gen = torch.Generator(device=device).manual_seed(seed * 1000003 + 999983)
     out = {}
     with torch.no_grad(), exact_float32():
-        h = x0
-        last = check_supported(model)[-1]
-        for i, m in enumerate(model):
-            if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and i != last:
-                u = torch.randn(h.shape, generator=gen, device=device, dtype=h.dtype)
-                _, out[i], _ = global_power_iteration(m, u, args.test_sniter)
-            h = m(h)
+        for i, shape in shapes.items():
+            u = torch.randn((1, *shape), generator=gen, device=device)
+            _, out[i], _ = global_power_iteration(model[i], u, args.test_sniter)
     return out
 
 

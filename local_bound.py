@@ -126,10 +126,6 @@ def _norm(x: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vector_norm(x.flatten(1), dim=1).clamp_min(TINY)
 
 
-def _normalize(x: torch.Tensor) -> torch.Tensor:
-    return x / _bcast(_norm(x), x)
-
-
 class _Extremum(torch.autograd.Function):
     """torch.maximum / torch.minimum with the same values and the same gradients (the
     gradient goes to the larger / smaller input, split in halves on ties), in fewer passes
@@ -167,10 +163,22 @@ NORM_EPS = 1e-12    # normalize(t) = t / (||t|| + NORM_EPS), as the reference
 ESTIMATES = ('bilinear', 'forward')
 
 
-def _ref_normalize(t: torch.Tensor):
-    """(t / (||t|| + 1e-12), ||t||) per sample, the reference's normalisation."""
-    n = torch.linalg.vector_norm(t.flatten(1), dim=1)
-    return t / _bcast(n + NORM_EPS, t), n
+def _power_step(layer: nn.Module, x: torch.Tensor, in_shape, d_in=None, d_out=None):
+    """One power iteration on A = D_out W D_in from an already masked x [batch, *in_shape]
+    (spec section 9: v = normalize(D_out W x); u = normalize(D_in W^T v), normalize(t) =
+    t / (||t|| + 1e-12)). Returns (new unit u, ||A^T v|| [batch], z = A x, ||z|| + 1e-12).
+    v = z / (||z|| + 1e-12) is never divided out: A^T v = (A^T z) / that scale, so u and
+    ||A^T v|| are the reference's (to 1e-12 relative) with one full-size division less;
+    callers form v only where they need it (--pi_grad last)."""
+    z = apply_W(layer, x)
+    if d_out is not None:
+        z = z * d_out
+    zn = torch.linalg.vector_norm(z.flatten(1), dim=1) + NORM_EPS
+    t = apply_WT(layer, z, in_shape)
+    if d_in is not None:
+        t = t * d_in
+    tzn = torch.linalg.vector_norm(t.flatten(1), dim=1)
+    return t / _bcast(tzn + NORM_EPS * zn, t), tzn / zn, z, zn
 
 
 def _bilinear(tn: torch.Tensor) -> torch.Tensor:
@@ -202,8 +210,7 @@ def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     in_shape = u.shape[1:]
     u = u.detach()
     for _ in range(n_iter):
-        v, _ = _ref_normalize(apply_W(layer, u))
-        new, tn = _ref_normalize(apply_WT(layer, v, in_shape))
+        new, tn, _, _ = _power_step(layer, u, in_shape)
         with torch.no_grad():
             change = _norm(new - u).max()
         u = new
@@ -251,21 +258,8 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
         z = apply_W(layer, x)
         return z if do is None else z * do
 
-    def op_t(z, di):
-        x = apply_WT(layer, z, in_shape)
-        return x if di is None else x * di
-
     def step(x, di, do):
-        """One iteration from a masked x: (new unit u, ||A^T v||, z, ||z|| + 1e-12) with
-        z = A x and v = z / (||z|| + 1e-12). v is never divided out: A^T v = (A^T z) / that
-        scale, so u and ||A^T v|| are the reference's (to 1e-12 relative) with one full-size
-        division less; v is formed only where it is needed (--pi_grad last)."""
-        z = op(x, do)
-        zn = torch.linalg.vector_norm(z.flatten(1), dim=1) + NORM_EPS
-        t = op_t(z, di)
-        tzn = torch.linalg.vector_norm(t.flatten(1), dim=1)
-        new = t / _bcast(tzn + NORM_EPS * zn, t)
-        return new, tzn / zn, z, zn
+        return _power_step(layer, x, in_shape, di, do)
 
     batch = u.shape[0]
     u = u.detach()
@@ -288,12 +282,13 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
             with torch.no_grad():
                 change = _norm(new - u)
             u = new
-            v = z / _bcast(zn, z) if not differentiate_all and torch.is_grad_enabled() else None
             iters += 1
             if change.max().item() < tol:
                 break
         if n_iter > 0:
             converged = change < tol
+            if not differentiate_all and torch.is_grad_enabled():
+                v = z / _bcast(zn, z)         # --pi_grad last with the whole-batch loop
     else:
         with torch.no_grad():
             u, tn, v = _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged,
@@ -313,7 +308,7 @@ def _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged, kee
     (u, ||A^T v|| and v of each sample's last iteration; None, None without iterations)."""
     u = u.clone()
     tn = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
-    v, ran = None, False
+    v = None
     active = torch.arange(u.shape[0], device=u.device)
     for _ in range(n_iter):
         di = None if d_in is None else d_in[active]
@@ -325,7 +320,6 @@ def _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged, kee
         done = _norm(new - ua) < tol
         u[active] = new
         tn[active] = tna
-        ran = True
         if keep_v:
             v[active] = za / _bcast(zna, za)
         iters[active] += 1
@@ -333,7 +327,7 @@ def _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged, kee
         active = active[~done]
         if active.numel() == 0:
             break
-    return u, (tn if ran else None), v
+    return u, (tn if n_iter > 0 else None), v
 
 
 # ----------------------------------------------------------------------------------------
@@ -804,18 +798,17 @@ class StoredVectors:
         self.all_fresh = len(self.fresh_rows) == len(idx)
         self._idx_store = idx.to(store.device, non_blocking=True)
 
-    def _fresh(self, key, rows, shape):
+    def _fresh(self, key, idx, shape):
         st = self.store
-        return counter_normal(st.seed, st.epoch, self.idx[rows], key, shape, self.device)
+        return counter_normal(st.seed, st.epoch, idx, key, shape, self.device)
 
     def get(self, key: int, shape) -> torch.Tensor:
-        every = torch.arange(len(self.idx))
         if key not in self.store.data or self.all_fresh:
-            return self._fresh(key, every, shape)
+            return self._fresh(key, self.idx, shape)
         u = self.store.data[key][self._idx_store].to(self.device, torch.float32, non_blocking=True)
         if len(self.fresh_rows):
             rows = self.fresh_rows.to(self.device, non_blocking=True)
-            u[rows] = self._fresh(key, self.fresh_rows, shape)
+            u[rows] = self._fresh(key, self.idx[self.fresh_rows], shape)
         return u
 
     def put(self, key: int, u: torch.Tensor) -> None:

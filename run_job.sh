@@ -46,6 +46,26 @@ setup() {
     fi
 }
 
+fashion_bounds() {
+    # fashion_bounds DIR "BOUNDS" FLAGS...: the paper's MNIST recipe (4C3F relux, GloRo,
+    # sniter 5, opt_iter 10, init 2.0, eps 1.0) on Fashion-MNIST once per --bound in BOUNDS,
+    # saved as pretrained/DIR/<bound>_relux_*; PARALLEL=1 runs them side by side, one thread
+    # each, appending to pretrained/DIR_<bound>.log
+    local dir=$1 bounds=$2 b
+    shift 2
+    for b in $bounds; do
+        local cmd=("$PY" train_mnist.py --data fashionmnist --model relux --bound "$b" --gloro
+                   --sniter 5 --opt_iter 10 --init 2.0 --epsilon_train 1.0 --epsilon 1.0
+                   --prefix "$dir/$b" "$@")
+        if [ "${PARALLEL:-0}" = 1 ]; then
+            OMP_NUM_THREADS=1 "${cmd[@]}" >> "pretrained/${dir}_$b.log" 2>&1 &
+        else
+            "${cmd[@]}"
+        fi
+    done
+    wait
+}
+
 job=${1:-help}
 shift || true
 case "$job" in
@@ -80,40 +100,20 @@ case "$job" in
         # best epoch chosen on the first 1000 test images (as the reference does on its test set)
         bounds=${1:-local global}
         shift || true
-        for b in $bounds; do
-            cmd=("$PY" train_mnist.py --data fashionmnist --model relux --bound "$b" --gloro
-                 --sniter 5 --opt_iter 10 --init 2.0 --epsilon_train 1.0 --epsilon 1.0
-                 --epochs 4 --rampup 3 --more 0 --end_lr 1e-4 --n_test 1000 --seed 0
-                 --store_dtype float16 --prefix "fashionmnist/$b" "$@")
-            if [ "${PARALLEL:-0}" = 1 ]; then
-                OMP_NUM_THREADS=1 "${cmd[@]}" > "pretrained/fashionmnist_$b.log" 2>&1 &
-            else
-                "${cmd[@]}"
-            fi
-        done
-        wait ;;
+        fashion_bounds fashionmnist "$bounds" --epochs 4 --rampup 3 --more 0 --end_lr 1e-4 \
+            --n_test 1000 --seed 0 --store_dtype float16 "$@" ;;
     fashion_long)
         setup
         # the paper's central claim with room for its mechanism (issue 13): MNIST recipe
         # (4C3F relux, GloRo, sniter 5, opt_iter 10, init 2.0) on the first 12,000 Fashion-MNIST
         # training images at batch 64 (188 steps per epoch): eps ramp over 30 epochs (5,640
         # steps, 6x the 4-epoch run's 940) to 1.0, then 20 epochs at 1.0; lr decays from epoch
-        # 35. About 7 min per epoch at one thread (PARALLEL=1): ~6 h for both side by side;
-        # add --resume to continue a killed run.
+        # 35. About 12 min per epoch at one thread (PARALLEL=1): ~10 h for both side by
+        # side; add --resume to continue a killed run.
         bounds=${1:-local global}
         shift || true
-        for b in $bounds; do
-            cmd=("$PY" train_mnist.py --data fashionmnist --model relux --bound "$b" --gloro
-                 --sniter 5 --opt_iter 10 --init 2.0 --epsilon_train 1.0 --epsilon 1.0
-                 --n_train 12000 --batch_size 64 --epochs 50 --rampup 30 --more 10
-                 --n_test 1000 --prefix "fashionmnist_long/$b" "$@")
-            if [ "${PARALLEL:-0}" = 1 ]; then
-                OMP_NUM_THREADS=1 "${cmd[@]}" >> "pretrained/fashionmnist_long_$b.log" 2>&1 &
-            else
-                "${cmd[@]}"
-            fi
-        done
-        wait ;;
+        fashion_bounds fashionmnist_long "$bounds" --n_train 12000 --batch_size 64 --epochs 50 \
+            --rampup 30 --more 10 --n_test 1000 "$@" ;;
     fashion_report)
         setup
         bounds=${1:-local global}

@@ -220,7 +220,7 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
     pending = None
     last_line = [time.monotonic()]
 
-    def report(i, loss, eps):
+    def report(i, loss, eps, kappa):
         """Finiteness check, progress bar, TensorBoard and, without a terminal, a progress
         line every --verbose batches and at least once a minute."""
         lv = loss.item()
@@ -230,8 +230,7 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
         if writer is not None:
             writer.add_scalar('train/loss', lv, step0 + i)
             writer.add_scalar('train/eps', eps, step0 + i)
-            writer.add_scalar('train/kappa', batch_eps_kappa(args, epoch, i, n_batches)[1],
-                              step0 + i)
+            writer.add_scalar('train/kappa', kappa, step0 + i)
         bar.set_postfix(loss=f"{lv:.3f}", eps=f"{eps:.3f}", refresh=False)
         now = time.monotonic()
         if bar.disable and args.verbose and ((i + 1) % args.verbose == 0
@@ -280,7 +279,7 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
         # host sync per step that does not drain the GPU's queue
         if pending is not None:
             report(*pending)
-        pending = (i, loss.detach(), eps)
+        pending = (i, loss.detach(), eps, kappa)
     if pending is not None:
         report(*pending)
     vkeys = sorted(varying)
