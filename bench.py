@@ -10,8 +10,15 @@ train mode: in one process, interleaved, after warm-up, the median over --steps 
 on the same model and batch (random inputs in [0, 1]); reports both, their ratio, the peak
 memory of each (CUDA: max_memory_allocated; CPU: growth of the process's peak RSS) and the
 stored-vector bytes per sample.
-eval mode: certification of one --test_batch_size batch at --test_sniter (certified test
-points per second).
+eval mode: certification of the first --n_test points (default one --test_batch_size batch;
+random inputs without --saved_model) at the radii --radii (default --eps), by each of
+--methods, on the same points and in the same way as evaluate.py (power iteration: fresh
+vectors at the smallest radius, warm at the larger ones, global vectors converged once):
+  reference   whole-batch power iteration up to --test_sniter (the reference's loop)
+  early       our per-sample early stop (evaluate.py's default)
+  guaranteed  Lanczos upper bounds, each certificate false with probability <= --delta
+              (evaluate.py --certificate guaranteed; fresh starts at every radius)
+reports seconds, certified points per second and certified accuracy per radius and method.
 --vectors store: the certified step takes its per-sample vectors from a VectorStore, as the
 training loop does, on rows never written before (so every vector is a fresh draw of the
 store's own generator and all iterations run): it times the loop's real vector path.
@@ -65,6 +72,15 @@ def main(argv=None):
     p.add_argument('--test_batch_size', type=int, default=256, help="eval mode: batch size")
     p.add_argument('--test_sniter', type=int, default=2000, help="eval mode: power iterations")
     p.add_argument('--test_opt_iter', type=int, default=1000, help="eval mode: worst-case rounds")
+    p.add_argument('--methods', nargs='+', choices=('reference', 'early', 'guaranteed'),
+                   default=None, help="eval mode: certification methods to time (default: "
+                   "early, or reference with --batch_stop)")
+    p.add_argument('--radii', nargs='+', type=float, default=None, help="eval mode: radii "
+                   "(default --eps)")
+    p.add_argument('--n_test', type=int, default=None, help="eval mode: points (default "
+                   "--test_batch_size)")
+    p.add_argument('--delta', type=float, default=1e-4, help="eval mode, guaranteed: failure "
+                   "probability of each certificate")
     p.add_argument('--batch_stop', action='store_true', help="eval mode: hold the whole batch "
                    "to its slowest sample, as the reference does (the 'before' of per-sample stopping)")
     p.add_argument('--saved_model', default=None, help="eval mode: load P_best.pth and certify "
@@ -138,20 +154,8 @@ def main(argv=None):
         opt.step()
         clamp_thresholds(model)
 
-    fixed = None
     if a.saved_model:
         load_checkpoint(a.saved_model + '_best.pth', model, dev)
-        ds = get_dataset(a.data, a.data_dir, train=False, augment=False, download=False)
-        items = [ds[k] for k in range(a.test_batch_size)]
-        fixed = (torch.stack([t[0] for t in items]).to(dev),
-                 torch.tensor([int(t[1]) for t in items], device=dev))
-
-    def eval_batch():
-        x, y = batch(a.test_batch_size) if fixed is None else fixed
-        with torch.no_grad(), exact_float32():
-            compute_bound(model, x, y, a.eps, RandomVectors(a.test_batch_size, dev), gv,
-                          sniter=a.test_sniter, opt_iter=a.test_opt_iter,
-                          per_sample_stop=not a.batch_stop)
 
     def timed(fn):
         sync()
@@ -168,14 +172,7 @@ def main(argv=None):
            'batch_size': a.batch_size, 'sniter': a.sniter, 'mode': a.mode, 'pi_grad': a.pi_grad,
            'stored_vector_bytes_per_sample': per_sample, 'torch': torch.__version__}
     if a.mode == 'eval':
-        eval_batch()   # warm-up (also converges the global vectors)
-        times = [timed(eval_batch) for _ in range(max(1, a.steps // 5))]
-        out.update(eval_s=statistics.median(times), test_sniter=a.test_sniter,
-                   per_sample_stop=not a.batch_stop,
-                   points_per_s=a.test_batch_size / statistics.median(times))
-        print(f"{a.model} eval batch {a.test_batch_size} test_sniter {a.test_sniter} "
-              f"({'whole-batch' if a.batch_stop else 'per-sample'} stop): "
-              f"{out['eval_s']:.2f}s per batch, {out['points_per_s']:.1f} points/s")
+        out.update(eval_methods(a, model, dev, shape, classes, timed))
     else:
         # peak memory first, measured in a fresh order: certified grows RSS more on CPU
         clean_peak = peak(clean_step)
@@ -198,6 +195,69 @@ def main(argv=None):
               f"ratio {out['ratio']:.2f}x | peak memory clean {clean_peak / 2 ** 20:.1f} MiB, "
               f"certified {cert_peak / 2 ** 20:.1f} MiB | stored vectors {per_sample} B/sample")
     return write_json(out, a.json)
+
+
+def eval_methods(a, model, dev, shape, classes, timed):
+    """eval mode: certify the same points with every method of --methods (see the module
+    docstring); returns {'methods': {name: {seconds, points_per_s, certified_acc {radius: acc}}},
+    ...} and prints one line per method."""
+    from lanczos import GuaranteedNorms, guaranteed_certify
+    from local_bound import KeptVectors, global_power_iteration
+    methods = a.methods or (['reference'] if a.batch_stop else ['early'])
+    radii = sorted(a.radii or [a.eps])
+    n = a.n_test or a.test_batch_size
+    g = torch.Generator().manual_seed(a.seed)
+    if a.saved_model:
+        ds = get_dataset(a.data, a.data_dir, train=False, augment=False, download=False)
+        items = [ds[k] for k in range(min(n, len(ds)))]
+        xs = torch.stack([t[0] for t in items])
+        ys = torch.tensor([int(t[1]) for t in items])
+    else:
+        xs, ys = torch.rand(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
+    batches = [(xs[k:k + a.test_batch_size].to(dev), ys[k:k + a.test_batch_size].to(dev))
+               for k in range(0, len(xs), a.test_batch_size)]
+    model.eval()
+    res = {'radii': radii, 'n': len(xs), 'test_sniter': a.test_sniter,
+           'test_opt_iter': a.test_opt_iter, 'delta': a.delta, 'methods': {}}
+    for name in methods:
+        certified = {e: 0 for e in radii}
+        torch.manual_seed(a.seed)
+
+        def run():
+            if name == 'guaranteed':
+                norms = GuaranteedNorms(model, shape, a.delta, generator_seed=a.seed)
+            else:   # the global vectors, converged once (evaluate.py's converged_global_vectors)
+                gv0 = {}
+                with torch.no_grad(), exact_float32():
+                    for i, sh in layer_input_shapes(model, shape).items():
+                        u = torch.randn((1, *sh), device=dev)
+                        _, gv0[i], _ = global_power_iteration(model[i], u, a.test_sniter)
+            for x, y in batches:
+                if name == 'guaranteed':
+                    for e in radii:
+                        certified[e] += int(guaranteed_certify(
+                            model, x, y, e, norms, opt_iter=a.test_opt_iter)['certified'].sum())
+                    continue
+                vec, gv = KeptVectors(x.shape[0], dev), {k: v.clone() for k, v in gv0.items()}
+                for e in radii:
+                    with torch.no_grad(), exact_float32():
+                        r = compute_bound(model, x, y, e, vec, gv, sniter=a.test_sniter,
+                                          opt_iter=a.test_opt_iter, check=True,
+                                          per_sample_stop=(name == 'early'))
+                    certified[e] += int(r.certified(y).sum())
+        sec = timed(run)
+        res['methods'][name] = {'seconds': sec, 'points_per_s': len(xs) / sec,
+                                'certified_acc': {f"{e:g}": certified[e] / len(xs) for e in radii}}
+        accs = ', '.join(f"{100 * certified[e] / len(xs):.2f}% @{e:g}" for e in radii)
+        print(f"{a.model} eval {name:<10} n {len(xs)} radii {' '.join(f'{e:g}' for e in radii)} "
+              f"test_sniter {a.test_sniter}: {sec:.1f}s, {len(xs) / sec:.2f} points/s "
+              f"(all radii), certified {accs}", flush=True)
+    m = res['methods']
+    for slow in ('early', 'reference'):
+        if 'guaranteed' in m and slow in m:
+            res[f'speedup_vs_{slow}'] = m[slow]['seconds'] / m['guaranteed']['seconds']
+            print(f"guaranteed is {res[f'speedup_vs_{slow}']:.1f}x faster than {slow}")
+    return res
 
 
 def measure(fn, dev):

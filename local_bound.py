@@ -21,7 +21,7 @@ import contextlib
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -442,6 +442,7 @@ class BoundResult:
     converged: Optional[torch.Tensor] = None                         # [batch] bool, all layers
     global_converged: object = True      # 0-dim bool tensor: every global iteration converged
     worst_global: Optional[torch.Tensor] = None   # [batch, classes] a_iy with r_global
+    box: Optional[tuple] = None          # (lo, hi) [batch, hidden]: penultimate box - centre
 
     def worst_logits(self, y: torch.Tensor, worst: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z_i = logit_i + a_iy (i != y), z_y = logit_y.  [batch, classes]"""
@@ -490,7 +491,9 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
                   bound: str = 'local', tol: float = TOL, check: bool = False,
                   pi_grad: str = 'all', per_sample_stop: bool = True,
                   also_global: bool = False, estimate: str = 'bilinear',
-                  global_tol: float = GLOBAL_TOL, reference_nan: bool = False) -> BoundResult:
+                  global_tol: float = GLOBAL_TOL, reference_nan: bool = False,
+                  global_sigmas: Optional[Dict[int, torch.Tensor]] = None,
+                  local_norms: Optional[Callable] = None) -> BoundResult:
     """Local-Lip bound of ``model`` on the L2 eps-balls around ``x``.
 
     x: [batch, *input_shape]; y: [batch] labels; eps: float or [batch] radii (L2).
@@ -513,6 +516,11 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
     also_global: also compute ``worst_global``, the worst-case margins of the global bound
       (radius r_global = eps * prod ||W_i||_2, same box): what ``bound='global'`` gives once
       its per-sample iterations have converged, for the cost of one more worst-case step.
+    global_sigmas: {affine index: 0-dim tensor} spectral norms to use instead of the global
+      power iterations (``lanczos.GuaranteedNorms``: upper bounds); ``global_vectors`` is then
+      not used.
+    local_norms: ``f(i, layer, d_in, d_out, in_shape) -> [batch]`` per-sample norms of
+      D_out W D_in to use instead of the per-sample power iterations (``vectors`` unused).
     """
     if pi_grad not in ('all', 'last'):
         raise ValueError(f"pi_grad must be 'all' or 'last', got {pi_grad!r}")
@@ -544,6 +552,10 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
     def finish(entry, d_out):
         nonlocal log_lip, conv_all
         i, d_in, in_shape = entry
+        if local_norms is not None:
+            res.sigmas[i] = local_norms(i, model[i], d_in, d_out, in_shape)
+            log_lip = log_lip + torch.log(res.sigmas[i].clamp_min(1e-30))
+            return
         u0 = vectors.get(i, in_shape).to(x.dtype)
         pi = masked_power_iteration(model[i], u0, sniter, d_in, d_out, tol,
                                     grad_through=(pi_grad == 'all'),
@@ -565,11 +577,14 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
             if i == last:
                 break
             in_shape = tuple(mu.shape[1:])
-            if i not in global_vectors:
-                global_vectors[i] = torch.randn((1, *in_shape), device=x.device, dtype=x.dtype)
-            sigma_g, global_vectors[i], g_conv = global_power_iteration(
-                m, global_vectors[i], global_iter, global_tol, estimate)
-            res.global_converged = res.global_converged & g_conv
+            if global_sigmas is not None:
+                sigma_g = global_sigmas[i]
+            else:
+                if i not in global_vectors:
+                    global_vectors[i] = torch.randn((1, *in_shape), device=x.device, dtype=x.dtype)
+                sigma_g, global_vectors[i], g_conv = global_power_iteration(
+                    m, global_vectors[i], global_iter, global_tol, estimate)
+                res.global_converged = res.global_converged & g_conv
             # box by interval arithmetic, ball by the network's own forward
             centre, half = (lb + ub) / 2, (ub - lb) / 2
             both = m(torch.cat([mu, centre], 0))
@@ -615,6 +630,7 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
     res.converged = conv_all
     lo = torch.minimum(lb - mu, torch.zeros_like(mu))
     hi = torch.maximum(ub - mu, torch.zeros_like(mu))
+    res.box = (lo, hi)
     res.worst = worst_case_margins(final.weight, y, res.r_local, lo, hi, opt_iter, reference_nan)
     if also_global:
         res.worst_global = worst_case_margins(final.weight, y, res.r_global, lo, hi, opt_iter)

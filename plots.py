@@ -9,7 +9,7 @@ TSV); matplotlib is imported only when drawing.
 """
 import os
 
-from evaluate import read_tsv
+from report import read_tsv
 
 
 def radius_data(header, rows):

@@ -26,7 +26,8 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from data_load import get_loaders
-from evaluate import certify, full_evaluation, summary_line
+from certify import certify, full_evaluation
+from report import summary_line
 from local_bound import VectorStore, certified_loss, compute_bound, layer_input_shapes, sparsity_loss
 from utils import (UserError, argparser, atomic_save, checkpoint_base, clamp_thresholds,
                    get_device, load_checkpoint, run_main, seed_all, select_model)

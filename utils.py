@@ -380,8 +380,16 @@ def argparser(argv=None, **overrides):
     a('--audit', action='store_true', help="evaluate.py: attack every certified point inside "
       "its ball (PGD-L2 on the margin, --audit_restarts x --audit_steps, no clipping) and "
       "stop with exit status 3 if any certified prediction flips")
-    a('--audit_restarts', type=int, default=5, help="random restarts of the audit attack")
-    a('--audit_steps', type=int, default=200, help="steps of each audit attack")
+    a('--audit_restarts', type=int, default=2, help="random restarts of the audit attack "
+      "(2 x 100 steps: a 1000-point, 2-radius MNIST-size audit in minutes, see README)")
+    a('--audit_steps', type=int, default=100, help="steps of each audit attack")
+    a('--certificate', choices=('reference', 'guaranteed'), default='reference',
+      help="evaluate.py: 'reference': certificates from power-iteration norm estimates "
+      "(approached from below, as the reference); 'guaranteed': ALSO certificates whose every "
+      "spectral norm is a Lanczos upper bound false with probability <= --delta (per point "
+      "and radius, over the random starts; lanczos.py), columns certified_guaranteed@<eps>")
+    a('--delta', type=float, default=1e-4, help="evaluate.py --certificate guaranteed: "
+      "failure probability of each certificate (split over its norm bounds)")
     a('--plot_dir', default=None, help="evaluate.py: write the analysis PNGs here")
     a('--plots', action='store_true', help="evaluate.py: write the PNGs to <saved_model>_plots/")
     a('--markdown', action='store_true', help="evaluate.py: end with a markdown table")
@@ -430,6 +438,8 @@ def argparser(argv=None, **overrides):
                          ('starting_epsilon', [args.starting_epsilon])):
         if min(values) < 0:
             raise UserError(f"--{name} must be >= 0, got {min(values)}")
+    if not 0 < args.delta < 1:
+        raise UserError(f"--delta must be in (0, 1), got {args.delta}")
     if args.alpha is None:
         args.alpha = args.epsilon / 4
     if args.epsilon_pgd is None:

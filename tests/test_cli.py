@@ -58,7 +58,7 @@ def test_train_then_evaluate(tmp_path, mnist_dir):
     assert '| 0.1 |' in p.stdout and 'eps 0.1: certified acc local' in p.stdout
     for name in ('certified_vs_radius.png', 'tightness.png', 'sparsity.png'):
         assert os.path.getsize(os.path.join(prefix + '_relux_plots', name)) > 5000
-    from evaluate import read_tsv
+    from report import read_tsv
     header, rows = read_tsv(tsv)
     assert len(rows) == 64 and header[:8] == ['idx', 'label', 'pred', 'correct', 'pgd_correct',
                                               'local_bound', 'global_bound', 'margin']
@@ -171,7 +171,8 @@ def test_bad_evaluation_input(tmp_path, mnist_dir):
 
 
 def test_audit_failure_exits_nonzero(tmp_path, mnist_dir, monkeypatch, capsys):
-    """A wrong (shrunk) bound on purpose: the audit prints the sample and exits with 3."""
+    """A wrong (shrunk) bound on purpose: the audit with its default restarts and steps
+    prints the sample and exits with 3."""
     import local_bound
     import evaluate
     from utils import select_model
@@ -182,7 +183,7 @@ def test_audit_failure_exits_nonzero(tmp_path, mnist_dir, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         evaluate.main(['--data_dir', mnist_dir, '--no_download', '--n_test', '64',
                        '--test_sniter', '2', '--niter', '1', '--epsilon', '3.0', '--audit',
-                       '--audit_restarts', '1', '--audit_steps', '20', '--saved_model',
+                       '--saved_model',
                        str(tmp_path / 'm'), *device_flags()])
     assert e.value.code == evaluate.AUDIT_FAILED
     err = capsys.readouterr().err

@@ -8,7 +8,8 @@ import torch
 
 import local_bound
 from conftest import DEVICE, blob_loader, blobs, dev, trained_tiny
-from evaluate import check_expected, comparison_table, expected_results, full_evaluation, markdown_table, read_tsv
+from certify import full_evaluation
+from report import check_expected, comparison_table, expected_results, markdown_table, read_tsv
 from local_bound import RandomVectors, compute_bound
 from plots import make_plots, radius_data, sparsity_data, tightness_data
 from utils import UserError
@@ -96,7 +97,7 @@ def test_unconverged_evaluation_is_reported():
     for v in res['radii'].values():
         assert v['certified_acc_converged_only'] == 0
     assert not res['global_converged']        # one iteration: the global norms did not converge
-    from evaluate import GLOBAL_WARNING, radius_lines, summary_line
+    from report import GLOBAL_WARNING, radius_lines, summary_line
     lines = radius_lines(res)
     assert GLOBAL_WARNING in lines and all('NOT converged' in l for l in lines[:-1])
     assert 'global iterations NOT converged' in summary_line(res)
@@ -191,14 +192,14 @@ def test_certification_runs_without_tf32(monkeypatch):
     """Certification disables TF32 for CUDA convolutions and matmuls (10-bit mantissas
     perturb the products enough to break a bound) and restores the previous settings; the
     training step keeps PyTorch's settings."""
-    import evaluate
+    import certify
     seen = []
-    real = evaluate.compute_bound
+    real = certify.compute_bound
 
     def spy(*a, **k):
         seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
         return real(*a, **k)
-    monkeypatch.setattr(evaluate, 'compute_bound', spy)
+    monkeypatch.setattr(certify, 'compute_bound', spy)
     old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True

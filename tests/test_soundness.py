@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import DEVICE, blobs, dev, trained_tiny
-from evaluate import pgd_l2
+from certify import pgd_l2
 from local_bound import RandomVectors, compute_bound
 
 

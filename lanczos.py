@@ -1,0 +1,301 @@
+"""Spectral-norm UPPER bounds with a stated failure probability, and the certificates built on
+them (``evaluate.py --certificate guaranteed --delta D``).
+
+Power iteration approaches ||A||_2 from below, and "converged" only means its vector stopped
+moving, so a certificate built on it can be wrong. Here every norm the local bound uses is
+bounded from above:
+
+* Lanczos on B = A^T A (A = D_out W D_in, one sample's masked layer) from a Gaussian start
+  restricted to the sample's varying inputs, i.e. uniform on the unit sphere of that
+  n-dimensional subspace. After k steps the largest eigenvalue xi_k of the k x k tridiagonal
+  T_k satisfies (Kuczynski & Wozniakowski, SIAM J. Matrix Anal. Appl. 13, 1992, Lanczos
+  theorem) P(xi_k <= (1 - e) lambda_max(B)) <= 1.648 sqrt(n) exp(-(2k - 1) sqrt(e)).
+  Solving for e at probability delta gives the bound
+      ||A||_2 <= sqrt(xi_k (1 + ROUNDOFF) / (1 - e)),
+  false with probability at most delta over the random start. The formula is evaluated at
+  k - 1 for k Lanczos steps (whether the paper's k counts the last product or not, this is
+  the conservative reading), and ROUNDOFF = 1e-4 is a relative allowance for the float32
+  arithmetic of the products and the recurrence (float32 round-off in the computed Ritz value
+  is ~1e-6 relative here; tests compare with exact SVDs in float64).
+* Linear layers' global norms ||W||_2: exact, by SVD in float64 (deterministic).
+* Convolutions' global norms (the radius that propagates the ball and its box): the same
+  Lanczos bound on W^T W, once per model, GLOBAL_STEPS steps.
+
+The per-sample bound is never above the global one (||D_out W D_in|| <= ||W||), so it is
+min(Lanczos bound, global bound), and a sample whose layer has every input and output
+varying uses the global bound (the same operator) without any Lanczos step.
+
+Union bound: a certificate (one point, one radius) uses the per-sample bound of every affine
+layer but the last and the global bound of every convolution; each gets delta / (their
+number), and each per-sample bound is split again over the STAGES at which it may be read,
+so the data-dependent stop below costs nothing in validity. Each certificate is then false
+with probability at most ``delta`` (over the algorithm's random starts; nothing is assumed
+about the data).
+
+Staged certification (``guaranteed_certify``): first every sample with the global upper
+bounds (stage 0); then Lanczos on the remaining correctly classified samples, and at each
+stage k in STAGES a sample is decided: certified with the upper bounds, or hopeless when
+even the Ritz values (lower bounds, no inflation) do not certify it.
+"""
+import math
+from typing import Dict, Sequence
+
+import torch
+import torch.nn as nn
+
+from local_bound import (BoundError, BoundResult, apply_W, apply_WT, check_supported,
+                         compute_bound, exact_float32, layer_input_shapes, worst_case_margins)
+
+KW_CONST = 1.648        # Kuczynski & Wozniakowski's constant for the Lanczos algorithm
+ROUNDOFF = 1e-4         # relative allowance added to every eigenvalue bound (float32 arithmetic)
+STAGES = (32, 64, 128, 256)   # Lanczos steps at which a sample's certificate is decided
+GLOBAL_STEPS = 500      # Lanczos steps for a convolution's global norm (once per model)
+BREAKDOWN = 1e-7        # relative size of a Lanczos residual treated as an invariant subspace
+
+
+def kw_inflation(n, k: int, delta: float):
+    """e such that P(xi_k <= (1 - e) lambda_max) <= delta for k Lanczos steps on an n x n
+    positive semidefinite matrix from a uniformly random start (the bound above, evaluated
+    at k - 1). n: int or tensor [batch]; returns e of the same shape (1.0 = no bound)."""
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    kk = k - 1
+    if kk < 1:
+        return torch.ones_like(torch.as_tensor(n, dtype=torch.float64))
+    n = torch.as_tensor(n, dtype=torch.float64).clamp_min(1)
+    s = torch.log(KW_CONST * n.sqrt() / delta).clamp_min(0) / (2 * kk - 1)
+    return (s * s).clamp(max=1.0)
+
+
+def upper_from_ritz(xi: torch.Tensor, n, k: int, delta: float) -> torch.Tensor:
+    """Upper bound on sqrt(lambda_max) = ||A||_2 from the largest Ritz value xi [batch]
+    (float64) of k Lanczos steps: sqrt(xi (1 + ROUNDOFF) / (1 - e)); inf when e = 1."""
+    e = kw_inflation(n, k, delta).to(xi.device)
+    up = xi.clamp_min(0) * (1 + ROUNDOFF) / (1 - e)
+    return torch.where(e < 1, up, torch.full_like(up, math.inf)).sqrt()
+
+
+class Lanczos:
+    """Batched Lanczos on B = A^T A, A = D_out W D_in per sample (three-term recurrence, no
+    reorthogonalisation), continued stage by stage.
+
+    layer: Conv2d or Linear; d_in [batch, *in_shape] / d_out [batch, *out_shape]: 0/1 varying
+    indicators or None (all vary); the start is a Gaussian vector masked by d_in (uses the
+    torch default generator of its device)."""
+
+    def __init__(self, layer: nn.Module, d_in, d_out, in_shape, batch: int, device, dtype):
+        self.layer, self.d_in, self.d_out, self.in_shape = layer, d_in, d_out, tuple(in_shape)
+        q = torch.randn((batch, *self.in_shape), device=device, dtype=dtype)
+        if d_in is not None:
+            q = q * d_in
+        self.n = (torch.full((batch,), float(math.prod(self.in_shape)), dtype=torch.float64)
+                  if d_in is None else d_in.flatten(1).sum(1).double().cpu())
+        nq = torch.linalg.vector_norm(q.flatten(1), dim=1)
+        self.q = q / nq.clamp_min(1e-30).view(-1, *[1] * len(self.in_shape))
+        self.q_prev = torch.zeros_like(self.q)
+        self.beta = torch.zeros(batch, device=device, dtype=dtype)
+        self.alphas, self.betas = [], []
+        self.steps = 0
+
+    def _bcast(self, v):
+        return v.view(-1, *[1] * len(self.in_shape))
+
+    def apply_B(self, q):
+        z = apply_W(self.layer, q)
+        if self.d_out is not None:
+            z = z * self.d_out
+        t = apply_WT(self.layer, z, self.in_shape)
+        return t if self.d_in is None else t * self.d_in
+
+    def run(self, steps: int):
+        """Advance every sample to ``steps`` Lanczos steps in all."""
+        while self.steps < steps:
+            w = self.apply_B(self.q) - self._bcast(self.beta) * self.q_prev
+            a = (self.q * w).flatten(1).sum(1)
+            w = w - self._bcast(a) * self.q
+            b = torch.linalg.vector_norm(w.flatten(1), dim=1)
+            # an (almost) invariant Krylov space: the Ritz values are exact, stop this sample
+            dead = b <= BREAKDOWN * (a.abs() + self.beta)
+            b = torch.where(dead, torch.zeros_like(b), b)
+            self.q_prev = self.q
+            self.q = torch.where(self._bcast(dead), torch.zeros_like(w),
+                                 w / self._bcast(b.clamp_min(1e-30)))
+            self.beta = b
+            self.alphas.append(a)
+            self.betas.append(b)
+            self.steps += 1
+
+    def ritz_max(self) -> torch.Tensor:
+        """Largest eigenvalue of each sample's tridiagonal T [batch] (float64): a lower
+        bound on lambda_max(B) = ||A||_2^2 (exact arithmetic)."""
+        if not self.alphas:
+            raise ValueError("ritz_max before any Lanczos step")
+        a = torch.stack(self.alphas, 1).double()
+        b = torch.stack(self.betas[:-1], 1).double() if len(self.betas) > 1 else None
+        t = torch.diag_embed(a)
+        if b is not None:
+            t = t + torch.diag_embed(b, 1) + torch.diag_embed(b, -1)
+        return torch.linalg.eigvalsh(t.cpu())[:, -1].to(a.device)
+
+    def select(self, keep: torch.Tensor) -> None:
+        """Keep only the samples ``keep`` (indices into the current batch)."""
+        kc = keep.cpu()
+        self.q, self.q_prev, self.beta = self.q[keep], self.q_prev[keep], self.beta[keep]
+        self.alphas = [a[keep] for a in self.alphas]
+        self.betas = [b[keep] for b in self.betas]
+        self.n = self.n[kc]
+        self.d_in = None if self.d_in is None else self.d_in[keep]
+        self.d_out = None if self.d_out is None else self.d_out[keep]
+
+
+def lanczos_norm_bounds(layer, d_in, d_out, in_shape, batch, steps, delta, device, dtype):
+    """(lower, upper) [batch] float64 bounds on ||D_out W D_in||_2 after ``steps`` Lanczos
+    steps: lower = sqrt(Ritz value), upper false with probability <= delta each."""
+    lz = Lanczos(layer, d_in, d_out, in_shape, batch, device, dtype)
+    lz.run(steps)
+    xi = lz.ritz_max()
+    return xi.clamp_min(0).sqrt(), upper_from_ritz(xi, lz.n.to(xi.device), steps, delta)
+
+
+def n_operators(model: nn.Sequential) -> int:
+    """How many norm bounds one certificate uses: the per-sample bound of every affine layer
+    but the last, plus the global bound of every convolution among them."""
+    affine = check_supported(model)[:-1]
+    return len(affine) + sum(isinstance(model[i], nn.Conv2d) for i in affine)
+
+
+class GuaranteedNorms:
+    """Global spectral-norm bounds of every affine layer but the last, computed once per model:
+    ``upper[i]`` / ``lower[i]`` (0-dim tensors, model dtype, on the model's device) and the
+    failure probability ``delta_op`` each bound is given (delta / n_operators)."""
+
+    def __init__(self, model: nn.Sequential, input_shape, delta: float,
+                 global_steps: int = GLOBAL_STEPS, generator_seed: int = 0):
+        if not 0 < delta < 1:
+            raise ValueError(f"--delta must be in (0, 1), got {delta}")
+        self.delta = delta
+        self.delta_op = delta / n_operators(model)
+        p = next(model.parameters())
+        self.upper: Dict[int, torch.Tensor] = {}
+        self.lower: Dict[int, torch.Tensor] = {}
+        self.steps: Dict[int, int] = {}
+        shapes = layer_input_shapes(model, tuple(input_shape))
+        last = check_supported(model)[-1]
+        state = torch.random.get_rng_state()
+        cuda_state = torch.cuda.get_rng_state_all() if p.is_cuda else None
+        torch.manual_seed(generator_seed)
+        try:
+            with torch.no_grad(), exact_float32():
+                for i, shape in shapes.items():
+                    if i == last:
+                        continue
+                    m = model[i]
+                    if isinstance(m, nn.Linear):      # exact, deterministic
+                        s = torch.linalg.matrix_norm(m.weight.detach().double(), 2)
+                        lo, up = s, s * math.sqrt(1 + ROUNDOFF)
+                        self.steps[i] = 0
+                    else:
+                        lo, up = lanczos_norm_bounds(m, None, None, shape, 1, global_steps,
+                                                     self.delta_op, p.device, p.dtype)
+                        lo, up = lo[0], up[0]
+                        self.steps[i] = global_steps
+                    if not torch.isfinite(up):
+                        raise BoundError(f"layer {i} ({type(m).__name__}): no finite global "
+                                         f"norm bound after {global_steps} Lanczos steps")
+                    self.lower[i] = lo.to(device=p.device, dtype=p.dtype)
+                    self.upper[i] = up.to(device=p.device, dtype=p.dtype)
+        finally:
+            torch.random.set_rng_state(state)
+            if cuda_state is not None:
+                torch.cuda.set_rng_state_all(cuda_state)
+
+
+def _is_full(d, batch, device):
+    """[batch] bool: every entry of the indicator is 1 (None: all vary)."""
+    if d is None:
+        return torch.ones(batch, dtype=torch.bool, device=device)
+    return d.flatten(1).min(1).values > 0
+
+
+def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float,
+                       norms: GuaranteedNorms, *, opt_iter: int, bound: str = 'local',
+                       stages: Sequence[int] = STAGES) -> dict:
+    """Certificates of the local bound on the L2 eps-balls around x [batch, ...] (labels y
+    [batch]) whose spectral norms are all upper bounds (each false with probability
+    <= norms.delta_op; a certificate with probability <= norms.delta).
+
+    Returns per-sample tensors on x's device: 'certified' [batch] bool, 'lip' [batch] the
+    product of the norm upper bounds used (the guaranteed local Lipschitz bound when
+    certified or still undecided at the last stage, else the bound at the stage that decided),
+    'steps' [batch] int (largest Lanczos steps run on any of the sample's layers; 0 = decided
+    with the global bounds), 'margin' [batch] the margin with those bounds."""
+    b = x.shape[0]
+    ops = []          # (i, layer, d_in, d_out, in_shape) of every per-sample operator
+
+    def record(i, layer, d_in, d_out, in_shape):
+        ops.append((i, layer, d_in, d_out, in_shape))
+        return norms.upper[i].expand(b)
+
+    with torch.no_grad(), exact_float32():
+        res = compute_bound(model, x, y, eps, None, None, sniter=0, opt_iter=opt_iter,
+                            bound=bound, check=True, global_sigmas=norms.upper,
+                            local_norms=record)
+        final = model[check_supported(model)[-1]]
+        correct = res.logits.argmax(1) == y
+        certified = res.certified(y)
+        margin = res.margin(y)
+        lip = res.r_local / max(float(eps), 1e-30)
+        steps = torch.zeros(b, dtype=torch.long, device=x.device)
+        if eps <= 0 or not ops:
+            return {'certified': certified, 'lip': lip, 'steps': steps, 'margin': margin}
+        active = (correct & ~certified).nonzero().flatten()
+        # per operator: upper / lower bound of every sample (global ones to start with)
+        up = {i: norms.upper[i].double().expand(b).clone() for i, *_ in ops}
+        lo = {i: norms.lower[i].double().expand(b).clone() for i, *_ in ops}
+        need = {}     # operator -> (sample indices it runs on, Lanczos state)
+        for i, layer, d_in, d_out, in_shape in ops:
+            if active.numel() == 0:
+                break
+            full = _is_full(d_in, b, x.device) & _is_full(d_out, b, x.device)
+            idx = active[~full[active]]
+            if idx.numel():
+                lo[i][idx] = 0.0     # the global lower bound holds for the full operator only
+                need[i] = [idx, Lanczos(layer, None if d_in is None else d_in[idx],
+                                        None if d_out is None else d_out[idx], in_shape,
+                                        idx.numel(), x.device, x.dtype)]
+        delta_stage = norms.delta_op / len(stages)
+        lo_box, hi_box = res.box
+        for k in stages:
+            if active.numel() == 0:
+                break
+            for i, (idx, lz) in need.items():
+                if idx.numel() == 0:
+                    continue
+                lz.run(k)
+                xi = lz.ritz_max()
+                up[i][idx] = torch.minimum(up[i][idx], upper_from_ritz(
+                    xi, lz.n.to(xi.device), k, delta_stage))
+                lo[i][idx] = torch.maximum(lo[i][idx], xi.clamp_min(0).sqrt())
+                steps[idx] = k
+            a = active
+            prod_up = torch.stack([up[i][a] for i in up]).prod(0).to(x.dtype)
+            prod_lo = torch.stack([lo[i][a] for i in lo]).prod(0).to(x.dtype)
+            w_up = worst_case_margins(final.weight, y[a], eps * prod_up, lo_box[a], hi_box[a],
+                                      opt_iter)
+            w_lo = worst_case_margins(final.weight, y[a], eps * prod_lo, lo_box[a], hi_box[a],
+                                      opt_iter)
+            sub = BoundResult(logits=res.logits[a], worst=w_up, r_local=eps * prod_up,
+                              r_global=eps * prod_up)
+            cert_up, cert_lo = sub.certified(y[a]), sub.certified(y[a], w_lo)
+            certified[a] = cert_up
+            margin[a] = sub.margin(y[a])
+            lip[a] = prod_up
+            decided = cert_up | ~cert_lo
+            active = a[~decided]
+            for i in need:    # drop the decided samples from every Lanczos state
+                idx, lz = need[i]
+                keep = torch.isin(idx, active).nonzero().flatten()
+                lz.select(keep)
+                need[i][0] = idx[keep]
+    return {'certified': certified, 'lip': lip, 'steps': steps, 'margin': margin}
+

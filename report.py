@@ -1,0 +1,258 @@
+"""Reporting of evaluation results: the per-sample TSV rows, the results summary (JSON),
+the --expect record check and the text / markdown tables (no certification here)."""
+import math
+
+import torch
+
+from utils import UserError
+
+
+# ----------------------------------------------------------------------------------------
+# Per-sample rows
+# ----------------------------------------------------------------------------------------
+def tsv_columns(radii, act_layers, guaranteed=False):
+    g = ([f"certified_guaranteed@{e:g}" for e in radii] + ['guaranteed_bound', 'seconds_guaranteed']
+         if guaranteed else [])
+    return (['idx', 'label', 'pred', 'correct', 'pgd_correct', 'local_bound', 'global_bound',
+             'margin'] + [f"certified@{e:g}" for e in radii]
+            + [f"certified_global@{e:g}" for e in radii] + g + [f"varying@{i}" for i in act_layers]
+            + ['converged', 'global_converged', 'audited', 'broken', 'seconds'])
+
+
+INT_COLUMNS = ('idx', 'label', 'pred')
+
+
+def read_tsv(path):
+    """Rows of a TSV written by --out as dicts of floats (idx, label, pred as ints). A last
+    line cut off by an interrupted run is ignored."""
+    with open(path) as f:
+        text = f.read()
+    lines = text.split('\n')
+    header = lines[0].split('\t')
+    rows = []
+    for line in lines[1:-1]:        # the part after the last newline is incomplete or empty
+        parts = line.split('\t')
+        if len(parts) != len(header):
+            raise UserError(f"{path}: malformed row {line[:80]!r}")
+        row = {h: float(v) for h, v in zip(header, parts)}
+        for k in INT_COLUMNS:
+            row[k] = int(row[k])
+        rows.append(row)
+    return header, rows
+
+
+def _fmt(v):
+    if isinstance(v, (bool, int)):
+        return str(int(v))
+    return 'nan' if v != v else f"{v:.6g}"
+
+
+def batch_rows(idx, y, by_eps, radii, pgd, audit_counts, global_converged, seconds,
+               seconds_guaranteed=None):
+    """One row dict per sample of a batch (the TSV's columns, as Python numbers); with
+    ``seconds_guaranteed`` (--certificate guaranteed) also the guaranteed columns."""
+    first = by_eps[radii[0]]
+    converged = torch.stack([by_eps[e]['converged'] for e in radii]).all(0)
+    rows = []
+    for k in range(len(idx)):
+        row = {'idx': int(idx[k]), 'label': int(y[k]), 'pred': int(first['pred'][k]),
+               'correct': int(first['correct'][k]), 'pgd_correct': int(pgd[k]),
+               'local_bound': float(first['lip_local'][k]),
+               'global_bound': float(first['lip_global'][k]), 'margin': float(first['margin'][k])}
+        for e in radii:
+            row[f"certified@{e:g}"] = int(by_eps[e]['certified'][k])
+        for e in radii:
+            row[f"certified_global@{e:g}"] = int(by_eps[e]['certified_global'][k])
+        if seconds_guaranteed is not None:
+            for e in radii:
+                row[f"certified_guaranteed@{e:g}"] = int(by_eps[e]['certified_guaranteed'][k])
+            row['guaranteed_bound'] = float(first['lip_guaranteed'][k])
+            row['seconds_guaranteed'] = seconds_guaranteed
+        for i, v in first['varying'].items():
+            row[f"varying@{i}"] = float(v[k])
+        row.update(converged=int(converged[k]), global_converged=int(global_converged),
+                   audited=int(audit_counts[0][k]), broken=int(audit_counts[1][k]),
+                   seconds=seconds)
+        # floats as the TSV holds them, so a summary of read-back rows is the same
+        rows.append({k: float(_fmt(v)) if isinstance(v, float) else v for k, v in row.items()})
+    return rows
+
+
+def summarize(rows, radii, args, audit=False):
+    """The results dict (JSON-ready) of a list of rows: everything is counted per sample, so
+    a resumed evaluation gives the same summary as an uninterrupted one."""
+    n = max(len(rows), 1)
+    eps0 = radii[0]
+
+    def frac(f):
+        return sum(f(r) for r in rows) / n
+    per_radius = {}
+    for e in radii:
+        c, g = f"certified@{e:g}", f"certified_global@{e:g}"
+        per_radius[f"{e:g}"] = {'certified_acc': frac(lambda r: r[c]),
+                                'certified_acc_converged_only': frac(lambda r: r[c] * r['converged']),
+                                'certified_acc_global': frac(lambda r: r[g])}
+        if rows and f"certified_guaranteed@{e:g}" in rows[0]:
+            per_radius[f"{e:g}"]['certified_acc_guaranteed'] = frac(
+                lambda r: r[f"certified_guaranteed@{e:g}"])
+    layers = [k.split('@')[1] for k in (rows[0] if rows else {}) if k.startswith('varying@')]
+    first = per_radius[f"{eps0:g}"]
+    out = {
+        'clean_acc': frac(lambda r: r['correct']), 'pgd_acc': frac(lambda r: r['pgd_correct']),
+        'certified_acc': first['certified_acc'], 'epsilon': eps0, 'n': len(rows),
+        'bound': args.bound, 'certified_acc_converged_only': first['certified_acc_converged_only'],
+        'radii': per_radius,
+        'unconverged': sum(1 for r in rows if not r['converged']),
+        'global_converged': all(r['global_converged'] for r in rows),
+        'nan_bounds': sum(1 for r in rows if math.isnan(r['margin'])),
+        'varying_fraction': {i: frac(lambda r: r[f"varying@{i}"]) for i in layers},
+        'test_sniter': args.test_sniter, 'test_opt_iter': args.test_opt_iter,
+        'seconds': sum(r['seconds'] for r in rows),
+        'per_sample': [{'idx': r['idx'], 'label': r['label'], 'pred': r['pred'],
+                        'certified': bool(r[f"certified@{eps0:g}"]),
+                        'pgd_correct': bool(r['pgd_correct']),
+                        'margin': None if math.isnan(r['margin']) else r['margin'],
+                        'local_bound': r['local_bound'], 'converged': bool(r['converged']),
+                        **({'certified_guaranteed': bool(r[f"certified_guaranteed@{eps0:g}"])}
+                           if f"certified_guaranteed@{eps0:g}" in r else {})}
+                       for r in rows],
+    }
+    if rows and 'seconds_guaranteed' in rows[0]:
+        out['certificate'] = {'mode': 'guaranteed', 'delta': args.delta,
+                              'seconds_guaranteed': sum(r['seconds_guaranteed'] for r in rows)}
+    if audit:
+        out['audit'] = {'attacked': int(sum(r['audited'] for r in rows)),
+                        'broken': int(sum(r['broken'] for r in rows)),
+                        'restarts': args.audit_restarts, 'steps': args.audit_steps}
+    return out
+
+
+def _resume_rows(tsv_path, radii, loader_indices, certificate='reference'):
+    """Rows of an interrupted --out TSV that can be kept: whole batches only (a batch cut
+    off in the middle is certified again). Returns (header, rows, set of done batches)."""
+    header, rows = read_tsv(tsv_path)
+    want = [f"certified@{e:g}" for e in radii]
+    have = [h for h in header if h.startswith('certified@')]
+    if have != want or 'audited' not in header or (
+            ('seconds_guaranteed' in header) != (certificate == 'guaranteed')):
+        raise UserError(f"--resume: {tsv_path} was written with other radii, another "
+                        f"--certificate or by an older version ({', '.join(have)}); remove it "
+                        f"or choose another --out")
+    done = {r['idx'] for r in rows}
+    batches = {b for b, ids in enumerate(loader_indices) if all(i in done for i in ids)}
+    keep = {i for b in batches for i in loader_indices[b]}
+    return header, [r for r in rows if r['idx'] in keep], batches
+
+
+def expected_results(res):
+    """The numbers --expect compares, from a results dict: n, clean and certified accuracy
+    (reference count) per radius, in percent."""
+    return {'n': res['n'], 'clean_acc': round(100 * res['clean_acc'], 4),
+            'certified_acc': {e: round(100 * v['certified_acc'], 4) for e, v in res['radii'].items()}}
+
+
+def check_expected(res, expected, tol_pp=0.5):
+    """Messages for every number of ``expected`` (as written by expected_results) that
+    ``res`` misses by more than ``tol_pp`` percentage points; [] when all agree."""
+    got = expected_results(res)
+    bad = []
+    if got['n'] != expected['n']:
+        bad.append(f"n: evaluated {got['n']} points, the record is for {expected['n']}")
+    pairs = [('clean accuracy', got['clean_acc'], expected['clean_acc'])]
+    for e, want in expected['certified_acc'].items():
+        if e not in got['certified_acc']:
+            bad.append(f"certified accuracy at eps {e}: not evaluated (add it to --epsilon)")
+            continue
+        pairs.append((f"certified accuracy at eps {e}", got['certified_acc'][e], want))
+    for name, g, w in pairs:
+        if not abs(g - w) <= tol_pp:
+            bad.append(f"{name}: got {g:.2f}%, recorded {w:.2f}% (off by {g - w:+.2f} pp, "
+                       f"tolerance {tol_pp} pp)")
+    return bad
+
+
+def comparison_table(named):
+    """Markdown table of several results dicts ({name: results}, e.g. the models trained
+    with each bound): clean, PGD, certified accuracy (local / global bound) per radius,
+    unconverged points and the audit."""
+    radii = list(next(iter(named.values()))['radii'])
+    guaranteed = all('certificate' in r for r in named.values())
+    pgd_eps = next(iter(named.values()))['epsilon']
+    head = (["trained with", "clean", f"PGD @{pgd_eps:g}"]
+            + [f"certified @{e} (local / global bound{' / guaranteed' if guaranteed else ''})"
+               for e in radii]
+            + ["unconverged", "audit: broken / attacked"])
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, r in named.items():
+        cells = [name, f"{100 * r['clean_acc']:.2f}%", f"{100 * r['pgd_acc']:.2f}%"]
+        for e in radii:
+            v = r['radii'].get(e)
+            cells.append("-" if v is None else
+                         f"{100 * v['certified_acc']:.2f}% / {100 * v['certified_acc_global']:.2f}%"
+                         + (f" / {100 * v['certified_acc_guaranteed']:.2f}%" if guaranteed else ""))
+        a = r.get('audit')
+        cells += [f"{r['unconverged']} of {r['n']}",
+                  "-" if a is None else f"{a['broken']} / {a['attacked']}"]
+        rows.append("| " + " | ".join(cells) + " |")
+    return '\n'.join(rows)
+
+
+def summary_line(r):
+    s = (f"eps {r['epsilon']:.4g} n {r['n']}: clean err {100 * (1 - r['clean_acc']):.2f}% "
+         f"| PGD err {100 * (1 - r['pgd_acc']):.2f}% | certified err "
+         f"{100 * (1 - r['certified_acc']):.2f}% (certified acc {100 * r['certified_acc']:.2f}%, "
+         f"{100 * r['certified_acc_converged_only']:.2f}% counting unconverged as not certified; "
+         f"{r['unconverged']} unconverged, {r['nan_bounds']} NaN) [{r['seconds']:.0f}s]")
+    c = r.get('certificate')
+    if c:
+        g = r['radii'][f"{r['epsilon']:g}"]['certified_acc_guaranteed']
+        s += (f" | guaranteed certified acc {100 * g:.2f}% (each certificate false with "
+              f"probability <= {c['delta']:g}) [{c['seconds_guaranteed']:.0f}s]")
+    if 'audit' in r:
+        s += f" | audit: {r['audit']['broken']} of {r['audit']['attacked']} certified points broken"
+    if not r.get('global_converged', True):
+        s += " | global iterations NOT converged"
+    if r.get('normalization'):
+        s += " | eps in the NORMALISED input space ((x - mean) / 0.225, --normalization)"
+    return s
+
+
+GLOBAL_WARNING = ("WARNING: the global power iterations did not converge within --test_sniter: "
+                  "the global-bound numbers rest on underestimated norms and are not certificates")
+
+
+def radius_lines(r):
+    lines = []
+    g_note = "" if r['global_converged'] else " (global iterations NOT converged)"
+    for e, v in r['radii'].items():
+        lines.append(f"  eps {e}: certified acc local {100 * v['certified_acc']:.2f}% "
+                     f"(converged only {100 * v['certified_acc_converged_only']:.2f}%), "
+                     f"global {100 * v['certified_acc_global']:.2f}%{g_note}"
+                     + (f", guaranteed {100 * v['certified_acc_guaranteed']:.2f}% (delta "
+                        f"{r['certificate']['delta']:g})" if 'certified_acc_guaranteed' in v
+                        else ""))
+    if not r['global_converged']:
+        lines.append(GLOBAL_WARNING)
+    return lines
+
+
+def markdown_table(r):
+    c = r.get('certificate')
+    rows = ["| radius | clean acc | PGD acc | certified, local (reference count) | "
+            "certified, local (unconverged = not certified) | certified, global |"
+            + (f" certified, guaranteed (delta {c['delta']:g}) |" if c else ""),
+            "|---|---|---|---|---|---|" + ("---|" if c else "")]
+    for k, (e, v) in enumerate(r['radii'].items()):
+        pgd = f"{100 * r['pgd_acc']:.2f}%" if k == 0 else "-"
+        rows.append(f"| {e} | {100 * r['clean_acc']:.2f}% | {pgd} | {100 * v['certified_acc']:.2f}% | "
+                    f"{100 * v['certified_acc_converged_only']:.2f}% | "
+                    f"{100 * v['certified_acc_global']:.2f}% |"
+                    + (f" {100 * v['certified_acc_guaranteed']:.2f}% |" if c else ""))
+    rows.append("")
+    rows.append(f"n = {r['n']} test points, test_sniter {r['test_sniter']}, test_opt_iter "
+                f"{r['test_opt_iter']}; unconverged: {r['unconverged']}; NaN bounds: "
+                f"{r['nan_bounds']}; global power iterations converged: {r['global_converged']}"
+                + (f"; audit: {r['audit']['broken']} of {r['audit']['attacked']} certified "
+                   f"(point, radius) pairs broken by {r['audit']['restarts']} x "
+                   f"{r['audit']['steps']}-step PGD-L2" if 'audit' in r else ""))
+    return '\n'.join(rows)
