@@ -172,7 +172,7 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
         print(f"guaranteed certificates (delta {args.delta:g}): global norm bounds in "
               f"{time.time() - t0:.1f}s; each of {round(args.delta / norms.delta_op)} norm "
               f"bounds per certificate fails with probability <= {norms.delta_op:.3g}", flush=True)
-    tsv = None
+    tsv, audit_seconds = None, 0.0
     if tsv_path:
         os.makedirs(os.path.dirname(tsv_path) or '.', exist_ok=True)
         if header is not None:      # keep the finished batches (atomically), then append
@@ -204,11 +204,13 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
                 g_conv &= by_eps[e]['global_converged']
             pgd = pgd_correct_batch(model, x, y, eps0, args.alpha, args.niter)
             audited, broken = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)
+            t_audit = time.time()
             if audit:
                 for e in radii:
                     sel, brk = _audit_certified(model, x, y, idx, e, by_eps[e]['certified'], args)
                     audited += sel.long()
                     broken += brk.long()
+            audit_seconds += time.time() - t_audit
             seconds = (time.time() - t0) / b
             g_seconds = None
             if guaranteed:     # after the rest, from its own seed: the other columns do not change
@@ -237,7 +239,10 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
         if tsv is not None:
             tsv.close()
     rows.sort(key=lambda r: r['idx'])
-    return summarize(rows, radii, args, audit)
+    out = summarize(rows, radii, args, audit)
+    if audit:      # of this run (a resumed run: of its new batches only)
+        out['audit']['seconds_this_run'] = audit_seconds
+    return out
 
 
 def converged_global_vectors(model, loader, args, seed, device):

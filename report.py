@@ -210,6 +210,8 @@ def summary_line(r):
               f"probability <= {c['delta']:g}) [{c['seconds_guaranteed']:.0f}s]")
     if 'audit' in r:
         s += f" | audit: {r['audit']['broken']} of {r['audit']['attacked']} certified points broken"
+        if 'seconds_this_run' in r['audit']:
+            s += f" [{r['audit']['seconds_this_run']:.0f}s]"
     if not r.get('global_converged', True):
         s += " | global iterations NOT converged"
     if r.get('normalization'):
