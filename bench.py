@@ -202,7 +202,8 @@ def eval_methods(a, model, dev, shape, classes, timed):
     docstring); returns {'methods': {name: {seconds, points_per_s, certified_acc {radius: acc}}},
     ...} and prints one line per method."""
     from lanczos import GuaranteedNorms, guaranteed_certify
-    from local_bound import KeptVectors, global_power_iteration
+    from certify import converged_global_vectors
+    from local_bound import KeptVectors
     methods = a.methods or (['reference'] if a.batch_stop else ['early'])
     radii = sorted(a.radii or [a.eps])
     n = a.n_test or a.test_batch_size
@@ -226,12 +227,8 @@ def eval_methods(a, model, dev, shape, classes, timed):
         def run():
             if name == 'guaranteed':
                 norms = GuaranteedNorms(model, shape, a.delta, generator_seed=a.seed)
-            else:   # the global vectors, converged once (evaluate.py's converged_global_vectors)
-                gv0 = {}
-                with torch.no_grad(), exact_float32():
-                    for i, sh in layer_input_shapes(model, shape).items():
-                        u = torch.randn((1, *sh), device=dev)
-                        _, gv0[i], _ = global_power_iteration(model[i], u, a.test_sniter)
+            else:   # the global vectors, converged once, as evaluate.py does
+                gv0 = converged_global_vectors(model, shape, a.test_sniter, a.seed, dev)
             for x, y in batches:
                 if name == 'guaranteed':
                     for e in radii:

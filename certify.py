@@ -162,7 +162,8 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
                                           getattr(args, 'certificate', 'reference'))
         print(f"resuming {tsv_path}: {len(rows)} points done, {len(indices) - len(skip)} of "
               f"{len(indices)} batches to go", flush=True)
-    base_global = converged_global_vectors(model, loader, args, seed, device)
+    base_global = converged_global_vectors(model, tuple(loader.dataset[0][0].shape),
+                                           args.test_sniter, seed, device)
     guaranteed = getattr(args, 'certificate', 'reference') == 'guaranteed'
     norms = None
     if guaranteed:      # the global norm bounds, once per model (seeded: reproducible)
@@ -245,17 +246,18 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
     return out
 
 
-def converged_global_vectors(model, loader, args, seed, device):
-    """{affine layer: its global power-iteration vector [1, *in_shape]}, iterated from a
-    seeded Gaussian start to tolerance 1e-4 (or --test_sniter iterations), once per
-    evaluation; certification starts every batch from these."""
-    shapes = layer_input_shapes(model, tuple(loader.dataset[0][0].shape))
+def converged_global_vectors(model, input_shape, sniter, seed, device):
+    """{affine layer: its global power-iteration vector [1, *in_shape]} for inputs of
+    ``input_shape`` (one sample, no batch axis), iterated from a seeded Gaussian start to
+    tolerance 1e-4 (or ``sniter`` iterations), once per evaluation; certification starts
+    every batch from these."""
+    shapes = layer_input_shapes(model, tuple(input_shape))
     gen = torch.Generator(device=device).manual_seed(seed * 1000003 + 999983)
     out = {}
     with torch.no_grad(), exact_float32():
         for i, shape in shapes.items():
             u = torch.randn((1, *shape), generator=gen, device=device)
-            _, out[i], _ = global_power_iteration(model[i], u, args.test_sniter)
+            _, out[i], _ = global_power_iteration(model[i], u, sniter)
     return out
 
 

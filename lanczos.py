@@ -178,7 +178,6 @@ class GuaranteedNorms:
         p = next(model.parameters())
         self.upper: Dict[int, torch.Tensor] = {}
         self.lower: Dict[int, torch.Tensor] = {}
-        self.steps: Dict[int, int] = {}
         shapes = layer_input_shapes(model, tuple(input_shape))
         last = check_supported(model)[-1]
         state = torch.random.get_rng_state()
@@ -193,12 +192,10 @@ class GuaranteedNorms:
                     if isinstance(m, nn.Linear):      # exact, deterministic
                         s = torch.linalg.matrix_norm(m.weight.detach().double(), 2)
                         lo, up = s, s * math.sqrt(1 + ROUNDOFF)
-                        self.steps[i] = 0
                     else:
                         lo, up = lanczos_norm_bounds(m, None, None, shape, 1, global_steps,
                                                      self.delta_op, p.device, p.dtype)
                         lo, up = lo[0], up[0]
-                        self.steps[i] = global_steps
                     if not torch.isfinite(up):
                         raise BoundError(f"layer {i} ({type(m).__name__}): no finite global "
                                          f"norm bound after {global_steps} Lanczos steps")
