@@ -1,13 +1,26 @@
-"""Analysis plots drawn from the per-sample TSV of ``evaluate.py --out``.
+"""Figures: analysis plots from the per-sample TSV of ``evaluate.py --out``, and the paper's
+training curves from the TensorBoard scalars that train.py writes.
 
+From the TSV (``evaluate.py --plots``):
   certified_vs_radius.png  certified accuracy against the L2 radius, local and global bound
   tightness.png            histogram of local_bound / global_bound per test point
   sparsity.png             fraction of varying neurons per activation layer (first radius)
 
+From TensorBoard runs (``python plots.py --runs local=DIR global=DIR --out DIR``), one curve
+per run, per training epoch:
+  clean_loss.png   train/clean_loss_epoch   (cross-entropy of the clean logits)
+  robust_loss.png  train/robust_loss_epoch  (cross-entropy of the worst-case logits)
+  lip_ratio.png    train/lip_ratio_epoch    (mean local / global Lipschitz bound of the
+                                             training batches, at the batch's radius)
+  varying.png      train/varying@<k>_epoch  (fraction of varying neurons per activation)
+  test_error.png   test/clean_err, test/certified_err (at that epoch's radius)
+
 Each ``*_data`` function returns the numbers its figure shows (tests compare them with the
-TSV); matplotlib is imported only when drawing.
+inputs); matplotlib is imported only when drawing.
 """
+import argparse
 import os
+import sys
 
 from report import read_tsv
 
@@ -109,3 +122,167 @@ def make_plots(tsv_path, out_dir, title=''):
                  f"(n = {n})")
     paths.append(_save(fig, out_dir, 'sparsity.png'))
     return paths
+
+
+# ----------------------------------------------------------------------------------------
+# Training curves from TensorBoard event files
+# ----------------------------------------------------------------------------------------
+TRAINING_FIGURES = (     # file, tag, y label
+    ('clean_loss.png', 'train/clean_loss_epoch', 'clean loss (training, per epoch)'),
+    ('robust_loss.png', 'train/robust_loss_epoch', 'robust loss (training, per epoch)'),
+    ('lip_ratio.png', 'train/lip_ratio_epoch', 'local / global Lipschitz bound (training)'),
+)
+
+
+def read_scalars(tb_dir):
+    """{tag: {step: value}} of every scalar in the TensorBoard event files under ``tb_dir``
+    (one file per run of train.py: a resumed run adds one). Events are taken in the order
+    they were written (wall time), so a step written twice, an epoch redone after --resume,
+    keeps its last value."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+    from tensorboard.util import tensor_util
+    files = sorted(os.path.join(tb_dir, f) for f in os.listdir(tb_dir) if 'tfevents' in f) \
+        if os.path.isdir(tb_dir) else []
+    if not files:
+        raise FileNotFoundError(f"no TensorBoard event files in {tb_dir}")
+    events = []
+    for path in files:
+        for ev in EventFileLoader(path).Load():
+            for v in ev.summary.value:
+                if v.HasField('simple_value'):
+                    val = float(v.simple_value)
+                elif v.HasField('tensor'):
+                    val = float(tensor_util.make_ndarray(v.tensor).reshape(-1)[0])
+                else:
+                    continue
+                events.append((ev.wall_time, v.tag, int(ev.step), val))
+    out = {}
+    for _, tag, step, val in sorted(events, key=lambda e: e[0]):
+        out.setdefault(tag, {})[step] = val
+    return out
+
+
+def series(scalars, tag):
+    """(steps, values) of one tag, by step; empty lists when the run never logged it."""
+    d = scalars.get(tag, {})
+    steps = sorted(d)
+    return steps, [d[k] for k in steps]
+
+
+def ramp_end_epoch(scalars):
+    """The first epoch after which the radius is at its final value (from test/eps, the
+    radius of the next epoch), or None while the largest radius logged so far has been
+    logged only once (the ramp may still be going on)."""
+    steps, eps = series(scalars, 'test/eps')
+    at_max = [s for s, e in zip(steps, eps) if e >= max(eps, default=0) * (1 - 1e-6)]
+    return at_max[0] if len(at_max) >= 2 else None
+
+
+def varying_data(scalars):
+    """{activation index: (epochs, fraction of varying neurons)} of one run."""
+    out = {}
+    for tag in scalars:
+        if tag.startswith('train/varying@') and tag.endswith('_epoch'):
+            out[int(tag[len('train/varying@'):-len('_epoch')])] = series(scalars, tag)
+    return dict(sorted(out.items()))
+
+
+def make_training_plots(runs, out_dir, title=''):
+    """Draw the training figures (see the module docstring) of ``runs`` {label: tb_dir}
+    into ``out_dir``; returns their paths."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    data = {label: read_scalars(d) for label, d in runs.items()}
+    os.makedirs(out_dir, exist_ok=True)
+    colors = ['tab:blue', 'tab:red', 'tab:green', 'tab:purple']
+    styles = ['-', '--', ':', '-.']
+    suffix = f" - {title}" if title else ''
+    paths = []
+
+    def mark_ramp(ax):
+        from matplotlib.ticker import MaxNLocator
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ends = {ramp_end_epoch(sc) for sc in data.values()} - {None}
+        for e in ends:
+            ax.axvline(e, color='gray', ls=':', lw=1)
+        if ends:
+            ax.text(min(ends), ax.get_ylim()[1], ' radius at its final value', color='gray',
+                    fontsize=8, va='top')
+
+    for name, tag, ylabel in TRAINING_FIGURES:
+        fig, ax = plt.subplots(figsize=(6, 4.2))
+        for k, (label, sc) in enumerate(data.items()):
+            x, y = series(sc, tag)
+            ax.plot(x, y, 'o-', ms=3, color=colors[k % 4], label=label)
+        ax.set_xlabel('epoch')
+        ax.set_ylabel(ylabel)
+        if name == 'lip_ratio.png':
+            ax.set_ylim(0, 1.05)
+        ax.grid(alpha=0.3)
+        ax.legend()
+        mark_ramp(ax)
+        ax.set_title(ylabel.split(' (')[0] + suffix)
+        paths.append(_save(fig, out_dir, name))
+
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    cmap = plt.get_cmap('viridis')
+    for k, (label, sc) in enumerate(data.items()):
+        layers = varying_data(sc)
+        for j, (idx, (x, y)) in enumerate(layers.items()):
+            ax.plot(x, [100 * v for v in y], styles[k % 4], color=cmap(j / max(len(layers) - 1, 1)),
+                    label=f"{label}: activation {j + 1} [{idx}]")
+    ax.set_xlabel('epoch')
+    ax.set_ylabel('varying neurons (% of the layer, training)')
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    mark_ramp(ax)
+    ax.set_title('Varying neurons per activation' + suffix)
+    paths.append(_save(fig, out_dir, 'varying.png'))
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for k, (label, sc) in enumerate(data.items()):
+        for tag, st, what in (('test/clean_err', 'o-', 'clean'),
+                              ('test/certified_err', 's--', 'certified')):
+            x, y = series(sc, tag)
+            ax.plot(x, [100 * v for v in y], st, ms=3, color=colors[k % 4],
+                    label=f"{label}: {what}")
+    ax.set_xlabel('epoch')
+    ax.set_ylabel("test error (%), certified at that epoch's radius")
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    mark_ramp(ax)
+    ax.set_title('Test error during training' + suffix)
+    paths.append(_save(fig, out_dir, 'test_error.png'))
+    return paths
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description='Training curves (PNG) from TensorBoard runs of '
+                                'train.py; see the module docstring for the figures.')
+    p.add_argument('--runs', nargs='+', required=True, metavar='LABEL=DIR',
+                   help='one LABEL=DIR per run: DIR is the run\'s TensorBoard folder '
+                        '(<prefix>_<model>_tb), LABEL its name in the legends')
+    p.add_argument('--out', required=True, help='folder the PNGs are written to')
+    p.add_argument('--title', default='', help='appended to every figure\'s title')
+    a = p.parse_args(argv)
+    runs = {}
+    for r in a.runs:
+        label, sep, d = r.partition('=')
+        if not sep or not label or not d:
+            p.error(f"--runs takes LABEL=DIR, got {r!r}")
+        runs[label] = d
+    try:
+        paths = make_training_plots(runs, a.out, a.title)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(path)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

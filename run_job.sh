@@ -13,9 +13,13 @@
 #                2 CPU cores); PARALLEL=1 runs both side by side, one thread each
 #   fashion_long [local|global]    the longer comparison (12k images, 50 epochs, ramp 30;
 #                ~3 h per run on 2 CPU threads; PARALLEL=1 runs both; --resume continues)
-#   fashion_report [local|global]  evaluate pretrained/fashionmnist/* on the full test set
+#   fashion_report [local|global]  evaluate pretrained/$RUN/* on the full test set
 #                (radii 0.5 1.0 1.58, test_sniter 2000, 2 x 100-step audit, plots), resumable:
-#                rerun to continue; then the combined markdown table. Env: N_TEST (0 = all)
+#                rerun to continue; then the combined markdown table. Env: N_TEST (0 = all),
+#                RUN (fashionmnist; fashionmnist_long for the long comparison)
+#   fashion_curves     the training figures (clean/robust loss, local/global ratio, varying
+#                neurons, test error per epoch) of pretrained/$RUN/{local,global}_relux_tb,
+#                PNGs in pretrained/$RUN/figures/. Env: RUN (fashionmnist_long)
 #   check_pretrained   re-evaluate the bundled local-bound model on the first 500 test images
 #                and fail (exit 4) if clean or certified accuracy moves by > 0.5 points (CI)
 #   mnist_relu | cifar_relu_4c3f | cifar_relu_6c2f | cifar_relu_6c2f_gloro | cifar_maxmin_6c2f
@@ -118,15 +122,21 @@ case "$job" in
         setup
         bounds=${1:-local global}
         shift || true
+        R=pretrained/${RUN:-fashionmnist}
         for b in $bounds; do
-            P=pretrained/fashionmnist/${b}_relux
+            P=$R/${b}_relux
             "$PY" evaluate.py --data fashionmnist --model relux \
                 --epsilon 0.5 1.0 1.58 --n_test "${N_TEST:-0}" --test_sniter 2000 \
                 --saved_model "$P" --out "${P}_report.tsv" --results "${P}_report.json" \
                 --audit --audit_restarts 2 --audit_steps 100 --plots --markdown --resume "$@"
         done
-        "$PY" evaluate.py --compare local=pretrained/fashionmnist/local_relux_report.json \
-            global=pretrained/fashionmnist/global_relux_report.json ;;
+        "$PY" evaluate.py --compare local=$R/local_relux_report.json \
+            global=$R/global_relux_report.json ;;
+    fashion_curves)
+        setup
+        R=pretrained/${RUN:-fashionmnist_long}
+        "$PY" plots.py --runs local="$R/local_relux_tb" global="$R/global_relux_tb" \
+            --out "$R/figures" --title "$(basename "$R")" "$@" ;;
     check_pretrained)
         setup
         if [ ! -d /usr/share/datasets/fashion-mnist ] && [ ! -d data/FashionMNIST ]; then

@@ -10,6 +10,8 @@ import time
 import pytest
 import torch
 
+from plots import ramp_end_epoch, read_scalars, series, varying_data
+
 from conftest import DEVICE, ROOT, device_flags
 
 FAST = ['--data_dir', None, '--no_download', '--batch_size', '64', '--test_batch_size', '64',
@@ -45,7 +47,13 @@ def test_train_then_evaluate(tmp_path, mnist_dir):
     assert ck['epoch'] == 1 and ck['args']['epochs'] == 2 and 'optimizer' in ck
     b = torch.load(best, weights_only=False)
     assert 'optimizer' not in b and b['args']['model'] == 'relux'
-    assert os.listdir(prefix + '_relux_tb')               # TensorBoard events
+    # TensorBoard: the per-epoch scalars the training figures (plots.py --runs) read
+    sc = read_scalars(prefix + '_relux_tb')
+    for tag in ('train/clean_loss_epoch', 'train/robust_loss_epoch', 'test/eps'):
+        assert series(sc, tag)[0] == [0, 1], tag
+    ratio = series(sc, 'train/lip_ratio_epoch')[1]
+    assert 0 < ratio[1] <= 1 + 1e-6
+    assert len(varying_data(sc)) == 6 and ramp_end_epoch(sc) == 0
     out = str(tmp_path / 'res.json')
     tsv = str(tmp_path / 'rows.tsv')
     p = run('evaluate.py', '--data', 'mnist', '--model', 'relux', '--data_dir', mnist_dir,
