@@ -37,10 +37,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from local_bound import (RandomVectors, VectorStore, certified_loss, compute_bound, exact_float32,
+from local_bound import (RandomVectors, VectorStore, compute_bound, exact_float32,
                          layer_input_shapes,
                          worst_case_margins, worst_case_margins_all_pairs)
 from data_load import get_dataset
+from train import start_global_vectors, step_function
 from utils import clamp_thresholds, load_checkpoint, select_model
 
 INPUT = {'mnist': (1, 28, 28), 'fashionmnist': (1, 28, 28), 'cifar10': (3, 32, 32),
@@ -99,6 +100,9 @@ def main(argv=None):
                    "--device, or auto (as training chooses)")
     p.add_argument('--tf32', choices=('default', 'on', 'off'), default='default', help="CUDA: "
                    "TF32 for convolutions and matmuls in the timed steps (default: PyTorch's)")
+    p.add_argument('--compile', action='store_true', help="train mode: the certified step "
+                   "through torch.compile (train.py --compile; 'reduce-overhead' on CUDA); "
+                   "compiled during the warm-up steps (raise --warmup)")
     p.add_argument('--profile', type=int, default=0, help="train mode: profile this many "
                    "certified steps after the timing (torch.profiler) and print a summary")
     a = p.parse_args(argv)
@@ -143,12 +147,24 @@ def main(argv=None):
         next_row[0] += n
         return store.batch(idx, dev)
 
+    # the training loop's certified step (train.certified_step; --compile: compiled)
+    step_args = argparse.Namespace(sniter=a.sniter, opt_iter=a.opt_iter, bound='local',
+                                   pi_grad=a.pi_grad, estimate='bilinear', sparse=0.0,
+                                   sp_thres=0.0, gloro=a.gloro, compile=a.compile)
+    step_fn = step_function(step_args, dev)
+    shapes = layer_input_shapes(model, shape)
+
     def certified_step():
         x, y = batch(a.batch_size)
-        res = compute_bound(model, x, y, a.eps, vectors_for(a.batch_size), gv,
-                            sniter=a.sniter, opt_iter=a.opt_iter, pi_grad=a.pi_grad,
-                            reference_nan=True)
-        loss, _, _ = certified_loss(res, y, 0.5, a.gloro)
+        vec = vectors_for(a.batch_size)
+        start_global_vectors(gv, shapes, x)
+        given = {k: vec.get(k, s) for k, s in shapes.items()}
+        loss, *_, new = step_fn(model, x, y, a.eps, 0.5, given, gv, step_args)
+        for k, u in new.items():
+            vec.put(k, u)
+        if a.compile:
+            for k in gv:
+                gv[k] = gv[k].clone()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -168,7 +184,7 @@ def main(argv=None):
         return measure(fn, dev)[1]
 
     out = {'model': a.model, 'data': a.data, 'device': str(dev), 'threads': a.threads,
-           'vectors': a.vectors, 'tf32': a.tf32,
+           'vectors': a.vectors, 'tf32': a.tf32, 'compile': a.compile,
            'batch_size': a.batch_size, 'sniter': a.sniter, 'mode': a.mode, 'pi_grad': a.pi_grad,
            'stored_vector_bytes_per_sample': per_sample, 'torch': torch.__version__}
     if a.mode == 'eval':
@@ -190,7 +206,7 @@ def main(argv=None):
         if a.profile:
             out['profile'] = profile_steps(certified_step, a.profile, dev)
         print(f"{a.model} batch {a.batch_size} sniter {a.sniter} on {dev} ({a.threads} threads, "
-              f"{a.vectors} vectors, tf32 {a.tf32}): "
+              f"{a.vectors} vectors, tf32 {a.tf32}{', compiled' if a.compile else ''}): "
               f"clean {1000 * out['clean_s']:.1f} ms, certified {1000 * out['certified_s']:.1f} ms, "
               f"ratio {out['ratio']:.2f}x | peak memory clean {clean_peak / 2 ** 20:.1f} MiB, "
               f"certified {cert_peak / 2 ** 20:.1f} MiB | stored vectors {per_sample} B/sample")

@@ -192,8 +192,33 @@ def _check_estimate(estimate):
         raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
 
 
+def _frozen_loop(body, state, n_iter: int, per_sample: bool = False):
+    """Run ``body`` exactly ``n_iter`` times without reading any tensor on the host, with
+    the values of a loop that stops early. ``body(state) -> (new_state, stop)``; the first
+    call gets ``state`` and every new_state is a tuple of tensors, the stop flag a 0-dim
+    bool tensor (or [batch] with ``per_sample``, each sample freezing on its own, its
+    tensors' first axis the batch). After the call that raises the flag, every later
+    call's results are discarded by torch.where, so the returned state equals that of the
+    ``break`` after the same call (the values bitwise; gradients route only through the
+    kept iterations, the discarded ones add exact zeros). Returns (state, iterations run
+    [batch] or 0-dim long)."""
+    stopped, iters = None, None
+    for _ in range(n_iter):
+        new, stop = body(state)
+        if stopped is None:
+            state, stopped = new, stop
+            iters = torch.ones_like(stop, dtype=torch.long)
+            continue
+        state = tuple(torch.where(_bcast(stopped, n) if per_sample and n.dim() > 1 else stopped,
+                                  o, n) for o, n in zip(state, new))
+        iters = iters + (~stopped).long()
+        stopped = stopped | stop
+    return state, iters
+
+
 def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
-                           tol: float = GLOBAL_TOL, estimate: str = 'bilinear'):
+                           tol: float = GLOBAL_TOL, estimate: str = 'bilinear',
+                           sync_free: bool = False):
     """Spectral norm ||W||_2 of the whole operator of ``layer`` (conv or linear).
 
     u: persistent vector [1, *in_shape], warm-started across calls (detached here).
@@ -201,6 +226,7 @@ def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     ||u_new - u|| < tol. The estimate is the bilinear v^T W u (= ||W^T v||) with the last v
     and u, differentiable in W through every iteration of this call (the reference's global
     norm); ``estimate='forward'`` returns ||W u|| instead (one more product).
+    ``sync_free``: the same values without a host synchronisation (see _frozen_loop).
     Returns (sigma: scalar tensor, u: updated detached vector [1, *in_shape],
     converged: 0-dim bool tensor, the last change was below tol).
     """
@@ -209,7 +235,14 @@ def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
         raise ValueError(f"the global power iteration needs n_iter >= 1, got {n_iter}")
     in_shape = u.shape[1:]
     u = u.detach()
-    for _ in range(n_iter):
+    if sync_free:
+        def body(state):
+            new, tn, _, _ = _power_step(layer, state[0], in_shape)
+            with torch.no_grad():
+                change = _norm(new - state[0]).max()
+            return (new, tn, change), change < tol
+        (u, tn, change), _ = _frozen_loop(body, (u,), n_iter)
+    for _ in range(0 if sync_free else n_iter):
         new, tn, _, _ = _power_step(layer, u, in_shape)
         with torch.no_grad():
             change = _norm(new - u).max()
@@ -233,7 +266,8 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
                            d_out: Optional[torch.Tensor] = None,
                            tol: float = TOL, grad_through: bool = True,
                            per_sample_stop: bool = True,
-                           estimate: str = 'bilinear') -> PowerIterationResult:
+                           estimate: str = 'bilinear',
+                           sync_free: bool = False) -> PowerIterationResult:
     """Per-sample spectral norm of A = D_out W D_in by power iteration (conv or linear).
 
     u:     [batch, *in_shape] starting vectors (stored from earlier epochs or random).
@@ -250,6 +284,9 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     its own vector has converged; only the estimate from the last iterate is
     differentiated. ``per_sample_stop=False`` keeps the whole-batch loop there too.
     A start vector that the mask zeroes entirely restarts from D_in (no random draw).
+    ``sync_free``: exactly ``n_iter`` iterations, those after the stop discarded on the
+    device (same values, no host synchronisation: for CUDA graphs and torch.compile); the
+    per-sample stop then freezes each sample instead of shrinking the batch.
     """
     _check_estimate(estimate)
     in_shape = u.shape[1:]
@@ -274,7 +311,22 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     tn = v = None
     differentiate_all = torch.is_grad_enabled() and grad_through
 
-    if differentiate_all or not per_sample_stop:
+    if sync_free and n_iter > 0:
+        whole = differentiate_all or not per_sample_stop
+
+        def body(state):
+            new, tn_, z, zn = step(state[0], d_in, d_out)
+            with torch.no_grad():
+                change = _norm(new - state[0])
+            return (new, tn_, z, zn, change), (change.max() < tol if whole else change < tol)
+        with contextlib.nullcontext() if differentiate_all else torch.no_grad():
+            (u, tn, z, zn, change), iters = _frozen_loop(body, (u,), n_iter,
+                                                         per_sample=not whole)
+        iters = iters.expand(batch).clone() if whole else iters
+        converged = change < tol
+        if not differentiate_all and torch.is_grad_enabled():
+            v = z / _bcast(zn, z)           # --pi_grad last
+    elif differentiate_all or not per_sample_stop:
         # (a device-side stop flag instead of this host sync was measured on an H100: the
         # extra select operations cost more CPU dispatch time than the syncs, see README)
         for _ in range(n_iter):
@@ -290,9 +342,10 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
             if not differentiate_all and torch.is_grad_enabled():
                 v = z / _bcast(zn, z)         # --pi_grad last with the whole-batch loop
     else:
+        keep_v = torch.is_grad_enabled()        # read before no_grad turns it off
         with torch.no_grad():
             u, tn, v = _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged,
-                                           keep_v=torch.is_grad_enabled())
+                                           keep_v=keep_v)
     if estimate == 'forward' or tn is None:
         sigma = _norm(op(u, d_out))
     elif differentiate_all or not torch.is_grad_enabled():
@@ -334,7 +387,7 @@ def _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged, kee
 # Worst-case logits of the last layer
 # ----------------------------------------------------------------------------------------
 def _bcp(w: torch.Tensor, r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
-         opt_iter: int, reference_nan: bool = False) -> torch.Tensor:
+         opt_iter: int, reference_nan: bool = False, sync_free: bool = False) -> torch.Tensor:
     """max_d w^T d s.t. ||d||_2 <= r, lo <= d <= hi, for every row of w [batch, ..., hidden];
     r [batch, 1, ...] and lo, hi broadcastable to w. Returns [batch, ...].
 
@@ -345,15 +398,21 @@ def _bcp(w: torch.Tensor, r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     w = 0), the reference's rescaling divides 0 by 0 and gives NaN, which its training loss
     replaces by 0: ``reference_nan=True`` returns 0 there (training, faithful); otherwise
     the value at that box corner, a sound upper bound (certification).
+    ``sync_free``: all ``opt_iter`` rounds, those after the stop (no coordinate of the
+    batch left the box) discarded on the device: the same values, no host synchronisation.
     """
     r2 = r.pow(2)
     wn_raw = w.pow(2).sum(-1)
     nan_like = wn_raw == 0
     d = w * (r / wn_raw.clamp_min(TINY * TINY).sqrt()).unsqueeze(-1)
     fixed = torch.zeros_like(w, dtype=torch.bool)
+    done = torch.zeros((), dtype=torch.bool, device=w.device)
     for _ in range(opt_iter):
         leave = ((d > hi) | (d < lo)) & ~fixed
-        if not leave.any():
+        if sync_free:
+            done = done | ~leave.any()
+            d_old, nan_old = d, nan_like
+        elif not leave.any():
             break
         fixed = fixed | leave
         d_fixed = torch.where(fixed, torch.maximum(torch.minimum(d, hi), lo), torch.zeros_like(d))
@@ -364,13 +423,16 @@ def _bcp(w: torch.Tensor, r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
         if reference_nan:
             nan_like = nan_like | (free_raw == 0) | (rem_raw < 0)
         d = d_fixed + w_free * (rem.sqrt() / free_raw.clamp_min(TINY * TINY).sqrt()).unsqueeze(-1)
+        if sync_free:       # once done, leave is empty: fixed is unchanged without a select
+            d = torch.where(done, d_old, d)
+            nan_like = torch.where(done, nan_old, nan_like)
     a = (w * d).sum(-1)
     return torch.where(nan_like, torch.zeros_like(a), a) if reference_nan else a
 
 
 def worst_case_margins(weight: torch.Tensor, y: torch.Tensor, r: torch.Tensor,
                        lo: torch.Tensor, hi: torch.Tensor, opt_iter: int,
-                       reference_nan: bool = False) -> torch.Tensor:
+                       reference_nan: bool = False, sync_free: bool = False) -> torch.Tensor:
     """a_iy = max_d (w_i - w_y)^T d  s.t. ||d||_2 <= r, lo <= d <= hi  (BCP algorithm).
 
     weight: [classes, hidden] last-layer weight; y: [batch] labels; r: [batch] radii;
@@ -379,7 +441,8 @@ def worst_case_margins(weight: torch.Tensor, y: torch.Tensor, r: torch.Tensor,
     O(batch x classes x hidden). Returns a: [batch, classes], with a[b, y_b] = 0.
     """
     w = weight.unsqueeze(0) - weight[y].unsqueeze(1)            # [batch, classes, hidden]
-    return _bcp(w, r.view(-1, 1), lo.unsqueeze(1), hi.unsqueeze(1), opt_iter, reference_nan)
+    return _bcp(w, r.view(-1, 1), lo.unsqueeze(1), hi.unsqueeze(1), opt_iter, reference_nan,
+                sync_free)
 
 
 def worst_case_margins_all_pairs(weight, r, lo, hi, opt_iter):
@@ -423,6 +486,21 @@ class KeptVectors(RandomVectors):
 
     def put(self, key: int, u: torch.Tensor) -> None:
         self.kept[key] = u.detach()      # get() hands out copies
+
+
+class GivenVectors:
+    """Starting vectors handed in, {module index: [batch, *in_shape]}; ``put`` collects the
+    final ones in ``out``: the vector store is read before and written after the bound,
+    outside compiled code (train.py --compile)."""
+
+    def __init__(self, given: Dict[int, torch.Tensor]):
+        self.given, self.out = given, {}
+
+    def get(self, key: int, shape) -> torch.Tensor:
+        return self.given[key]
+
+    def put(self, key: int, u: torch.Tensor) -> None:
+        self.out[key] = u.detach()
 
 
 # ----------------------------------------------------------------------------------------
@@ -493,7 +571,8 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
                   also_global: bool = False, estimate: str = 'bilinear',
                   global_tol: float = GLOBAL_TOL, reference_nan: bool = False,
                   global_sigmas: Optional[Dict[int, torch.Tensor]] = None,
-                  local_norms: Optional[Callable] = None) -> BoundResult:
+                  local_norms: Optional[Callable] = None,
+                  sync_free: bool = False) -> BoundResult:
     """Local-Lip bound of ``model`` on the L2 eps-balls around ``x``.
 
     x: [batch, *input_shape]; y: [batch] labels; eps: float or [batch] radii (L2).
@@ -521,7 +600,13 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
       not used.
     local_norms: ``f(i, layer, d_in, d_out, in_shape) -> [batch]`` per-sample norms of
       D_out W D_in to use instead of the per-sample power iterations (``vectors`` unused).
+    sync_free: every loop runs its full count with the iterations after its stop discarded
+      on the device (same values; no host synchronisation, for CUDA graphs / torch.compile);
+      a tensor ``eps`` is then not checked for negative entries (the caller's job), and
+      ``check`` is refused (it reads the boxes on the host).
     """
+    if sync_free and check:
+        raise ValueError("check=True reads every box on the host: not with sync_free")
     if pi_grad not in ('all', 'last'):
         raise ValueError(f"pi_grad must be 'all' or 'last', got {pi_grad!r}")
     if bound not in ('local', 'global'):
@@ -537,7 +622,7 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
     else:
         eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
         eps = eps.expand(b) if eps.dim() == 0 else eps
-        if (eps < 0).any():
+        if not sync_free and (eps < 0).any():
             raise ValueError(f"eps must be >= 0, got min {eps.min().item()}")
 
     mu, r = x, eps
@@ -559,7 +644,8 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
         u0 = vectors.get(i, in_shape).to(x.dtype)
         pi = masked_power_iteration(model[i], u0, sniter, d_in, d_out, tol,
                                     grad_through=(pi_grad == 'all'),
-                                    per_sample_stop=per_sample_stop, estimate=estimate)
+                                    per_sample_stop=per_sample_stop, estimate=estimate,
+                                    sync_free=sync_free)
         vectors.put(i, pi.u)
         res.sigmas[i], res.iters[i] = pi.sigma, pi.iters
         log_lip = log_lip + torch.log(pi.sigma.clamp_min(1e-30))
@@ -583,7 +669,7 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
                 if i not in global_vectors:
                     global_vectors[i] = torch.randn((1, *in_shape), device=x.device, dtype=x.dtype)
                 sigma_g, global_vectors[i], g_conv = global_power_iteration(
-                    m, global_vectors[i], global_iter, global_tol, estimate)
+                    m, global_vectors[i], global_iter, global_tol, estimate, sync_free)
                 res.global_converged = res.global_converged & g_conv
             # box by interval arithmetic, ball by the network's own forward
             centre, half = (lb + ub) / 2, (ub - lb) / 2
@@ -631,9 +717,11 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
     lo = torch.minimum(lb - mu, torch.zeros_like(mu))
     hi = torch.maximum(ub - mu, torch.zeros_like(mu))
     res.box = (lo, hi)
-    res.worst = worst_case_margins(final.weight, y, res.r_local, lo, hi, opt_iter, reference_nan)
+    res.worst = worst_case_margins(final.weight, y, res.r_local, lo, hi, opt_iter, reference_nan,
+                                   sync_free)
     if also_global:
-        res.worst_global = worst_case_margins(final.weight, y, res.r_global, lo, hi, opt_iter)
+        res.worst_global = worst_case_margins(final.weight, y, res.r_global, lo, hi, opt_iter,
+                                              False, sync_free)
     return res
 
 

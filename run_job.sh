@@ -25,9 +25,10 @@
 #   mnist_relu | cifar_relu_4c3f | cifar_relu_6c2f | cifar_relu_6c2f_gloro | cifar_maxmin_6c2f
 #                the paper's training commands (need the datasets and, realistically, a GPU)
 #   eval_mnist | eval_cifar     the paper's evaluation commands on pretrained/ checkpoints
-#   gpu_check [tests|bench|torchrun|all]   on a CUDA machine with PyTorch installed (uses
-#                ${PYTHON:-python3}, no .venv): the test suite on cuda, the GPU benchmark table
-#                and profile, and a one-process torchrun (NCCL) epoch; logs and JSON go to
+#   gpu_check [tests|bench|compile|torchrun|all]   on a CUDA machine with PyTorch installed
+#                (uses ${PYTHON:-python3}, no .venv): the test suite on cuda, the GPU benchmark
+#                table and profile, the same with --compile (CUDA graphs) and a compiled epoch,
+#                and a one-process torchrun (NCCL) epoch; logs and JSON go to
 #                ${OUT:-gpu_out}/. Fashion-MNIST must be under data/FashionMNIST/raw or installed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -195,6 +196,20 @@ case "$job" in
                     --test_sniter 2000 --steps 5 --tf32 off $s
             done
             grep -h "profile summary" "$O"/bench_*store.log || true
+        fi
+        if [ "$what" = compile ] || [ "$what" = all ]; then
+            # --compile (CUDA graphs through torch.compile 'reduce-overhead'): the step times
+            # and GPU-busy share against the eager rows above, then one compiled epoch
+            b c6f2_b256_store_compiled --model c6f2_relux --data cifar10 --batch_size 256 \
+                --sniter 2 --vectors store --compile --warmup 5 --profile 5
+            b mnist_b256_store_compiled --model relux --data mnist --batch_size 256 --sniter 5 \
+                --vectors store --compile --warmup 5 --profile 5
+            grep -h "profile summary" "$O"/bench_*compiled.log || true
+            rm -rf /tmp/gpu_compiled
+            "$PY" train_mnist.py --data fashionmnist --model relux --no_download --n_train 10000 \
+                --n_test 1000 --epochs 1 --rampup 1 --sniter 5 --epsilon 1.0 --epsilon_train 1.0 \
+                --compile --prefix /tmp/gpu_compiled/fashion 2>&1 | tee "$O/train_compiled.log" \
+                | grep -v "^ *epoch 0 batch" | tail -8
         fi
         if [ "$what" = torchrun ] || [ "$what" = all ]; then
             rm -rf /tmp/gpu_torchrun

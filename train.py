@@ -28,7 +28,8 @@ from tqdm import tqdm
 from data_load import get_loaders
 from certify import certify, full_evaluation
 from report import summary_line
-from local_bound import VectorStore, certified_loss, compute_bound, layer_input_shapes, sparsity_loss
+from local_bound import (GivenVectors, VectorStore, certified_loss, compute_bound, layer_input_shapes,
+                         sparsity_loss)
 from utils import (UserError, argparser, atomic_save, checkpoint_base, clamp_thresholds,
                    get_device, load_checkpoint, run_main, seed_all, select_model)
 
@@ -208,9 +209,59 @@ def check_store_fits(total, path, ram_available):
 PROGRESS_EVERY_S = 60.0     # without a terminal, a progress line at least this often
 
 
+def certified_step(model, x, y, eps, kappa, given, global_vectors, args):
+    """The certified part of a training step: the bound from the ``given`` starting vectors
+    {affine index: [batch, *in_shape]} and the training loss (what --compile compiles).
+    x [batch, *input_shape], y [batch], eps: the L2 radius (float), kappa: the CE weight;
+    ``global_vectors`` is updated in place. Returns (loss, clean CE, robust CE, logits
+    [batch, classes], number not certified (0-dim), sum of local / global bound over the
+    batch (0-dim), {activation index: summed fraction of varying neurons (0-dim)}, {affine
+    index: final vectors [batch, *in_shape]})."""
+    vectors = GivenVectors(given)
+    res = compute_bound(model, x, y, eps, vectors, global_vectors, sniter=args.sniter,
+                        opt_iter=args.opt_iter, bound=args.bound, pi_grad=args.pi_grad,
+                        estimate=args.estimate, reference_nan=True,
+                        sync_free=getattr(args, 'compile', False))
+    sp = sparsity_loss(model, res, args.sp_thres) if args.sparse else None
+    loss, clean, rob = certified_loss(res, y, kappa, args.gloro, sp, args.sparse)
+    with torch.no_grad():   # the paper's training figures: local / global bound, sparsity
+        rerr = (~res.certified(y)).sum()
+        ratio = (res.r_local / res.r_global.clamp_min(1e-30)).sum()
+        varying = {k: d.flatten(1).mean(1).sum() for k, d in res.masks.items()}
+    return loss, clean, rob, res.logits, rerr, ratio, varying, vectors.out
+
+
+def start_global_vectors(global_vectors, shapes, x):
+    """Draw the missing global power-iteration vectors [1, *in_shape] as compute_bound would
+    on first use (same order, same generator), but outside compiled code, whose random
+    numbers differ from eager ones."""
+    for k, s in shapes.items():
+        if k not in global_vectors:
+            global_vectors[k] = torch.randn((1, *s), device=x.device, dtype=x.dtype)
+
+
+_COMPILED = {}
+
+
+def step_function(args, device, backend='inductor', fullgraph=False):
+    """certified_step, or with --compile its torch.compile'd version (one per device type
+    and backend; 'reduce-overhead', CUDA graphs, on CUDA). The tests compile with
+    backend 'aot_eager' (no code generation: fast) and fullgraph=True (a graph break raises:
+    the whole step is one graph)."""
+    if not getattr(args, 'compile', False):
+        return certified_step
+    key = (torch.device(device).type, backend, fullgraph)
+    if key not in _COMPILED:
+        cuda = key[0] == 'cuda' and backend == 'inductor'
+        _COMPILED[key] = torch.compile(certified_step, backend=backend, fullgraph=fullgraph,
+                                       mode='reduce-overhead' if cuda else None)
+    return _COMPILED[key]
+
+
 def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, writer, step0,
                 world=1, first=False):
     model.train()
+    step_fn = step_function(args, device)
     keys = ('loss', 'clean_loss', 'robust_loss', 'clean_err', 'robust_err', 'lip_ratio')
     sums = torch.zeros(len(keys), dtype=torch.float64, device=device)   # no per-step syncs
     varying = {}     # activation index -> summed fraction of varying neurons (x batch size)
@@ -240,22 +291,26 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
             print(f"  epoch {epoch} batch {i + 1}/{n_batches} loss {lv:.4f} eps {eps:.4f}",
                   flush=True)
 
+    shapes = None
     for i, (x, y, idx) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         eps, kappa = batch_eps_kappa(args, epoch, i, n_batches)
         if certified_epoch:
-            res = compute_bound(model, x, y, eps, store.batch(idx, device), global_vectors,
-                                sniter=args.sniter, opt_iter=args.opt_iter, bound=args.bound,
-                                pi_grad=args.pi_grad, estimate=args.estimate,
-                                reference_nan=True)
-            sp = sparsity_loss(model, res, args.sp_thres) if args.sparse else None
-            loss, clean, rob = certified_loss(res, y, kappa, args.gloro, sp, args.sparse)
-            logits = res.logits
-            rerr = (~res.certified(y)).sum()
-            with torch.no_grad():   # the paper's training figures: local / global bound, sparsity
-                ratio = (res.r_local / res.r_global.clamp_min(1e-30)).sum()
-                for k, d in res.masks.items():
-                    varying[k] = varying.get(k, 0) + d.flatten(1).mean(1).sum().double()
+            if shapes is None:
+                shapes = layer_input_shapes(model, tuple(x.shape[1:]))
+                start_global_vectors(global_vectors, shapes, x)
+            vectors = store.batch(idx, device)
+            given = {k: vectors.get(k, s) for k, s in shapes.items()}
+            loss, clean, rob, logits, rerr, ratio, var, new = step_fn(
+                model, x, y, eps, kappa, given, global_vectors, args)
+            for k, u in new.items():
+                vectors.put(k, u)
+            if args.compile:    # CUDA graphs reuse their outputs' memory at the next replay:
+                for k in global_vectors:        # keep what outlives the step
+                    global_vectors[k] = global_vectors[k].clone()
+                loss = loss.clone()
+            for k, v in var.items():
+                varying[k] = varying.get(k, 0) + v.double()
         else:
             logits = model(x)
             loss = clean = rob = torch.nn.functional.cross_entropy(logits, y)
@@ -384,7 +439,7 @@ def main(argv=None, **dataset_defaults):
         say("--no_save: no checkpoint, vector store or TensorBoard file is written", flush=True)
     else:
         vec_bytes = sum(st.nbytes() for st in (train_store, test_store) if st.path is None)
-        vec_note = (f"not saved (--no_save_vectors: --resume restarts them from random)"
+        vec_note = ("not saved (--no_save_vectors: --resume restarts them from random)"
                     if args.no_save_vectors else f"{store_path} ({vec_bytes / 2 ** 20:.0f} MiB, "
                     f"rewritten every epoch, for --resume)")
         say(f"writing: checkpoints {ckpt_path} (every epoch) and {best_path} (best after the "

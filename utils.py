@@ -348,6 +348,11 @@ def argparser(argv=None, **overrides):
       "(reference, v^T A u = ||A^T v|| with the last v and u); 'forward' (DEVIATION, opt-in: "
       "||A u|| after the last half-step, this project's estimate before the reference was "
       "matched; about 11%% larger certified loss with fresh vectors at CIFAR-10 settings)")
+    a('--compile', action='store_true', help="(not in the reference, opt-in) torch.compile "
+      "the certified training step (bound and loss; on CUDA with mode 'reduce-overhead', i.e. "
+      "CUDA graphs): its loops then run their full counts with the iterations after each "
+      "early stop discarded on the device, the same values without host synchronisation; the "
+      "first steps compile (minutes)")
     a('--test_sniter', type=int, default=d['test_sniter'], help="max power iterations at test "
       "(each sample stops at tolerance 1e-3)")
     a('--opt_iter', type=int, default=d['opt_iter'], help="worst-case-logit rounds in training")

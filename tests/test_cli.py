@@ -236,3 +236,45 @@ def test_epoch_logs_the_training_figures():
     assert 0 < out['lip_ratio'] <= 1 + 1e-6
     assert sorted(k for k in out if k.startswith('varying@')) == ['varying@1', 'varying@3', 'varying@6']
     assert all(0 <= out[k] <= 1 for k in out if k.startswith('varying@'))
+
+
+@pytest.mark.parametrize('backend', ['aot_eager'])
+def test_compiled_step_equals_eager(backend):
+    """--compile: torch.compile'd certified_step (sync-free loops) is one graph (fullgraph:
+    no graph break, so CUDA graphs can replay the whole step) and gives the eager step's
+    loss, statistics, vectors and gradients on the CPU. The suite compiles with 'aot_eager'
+    (the graph and its autograd as inductor receives them, without inductor's C++ code
+    generation, which takes about 100 s cold on 2 cores; with 'inductor' and without
+    fullgraph this test was run once and passed). The GPU timing is bench.py --compile."""
+    import train
+    from conftest import tiny_net
+    from local_bound import layer_input_shapes
+    from utils import argparser
+    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    results = []
+    for compiled in (False, True):
+        args = argparser(['--sniter', '2', '--opt_iter', '2', '--gloro'] +
+                         (['--compile'] if compiled else []))
+        net = tiny_net('relux', seed=4)
+        g = torch.Generator().manual_seed(1)
+        given = {k: torch.randn(8, *s, generator=g)
+                 for k, s in layer_input_shapes(net, (1, 8, 8)).items()}
+        gv = {}
+        torch.manual_seed(2)            # the global vectors' first draw, outside compiled code
+        train.start_global_vectors(gv, given and layer_input_shapes(net, (1, 8, 8)), x)
+        fn = train.step_function(args, 'cpu', backend=backend, fullgraph=True)
+        assert (fn is train.certified_step) != compiled
+        outs = [fn(net, x, y, 0.3, 0.5, given, gv, args)]
+        outs[-1][0].backward()
+        results.append((outs, [p.grad.clone() for p in net.parameters()], gv))
+    (o0, g0, gv0), (o1, g1, gv1) = results
+    for a, b in zip(o0, o1):
+        for k, (t0, t1) in enumerate(zip(a[:6], b[:6])):
+            assert torch.allclose(t0, t1, rtol=1e-5, atol=1e-6), (k, t0, t1)
+        assert a[6].keys() == b[6].keys() and a[7].keys() == b[7].keys()
+        for k in a[7]:
+            assert torch.allclose(a[7][k], b[7][k], rtol=1e-5, atol=1e-6), k
+    for p0, p1 in zip(g0, g1):
+        assert torch.allclose(p0, p1, rtol=1e-4, atol=1e-6), (p0 - p1).abs().max()
+    for k in gv0:
+        assert torch.allclose(gv0[k], gv1[k], rtol=1e-5, atol=1e-6), k
