@@ -41,7 +41,7 @@ from local_bound import (RandomVectors, VectorStore, compute_bound, exact_float3
                          layer_input_shapes,
                          worst_case_margins, worst_case_margins_all_pairs)
 from data_load import get_dataset
-from train import start_global_vectors, step_function
+from train import step_function, stored_step
 from utils import clamp_thresholds, load_checkpoint, select_model
 
 INPUT = {'mnist': (1, 28, 28), 'fashionmnist': (1, 28, 28), 'cifar10': (3, 32, 32),
@@ -156,15 +156,8 @@ def main(argv=None):
 
     def certified_step():
         x, y = batch(a.batch_size)
-        vec = vectors_for(a.batch_size)
-        start_global_vectors(gv, shapes, x)
-        given = {k: vec.get(k, s) for k, s in shapes.items()}
-        loss, *_, new = step_fn(model, x, y, a.eps, 0.5, given, gv, step_args)
-        for k, u in new.items():
-            vec.put(k, u)
-        if a.compile:
-            for k in gv:
-                gv[k] = gv[k].clone()
+        loss = stored_step(step_fn, model, x, y, a.eps, 0.5, vectors_for(a.batch_size), shapes,
+                           gv, step_args)[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

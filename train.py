@@ -240,6 +240,22 @@ def start_global_vectors(global_vectors, shapes, x):
             global_vectors[k] = torch.randn((1, *s), device=x.device, dtype=x.dtype)
 
 
+def stored_step(step_fn, model, x, y, eps, kappa, vectors, shapes, global_vectors, args):
+    """``step_fn`` (certified_step, maybe compiled) with its starting vectors read from
+    ``vectors`` (a vector store's batch, or RandomVectors) for the layers of ``shapes``
+    {affine index: in_shape}, and the final ones written back; returns step_fn's tuple."""
+    start_global_vectors(global_vectors, shapes, x)
+    given = {k: vectors.get(k, s) for k, s in shapes.items()}
+    out = step_fn(model, x, y, eps, kappa, given, global_vectors, args)
+    for k, u in out[-1].items():
+        vectors.put(k, u)
+    if getattr(args, 'compile', False):   # CUDA graphs reuse their outputs' memory at the
+        for k in global_vectors:          # next replay: keep what outlives the step
+            global_vectors[k] = global_vectors[k].clone()
+        out = (out[0].clone(), *out[1:])
+    return out
+
+
 _COMPILED = {}
 
 
@@ -298,17 +314,9 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
         if certified_epoch:
             if shapes is None:
                 shapes = layer_input_shapes(model, tuple(x.shape[1:]))
-                start_global_vectors(global_vectors, shapes, x)
-            vectors = store.batch(idx, device)
-            given = {k: vectors.get(k, s) for k, s in shapes.items()}
-            loss, clean, rob, logits, rerr, ratio, var, new = step_fn(
-                model, x, y, eps, kappa, given, global_vectors, args)
-            for k, u in new.items():
-                vectors.put(k, u)
-            if args.compile:    # CUDA graphs reuse their outputs' memory at the next replay:
-                for k in global_vectors:        # keep what outlives the step
-                    global_vectors[k] = global_vectors[k].clone()
-                loss = loss.clone()
+            loss, clean, rob, logits, rerr, ratio, var, _ = stored_step(
+                step_fn, model, x, y, eps, kappa, store.batch(idx, device), shapes,
+                global_vectors, args)
             for k, v in var.items():
                 varying[k] = varying.get(k, 0) + v.double()
         else:
