@@ -238,34 +238,37 @@ def test_epoch_logs_the_training_figures():
     assert all(0 <= out[k] <= 1 for k in out if k.startswith('varying@'))
 
 
-@pytest.mark.parametrize('backend', ['aot_eager'])
+@pytest.mark.parametrize('backend', ['aot_eager'] + (['inductor'] if DEVICE.type == 'cuda' else []))
 def test_compiled_step_equals_eager(backend):
     """--compile: torch.compile'd certified_step (sync-free loops) is one graph (fullgraph:
     no graph break, so CUDA graphs can replay the whole step) and gives the eager step's
-    loss, statistics, vectors and gradients on the CPU. The suite compiles with 'aot_eager'
+    loss, statistics, vectors and gradients. On the CPU the suite compiles with 'aot_eager'
     (the graph and its autograd as inductor receives them, without inductor's C++ code
     generation, which takes about 100 s cold on 2 cores; with 'inductor' and without
-    fullgraph this test was run once and passed). The GPU timing is bench.py --compile."""
+    fullgraph this test was run once and passed). On CUDA it also runs 'inductor', i.e. what
+    --compile uses there: mode 'reduce-overhead', CUDA graphs. TF32 is off in both runs so
+    that they compute the same products. The GPU timing is bench.py --compile."""
     import train
     from conftest import tiny_net
-    from local_bound import layer_input_shapes
+    from local_bound import exact_float32, layer_input_shapes
     from utils import argparser
-    x, y = torch.rand(8, 1, 8, 8), torch.randint(0, 3, (8,))
+    x, y = torch.rand(8, 1, 8, 8).to(DEVICE), torch.randint(0, 3, (8,)).to(DEVICE)
     results = []
     for compiled in (False, True):
         args = argparser(['--sniter', '2', '--opt_iter', '2', '--gloro'] +
                          (['--compile'] if compiled else []))
-        net = tiny_net('relux', seed=4)
+        net = tiny_net('relux', seed=4).to(DEVICE)
+        shapes = layer_input_shapes(net, (1, 8, 8))
         g = torch.Generator().manual_seed(1)
-        given = {k: torch.randn(8, *s, generator=g)
-                 for k, s in layer_input_shapes(net, (1, 8, 8)).items()}
+        given = {k: torch.randn(8, *s, generator=g).to(DEVICE) for k, s in shapes.items()}
         gv = {}
         torch.manual_seed(2)            # the global vectors' first draw, outside compiled code
-        train.start_global_vectors(gv, given and layer_input_shapes(net, (1, 8, 8)), x)
-        fn = train.step_function(args, 'cpu', backend=backend, fullgraph=True)
+        train.start_global_vectors(gv, shapes, x)
+        fn = train.step_function(args, DEVICE, backend=backend, fullgraph=True)
         assert (fn is train.certified_step) != compiled
-        outs = [fn(net, x, y, 0.3, 0.5, given, gv, args)]
-        outs[-1][0].backward()
+        with exact_float32():
+            outs = [fn(net, x, y, 0.3, 0.5, given, gv, args)]
+            outs[-1][0].backward()
         results.append((outs, [p.grad.clone() for p in net.parameters()], gv))
     (o0, g0, gv0), (o1, g1, gv1) = results
     for a, b in zip(o0, o1):
