@@ -242,13 +242,14 @@ def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
                 change = _norm(new - state[0]).max()
             return (new, tn, change), change < tol
         (u, tn, change), _ = _frozen_loop(body, (u,), n_iter)
-    for _ in range(0 if sync_free else n_iter):
-        new, tn, _, _ = _power_step(layer, u, in_shape)
-        with torch.no_grad():
-            change = _norm(new - u).max()
-        u = new
-        if change.item() < tol:
-            break
+    else:
+        for _ in range(n_iter):
+            new, tn, _, _ = _power_step(layer, u, in_shape)
+            with torch.no_grad():
+                change = _norm(new - u).max()
+            u = new
+            if change.item() < tol:
+                break
     sigma = _bilinear(tn)[0] if estimate == 'bilinear' else _norm(apply_W(layer, u))[0]
     return sigma, u.detach(), change < tol
 
