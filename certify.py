@@ -162,13 +162,13 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
                                           getattr(args, 'certificate', 'reference'))
         print(f"resuming {tsv_path}: {len(rows)} points done, {len(indices) - len(skip)} of "
               f"{len(indices)} batches to go", flush=True)
-    base_global = converged_global_vectors(model, tuple(loader.dataset[0][0].shape),
-                                           args.test_sniter, seed, device)
+    in_shape = tuple(loader.dataset[0][0].shape)
+    base_global = converged_global_vectors(model, in_shape, args.test_sniter, seed, device)
     guaranteed = getattr(args, 'certificate', 'reference') == 'guaranteed'
     norms = None
     if guaranteed:      # the global norm bounds, once per model (seeded: reproducible)
         t0 = time.time()
-        norms = GuaranteedNorms(model, tuple(loader.dataset[0][0].shape), args.delta,
+        norms = GuaranteedNorms(model, in_shape, args.delta,
                                 generator_seed=seed * 1000003 + 999979)
         print(f"guaranteed certificates (delta {args.delta:g}): global norm bounds in "
               f"{time.time() - t0:.1f}s; each of {round(args.delta / norms.delta_op)} norm "

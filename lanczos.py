@@ -43,8 +43,9 @@ from typing import Dict, Sequence
 import torch
 import torch.nn as nn
 
-from local_bound import (BoundError, BoundResult, apply_W, apply_WT, check_supported,
-                         compute_bound, exact_float32, layer_input_shapes, worst_case_margins)
+from local_bound import (BoundError, BoundResult, _bcast, check_supported, compute_bound,
+                         exact_float32, layer_input_shapes, masked_products,
+                         worst_case_margins)
 
 KW_CONST = 1.648        # Kuczynski & Wozniakowski's constant for the Lanczos algorithm
 ROUNDOFF = 1e-4         # relative allowance added to every eigenvalue bound (float32 arithmetic)
@@ -97,29 +98,22 @@ class Lanczos:
         self.alphas, self.betas = [], []
         self.steps = 0
 
-    def _bcast(self, v):
-        return v.view(-1, *[1] * len(self.in_shape))
-
     def apply_B(self, q):
-        z = apply_W(self.layer, q)
-        if self.d_out is not None:
-            z = z * self.d_out
-        t = apply_WT(self.layer, z, self.in_shape)
-        return t if self.d_in is None else t * self.d_in
+        return masked_products(self.layer, q, self.in_shape, self.d_in, self.d_out)[1]
 
     def run(self, steps: int):
         """Advance every sample to ``steps`` Lanczos steps in all."""
         while self.steps < steps:
-            w = self.apply_B(self.q) - self._bcast(self.beta) * self.q_prev
+            w = self.apply_B(self.q) - _bcast(self.beta, self.q) * self.q_prev
             a = (self.q * w).flatten(1).sum(1)
-            w = w - self._bcast(a) * self.q
+            w = w - _bcast(a, self.q) * self.q
             b = torch.linalg.vector_norm(w.flatten(1), dim=1)
             # an (almost) invariant Krylov space: the Ritz values are exact, stop this sample
             dead = b <= BREAKDOWN * (a.abs() + self.beta)
             b = torch.where(dead, torch.zeros_like(b), b)
             self.q_prev = self.q
-            self.q = torch.where(self._bcast(dead), torch.zeros_like(w),
-                                 w / self._bcast(b.clamp_min(1e-30)))
+            self.q = torch.where(_bcast(dead, w), torch.zeros_like(w),
+                                 w / _bcast(b.clamp_min(1e-30), w))
             self.beta = b
             self.alphas.append(a)
             self.betas.append(b)

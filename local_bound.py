@@ -163,6 +163,19 @@ NORM_EPS = 1e-12    # normalize(t) = t / (||t|| + NORM_EPS), as the reference
 ESTIMATES = ('bilinear', 'forward')
 
 
+def masked_products(layer: nn.Module, x: torch.Tensor, in_shape, d_in=None, d_out=None):
+    """(z, t) for A = D_out W D_in and an already masked x [batch, *in_shape]: z = A x
+    [batch, *out_shape] and t = A^T z = D_in W^T D_out z [batch, *in_shape] (d_in / d_out:
+    0/1 indicators, None = all vary). The operator of the power iteration and of Lanczos."""
+    z = apply_W(layer, x)
+    if d_out is not None:
+        z = z * d_out
+    t = apply_WT(layer, z, in_shape)
+    if d_in is not None:
+        t = t * d_in
+    return z, t
+
+
 def _power_step(layer: nn.Module, x: torch.Tensor, in_shape, d_in=None, d_out=None):
     """One power iteration on A = D_out W D_in from an already masked x [batch, *in_shape]
     (spec section 9: v = normalize(D_out W x); u = normalize(D_in W^T v), normalize(t) =
@@ -170,13 +183,8 @@ def _power_step(layer: nn.Module, x: torch.Tensor, in_shape, d_in=None, d_out=No
     v = z / (||z|| + 1e-12) is never divided out: A^T v = (A^T z) / that scale, so u and
     ||A^T v|| are the reference's (to 1e-12 relative) with one full-size division less;
     callers form v only where they need it (--pi_grad last)."""
-    z = apply_W(layer, x)
-    if d_out is not None:
-        z = z * d_out
+    z, t = masked_products(layer, x, in_shape, d_in, d_out)
     zn = torch.linalg.vector_norm(z.flatten(1), dim=1) + NORM_EPS
-    t = apply_WT(layer, z, in_shape)
-    if d_in is not None:
-        t = t * d_in
     tzn = torch.linalg.vector_norm(t.flatten(1), dim=1)
     return t / _bcast(tzn + NORM_EPS * zn, t), tzn / zn, z, zn
 
@@ -407,7 +415,7 @@ def _bcp(w: torch.Tensor, r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     nan_like = wn_raw == 0
     d = w * (r / wn_raw.clamp_min(TINY * TINY).sqrt()).unsqueeze(-1)
     fixed = torch.zeros_like(w, dtype=torch.bool)
-    done = torch.zeros((), dtype=torch.bool, device=w.device)
+    done = torch.zeros((), dtype=torch.bool, device=w.device) if sync_free else None
     for _ in range(opt_iter):
         leave = ((d > hi) | (d < lo)) & ~fixed
         if sync_free:
