@@ -387,6 +387,17 @@ def all_reduce_sum(values, device, world):
     return t.tolist()
 
 
+def out_of_time(args, run_t0, longest, device, world):
+    """True when another epoch as long as the longest so far would end after --time_limit
+    minutes from ``run_t0`` (never without a limit). Rank 0 decides for all processes."""
+    if not args.time_limit:
+        return False
+    late = (time.time() - run_t0 + longest) / 60 > args.time_limit
+    if distributed():
+        late = all_reduce_sum([float(late) if dist.get_rank() == 0 else 0.0], device, world)[0] > 0
+    return late
+
+
 def average_gradients(model, world):
     if not distributed():
         return
@@ -457,7 +468,17 @@ def main(argv=None, **dataset_defaults):
         f"{' (' + dist.get_backend() + ')' if distributed() else ''}; checkpoints {base}_*.pth",
         flush=True)
 
+    run_t0, longest = time.time(), 0.0
     for epoch in range(start, args.epochs):
+        if epoch > start and out_of_time(args, run_t0, longest, device, world):
+            say(f"stopping before epoch {epoch}: --time_limit {args.time_limit:g} min would be "
+                f"exceeded (longest epoch {longest / 60:.1f} min); the checkpoint of epoch "
+                f"{epoch - 1} is saved: continue with --resume", flush=True)
+            if writer is not None:
+                writer.close()
+            if distributed():
+                dist.destroy_process_group()
+            return None
         seed_all(args.seed * 100003 + epoch)
         train_loader.sampler.set_epoch(epoch)
         train_store.epoch = test_store.epoch = epoch
@@ -504,6 +525,7 @@ def main(argv=None, **dataset_defaults):
             f"{100 * tr['clean_err']:.2f}% cert err {100 * tr['robust_err']:.2f}% | test @eps "
             f"{eps_next:.4f}: clean err {100 * clean_err:.2f}% cert err {100 * cert_err:.2f}%"
             f"{' (best)' if is_best else ''} | {time.time() - t0:.1f}s", flush=True)
+        longest = max(longest, time.time() - t0)
     if lead:
         writer.close()
     if distributed():

@@ -412,6 +412,10 @@ def argparser(argv=None, **overrides):
     a('--cpu', action='store_true', help="run on the CPU even when CUDA is available")
     a('--verbose', type=int, default=200, help="print a progress line every N batches when "
       "stderr is not a terminal (0: never)")
+    a('--time_limit', type=float, default=0.0, help="(not in the reference) training: stop "
+      "cleanly before an epoch that would end more than this many minutes after the start "
+      "(judged by the longest epoch so far), with exit status 0, so that --resume continues; "
+      "for wall-clock-limited jobs. 0 = no limit")
     a('--no_save_vectors', action='store_true', help="training: do not write the per-sample "
       "vector store <prefix>_<model>_vectors.pt each epoch (it can be large: 677 MB for the "
       "quickstart); --resume then restarts the vectors from random")
@@ -440,7 +444,8 @@ def argparser(argv=None, **overrides):
     if args.data not in DATA_DEFAULTS:
         raise UserError(f"unknown --data {args.data!r}; choose from {', '.join(sorted(DATA_DEFAULTS))}")
     for name, values in (('epsilon', args.radii), ('epsilon_train', [args.epsilon_train]),
-                         ('starting_epsilon', [args.starting_epsilon])):
+                         ('starting_epsilon', [args.starting_epsilon]),
+                         ('time_limit', [args.time_limit])):
         if min(values) < 0:
             raise UserError(f"--{name} must be >= 0, got {min(values)}")
     if not 0 < args.delta < 1:

@@ -104,12 +104,26 @@ def test_resume_after_kill_reaches_the_same_result(tmp_path, mnist_dir):
     a = torch.load(ref + '_relux_checkpoint.pth', weights_only=False)
     b = torch.load(ckpt, weights_only=False)
     assert a['epoch'] == b['epoch'] == 2
+
+    # --time_limit: a clean stop at an epoch's end (exit 0, no final evaluation), then
+    # --resume finishes the run
+    lim = str(tmp_path / 'lim')
+    p = run('train_mnist.py', *args, '--prefix', lim, '--time_limit', '1e-6', data_dir=mnist_dir)
+    assert "stopping before epoch 1: --time_limit 1e-06 min" in p.stdout, p.stdout
+    assert 'epoch 0 |' in p.stdout and 'epoch 1 |' not in p.stdout and 'final (' not in p.stdout
+    lim_ckpt = lim + '_relux_checkpoint.pth'
+    assert torch.load(lim_ckpt, weights_only=False)['epoch'] == 0
+    p = run('train_mnist.py', *args, '--prefix', lim, '--resume', data_dir=mnist_dir)
+    assert f"resuming from {lim_ckpt} at epoch 1" in p.stdout and 'final (' in p.stdout
+    c = torch.load(lim_ckpt, weights_only=False)
+    assert c['epoch'] == 2
     # two uninterrupted CPU runs differ by ~3e-8 (kernel round-off across processes);
     # resuming without the stored vectors differs by ~3e-3
     if DEVICE.type == 'cpu':
-        for k, v in a['state_dict'].items():
-            assert torch.allclose(v, b['state_dict'][k], rtol=0, atol=1e-6), k
-        assert a['err'] == b['err']
+        for other in (b, c):
+            for k, v in a['state_dict'].items():
+                assert torch.allclose(v, other['state_dict'][k], rtol=0, atol=1e-6), k
+            assert a['err'] == other['err']
     else:
         # CUDA's convolution backward is not bitwise deterministic and Adam amplifies tiny
         # gradient differences (an H100 run differed by more than 1e-4 after 6 steps): the
@@ -118,8 +132,10 @@ def test_resume_after_kill_reaches_the_same_result(tmp_path, mnist_dir):
         run('train_mnist.py', *args, '--prefix', ref2, data_dir=mnist_dir)
         c = torch.load(ref2 + '_relux_checkpoint.pth', weights_only=False)
         spread = max((v - c['state_dict'][k]).abs().max().item() for k, v in a['state_dict'].items())
-        gap = max((v - b['state_dict'][k]).abs().max().item() for k, v in a['state_dict'].items())
-        assert gap <= 10 * spread + 1e-6, (gap, spread)
+        for other in (b, c):
+            gap = max((v - other['state_dict'][k]).abs().max().item()
+                      for k, v in a['state_dict'].items())
+            assert gap <= 10 * spread + 1e-6, (gap, spread)
 
 
 @pytest.mark.parametrize('args,message', [
@@ -127,6 +143,7 @@ def test_resume_after_kill_reaches_the_same_result(tmp_path, mnist_dir):
     (['--data', 'svhn'], 'unknown --data'),
     (['--epsilon', '-0.5'], '--epsilon must be >= 0'),
     (['--epsilon_train', '-1'], '--epsilon_train must be >= 0'),
+    (['--time_limit', '-1'], '--time_limit must be >= 0'),
 ])
 def test_bad_training_input(tmp_path, mnist_dir, args, message):
     p = run('train_mnist.py', *FAST, '--epochs', '1', '--prefix', str(tmp_path / 'x'), *args,
