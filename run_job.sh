@@ -19,7 +19,8 @@
 #   fashion_report [local|global]  evaluate pretrained/$RUN/* on the full test set
 #                (radii 0.5 1.0 1.58, test_sniter 2000, 2 x 100-step audit, plots), resumable:
 #                rerun to continue; then the combined markdown table. Env: N_TEST (0 = all),
-#                RUN (fashionmnist; fashionmnist_long for the long comparison)
+#                RUN (fashionmnist; fashionmnist_long for the long comparison); PARALLEL=1
+#                evaluates the bounds side by side (logs in pretrained/$RUN/<bound>_relux_report.log)
 #   fashion_curves     the training figures (clean/robust loss, local/global ratio, varying
 #                neurons, test error per epoch) of pretrained/$RUN/{local,global}_relux_tb,
 #                PNGs in pretrained/$RUN/figures/. Env: RUN (fashionmnist_long)
@@ -141,11 +142,17 @@ case "$job" in
         R=pretrained/${RUN:-fashionmnist}
         for b in $bounds; do
             P=$R/${b}_relux
-            "$PY" evaluate.py --data fashionmnist --model relux \
+            cmd=("$PY" evaluate.py --data fashionmnist --model relux \
                 --epsilon 0.5 1.0 1.58 --n_test "${N_TEST:-0}" --test_sniter 2000 \
                 --saved_model "$P" --out "${P}_report.tsv" --results "${P}_report.json" \
-                --audit --audit_restarts 2 --audit_steps 100 --plots --markdown --resume "$@"
+                --audit --audit_restarts 2 --audit_steps 100 --plots --markdown --resume "$@")
+            if [ "${PARALLEL:-0}" = 1 ]; then     # side by side, one thread each
+                OMP_NUM_THREADS=1 "${cmd[@]}" > "${P}_report.log" 2>&1 &
+            else
+                "${cmd[@]}"
+            fi
         done
+        wait
         "$PY" evaluate.py --compare local=$R/local_relux_report.json \
             global=$R/global_relux_report.json ;;
     fashion_curves)
