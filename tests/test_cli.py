@@ -138,47 +138,58 @@ def test_resume_after_kill_reaches_the_same_result(tmp_path, mnist_dir):
             assert gap <= 10 * spread + 1e-6, (gap, spread)
 
 
-@pytest.mark.parametrize('args,message', [
-    (['--model', 'nosuch'], 'unknown --model'),
-    (['--data', 'svhn'], 'unknown --data'),
-    (['--epsilon', '-0.5'], '--epsilon must be >= 0'),
-    (['--epsilon_train', '-1'], '--epsilon_train must be >= 0'),
-    (['--time_limit', '-1'], '--time_limit must be >= 0'),
-])
-def test_bad_training_input(tmp_path, mnist_dir, args, message):
-    p = run('train_mnist.py', *FAST, '--epochs', '1', '--prefix', str(tmp_path / 'x'), *args,
-            data_dir=mnist_dir, check=False)
-    assert p.returncode == 2
-    assert message in p.stderr and 'Traceback' not in p.stderr
+def inline(entry, argv, capsys):
+    """Run an entry point in this process as its script does (through utils.run_main) and
+    return (exit status, stderr): the subprocess runs' checks without starting Python and
+    importing torch again for each bad input. Any exception other than the UserError that
+    run_main turns into exit status 2 propagates and fails the test (a traceback)."""
+    from utils import run_main
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: entry([*argv, *device_flags()]))
+    return e.value.code, capsys.readouterr().err
 
 
-def test_missing_dataset_message(tmp_path):
-    p = run('train_mnist.py', '--data_dir', str(tmp_path / 'nothing'), '--no_download',
-            '--epochs', '1', '--prefix', str(tmp_path / 'x'), check=False)
+def test_bad_training_input(tmp_path, mnist_dir, capsys):
+    from train import main
+    base = [a if a is not None else mnist_dir for a in FAST] + ['--epochs', '1', '--prefix',
+                                                                 str(tmp_path / 'x')]
+    # one real process: exit status 2, one line, no traceback
+    p = run('train_mnist.py', *base, '--model', 'nosuch', data_dir=mnist_dir, check=False)
     assert p.returncode == 2 and 'Traceback' not in p.stderr
-    assert 'dataset mnist not found' in p.stderr and 'nothing' in p.stderr and 'to get it' in p.stderr
+    assert p.stderr.strip().splitlines() == [p.stderr.strip()] and 'unknown --model' in p.stderr
+    for args, message in ((['--data', 'svhn'], 'unknown --data'),
+                          (['--epsilon', '-0.5'], '--epsilon must be >= 0'),
+                          (['--epsilon_train', '-1'], '--epsilon_train must be >= 0'),
+                          (['--time_limit', '-1'], '--time_limit must be >= 0'),
+                          (['--epsilon', '0.1', '0.2'], 'training takes one --epsilon')):
+        code, err = inline(lambda a: main(a, data='mnist'), base + args, capsys)
+        assert code == 2 and err.startswith('error:') and message in err, (args, err)
+    code, err = inline(lambda a: main(a, data='mnist'),
+                       ['--data_dir', str(tmp_path / 'nothing'), '--no_download', '--epochs', '1',
+                        '--prefix', str(tmp_path / 'x')], capsys)
+    assert code == 2 and 'dataset mnist not found' in err and 'nothing' in err and 'to get it' in err
     # torchvision's own advice names a flag that does not exist here
-    assert 'download=True' not in p.stderr and '--no_download was given' in p.stderr
+    assert 'download=True' not in err and '--no_download was given' in err
 
 
-def test_bad_evaluation_input(tmp_path, mnist_dir):
+def test_bad_evaluation_input(tmp_path, mnist_dir, capsys):
+    from evaluate import main
     base = ['--data_dir', mnist_dir, '--no_download', '--n_test', '16', '--test_sniter', '2',
             '--niter', '1']
     p = run('evaluate.py', *base, '--saved_model', str(tmp_path / 'missing'), check=False)
     assert p.returncode == 2 and 'checkpoint not found' in p.stderr and 'missing_best.pth' in p.stderr
+    assert 'Traceback' not in p.stderr
     from utils import select_model
     torch.save({'state_dict': select_model('mnist', 'relux').state_dict(), 'err': 1, 'epoch': 0},
                str(tmp_path / 'm_best.pth'))
-    p = run('evaluate.py', *base, '--model', 'standrelu', '--saved_model', str(tmp_path / 'm'),
-            check=False)
-    assert p.returncode == 2 and 'does not match the model' in p.stderr and 'Traceback' not in p.stderr
-    p = run('evaluate.py', *base, '--saved_model', str(tmp_path / 'm'), '--epsilon', '-1',
-            check=False)
-    assert p.returncode == 2 and '--epsilon must be >= 0' in p.stderr
-    p = run('evaluate.py', *base, check=False)
-    assert p.returncode == 2 and '--saved_model' in p.stderr
-    p = run('evaluate.py', *base, '--saved_model', str(tmp_path / 'm'), '--resume', check=False)
-    assert p.returncode == 2 and 'give --out' in p.stderr
+    m = str(tmp_path / 'm')
+    for args, message in ((['--model', 'standrelu', '--saved_model', m], 'does not match the model'),
+                          (['--saved_model', m, '--epsilon', '-1'], '--epsilon must be >= 0'),
+                          ([], '--saved_model'),
+                          (['--saved_model', m, '--resume'], 'give --out')):
+        code, err = inline(main, base + args, capsys)
+        assert code == 2 and message in err, (args, err)
     # a truncated file, a file that is not a checkpoint, one without a state_dict, NaN weights
     good = open(str(tmp_path / 'm_best.pth'), 'rb').read()
     open(str(tmp_path / 'cut_best.pth'), 'wb').write(good[:1000])
@@ -189,9 +200,9 @@ def test_bad_evaluation_input(tmp_path, mnist_dir):
     torch.save({'state_dict': state}, str(tmp_path / 'nan_best.pth'))
     for name, message in (('cut', 'cannot read checkpoint'), ('list', 'holds no state_dict'),
                           ('nostate', 'holds no state_dict'), ('nan', "NaN or infinite weights in ['0.weight']")):
-        p = run('evaluate.py', *base, '--saved_model', str(tmp_path / name), check=False)
-        lines = p.stderr.strip().splitlines()
-        assert p.returncode == 2 and 'Traceback' not in p.stderr, (name, p.stderr)
+        code, err = inline(main, base + ['--saved_model', str(tmp_path / name)], capsys)
+        lines = err.strip().splitlines()
+        assert code == 2, (name, err)
         assert len(lines) == 1 and lines[0].startswith('error:') and message in lines[0], lines
 
 
