@@ -373,7 +373,8 @@ def argparser(argv=None, **overrides):
       help="dtype of the stored per-sample vectors; auto: float32 when it fits in half the "
       "available RAM, else float16, else a disk-backed float16 file")
     # PGD
-    a('--niter', type=int, default=d['niter'], help="PGD-L2 steps")
+    a('--niter', type=int, default=d['niter'], help="PGD-L2 steps (the reference's attack: advertorch L2PGDAttack, summed "
+      "cross-entropy, random start, inputs clipped to [0, 1])")
     a('--alpha', type=float, default=d['alpha'], help="PGD-L2 step size (default epsilon/4)")
     # files and devices
     a('--prefix', default=None, help="checkpoints go to pretrained/<prefix>_<model>_{best,"

@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import DEVICE, blobs, dev, trained_tiny
 from certify import pgd_l2
@@ -41,3 +42,47 @@ def test_certified_points_cannot_be_flipped(kind):
         with torch.no_grad():
             flipped = net(pgd_l2(net, xt[unc], yt[unc], 3 * eps, 3 * eps / 4, 50)).argmax(1) != yt[unc]
         assert flipped.any()
+
+
+def test_pgd_is_the_reference_attack():
+    """The evaluation attack follows advertorch's L2PGDAttack as the reference calls it
+    (CrossEntropyLoss(reduction='sum'), rand_init, clip [0, 1]): start = a uniform random
+    image pulled into the eps-ball, then per step: move alpha along the gradient normalised
+    by max(norm, 1e-6), clip to [0, 1], THEN scale back into the ball. Checked step by step
+    on a linear model, whose input gradient is W^T (softmax - onehot), near the [0, 1]
+    border where clipping before or after the projection differ."""
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).double()
+    x = torch.rand(5, 1, 4, 4, dtype=torch.float64) * 0.2 + 0.8      # near the upper border
+    y = torch.tensor([0, 1, 2, 0, 1])
+    eps, alpha = 0.9, 0.7
+    W = lin[1].weight.detach()
+
+    def into_ball(d):
+        n = d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
+        return d * torch.clamp(eps / n, max=1.0)
+
+    def reference(niter, order):
+        torch.manual_seed(1)
+        d = into_ball(torch.rand_like(x) - x)
+        for _ in range(niter):
+            with torch.no_grad():
+                p = torch.softmax(lin(x + d), 1)
+            g = ((p - F.one_hot(y, 3).double()) @ W).view_as(x)
+            g = g / g.flatten(1).norm(dim=1).clamp_min(1e-6).view(-1, 1, 1, 1)
+            d = d + alpha * g
+            if order == 'clip, then ball':
+                d = into_ball((x + d).clamp(0, 1) - x)
+            else:
+                d = (x + into_ball(d)).clamp(0, 1) - x
+        return (x + d).clamp(0, 1)
+
+    for niter in (0, 1, 3):
+        torch.manual_seed(1)
+        ours = pgd_l2(lin, x, y, eps, alpha, niter)
+        assert torch.allclose(ours, reference(niter, 'clip, then ball'), rtol=0, atol=1e-12), niter
+        assert ((ours - x).flatten(1).norm(dim=1) <= eps * (1 + 1e-12)).all()
+        assert ours.min() >= 0 and ours.max() <= 1
+    # the order is decisive here: projecting before clipping gives other points
+    assert not torch.allclose(reference(3, 'ball, then clip'), reference(3, 'clip, then ball'),
+                              rtol=0, atol=1e-6)
