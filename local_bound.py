@@ -284,7 +284,8 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     d_out: [batch, *out_shape] 0/1 indicator of the varying outputs, or None.
 
     Each iteration (spec section 9): u <- D_in u; v = normalize(D_out W u);
-    u = normalize(D_in W^T v); the estimate is the bilinear v^T A u = ||A^T v|| with the
+    u = normalize(D_in W^T v), its change measured against u as it was before the mask (as
+    the reference: a stored vector's mass where the mask is now 0 counts); the estimate is the bilinear v^T A u = ||A^T v|| with the
     last v and u (``estimate='forward'``: ||A u||, opt-in, one more product, a slightly
     larger value). With gradient enabled and ``grad_through`` (faithful training) the whole
     batch iterates together, differentiating through every iteration, and stops when the
@@ -309,6 +310,7 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
 
     batch = u.shape[0]
     u = u.detach()
+    start = u       # the reference measures the first change against the unmasked start
     if d_in is not None:
         u = u * d_in
     # a zero vector (a stored vector killed by a new mask) would never recover: restart
@@ -322,11 +324,13 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
 
     if sync_free and n_iter > 0:
         whole = differentiate_all or not per_sample_stop
+        calls = [0]
 
         def body(state):
             new, tn_, z, zn = step(state[0], d_in, d_out)
             with torch.no_grad():
-                change = _norm(new - state[0])
+                change = _norm(new - (start if calls[0] == 0 else state[0]))
+            calls[0] += 1
             return (new, tn_, z, zn, change), (change.max() < tol if whole else change < tol)
         with contextlib.nullcontext() if differentiate_all else torch.no_grad():
             (u, tn, z, zn, change), iters = _frozen_loop(body, (u,), n_iter,
@@ -338,11 +342,12 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     elif differentiate_all or not per_sample_stop:
         # (a device-side stop flag instead of this host sync was measured on an H100: the
         # extra select operations cost more CPU dispatch time than the syncs, see README)
+        prev = start
         for _ in range(n_iter):
             new, tn, z, zn = step(u, d_in, d_out)
             with torch.no_grad():
-                change = _norm(new - u)
-            u = new
+                change = _norm(new - prev)
+            u = prev = new
             iters += 1
             if change.max().item() < tol:
                 break
@@ -354,7 +359,7 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
         keep_v = torch.is_grad_enabled()        # read before no_grad turns it off
         with torch.no_grad():
             u, tn, v = _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged,
-                                           keep_v=keep_v)
+                                           keep_v=keep_v, start=start)
     if estimate == 'forward' or tn is None:
         sigma = _norm(op(u, d_out))
     elif differentiate_all or not torch.is_grad_enabled():
@@ -364,10 +369,13 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     return PowerIterationResult(sigma, u.detach(), iters, converged)
 
 
-def _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged, keep_v=False):
+def _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged, keep_v=False,
+                        start=None):
     """Power iteration on u [batch, ...], each sample stopping at its own convergence: only
-    the samples still active are computed. Updates iters, converged in place; returns
-    (u, ||A^T v|| and v of each sample's last iteration; None, None without iterations)."""
+    the samples still active are computed; the first change is measured against ``start``
+    (default u). Updates iters, converged in place; returns (u, ||A^T v|| and v of each
+    sample's last iteration; None, None without iterations)."""
+    first = u if start is None else start      # every sample is active in the first round
     u = u.clone()
     tn = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
     v = None
@@ -379,7 +387,8 @@ def _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged, kee
         new, tna, za, zna = step(ua, di, do)
         if keep_v and v is None:
             v = torch.zeros((u.shape[0], *za.shape[1:]), dtype=u.dtype, device=u.device)
-        done = _norm(new - ua) < tol
+        done = _norm(new - (ua if first is None else first)) < tol
+        first = None
         u[active] = new
         tn[active] = tna
         if keep_v:
