@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from local_bound import (KeptVectors, RandomVectors, compute_bound, exact_float32,
-                         global_power_iteration, layer_input_shapes)
+                         global_power_iteration, global_vector_shape, layer_input_shapes)
 from lanczos import GuaranteedNorms, guaranteed_certify
 from report import _fmt, _resume_rows, batch_rows, summarize, tsv_columns
 from utils import UserError
@@ -264,7 +264,7 @@ GLOBAL_ROUNDS = 10   # once-per-evaluation global vectors: up to this many round
 
 
 def converged_global_vectors(model, input_shape, sniter, seed, device):
-    """{affine layer: its global power-iteration vector [1, *in_shape]} for inputs of
+    """{affine layer: its global power-iteration vector [1, *global_vector_shape]} for inputs of
     ``input_shape`` (one sample, no batch axis), iterated from a seeded Gaussian start to
     tolerance 1e-4, in rounds of ``sniter`` iterations, at most GLOBAL_ROUNDS of them, once
     per evaluation; certification starts every batch from these. (The reference carries
@@ -276,7 +276,8 @@ def converged_global_vectors(model, input_shape, sniter, seed, device):
     out = {}
     with torch.no_grad(), exact_float32():
         for i, shape in shapes.items():
-            u = torch.randn((1, *shape), generator=gen, device=device)
+            u = torch.randn((1, *global_vector_shape(model[i], shape)), generator=gen,
+                            device=device)
             for _ in range(GLOBAL_ROUNDS):
                 _, u, converged = global_power_iteration(model[i], u, sniter)
                 if converged:

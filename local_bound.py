@@ -224,41 +224,73 @@ def _frozen_loop(body, state, n_iter: int, per_sample: bool = False):
     return state, iters
 
 
+def global_vector_shape(layer: nn.Module, in_shape) -> tuple:
+    """Shape (no batch axis) of the persistent global power-iteration vector of ``layer``
+    whose per-sample input shape is ``in_shape``: the reference iterates a convolution in
+    its input space and a linear layer in its OUTPUT space (u in R^out, v = W^T u / ||.||,
+    u = W v / ||.||), so a linear layer's vector is [out_features]."""
+    if isinstance(layer, nn.Linear):
+        return (layer.out_features,)
+    return tuple(in_shape)
+
+
+def _global_ops(layer: nn.Module, shape):
+    """(first, second) products of one global power iteration on a vector [1, *shape]:
+    conv: W then W^T (input space); linear: W^T then W (output space, as the reference)."""
+    if isinstance(layer, nn.Linear):
+        w = layer.weight
+        if tuple(shape) != (w.shape[0],):
+            raise ValueError(f"a linear layer's global vector is [1, {w.shape[0]}] (its output "
+                             f"space, as the reference's), got [1, {', '.join(map(str, shape))}]")
+        return (lambda u: u @ w), (lambda v: v @ w.t())
+    return (lambda u: apply_W(layer, u)), (lambda v: apply_WT(layer, v, shape))
+
+
 def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
                            tol: float = GLOBAL_TOL, estimate: str = 'bilinear',
                            sync_free: bool = False):
     """Spectral norm ||W||_2 of the whole operator of ``layer`` (conv or linear).
 
-    u: persistent vector [1, *in_shape], warm-started across calls (detached here).
-    Each iteration: v = normalize(W u); u = normalize(W^T v); stop after ``n_iter`` or when
-    ||u_new - u|| < tol. The estimate is the bilinear v^T W u (= ||W^T v||) with the last v
+    u: persistent vector [1, *global_vector_shape(layer, in_shape)] (a conv's input space,
+    a linear layer's output space, as the reference), warm-started across calls (detached
+    here). Each iteration, with (F, G) = (W, W^T) for a conv and (W^T, W) for a linear
+    layer: v = normalize(F u); u = normalize(G v); stop after ``n_iter`` or when
+    ||u_new - u|| < tol. The estimate is the bilinear v^T F^T u (= ||G v||) with the last v
     and u, differentiable in W through every iteration of this call (the reference's global
-    norm); ``estimate='forward'`` returns ||W u|| instead (one more product).
+    norm); ``estimate='forward'`` returns ||F u|| instead (one more product).
     ``sync_free``: the same values without a host synchronisation (see _frozen_loop).
-    Returns (sigma: scalar tensor, u: updated detached vector [1, *in_shape],
+    Returns (sigma: scalar tensor, u: updated detached vector of u's shape,
     converged: 0-dim bool tensor, the last change was below tol).
     """
     _check_estimate(estimate)
     if n_iter < 1:
         raise ValueError(f"the global power iteration needs n_iter >= 1, got {n_iter}")
-    in_shape = u.shape[1:]
+    first, second = _global_ops(layer, u.shape[1:])
+
+    def step(x):
+        z = first(x)
+        zn = torch.linalg.vector_norm(z.flatten(1), dim=1) + NORM_EPS
+        t = second(z)
+        tzn = torch.linalg.vector_norm(t.flatten(1), dim=1)
+        return t / _bcast(tzn + NORM_EPS * zn, t), tzn / zn   # as _power_step
+
     u = u.detach()
     if sync_free:
         def body(state):
-            new, tn, _, _ = _power_step(layer, state[0], in_shape)
+            new, tn = step(state[0])
             with torch.no_grad():
                 change = _norm(new - state[0]).max()
             return (new, tn, change), change < tol
         (u, tn, change), _ = _frozen_loop(body, (u,), n_iter)
     else:
         for _ in range(n_iter):
-            new, tn, _, _ = _power_step(layer, u, in_shape)
+            new, tn = step(u)
             with torch.no_grad():
                 change = _norm(new - u).max()
             u = new
             if change.item() < tol:
                 break
-    sigma = _bilinear(tn)[0] if estimate == 'bilinear' else _norm(apply_W(layer, u))[0]
+    sigma = _bilinear(tn)[0] if estimate == 'bilinear' else _norm(first(u))[0]
     return sigma, u.detach(), change < tol
 
 
@@ -596,7 +628,8 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
     x: [batch, *input_shape]; y: [batch] labels; eps: float or [batch] radii (L2).
     vectors: object with ``get(key, shape) -> [batch, *shape]`` and ``put(key, u)`` giving
       the per-sample power-iteration vectors, key = module index of the layer.
-    global_vectors: dict module index -> [1, *in_shape], updated in place (warm start).
+    global_vectors: dict module index -> [1, *global_vector_shape(layer, in_shape)] (a
+      linear layer's vector lives in its output space), updated in place (warm start).
     sniter: per-sample power iterations; global_iter: iterations for ||W||_2 (default
       sniter); opt_iter: rounds of the worst-case-logit algorithm.
     bound: 'local' (indicators from the boxes) or 'global' (every indicator = 1, i.e. the
@@ -685,7 +718,8 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
                 sigma_g = global_sigmas[i]
             else:
                 if i not in global_vectors:
-                    global_vectors[i] = torch.randn((1, *in_shape), device=x.device, dtype=x.dtype)
+                    global_vectors[i] = torch.randn((1, *global_vector_shape(m, in_shape)),
+                                                    device=x.device, dtype=x.dtype)
                 sigma_g, global_vectors[i], g_conv = global_power_iteration(
                     m, global_vectors[i], global_iter, global_tol, estimate, sync_free)
                 res.global_converged = res.global_converged & g_conv

@@ -28,8 +28,8 @@ from tqdm import tqdm
 from data_load import get_loaders
 from certify import certify, full_evaluation
 from report import summary_line
-from local_bound import (GivenVectors, VectorStore, certified_loss, compute_bound, layer_input_shapes,
-                         sparsity_loss)
+from local_bound import (GivenVectors, VectorStore, certified_loss, compute_bound,
+                         global_vector_shape, layer_input_shapes, sparsity_loss)
 from utils import (UserError, argparser, atomic_save, checkpoint_base, clamp_thresholds,
                    get_device, load_checkpoint, run_main, seed_all, select_model)
 
@@ -231,20 +231,50 @@ def certified_step(model, x, y, eps, kappa, given, global_vectors, args):
     return loss, clean, rob, res.logits, rerr, ratio, varying, vectors.out
 
 
-def start_global_vectors(global_vectors, shapes, x):
-    """Draw the missing global power-iteration vectors [1, *in_shape] as compute_bound would
-    on first use (same order, same generator), but outside compiled code, whose random
-    numbers differ from eager ones."""
+def start_global_vectors(global_vectors, model, shapes, x):
+    """Draw the missing global power-iteration vectors [1, *global_vector_shape] as
+    compute_bound would on first use (same order, same generator), but outside compiled
+    code, whose random numbers differ from eager ones."""
     for k, s in shapes.items():
         if k not in global_vectors:
-            global_vectors[k] = torch.randn((1, *s), device=x.device, dtype=x.dtype)
+            global_vectors[k] = torch.randn((1, *global_vector_shape(model[k], s)),
+                                            device=x.device, dtype=x.dtype)
+
+
+GLOBAL_LINEAR_SPACE = 'output'   # checkpoints say where a linear layer's global vector lives
+
+
+def resumed_global_vectors(saved, model, shapes, device, say, linear_space='output'):
+    """The global vectors of a checkpoint, on ``device``. ``linear_space``: where the
+    checkpoint's linear-layer vectors live; checkpoints written before they moved to the
+    output space (as the reference's) say nothing and hold them in the input space: each is
+    carried over as normalize(W u), the output vector the next iteration reaches from it,
+    so the warm start is kept. A shape that does not fit is refused, both shapes named."""
+    if linear_space not in ('input', 'output'):
+        raise UserError(f"checkpoint's global vectors: unknown space {linear_space!r}")
+    out = {}
+    for k, v in saved.items():
+        k, v = int(k), v.to(device)
+        convert = isinstance(model[k], torch.nn.Linear) and linear_space == 'input'
+        want = (1, *(shapes[k] if convert else global_vector_shape(model[k], shapes[k])))
+        if tuple(v.shape) != want:
+            raise UserError(f"checkpoint's global vector of layer {k} has shape "
+                            f"{tuple(v.shape)}, the model needs {want}")
+        if convert:
+            with torch.no_grad():
+                w = model[k].weight
+                v = v.to(w.dtype) @ w.t()
+                v = v / (v.norm() + 1e-12)
+            say(f"layer {k}: global vector carried from the input to the output space")
+        out[k] = v
+    return out
 
 
 def stored_step(step_fn, model, x, y, eps, kappa, vectors, shapes, global_vectors, args):
     """``step_fn`` (certified_step, maybe compiled) with its starting vectors read from
     ``vectors`` (a vector store's batch, or RandomVectors) for the layers of ``shapes``
     {affine index: in_shape}, and the final ones written back; returns step_fn's tuple."""
-    start_global_vectors(global_vectors, shapes, x)
+    start_global_vectors(global_vectors, model, shapes, x)
     given = {k: vectors.get(k, s) for k, s in shapes.items()}
     out = step_fn(model, x, y, eps, kappa, given, global_vectors, args)
     for k, u in out[-1].items():
@@ -440,7 +470,9 @@ def main(argv=None, **dataset_defaults):
         ckpt = load_checkpoint(ckpt_path, model, device)
         opt.load_state_dict(ckpt['optimizer'])
         sched.load_state_dict(ckpt['scheduler'])
-        global_vectors.update({int(k): v.to(device) for k, v in ckpt['global_vectors'].items()})
+        global_vectors.update(resumed_global_vectors(
+            ckpt['global_vectors'], model, layer_input_shapes(model, input_shape), device, say,
+            ckpt.get('global_linear_space', 'input')))
         start, best_err = ckpt['epoch'] + 1, ckpt['best_err']
         if os.path.isfile(store_path):
             saved = torch.load(store_path, map_location='cpu', weights_only=False)
@@ -516,7 +548,7 @@ def main(argv=None, **dataset_defaults):
             state = {'state_dict': model.state_dict(), 'err': cert_err, 'epoch': epoch,
                      'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
                      'global_vectors': {k: v.cpu() for k, v in global_vectors.items()},
-                     'best_err': best_err, 'args': vars(args)}
+                     'global_linear_space': GLOBAL_LINEAR_SPACE, 'best_err': best_err, 'args': vars(args)}
             atomic_save(state, ckpt_path)
             if is_best:   # the best model is for evaluation: no optimiser state (small file)
                 atomic_save({k: state[k] for k in ('state_dict', 'err', 'epoch', 'args',

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from conftest import DEVICE, dev, tiny_net
 from local_bound import (BoundError, KeptVectors, RandomVectors, VectorStore, apply_W, apply_WT,
-                         compute_bound, certified_loss, global_power_iteration,
+                         compute_bound, certified_loss, global_power_iteration, global_vector_shape,
                          masked_power_iteration, worst_case_margins,
                          worst_case_margins_all_pairs, check_supported, robust_loss)
 from utils import ClampGroupSort, ReLU_x
@@ -65,10 +65,18 @@ def test_masked_power_iteration_equals_exact_svd(name, make, in_shape):
     exact = torch.linalg.matrix_norm(M, ord=2).item()
     pi = masked_power_iteration(layer, u0, 3000, None, None, tol=1e-10)
     assert pi.sigma.min().item() == pytest.approx(exact, rel=1e-6)
-    sg, _, _ = global_power_iteration(layer, u0[:1], 3000, tol=1e-10)
+    g0 = dev(torch.randn(1, *global_vector_shape(layer, in_shape), dtype=torch.float64))
+    assert tuple(g0.shape[1:]) == ((M.shape[0],) if isinstance(layer, nn.Linear) else in_shape)
+    sg, gu, _ = global_power_iteration(layer, g0, 3000, tol=1e-10)
     assert sg.item() == pytest.approx(exact, rel=1e-6)
-    assert global_power_iteration(layer, u0[:1], 3000, tol=1e-3)[2]       # converged
-    assert not global_power_iteration(layer, u0[:1], 1, tol=1e-3)[2]      # reported as not
+    top = torch.linalg.svd(M)   # a linear layer's vector is the top LEFT singular vector
+    want = top.U[:, 0] if isinstance(layer, nn.Linear) else top.Vh[0]
+    assert abs(gu.flatten() @ want).item() == pytest.approx(1.0, abs=1e-6)
+    assert global_power_iteration(layer, g0, 3000, tol=1e-3)[2]       # converged
+    assert not global_power_iteration(layer, g0, 1, tol=1e-3)[2]      # reported as not
+    if isinstance(layer, nn.Linear):   # an input-space vector is refused, with the shapes
+        with pytest.raises(ValueError, match="output space"):
+            global_power_iteration(layer, u0[:1], 3)
 
 
 def test_warm_start_from_a_smaller_radius_gives_the_fresh_sigmas():

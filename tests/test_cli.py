@@ -266,6 +266,44 @@ def test_epoch_logs_the_training_figures():
     assert all(0 <= out[k] <= 1 for k in out if k.startswith('varying@'))
 
 
+def test_old_checkpoints_global_vectors_carry_over():
+    """A checkpoint written before a linear layer's global vector moved to its output space
+    (as the reference's; such a checkpoint names no space) resumes with normalize(W u) in its
+    place, square layers too; the conv vectors and the new format pass unchanged; a shape
+    that does not fit is refused with both shapes named."""
+    import train
+    from conftest import _build
+    from local_bound import global_power_iteration, global_vector_shape, layer_input_shapes
+    from utils import UserError, ReLU_x
+    torch.manual_seed(3)   # conv, linear 32 -> 16, square linear 16 -> 16, logits
+    net = _build([(1, 2, 4, 2, 1, 4)], [(32, 16), (16, 16), (16, 3)],
+                 lambda shape, j: ReLU_x(shape, 1.0)).to(DEVICE)
+    shapes = layer_input_shapes(net, (1, 8, 8))
+    lin = [k for k in shapes if isinstance(net[k], torch.nn.Linear)]
+    assert [(net[k].in_features, net[k].out_features) for k in lin] == [(32, 16), (16, 16)]
+    g = torch.Generator().manual_seed(0)
+    old = {k: torch.randn(1, *s, generator=g) for k, s in shapes.items()}
+    said = []
+    assert train.GLOBAL_LINEAR_SPACE == 'output'     # the space a new checkpoint names
+    got = train.resumed_global_vectors(old, net, shapes, DEVICE, said.append, 'input')
+    for k, s in shapes.items():
+        assert tuple(got[k].shape) == (1, *global_vector_shape(net[k], s))
+        if k in lin:
+            w = net[k].weight.detach()
+            want = old[k].to(DEVICE) @ w.t()
+            assert torch.allclose(got[k], want / want.norm(), atol=1e-6)
+            global_power_iteration(net[k], got[k], 2)      # usable as it is
+        else:
+            assert torch.equal(got[k], old[k].to(DEVICE))
+    assert len(said) == len(lin)
+    again = train.resumed_global_vectors(got, net, shapes, DEVICE, said.append, 'output')
+    assert all(torch.equal(again[k], got[k]) for k in got) and len(said) == len(lin)
+    bad = {**old, lin[0]: torch.randn(1, 5)}
+    for space in ('input', 'output'):
+        with pytest.raises(UserError, match=r"layer %d .*\(1, 5\)" % lin[0]):
+            train.resumed_global_vectors(bad, net, shapes, DEVICE, said.append, space)
+
+
 @pytest.mark.parametrize('backend', ['aot_eager'] + (['inductor'] if DEVICE.type == 'cuda' else []))
 def test_compiled_step_equals_eager(backend):
     """--compile: torch.compile'd certified_step (sync-free loops) is one graph (fullgraph:
@@ -291,7 +329,7 @@ def test_compiled_step_equals_eager(backend):
         given = {k: torch.randn(8, *s, generator=g).to(DEVICE) for k, s in shapes.items()}
         gv = {}
         torch.manual_seed(2)            # the global vectors' first draw, outside compiled code
-        train.start_global_vectors(gv, shapes, x)
+        train.start_global_vectors(gv, net, shapes, x)
         fn = train.step_function(args, DEVICE, backend=backend, fullgraph=True)
         assert (fn is train.certified_step) != compiled
         with exact_float32():

@@ -11,8 +11,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import dev, tiny_net
-from local_bound import (apply_W, apply_WT, certified_loss, compute_bound, layer_input_shapes,
-                         sparsity_loss)
+from local_bound import (apply_W, apply_WT, certified_loss, compute_bound, global_vector_shape,
+                         layer_input_shapes, sparsity_loss)
 from utils import ClampGroupSort, Flatten, ReLU_x, select_model
 
 
@@ -57,16 +57,32 @@ def literal_step(model, x, y, eps, vecs, gvecs, sniter, opt_iter, kappa, gloro, 
             break
         elif isinstance(m, (nn.Conv2d, nn.Linear)):
             # global norm: persistent vector, tolerance 1e-4, bilinear, gradient through all
-            u = gvecs[i].detach()
-            for _ in range(sniter):
-                v = normalize(apply_W(m, u))
-                u_new = normalize(apply_WT(m, v, u.shape[1:]))
-                change = (u_new - u).flatten(1).norm(dim=1).max().item()
-                u = u_new
-                if change < 1e-4:
-                    break
-            sig = (v * apply_W(m, u)).sum()
-            new_g[i] = u.detach()
+            if isinstance(m, nn.Linear):
+                # the reference's linear layer: a column vector u in the OUTPUT space,
+                # v = W^T u / ||.||, u = W v / ||.|| (no 1e-12 here), sigma = u^T W v
+                A = m.weight
+                u = gvecs[i].detach().t()
+                for _ in range(sniter):
+                    v = A.t().mm(u)
+                    v = v / v.norm(2)
+                    u_tmp = u
+                    u = A.mm(v)
+                    u = u / u.norm(2)
+                    if (u - u_tmp).norm(2) < 1e-4:
+                        break
+                sig = u.t().mm(A).mm(v)[0][0]
+                new_g[i] = u.t().detach()
+            else:
+                u = gvecs[i].detach()
+                for _ in range(sniter):
+                    v = normalize(apply_W(m, u))
+                    u_new = normalize(apply_WT(m, v, u.shape[1:]))
+                    change = (u_new - u).flatten(1).norm(dim=1).max().item()
+                    u = u_new
+                    if change < 1e-4:
+                        break
+                sig = (v * apply_W(m, u)).sum()
+                new_g[i] = u.detach()
             c, h = (lb + ub) / 2, (ub - lb) / 2
             c, h, mu = m(c), apply_W(m, h, m.weight.abs()), m(mu)
             rn = m.weight.flatten(1).norm(dim=1)
@@ -205,7 +221,8 @@ def setup_case(name, seed=0):
     y = dev(torch.arange(b) % classes)
     shapes = layer_input_shapes(net, shape)
     fresh = {k: dev(torch.randn(b, *s, dtype=torch.float64)) for k, s in shapes.items()}
-    gfresh = {k: dev(torch.randn(1, *s, dtype=torch.float64)) for k, s in shapes.items()}
+    gfresh = {k: dev(torch.randn(1, *global_vector_shape(net[k], s), dtype=torch.float64))
+              for k, s in shapes.items()}
     return net, x, y, fresh, gfresh
 
 
