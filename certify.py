@@ -162,9 +162,9 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
     """Clean, PGD (at the first radius) and certified accuracy at every radius of
     ``args.radii`` (default: args.epsilon), local and global bound; optional per-sample TSV
     (written as it goes) and audit. Every batch is seeded from (--seed, batch number) and
-    starts its global power iterations afresh, so
-    ``resume`` (continue the TSV of an interrupted run, skipping its finished batches)
-    gives the rows of an uninterrupted run. Returns the results dict (JSON-ready)."""
+    starts its global power iterations from the same vectors, converged once per
+    evaluation (converged_global_vectors), so ``resume`` (continue the TSV of an interrupted
+    run, skipping its finished batches) gives the rows of an uninterrupted run. Returns the results dict (JSON-ready)."""
     radii = list(getattr(args, 'radii', [args.epsilon]))
     eps0 = radii[0]
     seed = getattr(args, 'seed', 0)

@@ -2,6 +2,7 @@
 --results, --resume after a killed run, and every bad input."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -54,6 +55,13 @@ def test_train_then_evaluate(tmp_path, mnist_dir):
     ratio = series(sc, 'train/lip_ratio_epoch')[1]
     assert 0 < ratio[1] <= 1 + 1e-6
     assert len(varying_data(sc)) == 6 and ramp_end_epoch(sc) == 0
+    # training's final evaluation is evaluate.py's: the same numbers for the same checkpoint
+    final = next(l for l in p.stdout.splitlines() if l.startswith('final ('))
+    q = run('evaluate.py', '--data', 'mnist', '--model', 'relux', '--data_dir', mnist_dir,
+            '--no_download', *FAST[3:], '--epsilon', '0.02', '--saved_model', prefix + '_relux')
+    strip = lambda line: re.sub(r'\[\d+s\]', '', line.split('): ', 1)[1])
+    again = [l for l in q.stdout.splitlines() if l.startswith('eps 0.02 n 64')]
+    assert again and strip(final) == re.sub(r'\[\d+s\]', '', again[-1])
     out = str(tmp_path / 'res.json')
     tsv = str(tmp_path / 'rows.tsv')
     p = run('evaluate.py', '--data', 'mnist', '--model', 'relux', '--data_dir', mnist_dir,
