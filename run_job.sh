@@ -165,10 +165,14 @@ case "$job" in
         if [ ! -d /usr/share/datasets/fashion-mnist ] && [ ! -d data/FashionMNIST ]; then
             echo "check_pretrained: Fashion-MNIST is not installed; skipped"; exit 0
         fi
-        P=pretrained/fashionmnist/local_relux
-        "$PY" evaluate.py --data fashionmnist --model relux --epsilon 0.5 1.0 1.58 \
-            --n_test 500 --test_sniter 2000 --saved_model "$P" \
-            --expect "${P}_expected500.json" "$@" ;;
+        # each bundled model with the radii its recorded first-500 numbers cover
+        for entry in "fashionmnist/local_relux:0.5 1.0 1.58"; do
+            P=pretrained/${entry%%:*}
+            # shellcheck disable=SC2086  # the radii are separate arguments
+            "$PY" evaluate.py --data fashionmnist --model relux --epsilon ${entry#*:} \
+                --n_test 500 --test_sniter 2000 --saved_model "$P" \
+                --expect "${P}_expected500.json" "$@"
+        done ;;
     # ---- the paper's commands (reference command lines, unchanged) ----
     mnist_relu)
         "$PY" train_mnist.py --model relux --sniter 5 --init 2.0 --epsilon_train 1.75 --gloro \
