@@ -164,7 +164,8 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
     (written as it goes) and audit. Every batch is seeded from (--seed, batch number) and
     starts its global power iterations from the same vectors, converged once per
     evaluation (converged_global_vectors), so ``resume`` (continue the TSV of an interrupted
-    run, skipping its finished batches) gives the rows of an uninterrupted run. Returns the results dict (JSON-ready)."""
+    run, skipping its finished batches) gives the rows of an uninterrupted run. Returns the
+    results dict (JSON-ready)."""
     radii = list(getattr(args, 'radii', [args.epsilon]))
     eps0 = radii[0]
     seed = getattr(args, 'seed', 0)

@@ -184,9 +184,18 @@ def _power_step(layer: nn.Module, x: torch.Tensor, in_shape, d_in=None, d_out=No
     ||A^T v|| are the reference's (to 1e-12 relative) with one full-size division less;
     callers form v only where they need it (--pi_grad last)."""
     z, t = masked_products(layer, x, in_shape, d_in, d_out)
+    u, tn, zn = _unit_and_ratio(z, t)
+    return u, tn, z, zn
+
+
+def _unit_and_ratio(z: torch.Tensor, t: torch.Tensor):
+    """The normalisations of one power iteration from z = F x [batch, ...] and t = G z
+    [batch, ...] (G the second product): v = z / (||z|| + 1e-12) is never divided out, so
+    u = normalize(G v) = t / (||t|| + 1e-12 (||z|| + 1e-12)) and ||G v|| = ||t|| / (||z||
+    + 1e-12). Returns (u [shape of t], ||G v|| [batch], ||z|| + 1e-12 [batch])."""
     zn = torch.linalg.vector_norm(z.flatten(1), dim=1) + NORM_EPS
     tzn = torch.linalg.vector_norm(t.flatten(1), dim=1)
-    return t / _bcast(tzn + NORM_EPS * zn, t), tzn / zn, z, zn
+    return t / _bcast(tzn + NORM_EPS * zn, t), tzn / zn, zn
 
 
 def _bilinear(tn: torch.Tensor) -> torch.Tensor:
@@ -269,10 +278,7 @@ def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
 
     def step(x):
         z = first(x)
-        zn = torch.linalg.vector_norm(z.flatten(1), dim=1) + NORM_EPS
-        t = second(z)
-        tzn = torch.linalg.vector_norm(t.flatten(1), dim=1)
-        return t / _bcast(tzn + NORM_EPS * zn, t), tzn / zn   # as _power_step
+        return _unit_and_ratio(z, second(z))[:2]
 
     u = u.detach()
     if sync_free:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from data_load import get_loaders
 from certify import certify, full_evaluation
 from report import summary_line
-from local_bound import (GivenVectors, VectorStore, certified_loss, compute_bound,
+from local_bound import (NORM_EPS, GivenVectors, VectorStore, certified_loss, compute_bound,
                          global_vector_shape, layer_input_shapes, sparsity_loss)
 from utils import (UserError, argparser, atomic_save, checkpoint_base, clamp_thresholds,
                    get_device, load_checkpoint, run_main, seed_all, select_model)
@@ -264,7 +264,7 @@ def resumed_global_vectors(saved, model, shapes, device, say, linear_space='outp
             with torch.no_grad():
                 w = model[k].weight
                 v = v.to(w.dtype) @ w.t()
-                v = v / (v.norm() + 1e-12)
+                v = v / (v.norm() + NORM_EPS)
             say(f"layer {k}: global vector carried from the input to the output space")
         out[k] = v
     return out
