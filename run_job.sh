@@ -149,7 +149,7 @@ case "$job" in
                 --saved_model "$P" --out "${P}_report.tsv" --results "${P}_report.json" \
                 --audit --audit_restarts 2 --audit_steps 100 --plots --markdown --resume "$@")
             if [ "${PARALLEL:-0}" = 1 ]; then     # side by side, one thread each
-                OMP_NUM_THREADS=1 "${cmd[@]}" > "${P}_report.log" 2>&1 &
+                OMP_NUM_THREADS=1 "${cmd[@]}" >> "${P}_report.log" 2>&1 &   # kept over resumes
             else
                 "${cmd[@]}"
             fi
