@@ -12,7 +12,7 @@
 #                4C3F relux trained with each bound, otherwise identical (about an hour each on
 #                2 CPU cores); PARALLEL=1 runs both side by side, one thread each
 #   fashion_long [local|global]    the longer comparison (12k images, 50 epochs, ramp 30;
-#                6.5-10.5 min per epoch at one thread: 6-9 h; PARALLEL=1 runs both side by
+#                6.5-10.5 min per epoch at one thread: 5.5-9 h; PARALLEL=1 runs both side by
 #                side; --resume continues)
 #   fashion_full [local|global]    the paper's full MNIST schedule (300 epochs, ramp 150, batch
 #                256) on all 60k Fashion-MNIST images: a GPU job; add --time_limit MIN and
@@ -119,7 +119,7 @@ case "$job" in
         # training images at batch 64 (188 steps per epoch): eps ramp over 30 epochs (5,640
         # steps, 6x the 4-epoch run's 940) to 1.0, then 20 epochs at 1.0; lr decays from epoch
         # 35. Side by side at one thread each (PARALLEL=1), undisturbed epochs took 386-625 s
-        # (train + 1000-image test certification): 6-9 h for both; add --resume to continue
+        # (train + 1000-image test certification): 5.5-9 h for both; add --resume to continue
         # a killed run.
         bounds=${1:-local global}
         shift || true
