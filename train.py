@@ -109,7 +109,7 @@ def available_ram():
             for line in f:
                 if line.startswith('MemAvailable:'):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except OSError:     # no /proc/meminfo (not Linux): the kernel's free pages instead
         pass
     return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_AVPHYS_PAGES')
 
