@@ -12,7 +12,7 @@ from tqdm import tqdm
 from local_bound import (KeptVectors, RandomVectors, compute_bound, exact_float32,
                          global_power_iteration, global_vector_shape, layer_input_shapes)
 from lanczos import GuaranteedNorms, guaranteed_certify
-from report import _fmt, _resume_rows, batch_rows, summarize, tsv_columns
+from report import batch_rows, fmt_value, resume_rows, summarize, tsv_columns
 from utils import UserError
 
 
@@ -173,7 +173,7 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
     rows, skip, header = [], set(), None
     if resume and tsv_path and os.path.isfile(tsv_path):
         indices = [list(map(int, ids)) for ids in batch_indices(loader)]
-        header, rows, skip = _resume_rows(tsv_path, radii, indices,
+        header, rows, skip = resume_rows(tsv_path, radii, indices,
                                           getattr(args, 'certificate', 'reference'))
         print(f"resuming {tsv_path}: {len(rows)} points done, {len(indices) - len(skip)} of "
               f"{len(indices)} batches to go", flush=True)
@@ -195,7 +195,7 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
             with open(tsv_path + '.tmp', 'w') as f:
                 f.write('\t'.join(header) + '\n')
                 for r in rows:
-                    f.write('\t'.join(_fmt(r[c]) for c in header) + '\n')
+                    f.write('\t'.join(fmt_value(r[c]) for c in header) + '\n')
             os.replace(tsv_path + '.tmp', tsv_path)
         tsv = open(tsv_path, 'a' if header is not None else 'w')
     try:
@@ -245,7 +245,7 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
                     header = tsv_columns(radii, list(by_eps[eps0]['varying']), guaranteed)
                     tsv.write('\t'.join(header) + '\n')
                 for r in new:
-                    tsv.write('\t'.join(_fmt(r[c]) for c in header) + '\n')
+                    tsv.write('\t'.join(fmt_value(r[c]) for c in header) + '\n')
                 tsv.flush()
             rows.extend(new)
             if bar.disable and getattr(args, 'verbose', 0):

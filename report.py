@@ -41,7 +41,8 @@ def read_tsv(path):
     return header, rows
 
 
-def _fmt(v):
+def fmt_value(v):
+    """One TSV cell: booleans and integers as integers, floats to 6 significant digits."""
     if isinstance(v, (bool, int)):
         return str(int(v))
     return 'nan' if v != v else f"{v:.6g}"
@@ -74,7 +75,7 @@ def batch_rows(idx, y, by_eps, radii, pgd, audit_counts, global_converged, secon
                    audited=int(audit_counts[0][k]), broken=int(audit_counts[1][k]),
                    seconds=seconds)
         # floats as the TSV holds them, so a summary of read-back rows is the same
-        rows.append({k: float(_fmt(v)) if isinstance(v, float) else v for k, v in row.items()})
+        rows.append({k: float(fmt_value(v)) if isinstance(v, float) else v for k, v in row.items()})
     return rows
 
 
@@ -127,7 +128,7 @@ def summarize(rows, radii, args, audit=False):
     return out
 
 
-def _resume_rows(tsv_path, radii, loader_indices, certificate='reference'):
+def resume_rows(tsv_path, radii, loader_indices, certificate='reference'):
     """Rows of an interrupted --out TSV that can be kept: whole batches only (a batch cut
     off in the middle is certified again). Returns (header, rows, set of done batches)."""
     header, rows = read_tsv(tsv_path)

@@ -38,6 +38,13 @@ def pytest_report_header(config):
     return f"Local-Lip tests on device: {DEVICE}"
 
 
+@pytest.fixture(autouse=True)
+def _same_rng_state():
+    """Every test starts from the same global RNG state: its outcome must not depend on
+    which tests ran before it (a file or -k selection, or the order of the suite)."""
+    torch.manual_seed(0)
+
+
 def dev(*objs):
     """Move tensors / modules to the test device; one object or a tuple."""
     out = tuple(o.to(DEVICE) for o in objs)
