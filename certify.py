@@ -174,7 +174,7 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
     if resume and tsv_path and os.path.isfile(tsv_path):
         indices = [list(map(int, ids)) for ids in batch_indices(loader)]
         header, rows, skip = resume_rows(tsv_path, radii, indices,
-                                          getattr(args, 'certificate', 'reference'))
+                                         getattr(args, 'certificate', 'reference'))
         print(f"resuming {tsv_path}: {len(rows)} points done, {len(indices) - len(skip)} of "
               f"{len(indices)} batches to go", flush=True)
     in_shape = tuple(loader.dataset[0][0].shape)
