@@ -18,6 +18,11 @@ vectors at the smallest radius, warm at the larger ones, global vectors converge
   early       our per-sample early stop (evaluate.py's default)
   guaranteed  Lanczos upper bounds, each certificate false with probability <= --delta
               (evaluate.py --certificate guaranteed; fresh starts at every radius)
+  radius      the certified radius of every point (certify.radius_batch, fresh vectors, the
+              estimate search of evaluate.py --radius); its "certified accuracy" at a radius
+              counts the points whose radius reaches it
+  radius_guaranteed  the same with the guaranteed radius (the estimate search, then the
+              Lanczos bounds once per point and the box-only search below them)
 reports seconds, certified points per second and certified accuracy per radius and method.
 --vectors store: the certified step takes its per-sample vectors from a VectorStore, as the
 training loop does, on rows never written before (so every vector is a fresh draw of the
@@ -73,7 +78,8 @@ def main(argv=None):
     p.add_argument('--test_batch_size', type=int, default=256, help="eval mode: batch size")
     p.add_argument('--test_sniter', type=int, default=2000, help="eval mode: power iterations")
     p.add_argument('--test_opt_iter', type=int, default=1000, help="eval mode: worst-case rounds")
-    p.add_argument('--methods', nargs='+', choices=('reference', 'early', 'guaranteed'),
+    p.add_argument('--methods', nargs='+', choices=('reference', 'early', 'guaranteed', 'radius',
+                                                    'radius_guaranteed'),
                    default=None, help="eval mode: certification methods to time (default: "
                    "early, or reference with --batch_stop)")
     p.add_argument('--radii', nargs='+', type=float, default=None, help="eval mode: radii "
@@ -211,7 +217,7 @@ def eval_methods(a, model, dev, shape, classes, timed):
     docstring); returns {'methods': {name: {seconds, points_per_s, certified_acc {radius: acc}}},
     ...} and prints one line per method."""
     from lanczos import GuaranteedNorms, guaranteed_certify
-    from certify import converged_global_vectors
+    from certify import converged_global_vectors, radius_batch
     from local_bound import KeptVectors
     methods = a.methods or (['reference'] if a.batch_stop else ['early'])
     radii = sorted(a.radii or [a.eps])
@@ -233,12 +239,23 @@ def eval_methods(a, model, dev, shape, classes, timed):
         certified = {e: 0 for e in radii}
         torch.manual_seed(a.seed)
 
+        radii_found = []
+
         def run():
-            if name == 'guaranteed':
+            if name in ('guaranteed', 'radius_guaranteed'):
                 norms = GuaranteedNorms(model, shape, a.delta, generator_seed=a.seed)
-            else:   # the global vectors, converged once, as evaluate.py does
+            if name != 'guaranteed':   # the global vectors, converged once, as evaluate.py does
                 gv0 = converged_global_vectors(model, shape, a.test_sniter, a.seed, dev)
             for x, y in batches:
+                if name.startswith('radius'):     # the certified radius of every point
+                    r = radius_batch(model, x, y, gv0, sniter=a.test_sniter,
+                                     opt_iter=a.test_opt_iter,
+                                     norms=norms if name == 'radius_guaranteed' else None)
+                    found = r['radius_guaranteed' if name == 'radius_guaranteed' else 'radius']
+                    radii_found.append(found)
+                    for e in radii:
+                        certified[e] += int((found >= e).sum())
+                    continue
                 if name == 'guaranteed':
                     for e in radii:
                         certified[e] += int(guaranteed_certify(
@@ -254,6 +271,8 @@ def eval_methods(a, model, dev, shape, classes, timed):
         sec = timed(run)
         res['methods'][name] = {'seconds': sec, 'points_per_s': len(xs) / sec,
                                 'certified_acc': {f"{e:g}": certified[e] / len(xs) for e in radii}}
+        if radii_found:
+            res['methods'][name]['median_radius'] = float(torch.cat(radii_found).median())
         accs = ', '.join(f"{100 * certified[e] / len(xs):.2f}% @{e:g}" for e in radii)
         print(f"{a.model} eval {name:<10} n {len(xs)} radii {' '.join(f'{e:g}' for e in radii)} "
               f"test_sniter {a.test_sniter}: {sec:.1f}s, {len(xs) / sec:.2f} points/s "

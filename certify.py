@@ -1,6 +1,7 @@
 """Certification of a test set: the Local-Lip bound per batch and radius, PGD-L2, the
 soundness audit, and the full resumable evaluation that writes per-sample rows (reporting
 lives in report.py; the command line in evaluate.py)."""
+import math
 import os
 import sys
 import time
@@ -9,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from local_bound import (KeptVectors, RandomVectors, compute_bound, exact_float32,
-                         global_power_iteration, global_vector_shape, layer_input_shapes)
-from lanczos import GuaranteedNorms, guaranteed_certify
-from report import batch_rows, fmt_value, resume_rows, summarize, tsv_columns
+from local_bound import (KeptVectors, RandomVectors, check_supported, compute_bound,
+                         exact_float32, global_power_iteration, global_vector_shape,
+                         layer_input_shapes)
+from lanczos import GuaranteedNorms, guaranteed_certify, masked_norm_upper_bounds
+from report import batch_rows, cell, resume_rows, summarize, tsv_columns
 from utils import UserError
 
 
@@ -168,13 +170,14 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
     results dict (JSON-ready)."""
     radii = list(getattr(args, 'radii', [args.epsilon]))
     eps0 = radii[0]
+    radius = bool(getattr(args, 'radius', False))
     seed = getattr(args, 'seed', 0)
     model.eval()
     rows, skip, header = [], set(), None
     if resume and tsv_path and os.path.isfile(tsv_path):
         indices = [list(map(int, ids)) for ids in batch_indices(loader)]
         header, rows, skip = resume_rows(tsv_path, radii, indices,
-                                         getattr(args, 'certificate', 'reference'))
+                                         getattr(args, 'certificate', 'reference'), radius)
         print(f"resuming {tsv_path}: {len(rows)} points done, {len(indices) - len(skip)} of "
               f"{len(indices)} batches to go", flush=True)
     in_shape = tuple(loader.dataset[0][0].shape)
@@ -195,7 +198,7 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
             with open(tsv_path + '.tmp', 'w') as f:
                 f.write('\t'.join(header) + '\n')
                 for r in rows:
-                    f.write('\t'.join(fmt_value(r[c]) for c in header) + '\n')
+                    f.write('\t'.join(cell(c, r[c]) for c in header) + '\n')
             os.replace(tsv_path + '.tmp', tsv_path)
         tsv = open(tsv_path, 'a' if header is not None else 'w')
     try:
@@ -238,14 +241,24 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
                     by_eps[e]['certified_guaranteed'] = g['certified'].cpu()
                     by_eps[e]['lip_guaranteed'] = g['lip'].cpu()
                 g_seconds = (time.time() - t1) / b
+            rad, r_seconds = None, None
+            if radius:         # from its own seed, warm-started from the radii's vectors
+                t2 = time.time()
+                torch.manual_seed(seed * 1000003 + bi + 700001)
+                rad = radius_batch(model, x, y, base_global, sniter=args.test_sniter,
+                                   opt_iter=args.test_opt_iter, rtol=args.radius_rtol,
+                                   bound=args.bound, norms=norms, vectors=vectors.kept,
+                                   estimate=getattr(args, 'estimate', 'bilinear'))
+                r_seconds = (time.time() - t2) / b
             new = batch_rows(idx, y.cpu(), by_eps, radii, pgd, (audited, broken), g_conv,
-                             seconds, g_seconds)
+                             seconds, g_seconds, rad, r_seconds)
             if tsv is not None:
                 if header is None:
-                    header = tsv_columns(radii, list(by_eps[eps0]['varying']), guaranteed)
+                    header = tsv_columns(radii, list(by_eps[eps0]['varying']), guaranteed,
+                                         radius)
                     tsv.write('\t'.join(header) + '\n')
                 for r in new:
-                    tsv.write('\t'.join(fmt_value(r[c]) for c in header) + '\n')
+                    tsv.write('\t'.join(cell(c, r[c]) for c in header) + '\n')
                 tsv.flush()
             rows.extend(new)
             if bar.disable and getattr(args, 'verbose', 0):
@@ -298,3 +311,191 @@ def batch_indices(loader):
             ds, i = ds.dataset, ds.indices[i]
         return int(i)
     return [[index(loader.dataset, i) for i in b] for b in loader.batch_sampler]
+
+
+# ----------------------------------------------------------------------------------------
+# Certified radius: the largest eps at which each point is certified
+# ----------------------------------------------------------------------------------------
+RADIUS_RTOL = 1e-3      # the search stops when hi - lo <= rtol * lo (relative bracket width)
+RADIUS_EVALS = 24       # most bound evaluations per point in the estimate (reference) search
+
+
+class SubsetVectors:
+    """Power-iteration vectors of a whole batch [batch, *shape] per layer, handed out for
+    the rows ``idx`` of the points still searched (fresh Gaussian rows on a layer's first
+    use) and written back: every evaluation of the search starts from the vectors of the
+    point's previous one (warm start)."""
+
+    def __init__(self, batch: int, device):
+        self.batch, self.device = batch, torch.device(device)
+        self.kept = {}
+        self.idx = None
+
+    def get(self, key, shape):
+        if key not in self.kept:
+            self.kept[key] = torch.randn((self.batch, *shape), device=self.device)
+        return self.kept[key][self.idx].clone()
+
+    def put(self, key, u):
+        self.kept[key][self.idx] = u.detach().to(self.kept[key].dtype)
+
+
+def _next_radius(lo, m_lo, hi, m_hi, prev, m_prev, guess, rtol):
+    """Next trial radius of every searched point ([n] tensors, float64): below a failure
+    (hi finite) regula falsi on the margin (the caller halves the margin of an end kept
+    again: the Illinois rule), kept rtol * max(lo, hi / 2) / 2 (at most a quarter of the
+    bracket) away from both ends so that one step can close it; with no failure yet, the secant through the last two
+    certified points, at least 1.5 and at most 4 times lo (``guess`` while lo is 0)."""
+    w = hi - lo
+    p = lo + w * m_lo / (m_lo - m_hi)
+    p = torch.where(torch.isfinite(p), p, lo + w / 2)
+    gap = torch.minimum(rtol * torch.maximum(lo, hi / 2) / 2, w / 4)
+    bracketed = torch.minimum(torch.maximum(p, lo + gap), hi - gap)
+    slope = (m_prev - m_lo) / (lo - prev)
+    ext = lo + m_lo / slope
+    ext = torch.where(torch.isfinite(ext) & (slope > 0), ext, 4 * lo)
+    ext = torch.minimum(torch.maximum(ext, 1.5 * lo), 4 * lo)
+    ext = torch.where(lo > 0, ext, guess)
+    return torch.where(torch.isfinite(hi), bracketed, ext)
+
+
+def bracket_search(evaluate, n, m0, guess, rtol, max_evals, max_radius, device, hint=None,
+                   dtype=torch.float32):
+    """Search, for each of n points, a radius lo certified by ``evaluate`` and a radius hi
+    <= lo (1 + rtol) where it failed (or lo = max_radius). ``evaluate(eps [k], rows [k]) ->
+    (certified [k] bool, margin [k], flag [k] bool)`` for the points ``rows`` at radii
+    ``eps`` (flag: e.g. power iteration converged, recorded at the certified radius). m0 [n]:
+    the margin at radius 0 (the clean margin; points with m0 <= 0 are not searched and keep
+    radius 0); guess [n]: the first radius tried; max_radius: None, a number or [n] radii
+    not searched above; hint [n] (optional): the radius tried
+    after a certified guess, before any extrapolation (the other certificate's upper end).
+    Every trial radius is rounded to ``dtype`` first, so lo and hi are the radii evaluated.
+    Returns dict of [n] tensors: lo, hi (float64), evals (long), flag (bool, at lo; True
+    where lo = 0)."""
+    f64 = dict(dtype=torch.float64, device=device)
+    lo, m_lo = torch.zeros(n, **f64), m0.to(**f64).clone()
+    hi, m_hi = torch.full((n,), math.inf, **f64), torch.full((n,), math.nan, **f64)
+    prev, m_prev = torch.zeros(n, **f64), m_lo.clone()
+    guess = guess.to(**f64)
+    hint = None if hint is None else hint.to(**f64)
+    evals = torch.zeros(n, dtype=torch.long, device=device)
+    flag = torch.ones(n, dtype=torch.bool, device=device)
+    cap = torch.full((n,), math.inf if max_radius is None else 0.0, **f64)
+    if max_radius is not None:
+        cap = cap + torch.as_tensor(max_radius, **f64)
+
+    def active_rows():
+        open_ = (hi - lo > rtol * lo) & (lo < cap) & (evals < max_evals)
+        return (open_ & ((lo > 0) | (m_lo > 0))).nonzero().flatten()
+
+    rows = active_rows()
+    while rows.numel():
+        r = rows
+        eps = _next_radius(lo[r], m_lo[r], hi[r], m_hi[r], prev[r], m_prev[r], guess[r], rtol)
+        if hint is not None:
+            use = (evals[r] == 1) & (lo[r] > 0) & torch.isinf(hi[r]) & (hint[r] > lo[r])
+            eps = torch.where(use, hint[r], eps)
+        eps = torch.minimum(eps, cap[r]).to(dtype).double()
+        cert, margin, fl = evaluate(eps, r)
+        cert, margin, fl = cert.to(device), margin.to(**f64), fl.to(device)
+        margin = torch.where(torch.isfinite(margin), margin,
+                             torch.where(cert, torch.zeros_like(margin), -m_lo[r].abs()))
+        evals[r] += 1
+        up, dn = r[cert], r[~cert]
+        # a certified radius becomes the lower end (the old one the secant's second point)
+        prev[up], m_prev[up] = lo[up], m_lo[up]
+        lo[up], m_lo[up], flag[up] = eps[cert], margin[cert].clamp_min(0), fl[cert]
+        m_hi[up] = m_hi[up] / 2          # the upper end kept: its margin halved (Illinois)
+        hi[dn], m_hi[dn] = eps[~cert], margin[~cert].clamp_max(0)
+        m_lo[dn] = m_lo[dn] / 2          # the lower end kept
+        rows = active_rows()
+    return {'lo': lo, 'hi': hi, 'evals': evals, 'flag': flag}
+
+
+def global_lipschitz_guess(model, y, m0, global_vectors, sniter):
+    """[batch] radii certified by the global bound alone, ignoring the box: the clean margin
+    m0 [batch] over prod ||W_i||_2 * max_i ||w_i - w_y|| (the first radius the search tries)."""
+    affine = check_supported(model)
+    prod = torch.ones((), dtype=torch.float64, device=m0.device)
+    for i in affine[:-1]:
+        sigma, _, _ = global_power_iteration(model[i], global_vectors[i].clone(), sniter)
+        prod = prod * sigma.double()
+    w = model[affine[-1]].weight.double()
+    diff = (w.unsqueeze(0) - w[y].unsqueeze(1)).norm(dim=2).max(1).values      # [batch]
+    return m0.double().clamp_min(0) / (prod * diff).clamp_min(1e-30)
+
+
+def radius_batch(model, x, y, global_vectors, *, sniter, opt_iter, rtol=RADIUS_RTOL,
+                 max_radius=None, bound='local', estimate='bilinear', norms=None,
+                 max_evals=RADIUS_EVALS, vectors=None):
+    """Certified radius of every point of a batch x [batch, ...] with labels y [batch]: the
+    largest L2 eps (to relative tolerance ``rtol``) at which the Local-Lip certificate
+    holds, by a bracketing search on eps (regula falsi on the worst-case margin, Illinois
+    rule; see bracket_search). Valid because the certificate is monotone in eps: the input
+    box grows with eps, so every later box grows, every varying set only gains neurons, and
+    the exact masked norms (submatrices of larger ones) only grow, as does the ball radius;
+    the worst-case margin is a maximum over a growing set (exact when the worst-case-logit
+    rounds finish, as at opt_iter 1000), so it only falls. With power-iteration estimates
+    (the reference certificate) the computed norms need not be monotone: the search
+    reports a radius at which the certificate was computed to hold (lo) and one above it
+    at which it was computed to fail (hi).
+
+    global_vectors: {affine index: converged global vector} (converged_global_vectors),
+    not changed. vectors: optional {layer: [batch, *shape]} starting vectors (e.g. of a
+    fixed-radius certification of the same batch); each evaluation of the search starts
+    from the vectors of the point's previous one. norms: a GuaranteedNorms: then also the
+    guaranteed radius. It needs one set of Lanczos upper bounds per point and layer
+    (lanczos.masked_norm_upper_bounds, STAGES[-1] steps), computed once with the varying
+    sets of the largest radius searched, ``top`` (the reference search's failing radius):
+    varying sets only grow with eps, so these bound the masked norms at every eps <= top,
+    and the search below top only propagates boxes with them. Every certificate of the
+    search rests on the same bounds, so the guaranteed radius is false with probability
+    <= norms.delta (no union over the search's steps is needed); it is at most top.
+    Returns per-sample CPU tensors: radius, radius_upper, evals, converged (the power
+    iterations of the certifying evaluation), and with norms radius_guaranteed,
+    radius_guaranteed_upper (inf: certified at top), evals_guaranteed."""
+    b = x.shape[0]
+    gv = {k: v.clone() for k, v in global_vectors.items()}
+    vecs = SubsetVectors(b, x.device)
+    if vectors:
+        vecs.kept = {k: v.clone() for k, v in vectors.items()}
+    dtype = x.dtype
+    with torch.no_grad(), exact_float32():
+        logits = model(x)
+        zy = logits.gather(1, y.view(-1, 1))
+        m0 = (zy - logits.scatter(1, y.view(-1, 1), float('-inf')).max(1, keepdim=True).values
+              ).squeeze(1)
+        m0 = torch.where(logits.argmax(1) == y, m0, torch.zeros_like(m0))
+        guess = global_lipschitz_guess(model, y, m0, gv, sniter)
+
+        def evaluate(eps, rows):
+            vecs.idx = rows
+            res = compute_bound(model, x[rows], y[rows], eps.to(dtype), vecs, gv, sniter=sniter,
+                                opt_iter=opt_iter, bound=bound, check=True, estimate=estimate)
+            return res.certified(y[rows]), res.margin(y[rows]), res.converged
+
+        ref = bracket_search(evaluate, b, m0, guess, rtol, max_evals, max_radius, x.device,
+                             dtype=dtype)
+        out = {'radius': ref['lo'], 'radius_upper': ref['hi'], 'evals': ref['evals'],
+               'converged': ref['flag']}
+        if norms is not None:
+            # Lanczos upper bounds once, with the varying sets of the largest radius searched
+            # (they contain every smaller radius's); then the search only propagates boxes
+            top = torch.where(torch.isfinite(ref['hi']), ref['hi'], ref['lo'])
+            top = torch.where(top > 0, top, guess).to(dtype)
+            upper = masked_norm_upper_bounds(model, x, y, top, norms, opt_iter=opt_iter,
+                                             bound=bound)
+
+            def g_evaluate(eps, rows):
+                res = compute_bound(model, x[rows], y[rows], eps.to(dtype), None, None,
+                                    sniter=0, opt_iter=opt_iter, bound=bound, check=True,
+                                    global_sigmas=norms.upper,
+                                    local_norms=lambda i, *_: upper[i][rows])
+                return (res.certified(y[rows]), res.margin(y[rows]),
+                        torch.ones(rows.numel(), dtype=torch.bool, device=x.device))
+            start = torch.where(ref['lo'] > 0, ref['lo'], guess)
+            g = bracket_search(g_evaluate, b, m0, start, rtol, max_evals, top.double(),
+                               x.device, dtype=dtype)
+            out.update(radius_guaranteed=g['lo'], radius_guaranteed_upper=g['hi'],
+                       evals_guaranteed=g['evals'])
+    return {k: v.cpu() for k, v in out.items()}

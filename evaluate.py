@@ -24,8 +24,9 @@ import torch
 
 from certify import full_evaluation
 from data_load import get_loaders
+from local_bound import check_supported, fold_batchnorm
 from report import (check_expected, comparison_table, expected_results, markdown_table,
-                    radius_lines, summary_line)
+                    radius_line, radius_lines, summary_line)
 from utils import UserError, argparser, get_device, load_checkpoint, run_main, select_model
 
 AUDIT_FAILED = 3   # exit status when the audit breaks a certificate
@@ -53,6 +54,12 @@ def main(argv=None, **defaults):
     model = select_model(args.data, args.model, args.init)
     path = args.saved_model + '_best.pth'
     load_checkpoint(path, model, 'cpu')
+    model.eval()
+    try:           # eval-mode BatchNorm folded into affine layers; every layer checked
+        model = fold_batchnorm(model)
+        check_supported(model)
+    except ValueError as err:
+        raise UserError(f"--model {args.model}: {err}") from None
     model.to(device)
     _, test_loader = get_loaders(args, train=False)
     torch.manual_seed(args.seed)
@@ -80,6 +87,8 @@ def main(argv=None, **defaults):
         for p in make_plots(args.out, plot_dir, title=os.path.basename(args.saved_model)):
             print(f"wrote {p}")
     print('\n'.join(radius_lines(res)))
+    if args.radius:
+        print(radius_line(res))
     if args.markdown:
         print(markdown_table(res))
     print(summary_line(res))

@@ -153,9 +153,10 @@ def lanczos_norm_bounds(layer, d_in, d_out, in_shape, batch, steps, delta, devic
 
 def n_operators(model: nn.Sequential) -> int:
     """How many norm bounds one certificate uses: the per-sample bound of every affine layer
-    but the last, plus the global bound of every convolution among them."""
+    but the last, plus the global (Lanczos) bound of every one among them that is not a
+    Linear layer (convolutions, pooling)."""
     affine = check_supported(model)[:-1]
-    return len(affine) + sum(isinstance(model[i], nn.Conv2d) for i in affine)
+    return len(affine) + sum(not isinstance(model[i], nn.Linear) for i in affine)
 
 
 class GuaranteedNorms:
@@ -208,11 +209,11 @@ def _is_full(d, batch, device):
     return d.flatten(1).min(1).values > 0
 
 
-def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps: float,
+def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
                        norms: GuaranteedNorms, *, opt_iter: int, bound: str = 'local',
                        stages: Sequence[int] = STAGES) -> dict:
     """Certificates of the local bound on the L2 eps-balls around x [batch, ...] (labels y
-    [batch]) whose spectral norms are all upper bounds (each false with probability
+    [batch]; eps a number or [batch] radii) whose spectral norms are all upper bounds (each false with probability
     <= norms.delta_op; a certificate with probability <= norms.delta).
 
     Returns per-sample tensors on x's device: 'certified' [batch] bool, 'lip' [batch] the
@@ -235,11 +236,12 @@ def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
         correct = res.logits.argmax(1) == y
         certified = res.certified(y)
         margin = res.margin(y)
-        lip = res.r_local / max(float(eps), 1e-30)
+        eps_b = torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(b)
+        lip = res.r_local / eps_b.clamp_min(1e-30)
         steps = torch.zeros(b, dtype=torch.long, device=x.device)
-        if eps <= 0 or not ops:
+        if not ops:
             return {'certified': certified, 'lip': lip, 'steps': steps, 'margin': margin}
-        active = (correct & ~certified).nonzero().flatten()
+        active = (correct & ~certified & (eps_b > 0)).nonzero().flatten()
         # per operator: upper / lower bound of every sample (global ones to start with)
         up = {i: norms.upper[i].double().expand(b).clone() for i, *_ in ops}
         lo = {i: norms.lower[i].double().expand(b).clone() for i, *_ in ops}
@@ -271,12 +273,12 @@ def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
             a = active
             prod_up = torch.stack([up[i][a] for i in up]).prod(0).to(x.dtype)
             prod_lo = torch.stack([lo[i][a] for i in lo]).prod(0).to(x.dtype)
-            w_up = worst_case_margins(final.weight, y[a], eps * prod_up, lo_box[a], hi_box[a],
-                                      opt_iter)
-            w_lo = worst_case_margins(final.weight, y[a], eps * prod_lo, lo_box[a], hi_box[a],
-                                      opt_iter)
-            sub = BoundResult(logits=res.logits[a], worst=w_up, r_local=eps * prod_up,
-                              r_global=eps * prod_up)
+            w_up = worst_case_margins(final.weight, y[a], eps_b[a] * prod_up, lo_box[a],
+                                      hi_box[a], opt_iter)
+            w_lo = worst_case_margins(final.weight, y[a], eps_b[a] * prod_lo, lo_box[a],
+                                      hi_box[a], opt_iter)
+            sub = BoundResult(logits=res.logits[a], worst=w_up, r_local=eps_b[a] * prod_up,
+                              r_global=eps_b[a] * prod_up)
             cert_up, cert_lo = sub.certified(y[a]), sub.certified(y[a], w_lo)
             certified[a] = cert_up
             margin[a] = sub.margin(y[a])
@@ -290,3 +292,39 @@ def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
                 need[i][0] = idx[keep]
     return {'certified': certified, 'lip': lip, 'steps': steps, 'margin': margin}
 
+
+
+def masked_norm_upper_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
+                             norms: GuaranteedNorms, *, steps: int = STAGES[-1],
+                             opt_iter: int = 1, bound: str = 'local') -> Dict[int, torch.Tensor]:
+    """{affine index: [batch]} upper bounds on ||D_out W_i D_in||_2 with the varying sets of
+    the eps-balls around x (eps a number or [batch]): ``steps`` Lanczos steps from a random
+    start per sample and layer, each bound false with probability <= norms.delta_op (and
+    never above the global bound; a layer whose inputs and outputs all vary uses the global
+    bound itself). Varying sets only grow with eps, so these bound the masked norms of
+    every smaller radius too: one run serves a search over eps in [0, eps]."""
+    b = x.shape[0]
+    ops = []
+
+    def record(i, layer, d_in, d_out, in_shape):
+        ops.append((i, layer, d_in, d_out, in_shape))
+        return norms.upper[i].expand(b)
+
+    with torch.no_grad(), exact_float32():
+        compute_bound(model, x, y, eps, None, None, sniter=0, opt_iter=opt_iter, bound=bound,
+                      check=True, global_sigmas=norms.upper, local_norms=record)
+        out = {}
+        for i, layer, d_in, d_out, in_shape in ops:
+            up = norms.upper[i].double().expand(b).clone()
+            full = _is_full(d_in, b, x.device) & _is_full(d_out, b, x.device)
+            idx = (~full).nonzero().flatten()
+            if idx.numel():
+                lz = Lanczos(layer, None if d_in is None else d_in[idx],
+                             None if d_out is None else d_out[idx], in_shape, idx.numel(),
+                             x.device, x.dtype)
+                lz.run(steps)
+                xi = lz.ritz_max()
+                up[idx] = torch.minimum(up[idx], upper_from_ritz(xi, lz.n.to(xi.device), steps,
+                                                                 norms.delta_op))
+            out[i] = up.to(x.dtype)
+    return out

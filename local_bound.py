@@ -1,9 +1,10 @@
 """Local Lipschitz bound and certified loss of Local-Lip (Huang et al., NeurIPS 2021).
 
 Everything here is about the L2 ball ``{x : ||x - x0||_2 <= eps}`` around each input.
-The bound works on any ``nn.Sequential`` built from Conv2d, Linear, Flatten, ReLU_x,
-nn.ReLU and ClampGroupSort whose last module is a Linear layer; it dispatches on layer
-types, never on model names.
+The bound works on any ``nn.Sequential`` built from Conv2d, Linear, AvgPool2d, Flatten,
+ReLU_x, nn.ReLU, ClampGroupSort, Identity and Dropout (eval mode) whose last module is a
+Linear layer (eval-mode BatchNorm is folded into affine layers by ``fold_batchnorm``); it
+dispatches on layer types, never on model names.
 
 Per sample, the network is walked once, carrying
   * ``mu``      : the image of the input, i.e. the ordinary forward pass  [batch, *shape]
@@ -18,6 +19,7 @@ computed by per-sample power iteration.  The last Linear layer is handled exactl
 worst-case-logit algorithm of BCP (spec section 4).
 """
 import contextlib
+import copy
 import math
 import os
 from dataclasses import dataclass, field
@@ -32,9 +34,13 @@ from utils import ClampGroupSort, Flatten, ReLU_x
 
 TOL = 1e-3          # power iteration stops when the largest per-sample change is below this
 TINY = 1e-12        # guards divisions by norms that can be exactly zero
-AFFINE = (nn.Conv2d, nn.Linear)
+AFFINE = (nn.Conv2d, nn.Linear, nn.AvgPool2d)      # linear maps (plus bias): one norm each
 ACTIVATIONS = (ReLU_x, nn.ReLU, ClampGroupSort)
 FLATTEN = (Flatten, nn.Flatten)
+NOOPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)   # identities in eval mode
+BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
+SUPPORTED = ("Conv2d, Linear, AvgPool2d, Flatten, ReLU_x, ReLU, ClampGroupSort, Identity, "
+             "Dropout (eval mode); BatchNorm1d/2d in eval mode after fold_batchnorm(model)")
 
 
 class BoundError(RuntimeError):
@@ -56,16 +62,18 @@ def exact_float32():
 
 
 # ----------------------------------------------------------------------------------------
-# Linear operators: W x (no bias), W^T y, row norms, |W| x
+# Supported models; BatchNorm folded into affine layers
 # ----------------------------------------------------------------------------------------
 def check_supported(model: nn.Sequential) -> List[int]:
-    """Validate ``model`` for the bound; return the module indices of its affine layers.
+    """Validate ``model`` for the bound; return the module indices of its affine layers
+    (Conv2d, Linear, AvgPool2d), the last of which is the logit layer.
 
-    Raises ValueError naming the first unsupported module.
+    Raises ValueError naming the first unsupported module, a Dropout in training mode, or a
+    BatchNorm (``fold_batchnorm`` turns it into affine layers at the same indices).
     """
     if not isinstance(model, nn.Sequential):
         raise ValueError(f"the bound needs an nn.Sequential, got {type(model).__name__}")
-    affine = []
+    affine, last_real = [], None
     for i, m in enumerate(model):
         if isinstance(m, nn.Conv2d):
             if m.padding_mode != 'zeros' or isinstance(m.padding, str):
@@ -73,27 +81,142 @@ def check_supported(model: nn.Sequential) -> List[int]:
             affine.append(i)
         elif isinstance(m, nn.Linear):
             affine.append(i)
+        elif isinstance(m, nn.AvgPool2d):
+            if isinstance(m.padding, str):
+                raise ValueError(f"layer {i} ({m}): padding must be given as numbers")
+            affine.append(i)
+        elif isinstance(m, BATCHNORM):
+            raise ValueError(f"layer {i} ({type(m).__name__}): fold it first with "
+                             f"local_bound.fold_batchnorm(model) (a per-channel affine map in "
+                             f"eval mode; locallip and evaluate.py do this)")
+        elif isinstance(m, NOOPS):
+            if m.training and not isinstance(m, nn.Identity):
+                raise ValueError(f"layer {i} ({type(m).__name__}) is in training mode, where "
+                                 f"it is not a fixed map: call model.eval() first")
+            continue
         elif not isinstance(m, ACTIVATIONS + FLATTEN):
             raise ValueError(f"layer {i} ({type(m).__name__}) is not supported by the bound; "
-                             f"supported: Conv2d, Linear, Flatten, ReLU_x, ReLU, ClampGroupSort")
-    if not affine or not isinstance(model[len(model) - 1], nn.Linear):
-        raise ValueError("the last module of the model must be nn.Linear (the logit layer)")
+                             f"supported: {SUPPORTED}")
+        last_real = i
+    if not affine or last_real is None or not isinstance(model[last_real], nn.Linear):
+        raise ValueError("the last module of the model (after any Identity / Dropout) must be "
+                         "nn.Linear (the logit layer)")
     return affine
 
 
+def _bn_scale_shift(bn: nn.Module):
+    """(s, t) [channels] of an eval-mode BatchNorm: bn(x) = s x + t per channel."""
+    if bn.training:
+        raise ValueError(f"{type(bn).__name__} is in training mode, where it is not a fixed map "
+                         f"(it normalises by the batch's statistics): call model.eval() first")
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError(f"{type(bn).__name__} without running statistics "
+                         f"(track_running_stats=False) normalises by the batch at every call: "
+                         f"not a fixed map, not supported")
+    s = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        s = s * bn.weight
+    t = -bn.running_mean * s
+    if bn.bias is not None:
+        t = t + bn.bias
+    return s.detach(), t.detach()
+
+
+def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
+    """An equivalent model (a copy; the same module indices) without BatchNorm, for
+    evaluation: an eval-mode BatchNorm1d/2d right after a Conv2d or Linear (Identity and
+    Dropout may sit between) is folded into it (W' = s W, b' = s b + t per output channel,
+    exact) and replaced by nn.Identity; any other BatchNorm becomes its own affine layer of
+    the same map: a depthwise 1x1 Conv2d (BatchNorm2d) or a diagonal Linear (BatchNorm1d on
+    [batch, features]). Refuses BatchNorm in training mode or without running statistics.
+    A model without BatchNorm is returned as is (not copied)."""
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"the bound needs an nn.Sequential, got {type(model).__name__}")
+    if not any(isinstance(m, BATCHNORM) for m in model):
+        return model
+    mods = list(model)
+    prev = None                       # index of the last affine layer not yet folded into
+    out = []
+    for i, m in enumerate(mods):
+        if isinstance(m, BATCHNORM):
+            s, t = _bn_scale_shift(m)
+            if prev is not None and isinstance(out[prev], (nn.Conv2d, nn.Linear)):
+                a = out[prev]
+                if a.weight.shape[0] != s.numel():
+                    raise ValueError(f"layer {i} ({type(m).__name__}) has {s.numel()} channels, "
+                                     f"layer {prev} has {a.weight.shape[0]} outputs")
+                shape = (-1,) + (1,) * (a.weight.dim() - 1)
+                with torch.no_grad():
+                    a.weight.mul_(s.view(shape))
+                    bias = t.clone() if a.bias is None else a.bias * s + t
+                    a.bias = nn.Parameter(bias)
+                out.append(nn.Identity())
+                prev = None
+                continue
+            c = s.numel()
+            if isinstance(m, nn.BatchNorm2d):
+                a = nn.Conv2d(c, c, 1, groups=c)
+                with torch.no_grad():
+                    a.weight.copy_(s.view(c, 1, 1, 1))
+                    a.bias.copy_(t)
+            else:
+                a = nn.Linear(c, c)
+                with torch.no_grad():
+                    a.weight.copy_(torch.diag(s))
+                    a.bias.copy_(t)
+            out.append(a.to(s.device, s.dtype))
+            prev = None
+            continue
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            m = copy.deepcopy(m)
+            prev = i
+        elif isinstance(m, NOOPS):
+            pass                         # folding looks through Identity / Dropout
+        else:
+            prev = None
+        out.append(m)
+    folded = nn.Sequential(*out)
+    folded.train(model.training)
+    return folded
+
+
+# ----------------------------------------------------------------------------------------
+# Linear operators: W x (no bias), W^T y, row norms, |W| x
+# ----------------------------------------------------------------------------------------
 def apply_W(layer: nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W x without bias. x: [batch, *in_shape] -> [batch, *out_shape]."""
+    if isinstance(layer, nn.AvgPool2d):
+        return layer(x)                  # linear, no bias
     w = layer.weight if weight is None else weight
     if isinstance(layer, nn.Conv2d):
         return F.conv2d(x, w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
     return F.linear(x, w)
 
 
+def apply_absW(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """|W| x (elementwise absolute weights, no bias): the half-width map of interval
+    arithmetic. x: [batch, *in_shape] -> [batch, *out_shape]."""
+    if isinstance(layer, nn.AvgPool2d):
+        return layer(x)                  # nonnegative weights: |W| = W
+    return apply_W(layer, x, layer.weight.abs())
+
+
+def vjp_transpose(layer: nn.Module, y: torch.Tensor, in_shape) -> torch.Tensor:
+    """W^T y from the vector-Jacobian product of x -> W x (``apply_W``) at x = 0: the
+    transpose of any linear layer without a hand-written one (differentiable in y and in
+    the layer's parameters). y: [batch, *out_shape] -> [batch, *in_shape]."""
+    x0 = torch.zeros((y.shape[0], *in_shape), dtype=y.dtype, device=y.device)
+    _, pullback = torch.func.vjp(lambda x: apply_W(layer, x), x0)
+    return pullback(y)[0]
+
+
 def apply_WT(layer: nn.Module, y: torch.Tensor, in_shape) -> torch.Tensor:
     """W^T y, the adjoint of ``apply_W``. y: [batch, *out_shape] -> [batch, *in_shape].
 
-    For a strided convolution the transposed convolution can come out one pixel short;
-    the exact output padding is computed from ``in_shape``.
+    Conv2d and Linear have hand-written transposes (a transposed convolution, whose output
+    padding is computed from ``in_shape`` since a strided convolution's can come out one
+    pixel short; faster than the vjp, see the README); any other linear layer uses
+    ``vjp_transpose``.
     """
     if isinstance(layer, nn.Conv2d):
         pad = []
@@ -103,14 +226,23 @@ def apply_WT(layer: nn.Module, y: torch.Tensor, in_shape) -> torch.Tensor:
             pad.append(in_shape[1 + d] - full)
         return F.conv_transpose2d(y, layer.weight, None, layer.stride, layer.padding,
                                   tuple(pad), layer.groups, layer.dilation)
-    return F.linear(y, layer.weight.t())
+    if isinstance(layer, nn.Linear):
+        return F.linear(y, layer.weight.t())
+    return vjp_transpose(layer, y, in_shape)
 
 
-def row_norms(layer: nn.Module) -> torch.Tensor:
+def row_norms(layer: nn.Module, in_shape=None) -> torch.Tensor:
     """L2 norm of each output unit's weights, shaped to broadcast over [batch, *out_shape].
 
     For a convolution it is the norm of the whole filter (an upper bound at the borders,
-    where zero padding hides part of it)."""
+    where zero padding hides part of it). For AvgPool2d (``in_shape`` needed) it is exact
+    per output: 1/c over the window's n real inputs gives sqrt(n) / c."""
+    if isinstance(layer, nn.AvgPool2d):
+        ones = torch.ones((1, *in_shape))
+        mean = layer(ones)                                     # n / c
+        n = F.avg_pool2d(ones, layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode,
+                         True, 1)                              # n (divisor 1: the sum)
+        return mean / n.clamp_min(1).sqrt()
     w = layer.weight
     n = w.flatten(1).pow(2).sum(1).clamp_min(TINY).sqrt()
     return n.view(1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else n.view(1, -1)
@@ -620,8 +752,8 @@ def _check_box(lb, ub, where):
 
 
 def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
-                  vectors, global_vectors: Dict[int, torch.Tensor], *,
-                  sniter: int, opt_iter: int, global_iter: Optional[int] = None,
+                  vectors=None, global_vectors: Optional[Dict[int, torch.Tensor]] = None, *,
+                  sniter: int = 100, opt_iter: int = 1000, global_iter: Optional[int] = None,
                   bound: str = 'local', tol: float = TOL, check: bool = False,
                   pi_grad: str = 'all', per_sample_stop: bool = True,
                   also_global: bool = False, estimate: str = 'bilinear',
@@ -633,11 +765,15 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
 
     x: [batch, *input_shape]; y: [batch] labels; eps: float or [batch] radii (L2).
     vectors: object with ``get(key, shape) -> [batch, *shape]`` and ``put(key, u)`` giving
-      the per-sample power-iteration vectors, key = module index of the layer.
+      the per-sample power-iteration vectors, key = module index of the layer; None: fresh
+      Gaussian vectors (``RandomVectors``).
     global_vectors: dict module index -> [1, *global_vector_shape(layer, in_shape)] (a
-      linear layer's vector lives in its output space), updated in place (warm start).
-    sniter: per-sample power iterations; global_iter: iterations for ||W||_2 (default
-      sniter); opt_iter: rounds of the worst-case-logit algorithm.
+      linear layer's vector lives in its output space), updated in place (warm start);
+      None: fresh ones, not kept.
+    sniter: per-sample power iterations (default 100, the reference's test count);
+      global_iter: iterations for ||W||_2 (default sniter); opt_iter: rounds of the
+      worst-case-logit algorithm (default 1000, the test count). The public, documented
+      entry points with certification defaults are in ``locallip``.
     bound: 'local' (indicators from the boxes) or 'global' (every indicator = 1, i.e. the
       product of the layers' spectral norms, computed by the same code path).
     check: verify lb <= ub and finiteness after every layer (raises BoundError).
@@ -671,7 +807,15 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
     affine = check_supported(model)
     last = affine[-1]
     global_iter = sniter if global_iter is None else global_iter
+    if not torch.is_tensor(x) or x.dim() < 2:
+        raise ValueError(f"x must be a tensor [batch, *input_shape] (with a batch axis), got "
+                         f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
     b = x.shape[0]
+    if not torch.is_tensor(y) or tuple(y.shape) != (b,):
+        raise ValueError(f"y must be a tensor of {b} labels [batch], got "
+                         f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
+    vectors = RandomVectors(b, x.device) if vectors is None else vectors
+    global_vectors = {} if global_vectors is None else global_vectors
     if isinstance(eps, (int, float)):        # a number: checked without a device sync
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got min {eps}")
@@ -733,8 +877,8 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
             centre, half = (lb + ub) / 2, (ub - lb) / 2
             both = m(torch.cat([mu, centre], 0))
             mu, centre = both[:b], both[b:]
-            half = apply_W(m, half, m.weight.abs())
-            ball = _bcast(r, mu) * row_norms(m)
+            half = apply_absW(m, half)
+            ball = _bcast(r, mu) * row_norms(m, in_shape).to(mu)
             lb = box_max(centre - half, mu - ball)
             ub = box_min(centre + half, mu + ball)
             r = r * sigma_g

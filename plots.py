@@ -3,6 +3,7 @@ training curves from the TensorBoard scalars that train.py writes.
 
 From the TSV (``evaluate.py --plots``):
   certified_vs_radius.png  certified accuracy against the L2 radius, local and global bound
+                           (with --radius: the continuous curve of the per-point radii)
   tightness.png            histogram of local_bound / global_bound per test point
   sparsity.png             fraction of varying neurons per activation layer (first radius)
 
@@ -36,6 +37,21 @@ def radius_data(header, rows):
                         for e in radii]
     glob = [clean] + [100 * sum(r[f"certified_global@{e:g}"] for r in rows) / n for e in radii]
     return [0.0] + radii, local, strict, glob
+
+
+def radius_curve(rows, column='radius'):
+    """(radii, certified accuracy %) of the step curve "fraction of points whose certified
+    radius is >= r": at each distinct radius of ``column`` (from 0) the accuracy just
+    before it drops. Misclassified points have radius 0 and count for no r > 0."""
+    n = max(len(rows), 1)
+    vals = sorted(r[column] for r in rows)
+    xs, ys = [0.0], [100 * sum(1 for v in vals if v > 0) / n]
+    left = len([v for v in vals if v > 0])
+    for v in sorted(set(v for v in vals if v > 0)):
+        xs += [v, v]
+        ys += [100 * left / n, 100 * (left - vals.count(v)) / n]
+        left -= vals.count(v)
+    return xs, ys
 
 
 def global_converged(rows):
@@ -83,8 +99,15 @@ def make_plots(tsv_path, out_dir, title=''):
     ax.plot(radii, local, 'o-', color='tab:blue', lw=3, ms=9, label='local bound (Local-Lip)')
     ax.plot(radii, strict, 's--', color='tab:cyan', lw=1.5, ms=4,
             label='local, unconverged = not certified')
+    if 'radius' in header:
+        xs, ys = radius_curve(rows)
+        ax.plot(xs, ys, '-', color='black', lw=1.2, label='certified radius >= eps (--radius)')
+        if 'radius_guaranteed' in header:
+            xs, ys = radius_curve(rows, 'radius_guaranteed')
+            ax.plot(xs, ys, ':', color='tab:purple', lw=1.2, label='guaranteed radius >= eps')
+        radii = radii + [max(xs)]
     g_ok = global_converged(rows)
-    ax.plot(radii, glob, '^-' if g_ok else '^:', color='tab:red',
+    ax.plot(radii[:len(glob)], glob, '^-' if g_ok else '^:', color='tab:red',
             label='global bound (product of norms)' if g_ok else
             'global bound: iterations NOT converged (not a bound)')
     ax.set_xlabel('L2 radius eps (pixels in [0, 1])')

@@ -10,16 +10,24 @@ from utils import UserError
 # ----------------------------------------------------------------------------------------
 # Per-sample rows
 # ----------------------------------------------------------------------------------------
-def tsv_columns(radii, act_layers, guaranteed=False):
+RADIUS_COLUMNS = ('radius', 'radius_upper', 'radius_evals', 'radius_converged', 'seconds_radius')
+RADIUS_GUARANTEED_COLUMNS = ('radius_guaranteed', 'radius_guaranteed_upper',
+                             'radius_guaranteed_evals')
+
+
+def tsv_columns(radii, act_layers, guaranteed=False, radius=False):
     g = ([f"certified_guaranteed@{e:g}" for e in radii] + ['guaranteed_bound', 'seconds_guaranteed']
          if guaranteed else [])
+    rad = (list(RADIUS_COLUMNS) + (list(RADIUS_GUARANTEED_COLUMNS) if guaranteed else [])
+           if radius else [])
     return (['idx', 'label', 'pred', 'correct', 'pgd_correct', 'local_bound', 'global_bound',
              'margin'] + [f"certified@{e:g}" for e in radii]
             + [f"certified_global@{e:g}" for e in radii] + g + [f"varying@{i}" for i in act_layers]
-            + ['converged', 'global_converged', 'audited', 'broken', 'seconds'])
+            + ['converged', 'global_converged', 'audited', 'broken', 'seconds'] + rad)
 
 
 INT_COLUMNS = ('idx', 'label', 'pred')
+RADIUS_VALUES = ('radius', 'radius_guaranteed')
 
 
 def read_tsv(path):
@@ -48,10 +56,19 @@ def fmt_value(v):
     return 'nan' if v != v else f"{v:.6g}"
 
 
+def cell(column, v):
+    """The TSV cell of ``v`` in ``column``: certified radii exactly (repr: the value read
+    back is the radius certified, never a rounded-up one), the rest by fmt_value."""
+    if column in RADIUS_VALUES and isinstance(v, float) and math.isfinite(v):
+        return repr(v)
+    return fmt_value(v)
+
+
 def batch_rows(idx, y, by_eps, radii, pgd, audit_counts, global_converged, seconds,
-               seconds_guaranteed=None):
+               seconds_guaranteed=None, radius=None, seconds_radius=None):
     """One row dict per sample of a batch (the TSV's columns, as Python numbers); with
-    ``seconds_guaranteed`` (--certificate guaranteed) also the guaranteed columns."""
+    ``seconds_guaranteed`` (--certificate guaranteed) also the guaranteed columns; with
+    ``radius`` (certify.radius_batch's output, --radius) the certified-radius columns."""
     first = by_eps[radii[0]]
     converged = torch.stack([by_eps[e]['converged'] for e in radii]).all(0)
     rows = []
@@ -74,8 +91,17 @@ def batch_rows(idx, y, by_eps, radii, pgd, audit_counts, global_converged, secon
         row.update(converged=int(converged[k]), global_converged=int(global_converged),
                    audited=int(audit_counts[0][k]), broken=int(audit_counts[1][k]),
                    seconds=seconds)
+        if radius is not None:
+            row.update(radius=float(radius['radius'][k]),
+                       radius_upper=float(radius['radius_upper'][k]),
+                       radius_evals=int(radius['evals'][k]),
+                       radius_converged=int(radius['converged'][k]), seconds_radius=seconds_radius)
+            if 'radius_guaranteed' in radius:
+                row.update(radius_guaranteed=float(radius['radius_guaranteed'][k]),
+                           radius_guaranteed_upper=float(radius['radius_guaranteed_upper'][k]),
+                           radius_guaranteed_evals=int(radius['evals_guaranteed'][k]))
         # floats as the TSV holds them, so a summary of read-back rows is the same
-        rows.append({k: float(fmt_value(v)) if isinstance(v, float) else v for k, v in row.items()})
+        rows.append({k: float(cell(k, v)) if isinstance(v, float) else v for k, v in row.items()})
     return rows
 
 
@@ -115,9 +141,13 @@ def summarize(rows, radii, args, audit=False):
                         'margin': None if math.isnan(r['margin']) else r['margin'],
                         'local_bound': r['local_bound'], 'converged': bool(r['converged']),
                         **({'certified_guaranteed': bool(r[f"certified_guaranteed@{eps0:g}"])}
-                           if f"certified_guaranteed@{eps0:g}" in r else {})}
+                           if f"certified_guaranteed@{eps0:g}" in r else {}),
+                        **{k: r[k] for k in ('radius', 'radius_upper', 'radius_guaranteed',
+                                             'radius_guaranteed_upper') if k in r}}
                        for r in rows],
     }
+    if rows and 'radius' in rows[0]:
+        out['certified_radius'] = radius_summary(rows, args)
     if rows and 'seconds_guaranteed' in rows[0]:
         out['certificate'] = {'mode': 'guaranteed', 'delta': args.delta,
                               'seconds_guaranteed': sum(r['seconds_guaranteed'] for r in rows)}
@@ -128,17 +158,58 @@ def summarize(rows, radii, args, audit=False):
     return out
 
 
-def resume_rows(tsv_path, radii, loader_indices, certificate='reference'):
+def median(values):
+    v = sorted(values)
+    if not v:
+        return math.nan
+    h = len(v) // 2
+    return v[h] if len(v) % 2 else (v[h - 1] + v[h]) / 2
+
+
+def radius_summary(rows, args):
+    """Median / mean certified radius over all points (misclassified: 0), the search's
+    tolerance and cost, for --radius."""
+    out = {'rtol': getattr(args, 'radius_rtol', None),
+           'median': median([r['radius'] for r in rows]),
+           'mean': sum(r['radius'] for r in rows) / max(len(rows), 1),
+           'evaluations_per_point': sum(r['radius_evals'] for r in rows) / max(len(rows), 1),
+           'unconverged': sum(1 for r in rows if not r['radius_converged']),
+           'seconds': sum(r['seconds_radius'] for r in rows)}
+    if 'radius_guaranteed' in rows[0]:
+        out.update(median_guaranteed=median([r['radius_guaranteed'] for r in rows]),
+                   mean_guaranteed=sum(r['radius_guaranteed'] for r in rows) / len(rows),
+                   guaranteed_evaluations_per_point=sum(
+                       r['radius_guaranteed_evals'] for r in rows) / len(rows))
+    return out
+
+
+def radius_line(r):
+    """One line on the certified radii of a results dict ('' without --radius)."""
+    c = r.get('certified_radius')
+    if not c:
+        return ''
+    s = (f"certified radius (reference): median {c['median']:.4f}, mean {c['mean']:.4f} "
+         f"(rtol {c['rtol']:g}, {c['evaluations_per_point']:.1f} evaluations per point, "
+         f"{c['unconverged']} unconverged) [{c['seconds']:.0f}s]")
+    if 'median_guaranteed' in c:
+        s += (f"; guaranteed: median {c['median_guaranteed']:.4f}, mean "
+              f"{c['mean_guaranteed']:.4f} (each radius false with probability <= "
+              f"{r['certificate']['delta']:g})")
+    return s
+
+
+def resume_rows(tsv_path, radii, loader_indices, certificate='reference', radius=False):
     """Rows of an interrupted --out TSV that can be kept: whole batches only (a batch cut
     off in the middle is certified again). Returns (header, rows, set of done batches)."""
     header, rows = read_tsv(tsv_path)
     want = [f"certified@{e:g}" for e in radii]
     have = [h for h in header if h.startswith('certified@')]
     if have != want or 'audited' not in header or (
-            ('seconds_guaranteed' in header) != (certificate == 'guaranteed')):
+            ('seconds_guaranteed' in header) != (certificate == 'guaranteed')) or (
+            ('radius' in header) != bool(radius)):
         raise UserError(f"--resume: {tsv_path} was written with other radii, another "
-                        f"--certificate or by an older version ({', '.join(have)}); remove it "
-                        f"or choose another --out")
+                        f"--certificate, with{'out' if radius else ''} --radius or by an older "
+                        f"version ({', '.join(have)}); remove it or choose another --out")
     done = {r['idx'] for r in rows}
     batches = {b for b, ids in enumerate(loader_indices) if all(i in done for i in ids)}
     keep = {i for b in batches for i in loader_indices[b]}

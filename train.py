@@ -31,7 +31,7 @@ from report import summary_line
 from local_bound import (NORM_EPS, GivenVectors, VectorStore, certified_loss, compute_bound,
                          global_vector_shape, layer_input_shapes, sparsity_loss)
 from utils import (UserError, argparser, atomic_save, checkpoint_base, clamp_thresholds,
-                   get_device, load_checkpoint, run_main, seed_all, select_model)
+                   get_device, load_checkpoint, run_main, safe_load, seed_all, select_model)
 
 
 # ----------------------------------------------------------------------------------------
@@ -444,6 +444,9 @@ def average_gradients(model, world):
 # ----------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------
+RESUME_KEYS = ('optimizer', 'scheduler', 'global_vectors', 'epoch', 'best_err')
+
+
 def main(argv=None, **dataset_defaults):
     args = argparser(argv, **dataset_defaults)
     if len(args.radii) > 1:
@@ -468,6 +471,10 @@ def main(argv=None, **dataset_defaults):
     store_path = base + ('_vectors.pt' if world == 1 else f'_vectors.rank{rank}.pt')
     if args.resume:
         ckpt = load_checkpoint(ckpt_path, model, device)
+        lacking = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+        if lacking:
+            raise UserError(f"{ckpt_path} cannot be resumed: it lacks {', '.join(lacking)} "
+                            f"(a best-model or reference-format file holds weights only)")
         opt.load_state_dict(ckpt['optimizer'])
         sched.load_state_dict(ckpt['scheduler'])
         global_vectors.update(resumed_global_vectors(
@@ -475,7 +482,7 @@ def main(argv=None, **dataset_defaults):
             ckpt.get('global_linear_space', 'input')))
         start, best_err = ckpt['epoch'] + 1, ckpt['best_err']
         if os.path.isfile(store_path):
-            saved = torch.load(store_path, map_location='cpu', weights_only=False)
+            saved = safe_load(store_path, 'cpu', 'vector store')
             if saved['epoch'] == ckpt['epoch']:
                 train_store.load_state_dict(saved['train'])
                 test_store.load_state_dict(saved['test'])

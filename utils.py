@@ -3,9 +3,12 @@
 Nothing here parses arguments or touches a device at import time.
 """
 import argparse
+import importlib
 import math
 import os
+import pickle
 import random
+import re
 import sys
 
 import numpy as np
@@ -250,8 +253,38 @@ def model_names(data):
     return sorted(name for fam, name in MODELS if fam == FAMILY.get(data))
 
 
+def user_model(spec):
+    """The nn.Sequential returned by calling ``module.path:function`` (imported from the
+    current directory or the Python path; the function takes no arguments)."""
+    mod_name, _, fn_name = spec.partition(':')
+    if not mod_name or not fn_name:
+        raise UserError(f"--model {spec!r}: an import path is module.path:function")
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(mod_name)
+    except ImportError as e:
+        raise UserError(f"--model {spec}: cannot import {mod_name} ({e})") from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise UserError(f"--model {spec}: {mod_name} has no function {fn_name}")
+    net = fn()
+    if not isinstance(net, nn.Sequential):
+        raise UserError(f"--model {spec}: {fn_name}() returned a {type(net).__name__}, the "
+                        f"bound needs an nn.Sequential")
+    return net
+
+
+def model_tag(model):
+    """The model's part of checkpoint names: the name, or an import path's function."""
+    return model.rpartition(':')[2] if ':' in model else model
+
+
 def select_model(data, model, init=1.0):
-    """Build the reference architecture ``model`` for dataset ``data`` (on the CPU)."""
+    """Build the reference architecture ``model`` for dataset ``data`` (on the CPU), or
+    the user's network when ``model`` is an import path ``module.path:function``."""
+    if ':' in model:
+        return user_model(model)
     if data not in FAMILY:
         raise UserError(f"unknown --data {data!r}; choose from {', '.join(sorted(FAMILY))}")
     key = (FAMILY[data], model)
@@ -282,7 +315,9 @@ def argparser(argv=None, **overrides):
     a('--data_dir', default='data', help="where datasets live / are downloaded (default data/)")
     a('--no_download', action='store_true', help="never try to download a missing dataset")
     a('--model', default=d['model'], help="architecture, e.g. relux, standrelu, c6f2_relux, "
-      "c6f2_clmaxmin (see utils.MODELS)")
+      "c6f2_clmaxmin (see utils.MODELS), or an import path module.path:function to a "
+      "function returning one's own nn.Sequential (checkpoints are then named after the "
+      "function)")
     a('--init', type=float, default=d['init'], help="initial ReLU_x threshold for c6f2_relux "
       "and tinyimagenet_relux (the 4C3F relux models start at 1.0, as in the reference)")
     a('--no_augmentation', action='store_true', default=not d['augmentation'],
@@ -394,6 +429,14 @@ def argparser(argv=None, **overrides):
       "(approached from below, as the reference); 'guaranteed': ALSO certificates whose every "
       "spectral norm is a Lanczos upper bound false with probability <= --delta (per point "
       "and radius, over the random starts; lanczos.py), columns certified_guaranteed@<eps>")
+    a('--radius', action='store_true', help="(not in the reference) evaluate.py: also the "
+      "certified radius of every point, the largest eps at which it is certified (a search "
+      "over eps to --radius_rtol; with --certificate guaranteed also the guaranteed radius): "
+      "TSV columns radius / radius_upper, the median in the summary, a continuous curve in "
+      "the plots")
+    a('--radius_rtol', type=float, default=1e-3, help="evaluate.py --radius: relative "
+      "tolerance of the search (the point is certified at radius and not at radius_upper <= "
+      "radius * (1 + rtol))")
     a('--delta', type=float, default=1e-4, help="evaluate.py --certificate guaranteed: "
       "failure probability of each certificate (split over its norm bounds)")
     a('--plot_dir', default=None, help="evaluate.py: write the analysis PNGs here")
@@ -449,6 +492,8 @@ def argparser(argv=None, **overrides):
                          ('time_limit', [args.time_limit])):
         if min(values) < 0:
             raise UserError(f"--{name} must be >= 0, got {min(values)}")
+    if not 0 < args.radius_rtol < 1:
+        raise UserError(f"--radius_rtol must be in (0, 1), got {args.radius_rtol}")
     if not 0 < args.delta < 1:
         raise UserError(f"--delta must be in (0, 1), got {args.delta}")
     if args.alpha is None:
@@ -484,7 +529,7 @@ def seed_all(seed):
 
 def checkpoint_base(args):
     """pretrained/<prefix>_<model> (an absolute prefix replaces pretrained/)."""
-    return os.path.join('pretrained', f"{args.prefix}_{args.model}")
+    return os.path.join('pretrained', f"{args.prefix}_{model_tag(args.model)}")
 
 
 def atomic_save(obj, path):
@@ -495,16 +540,35 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path, model, device='cpu'):
-    """Load a checkpoint {'state_dict', ...} into ``model``; clear UserError on mismatch."""
+def safe_load(path, map_location='cpu', what='checkpoint'):
+    """torch.load with ``weights_only=True``: tensors, containers and plain Python values
+    only, so that no code a file carries can run. A file that needs arbitrary unpickling is
+    refused with a UserError naming the file and the object it asks for (a whole pickled
+    nn.Module gets the advice to save its state_dict instead)."""
     if not os.path.isfile(path):
-        raise UserError(f"checkpoint not found: {path}")
+        raise UserError(f"{what} not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=device, weights_only=False)
-    except Exception as e:     # truncated zip, not a torch file, pickle errors: one line
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.findall(r"GLOBAL ([\w.]+)", str(e))
+        name = found[0] if found else 'an object outside the allowed types'
+        if name.startswith('torch.nn.modules') or name.endswith(('Sequential', 'Module')):
+            raise UserError(f"{path} holds a whole pickled module ({name}); refused: loading "
+                            f"it would run code from the file. Save the weights instead: "
+                            f"torch.save({{'state_dict': model.state_dict()}}, '{path}')") from None
+        raise UserError(f"{path}: refused, loading it needs arbitrary unpickling ({name}); "
+                        f"nothing in it was run. A {what} holds tensors and plain Python "
+                        f"values only") from None
+    except Exception as e:     # truncated zip, not a torch file: one line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read checkpoint {path} ({os.path.getsize(path)} bytes): "
+        raise UserError(f"cannot read {what} {path} ({os.path.getsize(path)} bytes): "
                         f"{first} -- is the file complete?") from e
+
+
+def load_checkpoint(path, model, device='cpu'):
+    """Load a checkpoint {'state_dict', ...} (or a bare state_dict) into ``model`` with
+    ``safe_load``; clear UserError on a refused file or a mismatch."""
+    ckpt = safe_load(path, device)
     state = ckpt['state_dict'] if isinstance(ckpt, dict) and 'state_dict' in ckpt else ckpt
     if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
         raise UserError(f"{path} holds no state_dict (a {type(ckpt).__name__}"

@@ -1,0 +1,237 @@
+"""The public Python API: the local Lipschitz bound, certificates and certified radii of
+any supported ``nn.Sequential`` (one's own network included), on CPU or GPU.
+
+    import torch, torch.nn as nn, locallip
+    net = nn.Sequential(nn.Conv2d(1, 8, 3, stride=2), nn.BatchNorm2d(8), nn.ReLU(),
+                        nn.Flatten(), nn.Linear(8 * 13 * 13, 10)).eval()
+    x = torch.rand(4, 1, 28, 28)
+    b = locallip.lipschitz_bound(net, x, eps=0.1)         # b.local, b.global_, b.sigmas ...
+    c = locallip.certify(net, x, eps=[0.05, 0.1])          # {eps: [batch] bool}
+    r = locallip.certified_radius(net, x)                   # r.radius [batch]
+
+Everything is about L2 balls {x' : ||x' - x||_2 <= eps} around each input. Labels default
+to the model's own predictions (what is certified is then that the prediction cannot
+change inside the ball); pass ``y`` to certify against true labels (a misclassified point
+is never certified). Inputs get a batch axis added when they lack one. The model is put
+through ``local_bound.fold_batchnorm`` (eval-mode BatchNorm folded into affine layers) and
+must be in eval mode when it holds BatchNorm or Dropout. Tensors follow the model's device.
+
+Certificates: ``'reference'`` uses power-iteration estimates of the masked spectral norms
+(as the paper's release; approached from below, so a certificate is as good as their
+convergence); ``'guaranteed'`` uses Lanczos upper bounds (lanczos.py) and each certificate
+is false with probability at most ``delta`` over the algorithm's random starts.
+"""
+import contextlib
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from certify import RADIUS_EVALS, RADIUS_RTOL, converged_global_vectors, radius_batch
+from lanczos import GuaranteedNorms, guaranteed_certify
+from local_bound import (NOOPS, TOL, KeptVectors, RandomVectors, check_supported,
+                         compute_bound, exact_float32, fold_batchnorm)
+
+SNITER = 2000       # per-sample power iterations at most (each sample stops at ``tol``)
+OPT_ITER = 1000     # worst-case-logit rounds (exact once they finish; sound at any count)
+DELTA = 1e-4        # failure probability of a guaranteed certificate / radius
+
+
+@dataclass
+class LipschitzBound:
+    """Per-sample results of ``lipschitz_bound`` (all [batch] unless said otherwise)."""
+    local: torch.Tensor          # prod_i ||D_out W_i D_in||_2 over the affine layers before
+    #                              the logit layer: a Lipschitz bound of the penultimate
+    #                              features on the ball (the method's local bound)
+    global_: torch.Tensor        # prod_i ||W_i||_2 over the same layers (global bound)
+    margin: torch.Tensor         # worst-case margin of label y over the ball (> 0: certified)
+    certified: torch.Tensor      # bool: correct and margin > 0
+    converged: torch.Tensor      # bool: every per-sample power iteration met ``tol``
+    global_converged: bool       # every global power iteration met its tolerance
+    sigmas: Dict[int, torch.Tensor] = field(default_factory=dict)   # module index -> [batch]
+    varying: Dict[int, torch.Tensor] = field(default_factory=dict)  # activation index ->
+    #                              [batch] fraction of its neurons that can vary in the ball
+    logits: Optional[torch.Tensor] = None    # [batch, classes] clean logits
+    labels: Optional[torch.Tensor] = None    # [batch] the labels certified
+
+
+@dataclass
+class CertifiedRadius:
+    """Per-sample results of ``certified_radius`` ([batch], CPU)."""
+    radius: torch.Tensor         # largest eps found certified (0: not even at eps -> 0)
+    upper: torch.Tensor          # smallest eps found NOT certified (inf: never failed, e.g.
+    #                              max_radius reached); upper <= radius (1 + rtol) otherwise
+    evaluations: torch.Tensor    # bound evaluations spent on the point
+    converged: torch.Tensor      # 'reference': power iterations converged at ``radius``
+    certificate: str = 'reference'
+    delta: Optional[float] = None            # 'guaranteed': P(some radius is wrong) <= delta
+    reference_radius: Optional[torch.Tensor] = None   # 'guaranteed': the estimate search's
+
+
+def prepare(model: nn.Module) -> nn.Sequential:
+    """The model as the bound walks it: BatchNorm folded (a copy when there is any), every
+    layer checked (ValueError naming an unsupported one, or BatchNorm / Dropout in training
+    mode)."""
+    if not isinstance(model, nn.Sequential):
+        raise ValueError(f"the bound needs an nn.Sequential, got {type(model).__name__}")
+    folded = fold_batchnorm(model)
+    check_supported(folded)
+    return folded
+
+
+def _batched(model: nn.Sequential, x) -> torch.Tensor:
+    """x on the model's device and dtype with a batch axis: [batch, *input_shape]."""
+    p = next(model.parameters())
+    x = torch.as_tensor(x).to(device=p.device, dtype=p.dtype)
+    first = next((m for m in model if not isinstance(m, NOOPS)), None)
+    if isinstance(first, (nn.Conv2d, nn.AvgPool2d)) and x.dim() == 3:
+        x = x.unsqueeze(0)
+    elif isinstance(first, nn.Linear) and x.dim() == 1:
+        x = x.unsqueeze(0)
+    if x.dim() < 2:
+        raise ValueError(f"x must be [batch, *input_shape], got shape {tuple(x.shape)}")
+    return x
+
+
+def _labels(model, x, y) -> torch.Tensor:
+    if y is None:
+        with torch.no_grad():
+            return model(x).argmax(1)
+    y = torch.as_tensor(y, device=x.device).long().reshape(-1)
+    if y.numel() == 1 and x.shape[0] > 1:
+        y = y.expand(x.shape[0])
+    if y.shape[0] != x.shape[0]:
+        raise ValueError(f"y has {y.shape[0]} labels for a batch of {x.shape[0]} inputs")
+    return y
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, device):
+    """Draws from torch's default generators inside are seeded by ``seed``; the caller's
+    generator states are restored on exit."""
+    devices = [device] if torch.device(device).type == 'cuda' else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def _global_vectors(model, x, sniter, seed):
+    return converged_global_vectors(model, tuple(x.shape[1:]), sniter, seed, x.device)
+
+
+def lipschitz_bound(model: nn.Module, x, eps: float, y=None, *, sniter: int = SNITER,
+                    tol: float = TOL, opt_iter: int = OPT_ITER, bound: str = 'local',
+                    seed: int = 0) -> LipschitzBound:
+    """The local Lipschitz bound of ``model`` on the L2 eps-ball around every input.
+
+    x: [batch, *input_shape] (or one input without the batch axis); y: [batch] labels or
+    None (the predictions). Per-sample power iterations start from seeded Gaussian vectors
+    and stop at relative change ``tol`` (at most ``sniter``); the global norms are
+    iterated to convergence once per call. bound='global' sets every indicator to 1.
+    Returns a LipschitzBound (per-sample tensors on the model's device)."""
+    net = prepare(model)
+    x = _batched(net, x)
+    y = _labels(net, x, y)
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    gen = torch.Generator(device=x.device).manual_seed(seed)
+    with torch.no_grad(), exact_float32():
+        gv = _global_vectors(net, x, sniter, seed)
+        res = compute_bound(net, x, y, float(eps), RandomVectors(x.shape[0], x.device, gen), gv,
+                            sniter=sniter, tol=tol, opt_iter=opt_iter, bound=bound,
+                            check=True)
+    safe = max(float(eps), 1e-30)
+    return LipschitzBound(local=res.r_local / safe, global_=res.r_global / safe,
+                          margin=res.margin(y), certified=res.certified(y),
+                          converged=res.converged, global_converged=bool(res.global_converged),
+                          sigmas=dict(res.sigmas),
+                          varying={i: d.flatten(1).mean(1) for i, d in res.masks.items()},
+                          logits=res.logits, labels=y)
+
+
+def _as_radii(eps) -> list:
+    radii = [float(e) for e in (eps if isinstance(eps, (list, tuple)) else [eps])]
+    if not radii or min(radii) < 0:
+        raise ValueError(f"eps must be one or several radii >= 0, got {eps}")
+    return radii
+
+
+def certify(model: nn.Module, x, y=None, eps: Union[float, Sequence[float]] = 0.5, *,
+            certificate: str = 'reference', delta: float = DELTA, sniter: int = SNITER,
+            tol: float = TOL, opt_iter: int = OPT_ITER, seed: int = 0) -> Dict[float, torch.Tensor]:
+    """{eps: [batch] bool} certificates of the L2 eps-balls around x at one or several
+    radii: the label (y, or the prediction) provably cannot change inside the ball.
+    certificate='reference' (power-iteration estimates, each radius warm-started from the
+    previous one's vectors) or 'guaranteed' (Lanczos upper bounds: each certificate false
+    with probability <= delta)."""
+    net = prepare(model)
+    x = _batched(net, x)
+    y = _labels(net, x, y)
+    radii = _as_radii(eps)
+    out = {}
+    if certificate == 'reference':
+        gen = torch.Generator(device=x.device).manual_seed(seed)
+        vecs = KeptVectors(x.shape[0], x.device, gen)
+        with torch.no_grad(), exact_float32():
+            gv = _global_vectors(net, x, sniter, seed)
+            for e in sorted(radii):
+                res = compute_bound(net, x, y, e, vecs, gv, sniter=sniter, tol=tol,
+                                    opt_iter=opt_iter, check=True)
+                out[e] = res.certified(y)
+    elif certificate == 'guaranteed':
+        norms = GuaranteedNorms(net, tuple(x.shape[1:]), delta, generator_seed=seed)
+        with torch.no_grad(), _seeded(seed, x.device):
+            for e in sorted(radii):
+                out[e] = guaranteed_certify(net, x, y, e, norms, opt_iter=opt_iter)['certified']
+    else:
+        raise ValueError(f"certificate must be 'reference' or 'guaranteed', got {certificate!r}")
+    return {e: out[e] for e in radii}
+
+
+def certified_radius(model: nn.Module, x, y=None, *, certificate: str = 'reference',
+                     delta: float = DELTA, rtol: float = RADIUS_RTOL,
+                     max_radius: Optional[float] = None, sniter: int = SNITER,
+                     opt_iter: int = OPT_ITER, seed: int = 0) -> CertifiedRadius:
+    """The certified radius of every input: the largest L2 eps at which it is certified,
+    found to relative tolerance ``rtol`` (radius certified, upper <= radius (1 + rtol) not).
+
+    The search brackets eps by the worst-case margin (regula falsi, Illinois rule; the
+    global bound's radius first, then secant steps until a radius fails), every step
+    warm-started from the point's previous vectors, each point stopping on its own. It is
+    valid because the certificate is monotone in eps: the input box grows with eps, so
+    every later box grows, varying sets only gain neurons and exact masked norms (norms of
+    larger submatrices) only grow, and the worst-case margin is a maximum over a growing
+    set. With 'reference' the norms are power-iteration estimates, which need not be
+    monotone: the certificate was computed to hold at ``radius`` and to fail at ``upper``,
+    but a fresh evaluation near them can differ (at rtol 1e-3, a few percent of points
+    flip at radius (1 +- rtol)). With 'guaranteed' the Lanczos upper bounds of every masked
+    norm are computed once per point, with the varying sets of the reference search's
+    failing radius (which contain those of every smaller radius), and the search below it
+    only propagates boxes with them: every step rests on the same bounds, so the reported
+    radius is certified with probability >= 1 - delta (over the random starts), with no
+    union bound over the steps needed; ``reference_radius`` is the estimate search's.
+    ``max_radius``: stop searching above this radius (radius = max_radius, upper = inf)."""
+    net = prepare(model)
+    x = _batched(net, x)
+    y = _labels(net, x, y)
+    if certificate not in ('reference', 'guaranteed'):
+        raise ValueError(f"certificate must be 'reference' or 'guaranteed', got {certificate!r}")
+    if not 0 < rtol < 1:
+        raise ValueError(f"rtol must be in (0, 1), got {rtol}")
+    norms = None
+    if certificate == 'guaranteed':
+        norms = GuaranteedNorms(net, tuple(x.shape[1:]), delta, generator_seed=seed)
+    with torch.no_grad(), _seeded(seed, x.device):
+        gv = _global_vectors(net, x, sniter, seed)
+        r = radius_batch(net, x, y, gv, sniter=sniter, opt_iter=opt_iter, rtol=rtol,
+                         max_radius=max_radius, norms=norms, max_evals=RADIUS_EVALS)
+    if norms is None:
+        return CertifiedRadius(r['radius'], r['radius_upper'], r['evals'], r['converged'])
+    return CertifiedRadius(r['radius_guaranteed'], r['radius_guaranteed_upper'],
+                           r['evals'] + r['evals_guaranteed'], r['converged'], 'guaranteed',
+                           delta, r['radius'])
+
+
+__all__ = ['LipschitzBound', 'CertifiedRadius', 'prepare', 'lipschitz_bound', 'certify',
+           'certified_radius', 'SNITER', 'OPT_ITER', 'DELTA']
