@@ -6,6 +6,11 @@
     # several radii, per-sample rows, soundness audit, plots, markdown table:
     python evaluate.py ... --epsilon 0.5 1.0 1.58 --out rows.tsv --audit --plots --markdown
 
+    # the certified radius of every point (TSV columns, median, a continuous curve):
+    python evaluate.py ... --radius [--certificate guaranteed] --out rows.tsv --plots
+
+    # one's own network: --model module.path:function (returns the nn.Sequential)
+
 Certification starts every sample from fresh random power-iteration vectors at the smallest
 radius and iterates up to --test_sniter (each sample stops at tolerance 1e-3); each larger
 radius starts from the previous radius's vectors (its varying sets contain the smaller

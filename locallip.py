@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from certify import RADIUS_EVALS, RADIUS_RTOL, converged_global_vectors, radius_batch
 from lanczos import GuaranteedNorms, guaranteed_certify
+from utils import load_checkpoint
 from local_bound import (NOOPS, TOL, KeptVectors, RandomVectors, check_supported,
                          compute_bound, exact_float32, fold_batchnorm)
 
@@ -67,6 +68,14 @@ class CertifiedRadius:
     certificate: str = 'reference'
     delta: Optional[float] = None            # 'guaranteed': P(some radius is wrong) <= delta
     reference_radius: Optional[torch.Tensor] = None   # 'guaranteed': the estimate search's
+
+
+def load_weights(model: nn.Module, path: str) -> dict:
+    """Load the checkpoint at ``path`` ({'state_dict': ...}, as train.py and the reference
+    write them, or a bare state_dict) into ``model``; returns the checkpoint dict. Safe: the
+    file is read with torch.load(weights_only=True), and one that needs arbitrary unpickling
+    (code to run, a whole pickled module) is refused with utils.UserError naming it."""
+    return load_checkpoint(path, model, next(model.parameters()).device)
 
 
 def prepare(model: nn.Module) -> nn.Sequential:
@@ -233,5 +242,5 @@ def certified_radius(model: nn.Module, x, y=None, *, certificate: str = 'referen
                            delta, r['radius'])
 
 
-__all__ = ['LipschitzBound', 'CertifiedRadius', 'prepare', 'lipschitz_bound', 'certify',
+__all__ = ['LipschitzBound', 'CertifiedRadius', 'load_weights', 'prepare', 'lipschitz_bound', 'certify',
            'certified_radius', 'SNITER', 'OPT_ITER', 'DELTA']

@@ -28,8 +28,9 @@ from tqdm import tqdm
 from data_load import get_loaders
 from certify import certify, full_evaluation
 from report import summary_line
-from local_bound import (NORM_EPS, GivenVectors, VectorStore, certified_loss, compute_bound,
-                         global_vector_shape, layer_input_shapes, sparsity_loss)
+from local_bound import (BATCHNORM, NOOPS, NORM_EPS, GivenVectors, VectorStore, certified_loss,
+                         check_supported, compute_bound, global_vector_shape,
+                         layer_input_shapes, sparsity_loss)
 from utils import (UserError, argparser, atomic_save, checkpoint_base, clamp_thresholds,
                    get_device, load_checkpoint, run_main, safe_load, seed_all, select_model)
 
@@ -444,6 +445,23 @@ def average_gradients(model, world):
 # ----------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------
+def check_trainable(model, name):
+    """UserError unless the bound can follow ``model`` through training: no BatchNorm or
+    Dropout (in training mode neither is a fixed map, so no bound computed for the step
+    would hold), every layer supported."""
+    bad = [f"{i} ({type(m).__name__})" for i, m in enumerate(model)
+           if isinstance(m, BATCHNORM + NOOPS) and not isinstance(m, torch.nn.Identity)]
+    if bad:
+        raise UserError(f"--model {name}: training does not support layers {', '.join(bad)}: "
+                        f"in training mode they are not fixed maps, so no certified bound of "
+                        f"the step would hold (evaluation folds eval-mode BatchNorm and skips "
+                        f"Dropout)")
+    try:
+        check_supported(model)
+    except ValueError as e:
+        raise UserError(f"--model {name}: {e}") from None
+
+
 RESUME_KEYS = ('optimizer', 'scheduler', 'global_vectors', 'epoch', 'best_err')
 
 
@@ -457,6 +475,7 @@ def main(argv=None, **dataset_defaults):
     base = checkpoint_base(args)
     seed_all(args.seed)
     model = select_model(args.data, args.model, args.init).to(device)
+    check_trainable(model, args.model)
     train_loader, test_loader = get_loaders(args, rank=rank, world=world)
     input_shape = tuple(train_loader.dataset[0][0].shape)
     opt = make_optimizer(args, model)

@@ -1,0 +1,391 @@
+"""One's own model: safe checkpoint loading, the locallip API, more layer types (BatchNorm,
+AvgPool2d, Dropout, Identity), the vjp transpose, and the certified-radius search."""
+import os
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import ROOT, make_mnist_like
+import locallip
+from local_bound import (apply_W, apply_WT, check_supported,
+                         compute_bound, fold_batchnorm, masked_products, vjp_transpose)
+from utils import UserError, load_checkpoint, select_model
+
+
+# ----------------------------------------------------------------------------------------
+# Safe loading
+# ----------------------------------------------------------------------------------------
+class _Payload:
+    """Unpickling this calls open(marker, 'w'): it creates a file (no shell)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, 'w'))
+
+
+def _evil(path, marker, **extra):
+    torch.save({'state_dict': select_model('mnist', 'relux').state_dict(), 'err': 0.5,
+                'epoch': 0, 'x': _Payload(marker), **extra}, path)
+
+
+def test_checkpoint_that_runs_code_is_refused_everywhere(tmp_path, capsys):
+    import subprocess
+    import sys
+    import train
+    from conftest import device_flags
+    marker = str(tmp_path / 'ran')
+    data = make_mnist_like(str(tmp_path / 'data'), n_train=64, n_test=16)
+    _evil(str(tmp_path / 'm_best.pth'), marker)
+    # evaluate.py, a real process: exit 2, one error line naming the file, nothing ran
+    p = subprocess.run([sys.executable, os.path.join(ROOT, 'evaluate.py'), '--data_dir', data,
+                        '--no_download', '--saved_model', str(tmp_path / 'm'), '--n_test', '4',
+                        *device_flags()], capture_output=True, text=True, cwd=str(tmp_path))
+    assert p.returncode == 2, p.stderr
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith('error:') and 'm_best.pth' in lines[0], lines
+    assert 'refused' in lines[0] and 'Traceback' not in p.stderr
+    assert not os.path.exists(marker)
+    # train --resume: the checkpoint, then (behind a valid checkpoint) the vector store
+    prefix = str(tmp_path / 'run')
+    _evil(prefix + '_relux_checkpoint.pth', marker)
+    argv = ['--data_dir', data, '--no_download', '--epochs', '2', '--n_test', '8',
+            '--batch_size', '32', '--test_sniter', '2', '--prefix', prefix, '--resume',
+            '--niter', '1', *device_flags()]
+    from utils import run_main
+    for _ in range(2):
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as e:
+            run_main(lambda: train.main(argv, data='mnist'))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith('error:') and 'refused' in err, err
+        assert not os.path.exists(marker)
+        net = select_model('mnist', 'relux')
+        opt = torch.optim.Adam(net.parameters())
+        torch.save({'state_dict': net.state_dict(), 'err': 0.5, 'epoch': 0, 'best_err': 1.0,
+                    'optimizer': opt.state_dict(),
+                    'scheduler': torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 1).state_dict(),
+                    'global_vectors': {}}, prefix + '_relux_checkpoint.pth')
+        torch.save({'epoch': 0, 'train': {'initialized': torch.zeros(1), 'x': _Payload(marker)}},
+                   prefix + '_relux_vectors.pt')
+    # the API's loader
+    with pytest.raises(UserError, match='refused'):
+        locallip.load_weights(select_model('mnist', 'relux'), str(tmp_path / 'm_best.pth'))
+    assert not os.path.exists(marker)
+
+
+def test_pickled_module_gets_the_state_dict_advice(tmp_path):
+    net = nn.Sequential(nn.Linear(4, 3))
+    torch.save(net, str(tmp_path / 'whole_best.pth'))
+    with pytest.raises(UserError, match=r"whole pickled module.*state_dict"):
+        load_checkpoint(str(tmp_path / 'whole_best.pth'), net)
+
+
+def test_reference_format_and_bundled_checkpoints_load(tmp_path):
+    net = select_model('mnist', 'relux')
+    torch.save({'state_dict': net.state_dict(), 'err': 0.3, 'epoch': 7}, str(tmp_path / 'r.pth'))
+    assert load_checkpoint(str(tmp_path / 'r.pth'), select_model('mnist', 'relux'))['epoch'] == 7
+    for run in ('fashionmnist', 'fashionmnist_long'):
+        for bound in ('local', 'global'):
+            ck = locallip.load_weights(select_model('fashionmnist', 'relux', 2.0),
+                                       os.path.join(ROOT, 'pretrained', run, f'{bound}_relux_best.pth'))
+            assert ck['args']['bound'] == bound
+
+
+def test_resume_key_missing_is_one_error_line(tmp_path, capsys):
+    import train
+    from utils import run_main
+    from conftest import device_flags
+    data = make_mnist_like(str(tmp_path / 'data'), n_train=64, n_test=16)
+    prefix = str(tmp_path / 'run')
+    torch.save({'state_dict': select_model('mnist', 'relux').state_dict(), 'err': 0.5, 'epoch': 0},
+               prefix + '_relux_checkpoint.pth')
+    with pytest.raises(SystemExit) as e:
+        run_main(lambda: train.main(['--data_dir', data, '--no_download', '--prefix', prefix,
+                                     '--resume', *device_flags()], data='mnist'))
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and 'cannot be resumed' in err and 'optimizer' in err
+
+
+# ----------------------------------------------------------------------------------------
+# Layers: BatchNorm folded, AvgPool2d, Dropout, Identity; the vjp transpose
+# ----------------------------------------------------------------------------------------
+def _randomize_bn(net):
+    g = torch.Generator().manual_seed(3)
+    for m in net:
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=g, dtype=m.running_mean.dtype) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g, dtype=m.running_var.dtype) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+    return net
+
+
+def user_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                        nn.AvgPool2d(2), nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU(),
+                        nn.Flatten(), nn.Dropout(0.5), nn.Linear(6 * 2 * 2, 12),
+                        nn.BatchNorm1d(12), nn.ReLU(), nn.Identity(), nn.Linear(12, 3))
+    return _randomize_bn(net.double()).eval()
+
+
+def hand_folded(net):
+    """The same map without BatchNorm, folded by hand (a reading independent of
+    fold_batchnorm: W' = diag(g / sqrt(v + e)) W, b' = (b - m) g / sqrt(v + e) + beta)."""
+    mods = []
+    for m in net:
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            a = mods[-1]
+            s = m.weight / torch.sqrt(m.running_var + m.eps)
+            new = type(a)(*((a.in_channels, a.out_channels, a.kernel_size) if isinstance(a, nn.Conv2d)
+                            else (a.in_features, a.out_features)),
+                          **({'stride': a.stride, 'padding': a.padding} if isinstance(a, nn.Conv2d)
+                             else {})).double()
+            with torch.no_grad():
+                new.weight.copy_(a.weight * s.view(-1, *([1] * (a.weight.dim() - 1))))
+                new.bias.copy_((a.bias - m.running_mean) * s + m.bias)
+            mods[-1] = new
+        elif not isinstance(m, (nn.Dropout, nn.Identity)):
+            mods.append(m)
+    return nn.Sequential(*mods).eval()
+
+
+def test_batchnorm_folds_to_the_hand_folded_bound():
+    net, ref = user_net(), hand_folded(user_net())
+    x = torch.rand(6, 1, 8, 8, dtype=torch.float64)
+    assert torch.allclose(net(x), ref(x), atol=1e-12)
+    y = net(x).argmax(1)
+    folded = fold_batchnorm(net)
+    assert isinstance(folded[1], nn.Identity) and isinstance(folded[9], nn.Identity)
+    assert isinstance(net[1], nn.BatchNorm2d)          # the user's model is not changed
+    # the same bound: same starting vectors (keyed by each model's module indices)
+    keys = {0: 0, 3: 2, 4: 3, 8: 6}                     # folded index -> hand-folded index
+    shapes = {0: (1, 8, 8), 3: (4, 8, 8), 4: (4, 4, 4), 8: (24,)}
+    start = {k: torch.randn(6, *s, dtype=torch.float64) for k, s in shapes.items()}
+
+    class Given:
+        def __init__(self, m):
+            self.m = m
+
+        def get(self, k, shape):
+            return start[self.m[k]].clone()
+
+        def put(self, k, u):
+            pass
+    inv = {v: k for k, v in keys.items()}
+    gv_a = {k: torch.ones(1, *([12] if k == 8 else s), dtype=torch.float64) for k, s in shapes.items()}
+    gv_b = {keys[k]: v.clone() for k, v in gv_a.items()}
+    with torch.no_grad():
+        a = compute_bound(folded, x, y, 0.2, Given({k: k for k in keys}), gv_a, sniter=3000,
+                          opt_iter=100, tol=1e-10, global_tol=1e-12, check=True)
+        b = compute_bound(ref, x, y, 0.2, Given(inv), gv_b, sniter=3000, opt_iter=100,
+                          tol=1e-10, global_tol=1e-12, check=True)
+    for name in ('r_local', 'r_global', 'worst', 'logits'):
+        assert torch.allclose(getattr(a, name), getattr(b, name), rtol=1e-6, atol=1e-9), name
+
+
+def test_standalone_batchnorm_and_pool_norms_equal_exact_svd():
+    """A BatchNorm that follows no affine layer becomes its own affine layer (depthwise 1x1
+    conv / diagonal linear); its masked norm and the AvgPool2d's equal exact SVDs of the
+    explicit masked operators."""
+    torch.manual_seed(1)
+    net = _randomize_bn(nn.Sequential(nn.BatchNorm2d(2), nn.ReLU(), nn.AvgPool2d(2, padding=1),
+                                      nn.ReLU(), nn.Flatten(), nn.BatchNorm1d(18), nn.ReLU(),
+                                      nn.Linear(18, 3)).double()).eval()
+    folded = fold_batchnorm(net)
+    assert isinstance(folded[0], nn.Conv2d) and isinstance(folded[5], nn.Linear)
+    x = torch.rand(3, 2, 4, 4, dtype=torch.float64)
+    assert torch.allclose(net(x), folded(x), atol=1e-12)
+    y = net(x).argmax(1)
+    with torch.no_grad():
+        res = compute_bound(folded, x, y, 0.3, None, None, sniter=20000, tol=1e-13,
+                            global_tol=1e-13, check=True)
+    shapes = {0: (2, 4, 4), 2: (2, 4, 4), 5: (18,)}
+    d_in = {0: None, 2: res.masks[1], 5: res.masks[4].flatten(1)}
+    d_out = {0: res.masks[1], 2: res.masks[3], 5: res.masks[6]}
+    for i, shape in shapes.items():
+        for k in range(3):
+            n = int(torch.tensor(shape).prod())
+            basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
+            di = None if d_in[i] is None else d_in[i][k:k + 1].expand(n, *shape)
+            do = d_out[i][k:k + 1]
+            z, _ = masked_products(folded[i], basis * (1 if di is None else di), shape, None,
+                                   do.expand(n, *do.shape[1:]))
+            exact = torch.linalg.matrix_norm(z.reshape(n, -1).t(), 2)
+            assert torch.isclose(res.sigmas[i][k], exact, rtol=1e-6), (i, k)
+
+
+def test_user_model_is_sound_on_sampled_points():
+    net = user_net()
+    x = torch.rand(8, 1, 8, 8, dtype=torch.float64)
+    b = locallip.lipschitz_bound(net, x, eps=0.15)
+    y = b.labels
+    folded = fold_batchnorm(net)
+    with torch.no_grad():
+        res = compute_bound(folded, x, y, 0.15, None, None, sniter=2000, check=True)
+        z = res.worst_logits(y)
+        worst_gap = (z - z.gather(1, y.view(-1, 1)))
+        g = torch.Generator().manual_seed(5)
+        for _ in range(50):
+            d = torch.randn(x.shape, generator=g, dtype=torch.float64)
+            d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * 0.15 * torch.rand(
+                8, 1, 1, 1, generator=g, dtype=torch.float64)
+            out = folded(x + d)
+            gap = out - out.gather(1, y.view(-1, 1))
+            assert (gap <= worst_gap + 1e-9).all()
+    assert (b.local <= b.global_ * (1 + 1e-6)).all()
+    assert set(b.sigmas) == {0, 3, 4, 8} and set(b.varying) == {2, 5, 10}
+
+
+def test_vjp_transpose_equals_the_explicit_one():
+    torch.manual_seed(2)
+    conv = nn.Conv2d(3, 5, 3, stride=2, padding=1).double()
+    pool = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
+    lin = nn.Linear(7, 4).double()
+    for layer, shape in ((conv, (3, 7, 7)), (pool, (2, 6, 6)), (lin, (7,))):
+        n = int(torch.tensor(shape).prod())
+        basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
+        W = apply_W(layer, basis).reshape(n, -1).t()            # explicit matrix [out, in]
+        y = torch.randn(2, *apply_W(layer, basis[:1]).shape[1:], dtype=torch.float64)
+        explicit = (y.reshape(2, -1) @ W).reshape(2, *shape)
+        assert torch.allclose(vjp_transpose(layer, y, shape), explicit, atol=1e-12)
+        assert torch.allclose(apply_WT(layer, y, shape), explicit, atol=1e-12)
+    # differentiable in y inside autograd (training through the iterations)
+    y = torch.randn(2, 2, 3, 3, dtype=torch.float64, requires_grad=True)
+    vjp_transpose(pool, y, (2, 6, 6)).sum().backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all()
+
+
+def test_unsupported_and_training_mode_are_refused():
+    with pytest.raises(ValueError, match=r"layer 1 \(MaxPool2d\) is not supported"):
+        check_supported(nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(),
+                                      nn.Linear(2, 2)))
+    net = user_net().train()
+    with pytest.raises(ValueError, match='training mode'):
+        locallip.lipschitz_bound(net, torch.rand(2, 1, 8, 8, dtype=torch.float64), 0.1)
+    drop = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Dropout(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"Dropout\) is in training mode"):
+        check_supported(drop)
+    with pytest.raises(ValueError, match='fold it first'):
+        check_supported(user_net())
+
+
+def test_bare_calls_work_and_bad_shapes_say_so():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
+    x = torch.rand(3, 1, 8, 8)
+    y = net(x).argmax(1)
+    with torch.no_grad():
+        res = compute_bound(net, x, y, 0.1)            # no vectors: fresh ones
+    assert res.r_local.shape == (3,) and torch.isfinite(res.r_local).all()
+    with pytest.raises(ValueError, match='batch axis'):
+        compute_bound(net, torch.rand(8), y[:1], 0.1)
+    with pytest.raises(ValueError, match='3 labels'):
+        compute_bound(net, x, y[:2], 0.1)
+    one = locallip.certify(net, x[0], eps=0.01)         # one input without its batch axis
+    assert one[0.01].shape == (1,)
+
+
+def test_model_import_path(tmp_path, monkeypatch):
+    (tmp_path / 'mynets.py').write_text(
+        "import torch.nn as nn\n"
+        "def small():\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n"
+        "def notseq():\n"
+        "    return nn.Linear(2, 2)\n")
+    monkeypatch.chdir(tmp_path)
+    assert isinstance(select_model('mnist', 'mynets:small')[1], nn.Linear)
+    for spec, message in (('mynets:nosuch', 'no function nosuch'), ('nomod:f', 'cannot import'),
+                          ('mynets:notseq', 'needs an nn.Sequential')):
+        with pytest.raises(UserError, match=message):
+            select_model('mnist', spec)
+
+
+# ----------------------------------------------------------------------------------------
+# The README's example and the certified radius
+# ----------------------------------------------------------------------------------------
+def readme_example():
+    text = open(os.path.join(ROOT, 'README.md')).read()
+    section = text[text.index('## Your own model'):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_readme_api_example_runs(capsys):
+    exec(compile(readme_example(), 'README.md', 'exec'), {})
+    out = capsys.readouterr().out
+    assert 'certified radius' in out
+
+
+def _bundled(n=12):
+    from data_load import get_dataset
+    ds = get_dataset('fashionmnist', os.path.join(ROOT, 'data'), train=False, augment=False,
+                     download=False)
+    net = select_model('fashionmnist', 'relux', 2.0)
+    load_checkpoint(os.path.join(ROOT, 'pretrained', 'fashionmnist', 'local_relux_best.pth'), net)
+    xs = torch.stack([ds[k][0] for k in range(n)])
+    ys = torch.tensor([int(ds[k][1]) for k in range(n)])
+    return net.eval(), xs, ys
+
+
+def _has_fashion():
+    try:
+        _bundled(1)
+        return True
+    except (UserError, FileNotFoundError, RuntimeError):
+        return False
+
+
+fashion = pytest.mark.skipif(not _has_fashion(), reason="Fashion-MNIST is not installed "
+                             "(apt-get install dataset-fashion-mnist)")
+
+
+@fashion
+def test_guaranteed_radius_on_the_bundled_model():
+    """The guaranteed radius r*: certified (guaranteed, fresh) at r*(1 - rtol), not at
+    r*(1 + rtol), and the audit's PGD at 0.999 r* flips no point; radii monotone on a grid."""
+    from certify import audit_batch
+    net, x, y = _bundled(12)
+    rtol = 1e-3
+    r = locallip.certified_radius(net, x, y, certificate='guaranteed', rtol=rtol)
+    found = r.radius
+    sel = (found > 0).nonzero().flatten()
+    assert sel.numel() >= 6
+    assert (r.upper[sel] <= found[sel] * (1 + rtol) + 1e-12).all()
+    assert (found <= r.reference_radius + 1e-12).all()
+    below = locallip.certify(net, x[sel], y[sel], eps=0.0, certificate='guaranteed')
+    assert below[0.0].all()
+    for k in sel.tolist():
+        lo = locallip.certify(net, x[k], y[k:k + 1], eps=float(found[k]) * (1 - rtol),
+                              certificate='guaranteed', seed=k)
+        hi = locallip.certify(net, x[k], y[k:k + 1], eps=float(found[k]) * (1 + rtol),
+                              certificate='guaranteed', seed=k)
+        assert list(lo.values())[0].item() and not list(hi.values())[0].item(), k
+    eps = (0.999 * found[sel]).float().view(-1, 1, 1, 1)
+    broken, _ = audit_batch(net, x[sel], y[sel], eps, restarts=2, steps=100)
+    assert not broken.any()
+    # monotone: certified at a grid radius exactly when the radius reaches it (away from it)
+    grid = [0.25, 0.5, 1.0, 1.5]
+    got = locallip.certify(net, x, y, eps=grid, certificate='guaranteed')
+    for e in grid:
+        far = (found - e).abs() > 0.01 * e
+        assert (got[e][far] == (found[far] >= e)).all(), e
+
+
+@fashion
+def test_reference_radius_brackets_the_certificate():
+    net, x, y = _bundled(8)
+    r = locallip.certified_radius(net, x, y, rtol=1e-3)
+    sel = r.radius > 0
+    assert sel.sum() >= 4 and r.converged[sel].all()
+    assert (r.upper[sel] <= r.radius[sel] * (1 + 1e-3) + 1e-12).all()
+    # the estimates of a fresh evaluation differ a little: far from r*, no point flips
+    for f, want in ((0.97, True), (1.03, False)):
+        for k in sel.nonzero().flatten().tolist():
+            got = locallip.certify(net, x[k], y[k:k + 1], eps=float(r.radius[k]) * f)
+            assert list(got.values())[0].item() == want, (k, f)
