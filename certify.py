@@ -4,6 +4,7 @@ lives in report.py; the command line in evaluate.py)."""
 import math
 import os
 import sys
+import threading
 import time
 
 import torch
@@ -160,6 +161,45 @@ def audit_batch(model, x, y, eps, restarts, steps):
 # ----------------------------------------------------------------------------------------
 # Full evaluation
 # ----------------------------------------------------------------------------------------
+PROGRESS_EVERY_S = 60.0     # without a terminal, a progress line at least this often
+
+
+class Heartbeat:
+    """Progress lines for a log file (no terminal): ``say`` prints a line, and while a batch
+    runs longer than ``every`` seconds a background thread prints ``status`` (with the time
+    since the last line) every ``every`` seconds. every=None: silent (a terminal shows the
+    progress bar instead)."""
+
+    def __init__(self, every):
+        self.every, self.status = every, ''
+        self.last = time.monotonic()
+        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.thread = None
+        if every:
+            self.thread = threading.Thread(target=self._run, daemon=True)
+            self.thread.start()
+
+    def _run(self):
+        while not self.done.wait(self.every / 4):
+            with self.lock:
+                quiet = time.monotonic() - self.last
+                if quiet >= self.every and self.status:
+                    print(f"{self.status} ({quiet:.0f}s since the last line)", flush=True)
+                    self.last = time.monotonic()
+
+    def say(self, line):
+        if self.every:
+            with self.lock:
+                print(line, flush=True)
+                self.last = time.monotonic()
+
+    def stop(self):
+        self.done.set()
+        if self.thread is not None:
+            self.thread.join()
+
+
 def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, resume=False):
     """Clean, PGD (at the first radius) and certified accuracy at every radius of
     ``args.radii`` (default: args.epsilon), local and global bound; optional per-sample TSV
@@ -201,12 +241,18 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
                     f.write('\t'.join(cell(c, r[c]) for c in header) + '\n')
             os.replace(tsv_path + '.tmp', tsv_path)
         tsv = open(tsv_path, 'a' if header is not None else 'w')
+    n_total = len(loader.dataset)
+    bar = tqdm(total=n_total, initial=len(rows), desc='evaluate', unit='pt', leave=False,
+               disable=None, file=sys.stderr)
+    beat = Heartbeat(None if not bar.disable or not getattr(args, 'verbose', 0)
+                     else PROGRESS_EVERY_S)
     try:
-        bar = tqdm(loader, desc='evaluate', leave=False, disable=None)
-        for bi, (x, y, idx) in enumerate(bar):
+        for bi, (x, y, idx) in enumerate(loader):
             if bi in skip:
                 continue
             t0 = time.time()
+            beat.status = (f"  evaluate: batch {bi + 1}/{len(loader)} running, {len(rows)} of "
+                           f"{n_total} points done")
             torch.manual_seed(seed * 1000003 + bi)
             x, y = x.to(device), y.to(device)
             b = x.shape[0]
@@ -261,10 +307,12 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
                     tsv.write('\t'.join(cell(c, r[c]) for c in header) + '\n')
                 tsv.flush()
             rows.extend(new)
-            if bar.disable and getattr(args, 'verbose', 0):
-                print(f"  evaluate: batch {bi + 1}/{len(loader)} done, {len(rows)} points, "
-                      f"{time.time() - t0:.0f}s", flush=True)
+            bar.update(len(new))
+            beat.say(f"  evaluate: batch {bi + 1}/{len(loader)} done, {len(rows)} of {n_total} "
+                     f"points, {time.time() - t0:.0f}s")
     finally:
+        beat.stop()
+        bar.close()
         if tsv is not None:
             tsv.close()
     rows.sort(key=lambda r: r['idx'])
@@ -287,11 +335,12 @@ def converged_global_vectors(model, input_shape, sniter, seed, device):
     Fashion-MNIST model, needs more than 2000 iterations to meet the tolerance.)"""
     shapes = layer_input_shapes(model, tuple(input_shape))
     gen = torch.Generator(device=device).manual_seed(seed * 1000003 + 999983)
+    dtype = next(model.parameters()).dtype
     out = {}
     with torch.no_grad(), exact_float32():
         for i, shape in shapes.items():
             u = torch.randn((1, *global_vector_shape(model[i], shape)), generator=gen,
-                            device=device)
+                            device=device, dtype=dtype)
             for _ in range(GLOBAL_ROUNDS):
                 _, u, converged = global_power_iteration(model[i], u, sniter)
                 if converged:

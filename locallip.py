@@ -219,7 +219,11 @@ def certified_radius(model: nn.Module, x, y=None, *, certificate: str = 'referen
     failing radius (which contain those of every smaller radius), and the search below it
     only propagates boxes with them: every step rests on the same bounds, so the reported
     radius is certified with probability >= 1 - delta (over the random starts), with no
-    union bound over the steps needed; ``reference_radius`` is the estimate search's.
+    union bound over the steps needed; ``reference_radius`` is the estimate search's. The
+    guaranteed radius is a lower bound: a fresh ``certify(..., certificate='guaranteed')``
+    holds at it (with probability >= 1 - delta) and fails at ``reference_radius (1 + rtol)``,
+    but may still hold a little above ``radius (1 + rtol)``, since below the estimate's
+    failing radius its own varying sets are smaller than the ones the search's bounds used.
     ``max_radius``: stop searching above this radius (radius = max_radius, upper = inf)."""
     net = prepare(model)
     x = _batched(net, x)
