@@ -1,4 +1,4 @@
-"""Time a certified training step against a clean one (spec section 8).
+"""Time a certified training step against a clean one (the convention of docs/performance.md).
 
     python bench.py --model c6f2_relux --data cifar10 --batch_size 32 --sniter 2 [--device cpu|cuda]
                     [--threads 2] [--steps 10] [--json FILE] [--mode train|eval]
@@ -95,12 +95,12 @@ def main(argv=None):
     p.add_argument('--data_dir', default='data', help="with --saved_model: dataset folder")
     p.add_argument('--steps', type=int, default=10, help="timed steps of each kind (median)")
     p.add_argument('--warmup', type=int, default=2, help="untimed steps of each kind first")
-    p.add_argument('--threads', type=int, default=2, help="CPU threads (spec: 2)")
+    p.add_argument('--threads', type=int, default=2, help="CPU threads (the convention: 2)")
     p.add_argument('--device', default='cpu', help="cpu or cuda[:N]")
     p.add_argument('--seed', type=int, default=0, help="random seed")
     p.add_argument('--json', default=None, help="also write the results here")
     p.add_argument('--vectors', choices=('random', 'store'), default='random', help="train "
-                   "mode: fresh vectors from RandomVectors (spec section 8) or from a VectorStore "
+                   "mode: fresh vectors from RandomVectors (the benchmark convention) or from a VectorStore "
                    "on unwritten rows (the training loop's path, store on --store_device)")
     p.add_argument('--store_device', default='auto', help="with --vectors store: cpu, the "
                    "--device, or auto (as training chooses)")

@@ -1,6 +1,7 @@
 """Certification of a test set: the Local-Lip bound per batch and radius, PGD-L2, the
 soundness audit, and the full resumable evaluation that writes per-sample rows (reporting
 lives in report.py; the command line in evaluate.py)."""
+import glob
 import math
 import os
 import sys
@@ -8,6 +9,7 @@ import threading
 import time
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
@@ -15,8 +17,8 @@ from local_bound import (KeptVectors, RandomVectors, check_supported, compute_bo
                          exact_float32, global_power_iteration, global_vector_shape,
                          layer_input_shapes)
 from lanczos import GuaranteedNorms, guaranteed_certify, masked_norm_upper_bounds
-from report import batch_rows, cell, resume_rows, summarize, tsv_columns
-from utils import UserError
+from report import batch_rows, cell, resume_rows, summarize, tsv_columns, write_tsv
+from utils import UserError, all_reduce_sum
 
 
 # ----------------------------------------------------------------------------------------
@@ -200,126 +202,207 @@ class Heartbeat:
             self.thread.join()
 
 
-def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, resume=False):
+def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, resume=False,
+                    rank=0, world=1):
     """Clean, PGD (at the first radius) and certified accuracy at every radius of
     ``args.radii`` (default: args.epsilon), local and global bound; optional per-sample TSV
     (written as it goes) and audit. Every batch is seeded from (--seed, batch number) and
     starts its global power iterations from the same vectors, converged once per
     evaluation (converged_global_vectors), so ``resume`` (continue the TSV of an interrupted
-    run, skipping its finished batches) gives the rows of an uninterrupted run. Returns the
-    results dict (JSON-ready)."""
+    run, skipping its finished batches) gives the rows of an uninterrupted run.
+
+    Several processes (``world`` > 1, a torch.distributed process group, ``loader`` the
+    whole sequential test loader in every process): the batches still to do are dealt out
+    round-robin, process ``rank`` takes every world-th; each process writes its rows to
+    ``<tsv_path>.rank<r>`` as it goes, and at the end process 0 gathers all rows and writes
+    the one TSV (the part files are then removed; a resumed run first folds the part files
+    of an interrupted one into the TSV, whole batches only, whatever the process count).
+    Rows depend on the batch number only, never on rank or world. Returns the results dict
+    (JSON-ready) in process 0, None in the others."""
     radii = list(getattr(args, 'radii', [args.epsilon]))
-    eps0 = radii[0]
     radius = bool(getattr(args, 'radius', False))
+    certificate = getattr(args, 'certificate', 'reference')
     seed = getattr(args, 'seed', 0)
+    lead = rank == 0
+    say = print if lead else (lambda *a, **k: None)
     model.eval()
+    indices = [list(map(int, ids)) for ids in batch_indices(loader)]
     rows, skip, header = [], set(), None
-    if resume and tsv_path and os.path.isfile(tsv_path):
-        indices = [list(map(int, ids)) for ids in batch_indices(loader)]
-        header, rows, skip = resume_rows(tsv_path, radii, indices,
-                                         getattr(args, 'certificate', 'reference'), radius)
-        print(f"resuming {tsv_path}: {len(rows)} points done, {len(indices) - len(skip)} of "
-              f"{len(indices)} batches to go", flush=True)
+    if resume and tsv_path:
+        if lead:
+            fold_part_files(tsv_path, radii, indices, certificate, radius)
+        barrier(world)
+        if os.path.isfile(tsv_path):
+            header, rows, skip = resume_rows(tsv_path, radii, indices, certificate, radius)
+            say(f"resuming {tsv_path}: {len(rows)} points done, {len(indices) - len(skip)} of "
+                f"{len(indices)} batches to go", flush=True)
+    todo = [bi for bi in range(len(indices)) if bi not in skip]
+    mine = todo[rank::world]
+    positions = list(loader.batch_sampler)
+    my_loader = torch.utils.data.DataLoader(loader.dataset,
+                                            batch_sampler=[positions[bi] for bi in mine],
+                                            num_workers=loader.num_workers,
+                                            pin_memory=loader.pin_memory)
     in_shape = tuple(loader.dataset[0][0].shape)
     base_global = converged_global_vectors(model, in_shape, args.test_sniter, seed, device)
-    guaranteed = getattr(args, 'certificate', 'reference') == 'guaranteed'
     norms = None
-    if guaranteed:      # the global norm bounds, once per model (seeded: reproducible)
+    if certificate == 'guaranteed':   # the global norm bounds, once per model (seeded)
         t0 = time.time()
         norms = GuaranteedNorms(model, in_shape, args.delta,
                                 generator_seed=seed * 1000003 + 999979)
-        print(f"guaranteed certificates (delta {args.delta:g}): global norm bounds in "
-              f"{time.time() - t0:.1f}s; each of {round(args.delta / norms.delta_op)} norm "
-              f"bounds per certificate fails with probability <= {norms.delta_op:.3g}", flush=True)
-    tsv, audit_seconds = None, 0.0
+        say(f"guaranteed certificates (delta {args.delta:g}): global norm bounds in "
+            f"{time.time() - t0:.1f}s; each of {round(args.delta / norms.delta_op)} norm "
+            f"bounds per certificate fails with probability <= {norms.delta_op:.3g}", flush=True)
+    tsv, tsv_file, new_rows, audit_seconds = None, None, [], 0.0
     if tsv_path:
         os.makedirs(os.path.dirname(tsv_path) or '.', exist_ok=True)
-        if header is not None:      # keep the finished batches (atomically), then append
-            with open(tsv_path + '.tmp', 'w') as f:
-                f.write('\t'.join(header) + '\n')
-                for r in rows:
-                    f.write('\t'.join(cell(c, r[c]) for c in header) + '\n')
-            os.replace(tsv_path + '.tmp', tsv_path)
-        tsv = open(tsv_path, 'a' if header is not None else 'w')
+        if world == 1:
+            tsv_file = tsv_path
+            if header is not None:      # keep the finished batches (atomically), then append
+                write_tsv(tsv_path, header, rows)
+        else:
+            tsv_file, header = f"{tsv_path}.rank{rank}", None
     n_total = len(loader.dataset)
-    bar = tqdm(total=n_total, initial=len(rows), desc='evaluate', unit='pt', leave=False,
-               disable=None, file=sys.stderr)
-    beat = Heartbeat(None if not bar.disable or not getattr(args, 'verbose', 0)
-                     else PROGRESS_EVERY_S)
+    done = len(rows)
+    bar = tqdm(total=n_total, initial=done, desc='evaluate', unit='pt', leave=False,
+               disable=None if lead else True, file=sys.stderr)
+    beat = Heartbeat(PROGRESS_EVERY_S if lead and bar.disable and getattr(args, 'verbose', 0)
+                     else None)
+    batches = iter(my_loader)
     try:
-        for bi, (x, y, idx) in enumerate(loader):
-            if bi in skip:
-                continue
-            t0 = time.time()
-            beat.status = (f"  evaluate: batch {bi + 1}/{len(loader)} running, {len(rows)} of "
-                           f"{n_total} points done")
-            torch.manual_seed(seed * 1000003 + bi)
-            x, y = x.to(device), y.to(device)
-            b = x.shape[0]
-            by_eps, g_conv = {}, True
-            # every batch starts from the same global vectors, converged once per evaluation
-            # (they do not depend on the data): resumable, and no batch repeats the iterations
-            global_vectors = {k: v.clone() for k, v in base_global.items()}
-            vectors = KeptVectors(b, device)   # fresh at the smallest radius, then warm
-            for e in sorted(radii):
-                by_eps[e] = certify_batch(model, x, y, e, vectors, global_vectors,
-                                          sniter=args.test_sniter, opt_iter=args.test_opt_iter,
-                                          bound=args.bound,
-                                          estimate=getattr(args, 'estimate', 'bilinear'))
-                g_conv &= by_eps[e]['global_converged']
-            pgd = pgd_correct_batch(model, x, y, eps0, args.alpha, args.niter)
-            audited, broken = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)
-            t_audit = time.time()
-            if audit:
-                for e in radii:
-                    sel, brk = _audit_certified(model, x, y, idx, e, by_eps[e]['certified'], args)
-                    audited += sel.long()
-                    broken += brk.long()
-            audit_seconds += time.time() - t_audit
-            seconds = (time.time() - t0) / b
-            g_seconds = None
-            if guaranteed:     # after the rest, from its own seed: the other columns do not change
-                t1 = time.time()
-                torch.manual_seed(seed * 1000003 + bi + 500009)
-                for e in sorted(radii):
-                    g = guaranteed_certify(model, x, y, e, norms, opt_iter=args.test_opt_iter,
-                                           bound=args.bound)
-                    by_eps[e]['certified_guaranteed'] = g['certified'].cpu()
-                    by_eps[e]['lip_guaranteed'] = g['lip'].cpu()
-                g_seconds = (time.time() - t1) / b
-            rad, r_seconds = None, None
-            if radius:         # from its own seed, warm-started from the radii's vectors
-                t2 = time.time()
-                torch.manual_seed(seed * 1000003 + bi + 700001)
-                rad = radius_batch(model, x, y, base_global, sniter=args.test_sniter,
-                                   opt_iter=args.test_opt_iter, rtol=args.radius_rtol,
-                                   bound=args.bound, norms=norms, vectors=vectors.kept,
-                                   estimate=getattr(args, 'estimate', 'bilinear'))
-                r_seconds = (time.time() - t2) / b
-            new = batch_rows(idx, y.cpu(), by_eps, radii, pgd, (audited, broken), g_conv,
-                             seconds, g_seconds, rad, r_seconds)
-            if tsv is not None:
-                if header is None:
-                    header = tsv_columns(radii, list(by_eps[eps0]['varying']), guaranteed,
-                                         radius)
-                    tsv.write('\t'.join(header) + '\n')
-                for r in new:
-                    tsv.write('\t'.join(cell(c, r[c]) for c in header) + '\n')
-                tsv.flush()
-            rows.extend(new)
-            bar.update(len(new))
-            beat.say(f"  evaluate: batch {bi + 1}/{len(loader)} done, {len(rows)} of {n_total} "
+        for r in range(-(-len(todo) // world)):         # rounds of one batch per process
+            bi = todo[r * world + rank] if r * world + rank < len(todo) else None
+            count, t0 = 0, time.time()
+            if bi is not None:
+                beat.status = (f"  evaluate: batch {bi + 1}/{len(indices)} running, {done} of "
+                               f"{n_total} points done")
+                x, y, idx = next(batches)
+                new, columns, a_sec = _evaluate_batch(model, x, y, idx, bi, args, device, audit,
+                                                      base_global, norms)
+                audit_seconds += a_sec
+                if tsv_file is not None:
+                    if tsv is None:
+                        tsv = open(tsv_file, 'a' if header is not None else 'w')
+                    if header is None:
+                        header = columns
+                        tsv.write('\t'.join(header) + '\n')
+                    for row in new:
+                        tsv.write('\t'.join(cell(c, row[c]) for c in header) + '\n')
+                    tsv.flush()
+                new_rows.extend(new)
+                count = len(new)
+            if world > 1:                                # the whole evaluation's progress
+                count = int(all_reduce_sum([count], device, world)[0])
+            done += count
+            bar.update(count)
+            beat.say(f"  evaluate: {r + 1}/{-(-len(todo) // world)} rounds of {world} "
+                     f"batch{'es' if world > 1 else ''} done, {done} of {n_total} points, "
+                     f"{time.time() - t0:.0f}s" if world > 1 else
+                     f"  evaluate: batch {bi + 1}/{len(indices)} done, {done} of {n_total} "
                      f"points, {time.time() - t0:.0f}s")
     finally:
         beat.stop()
         bar.close()
         if tsv is not None:
             tsv.close()
-    rows.sort(key=lambda r: r['idx'])
+    if world > 1:       # process 0 gathers every process's rows and writes the one TSV
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (new_rows, header if new_rows else None, audit_seconds))
+        if not lead:
+            return None
+        new_rows = [row for part, _, _ in gathered for row in part]
+        audit_seconds = sum(sec for _, _, sec in gathered)
+        header = next((h for _, h, _ in gathered if h is not None), header)
+        if tsv_path:
+            kept = resume_rows(tsv_path, radii, indices, certificate, radius)[1] \
+                if os.path.isfile(tsv_path) else []
+            if header is not None:
+                write_tsv(tsv_path, header, sorted(kept + new_rows, key=lambda q: q['idx']))
+            for part in range(world):
+                if os.path.exists(f"{tsv_path}.rank{part}"):
+                    os.remove(f"{tsv_path}.rank{part}")
+    rows = sorted(rows + new_rows, key=lambda q: q['idx'])
     out = summarize(rows, radii, args, audit)
     if audit:      # of this run (a resumed run: of its new batches only)
         out['audit']['seconds_this_run'] = audit_seconds
     return out
+
+
+def _evaluate_batch(model, x, y, idx, bi, args, device, audit, base_global, norms):
+    """Every number of one test batch (batch number ``bi``, which alone seeds it): (rows, TSV
+    columns, seconds spent in the audit)."""
+    radii = list(getattr(args, 'radii', [args.epsilon]))
+    eps0 = radii[0]
+    seed = getattr(args, 'seed', 0)
+    estimate = getattr(args, 'estimate', 'bilinear')
+    t0 = time.time()
+    torch.manual_seed(seed * 1000003 + bi)
+    x, y = x.to(device), y.to(device)
+    b = x.shape[0]
+    by_eps, g_conv = {}, True
+    # every batch starts from the same global vectors, converged once per evaluation
+    # (they do not depend on the data): resumable, and no batch repeats the iterations
+    global_vectors = {k: v.clone() for k, v in base_global.items()}
+    vectors = KeptVectors(b, device)   # fresh at the smallest radius, then warm
+    for e in sorted(radii):
+        by_eps[e] = certify_batch(model, x, y, e, vectors, global_vectors,
+                                  sniter=args.test_sniter, opt_iter=args.test_opt_iter,
+                                  bound=args.bound, estimate=estimate)
+        g_conv &= by_eps[e]['global_converged']
+    pgd = pgd_correct_batch(model, x, y, eps0, args.alpha, args.niter)
+    audited, broken = torch.zeros(b, dtype=torch.long), torch.zeros(b, dtype=torch.long)
+    t_audit = time.time()
+    if audit:
+        for e in radii:
+            sel, brk = _audit_certified(model, x, y, idx, e, by_eps[e]['certified'], args)
+            audited += sel.long()
+            broken += brk.long()
+    audit_seconds = time.time() - t_audit
+    seconds = (time.time() - t0) / b
+    g_seconds = None
+    if norms is not None:   # after the rest, from its own seed: the other columns do not change
+        t1 = time.time()
+        torch.manual_seed(seed * 1000003 + bi + 500009)
+        for e in sorted(radii):
+            g = guaranteed_certify(model, x, y, e, norms, opt_iter=args.test_opt_iter,
+                                   bound=args.bound)
+            by_eps[e]['certified_guaranteed'] = g['certified'].cpu()
+            by_eps[e]['lip_guaranteed'] = g['lip'].cpu()
+        g_seconds = (time.time() - t1) / b
+    rad, r_seconds = None, None
+    radius = bool(getattr(args, 'radius', False))
+    if radius:         # from its own seed, warm-started from the radii's vectors
+        t2 = time.time()
+        torch.manual_seed(seed * 1000003 + bi + 700001)
+        rad = radius_batch(model, x, y, base_global, sniter=args.test_sniter,
+                           opt_iter=args.test_opt_iter, rtol=args.radius_rtol,
+                           bound=args.bound, norms=norms, vectors=vectors.kept, estimate=estimate)
+        r_seconds = (time.time() - t2) / b
+    new = batch_rows(idx, y.cpu(), by_eps, radii, pgd, (audited, broken), g_conv,
+                     seconds, g_seconds, rad, r_seconds)
+    columns = tsv_columns(radii, list(by_eps[eps0]['varying']), norms is not None, radius)
+    return new, columns, audit_seconds
+
+
+def fold_part_files(tsv_path, radii, indices, certificate, radius):
+    """The per-process part files ``<tsv_path>.rank<r>`` left by an interrupted distributed
+    evaluation, folded into ``tsv_path`` (whole batches only; atomically), then removed."""
+    parts = sorted(glob.glob(glob.escape(tsv_path) + '.rank*'))
+    if not parts:
+        return
+    header, rows = None, {}
+    for path in ([tsv_path] if os.path.isfile(tsv_path) else []) + parts:
+        h, kept, _ = resume_rows(path, radii, indices, certificate, radius)
+        header = header or h
+        rows.update({row['idx']: row for row in kept})
+    write_tsv(tsv_path, header, sorted(rows.values(), key=lambda q: q['idx']))
+    for path in parts:
+        os.remove(path)
+
+
+def barrier(world):
+    if world > 1:
+        dist.barrier()
 
 
 GLOBAL_ROUNDS = 10   # once-per-evaluation global vectors: up to this many rounds of sniter

@@ -10,12 +10,14 @@ dataset, which keys the per-sample power-iteration vectors.
 """
 import gzip
 import os
+import shutil
 import urllib.error
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
+from torchvision.datasets.utils import download_and_extract_archive
 
 from utils import UserError
 
@@ -89,17 +91,54 @@ def has_idx(folder, train):
                for ext in ('', '.gz'))
 
 
+def download_idx_split(cls, root, train):
+    """Download only one split's two IDX files of an MNIST-like torchvision dataset ``cls``
+    (torchvision's own download fetches both splits) into its raw folder, checked against
+    torchvision's md5 sums. A raw folder this call created is removed again on failure."""
+    folder = os.path.join(root, cls.__name__, 'raw')
+    created = not os.path.isdir(folder)
+    stem = 'train' if train else 't10k'
+    try:
+        os.makedirs(folder, exist_ok=True)
+        for filename, md5 in cls.resources:
+            if not filename.startswith(stem):
+                continue
+            errors = []
+            for mirror in cls.mirrors:
+                try:
+                    download_and_extract_archive(mirror + filename, download_root=folder,
+                                                 filename=filename, md5=md5)
+                    break
+                except (urllib.error.URLError, OSError, RuntimeError) as e:
+                    errors.append(f"{mirror}: {' '.join(str(e).split())}")
+            else:
+                raise OSError(f"{filename}: " + '; '.join(errors))
+    except OSError:
+        if created:
+            shutil.rmtree(os.path.join(root, cls.__name__), ignore_errors=True)
+        raise
+    return folder
+
+
 def _torchvision(cls, name, root, train, transform, download):
-    """torchvision dataset; downloads when missing and allowed; one clear error otherwise."""
+    """torchvision dataset; downloads when missing and allowed; one clear error otherwise.
+    MNIST-like test splits are read from their raw IDX files when only those are there, and
+    only they are downloaded (evaluation needs no training images)."""
     try:
         return cls(root, train=train, transform=transform, download=False)
     except RuntimeError as missing:
         # torchvision's text ends with advice for its own API ("You can use download=True")
         reason = str(missing).split(' You can use download=True')[0].rstrip('. ')
+    idx_like = cls in (datasets.MNIST, datasets.FashionMNIST)
+    raw = os.path.join(root, cls.__name__, 'raw')
+    if idx_like and not train and has_idx(raw, train):
+        return IdxImages(raw, train, None)
     if not download:
         reason += "; --no_download was given, so it was not downloaded"
-    if download:
+    else:
         try:
+            if idx_like and not train:
+                return IdxImages(download_idx_split(cls, root, train), train, None)
             return cls(root, train=train, transform=transform, download=True)
         except (urllib.error.URLError, OSError, RuntimeError) as e:
             reason = "download failed: " + ' '.join(str(e).split())

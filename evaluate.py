@@ -26,16 +26,33 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 from certify import full_evaluation
 from data_load import get_loaders
 from local_bound import check_supported, fold_batchnorm
 from report import (check_expected, comparison_table, expected_results, markdown_table,
                     radius_line, radius_lines, summary_line)
-from utils import UserError, argparser, get_device, load_checkpoint, run_main, select_model
+from utils import (UserError, argparser, distributed, init_distributed, load_checkpoint,
+                   run_main, select_model)
 
 AUDIT_FAILED = 3   # exit status when the audit breaks a certificate
 EXPECT_FAILED = 4  # exit status when --expect numbers are not reproduced
+
+
+def refuse_overwrite(args, plot_dir):
+    """Stop (UserError) before any work if this run would replace an existing result:
+    --results, --record, --out (unless --resume continues it) or a non-empty plot folder."""
+    files = [(args.results, '--results'), (args.record, '--record')]
+    if not args.resume:
+        files.append((args.out, '--out'))
+    for path, flag in files:
+        if path and os.path.exists(path):
+            raise UserError(f"{flag} {path} exists; pass --overwrite to replace it, or write "
+                            f"elsewhere")
+    if plot_dir and os.path.isdir(plot_dir) and os.listdir(plot_dir):
+        raise UserError(f"plot folder {plot_dir} exists; pass --overwrite to replace its "
+                        f"figures, or give --plot_dir elsewhere")
 
 
 def main(argv=None, **defaults):
@@ -55,10 +72,32 @@ def main(argv=None, **defaults):
         return named
     if args.saved_model is None:
         raise UserError("--saved_model P is required (loads P_best.pth)")
-    device = get_device(args)
+    if args.resume and not args.out:
+        raise UserError("evaluate.py --resume continues the --out TSV of an interrupted run; "
+                        "give --out")
+    plot_dir = args.plot_dir or (os.path.splitext(args.out)[0] + '_plots'
+                                 if args.plots and args.out else None)
+    if (args.plots or args.plot_dir) and not args.out:
+        raise UserError("--plots / --plot_dir need --out (the plots are drawn from its rows)")
+    rank, world, device = init_distributed(args)
+    try:
+        return evaluate(args, plot_dir, rank, world, device)
+    finally:
+        if distributed():
+            dist.destroy_process_group()
+
+
+def evaluate(args, plot_dir, rank, world, device):
+    """The evaluation of ``main`` in process ``rank`` of ``world`` (torchrun; 0 of 1 without):
+    every process certifies its share of the batches, process 0 writes and prints."""
+    lead = rank == 0
+    if not args.overwrite:
+        refuse_overwrite(args, plot_dir)
+    if world > 1:
+        dist.barrier()        # every process has checked before process 0 writes anything
     model = select_model(args.data, args.model, args.init)
     path = args.saved_model + '_best.pth'
-    load_checkpoint(path, model, 'cpu')
+    ckpt = load_checkpoint(path, model, 'cpu')
     model.eval()
     try:           # eval-mode BatchNorm folded into affine layers; every layer checked
         model = fold_batchnorm(model)
@@ -68,12 +107,21 @@ def main(argv=None, **defaults):
     model.to(device)
     _, test_loader = get_loaders(args, train=False)
     torch.manual_seed(args.seed)
-    if args.resume and not args.out:
-        raise UserError("evaluate.py --resume continues the --out TSV of an interrupted run; "
-                        "give --out")
+    n = len(test_loader.dataset)
+    if lead:
+        print(f"evaluate: {path} (epoch {ckpt.get('epoch', '?')}), {n} test points in "
+              f"{len(test_loader)} batches, radii {' '.join(f'{e:g}' for e in args.radii)}, "
+              f"{args.certificate} certificates"
+              f"{f' (delta {args.delta:g})' if args.certificate == 'guaranteed' else ''}"
+              f"{', certified radius' if args.radius else ''}, test_sniter {args.test_sniter}, "
+              f"PGD {args.niter} steps{', audit' if args.audit else ''}, on "
+              f"{f'{world} x ' if world > 1 else ''}{device}"
+              f"{f' ({dist.get_backend()})' if distributed() else ''}", flush=True)
     t0 = time.time()
     res = full_evaluation(model, test_loader, args, device, tsv_path=args.out, audit=args.audit,
-                          resume=args.resume)
+                          resume=args.resume, rank=rank, world=world)
+    if not lead:
+        return None
     res['wall_seconds'] = time.time() - t0
     res['checkpoint'] = path
     res['normalization'] = bool(getattr(args, 'normalization', False))
@@ -84,11 +132,8 @@ def main(argv=None, **defaults):
         print(f"wrote {args.results}")
     if args.out:
         print(f"wrote {args.out} ({res['n']} rows)")
-    plot_dir = args.plot_dir or (args.saved_model + '_plots' if args.plots else None)
     if plot_dir:
         from plots import make_plots
-        if not args.out:
-            raise UserError("--plots / --plot_dir need --out (the plots are drawn from its rows)")
         for p in make_plots(args.out, plot_dir, title=os.path.basename(args.saved_model)):
             print(f"wrote {p}")
     print('\n'.join(radius_lines(res)))

@@ -1,6 +1,7 @@
 """Reporting of evaluation results: the per-sample TSV rows, the results summary (JSON),
 the --expect record check and the text / markdown tables (no certification here)."""
 import math
+import os
 
 import torch
 
@@ -47,6 +48,15 @@ def read_tsv(path):
             row[k] = int(row[k])
         rows.append(row)
     return header, rows
+
+
+def write_tsv(path, header, rows):
+    """Write ``rows`` under ``header`` to ``path`` atomically (a temporary file, then rename)."""
+    with open(path + '.tmp', 'w') as f:
+        f.write('\t'.join(header) + '\n')
+        for r in rows:
+            f.write('\t'.join(cell(c, r[c]) for c in header) + '\n')
+    os.replace(path + '.tmp', path)
 
 
 def fmt_value(v):

@@ -31,8 +31,9 @@ from report import summary_line
 from local_bound import (BATCHNORM, NOOPS, NORM_EPS, GivenVectors, VectorStore, certified_loss,
                          check_supported, compute_bound, global_vector_shape,
                          layer_input_shapes, sparsity_loss)
-from utils import (UserError, argparser, atomic_save, checkpoint_base, clamp_thresholds,
-                   get_device, load_checkpoint, run_main, safe_load, seed_all, select_model)
+from utils import (UserError, all_reduce_sum, argparser, atomic_save, checkpoint_base,
+                   clamp_thresholds, distributed, init_distributed, load_checkpoint, run_main,
+                   safe_load, seed_all, select_model)
 
 
 # ----------------------------------------------------------------------------------------
@@ -383,39 +384,6 @@ def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, 
     out = {k: v / n for k, v in zip(keys, totals[:len(keys)])}
     out.update({f"varying@{k}": v / n for k, v in zip(vkeys, totals[len(keys):-1])})
     return out
-
-
-# ----------------------------------------------------------------------------------------
-# Distributed helpers (torchrun; one process works without it)
-# ----------------------------------------------------------------------------------------
-def init_distributed(args):
-    """(rank, world, device). Under torchrun (its RANK / WORLD_SIZE environment, also with
-    one process): a process group, NCCL on GPUs, gloo on CPU; otherwise one plain process."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if 'RANK' not in os.environ or 'MASTER_ADDR' not in os.environ:
-        if world > 1:
-            raise UserError("WORLD_SIZE > 1 without torchrun's RANK / MASTER_ADDR; launch with "
-                            "torchrun --nproc_per_node=N")
-        return 0, 1, get_device(args)
-    use_cuda = torch.cuda.is_available() and not args.cpu
-    dist.init_process_group(args.dist_backend if use_cuda else 'gloo')
-    local = int(os.environ.get('LOCAL_RANK', '0'))
-    if use_cuda:
-        torch.cuda.set_device(local)
-    return dist.get_rank(), world, torch.device(f'cuda:{local}' if use_cuda else 'cpu')
-
-
-def distributed():
-    """True inside a torchrun process group (also of one process)."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_sum(values, device, world):
-    """Sum a list of floats (or 0-dim tensors) over processes."""
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
-    if distributed():
-        dist.all_reduce(t)
-    return t.tolist()
 
 
 def out_of_time(args, run_t0, longest, device, world):

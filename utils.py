@@ -13,6 +13,7 @@ import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 
@@ -297,15 +298,56 @@ def select_model(data, model, init=1.0):
 # ========================================================================================
 # Command line (flag names and meanings of the reference release)
 # ========================================================================================
+# The range of every numeric flag that has one, as an interval ('[' / ']' include the end,
+# '(' / ')' exclude it). A value outside is one `error:` line (exit 2) when the command line is
+# parsed, not a traceback later on. The flag table in docs/training.md shows them.
+RANGES = {
+    'n_train': '[0, inf)', 'n_test': '[0, inf)', 'workers': '[0, inf)',
+    'batch_size': '[1, inf)', 'test_batch_size': '[1, inf)', 'epochs': '[0, inf)',
+    'lr': '(0, inf)', 'momentum': '[0, inf)', 'weight_decay': '[0, inf)',
+    'step_size': '[1, inf)', 'gamma': '(0, inf)', 'end_lr': '(0, inf)', 'warmup': '[0, inf)',
+    'rampup': '[0, inf)', 'epsilon': '[0, inf)', 'epsilon_train': '[0, inf)',
+    'starting_epsilon': '[0, inf)', 'schedule_length': '[0, inf)', 'kappa': '[0, 1]',
+    'starting_kappa': '[0, 1]', 'kappa_schedule_length': '[0, inf)', 'init': '(0, inf)',
+    'sniter': '[1, inf)', 'test_sniter': '[1, inf)', 'opt_iter': '[1, inf)',
+    'test_opt_iter': '[1, inf)', 'sparse': '[0, inf)', 'sp_thres': '[0, inf)',
+    'niter': '[0, inf)', 'alpha': '[0, inf)', 'audit_restarts': '[1, inf)',
+    'audit_steps': '[1, inf)', 'radius_rtol': '(0, 1)', 'delta': '(0, 1)',
+    'verbose': '[0, inf)', 'time_limit': '[0, inf)', 'seed': '[0, 4294967295]',
+}
+
+
+def in_range(value, interval: str) -> bool:
+    """Whether ``value`` lies in ``interval`` ('[0, inf)', '(0, 1)', ...); NaN never does."""
+    low, high = (float(t) for t in interval[1:-1].split(','))
+    above = value > low if interval[0] == '(' else value >= low
+    below = value < high if interval[-1] == ')' else value <= high
+    return bool(above and below)
+
+
+def _check_ranges(args):
+    for name, interval in RANGES.items():
+        values = getattr(args, name)
+        for v in (values if isinstance(values, list) else [values]):
+            if v is not None and not in_range(v, interval):
+                raise UserError(f"--{name} must be in {interval}, got {v:g}")
+
+
 def argparser(argv=None, **overrides):
     """Parse the command line. Defaults: DEFAULTS, then the dataset column chosen by
     ``--data`` (or ``overrides['data']``), then ``overrides`` (the entry script's)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument('--data', default=overrides.get('data', 'mnist'))
     known, _ = pre.parse_known_args(argv)
+    return parse(make_parser(known.data, overrides), argv)
+
+
+def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
+    """The argument parser with the defaults of dataset column ``data``, then ``overrides``
+    (the entry script's, e.g. {'data': 'cifar10'})."""
     d = dict(DEFAULTS)
-    d.update(DATA_DEFAULTS.get(known.data, MNIST))
-    d.update(overrides)
+    d.update(DATA_DEFAULTS.get(data, MNIST))
+    d.update(overrides or {})
 
     p = argparse.ArgumentParser(description="Local-Lip: certified training and evaluation "
                                 "with local Lipschitz bounds (L2).")
@@ -440,7 +482,12 @@ def argparser(argv=None, **overrides):
     a('--delta', type=float, default=1e-4, help="evaluate.py --certificate guaranteed: "
       "failure probability of each certificate (split over its norm bounds)")
     a('--plot_dir', default=None, help="evaluate.py: write the analysis PNGs here")
-    a('--plots', action='store_true', help="evaluate.py: write the PNGs to <saved_model>_plots/")
+    a('--plots', action='store_true', help="evaluate.py: write the PNGs to <out>_plots/ (the "
+      "--out TSV's name without its extension)")
+    a('--overwrite', action='store_true', help="(not in the reference) evaluate.py: replace "
+      "existing --results, --record, --out (without --resume) files and a non-empty plot "
+      "folder; without it an existing one stops the run before any work (so a bundled result "
+      "is never overwritten by accident)")
     a('--markdown', action='store_true', help="evaluate.py: end with a markdown table")
     a('--resume', action='store_true', help="training: continue from "
       "<prefix>_<model>_checkpoint.pth; evaluate.py: continue the --out TSV of an interrupted "
@@ -482,20 +529,18 @@ def argparser(argv=None, **overrides):
       "torchrun's MASTER_ADDR / MASTER_PORT win")
     a('--dist-backend', dest='dist_backend', default='nccl', help="process-group backend on "
       "GPUs (nccl); CPU processes use gloo")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv=None):
+    """Parse ``argv`` with ``p`` (make_parser), check every range and derive the defaults
+    that depend on other flags."""
     args = p.parse_args(argv)
-    args.radii = list(args.epsilon)
-    args.epsilon = args.radii[0]
     if args.data not in DATA_DEFAULTS:
         raise UserError(f"unknown --data {args.data!r}; choose from {', '.join(sorted(DATA_DEFAULTS))}")
-    for name, values in (('epsilon', args.radii), ('epsilon_train', [args.epsilon_train]),
-                         ('starting_epsilon', [args.starting_epsilon]),
-                         ('time_limit', [args.time_limit])):
-        if min(values) < 0:
-            raise UserError(f"--{name} must be >= 0, got {min(values)}")
-    if not 0 < args.radius_rtol < 1:
-        raise UserError(f"--radius_rtol must be in (0, 1), got {args.radius_rtol}")
-    if not 0 < args.delta < 1:
-        raise UserError(f"--delta must be in (0, 1), got {args.delta}")
+    _check_ranges(args)
+    args.radii = list(args.epsilon)
+    args.epsilon = args.radii[0]
     if args.alpha is None:
         args.alpha = args.epsilon / 4
     if args.epsilon_pgd is None:
@@ -519,6 +564,37 @@ def get_device(args):
     if torch.cuda.is_available() and not args.cpu:
         return torch.device(f"cuda:{args.cuda_ids.split(',')[0]}")
     return torch.device('cpu')
+
+
+# Distributed helpers (torchrun; one process works without it): training and evaluation
+def init_distributed(args):
+    """(rank, world, device). Under torchrun (its RANK / WORLD_SIZE environment, also with
+    one process): a process group, NCCL on GPUs, gloo on CPU; otherwise one plain process."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if 'RANK' not in os.environ or 'MASTER_ADDR' not in os.environ:
+        if world > 1:
+            raise UserError("WORLD_SIZE > 1 without torchrun's RANK / MASTER_ADDR; launch with "
+                            "torchrun --nproc_per_node=N")
+        return 0, 1, get_device(args)
+    use_cuda = torch.cuda.is_available() and not args.cpu
+    dist.init_process_group(args.dist_backend if use_cuda else 'gloo')
+    local = int(os.environ.get('LOCAL_RANK', '0'))
+    if use_cuda:
+        torch.cuda.set_device(local)
+    return dist.get_rank(), world, torch.device(f'cuda:{local}' if use_cuda else 'cpu')
+
+
+def distributed():
+    """True inside a torchrun process group (also of one process)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def all_reduce_sum(values, device, world):
+    """Sum a list of floats (or 0-dim tensors) over processes."""
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
+    if distributed():
+        dist.all_reduce(t)
+    return t.tolist()
 
 
 def seed_all(seed):
@@ -603,3 +679,45 @@ def run_main(fn):
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+# ========================================================================================
+# The flag table of docs/training.md, generated: python utils.py --flags-markdown
+# ========================================================================================
+def _fmt_default(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ' '.join(_fmt_default(v) for v in value)
+    return '' if value is None else str(value)
+
+
+def flags_markdown() -> str:
+    """A markdown table of every flag of the entry scripts (train_mnist.py and evaluate.py use
+    the MNIST column, train_cifar10.py CIFAR-10, TinyImagenet/ TinyImageNet): name, default
+    per dataset column, range (RANGES) and help."""
+    columns = (('MNIST', 'mnist'), ('CIFAR-10', 'cifar10'), ('TinyImageNet', 'tinyimagenet'))
+    parsers = [make_parser(data) for _, data in columns]
+    lines = ["| flag | " + " | ".join(c for c, _ in columns) + " | range | meaning |",
+             "|---|" + "---|" * len(columns) + "---|---|"]
+    for action in parsers[0]._actions:
+        if action.dest == 'help':
+            continue
+        name = ', '.join(f"`{s}`" for s in action.option_strings)
+        defaults = [next(a for a in p._actions if a.dest == action.dest).default for p in parsers]
+        if action.choices:
+            kind = '{' + ','.join(map(str, action.choices)) + '}'
+        elif isinstance(action, argparse._StoreTrueAction):
+            kind = 'switch'
+        else:
+            kind = RANGES.get(action.dest, '')
+        meaning = ' '.join(action.help.split()).replace('|', '\\|').replace('%%', '%')
+        lines.append(f"| {name} | " + " | ".join(_fmt_default(d) for d in defaults)
+                     + f" | {kind} | {meaning} |")
+    return '\n'.join(lines) + '\n'
+
+
+if __name__ == '__main__':
+    if sys.argv[1:] != ['--flags-markdown']:
+        raise SystemExit("usage: python utils.py --flags-markdown")
+    sys.stdout.write(flags_markdown())

@@ -26,5 +26,7 @@ case "$job" in
     eval_maxmin)
         "$PY" TinyImagenet/evaluate_tinyimagenet.py --model tiny_clmaxmin --epsilon 0.141 --test_batch_size 32 \
             --test_sniter 2000 --saved_model TinyImagenet/pretrained/tiny_maxmin_tiny_clmaxmin "$@" ;;
-    *) sed -n '2,4p' "$0"; exit 2 ;;
+    help|-h|--help) sed -n '2,4p' "$0" ;;
+    *) echo "TinyImagenet/run_job.sh: unknown job '$job'; the jobs are:" >&2
+       sed -n '2,4p' "$0" >&2; exit 2 ;;
 esac

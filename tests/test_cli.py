@@ -73,7 +73,11 @@ def test_train_then_evaluate(tmp_path, mnist_dir):
     assert f"wrote {out}" in p.stdout and f"wrote {tsv} (64 rows)" in p.stdout
     assert '| 0.1 |' in p.stdout and 'eps 0.1: certified acc local' in p.stdout
     for name in ('certified_vs_radius.png', 'tightness.png', 'sparsity.png'):
-        assert os.path.getsize(os.path.join(prefix + '_relux_plots', name)) > 5000
+        assert os.path.getsize(os.path.join(str(tmp_path / 'rows_plots'), name)) > 5000
+    assert not os.path.exists(prefix + '_relux_plots')      # never next to the checkpoint
+    start = p.stdout.splitlines()[0]
+    assert start.startswith(f"evaluate: {prefix}_relux_best.pth (epoch ") and '64 test points' in start
+    assert 'radii 0.3 0.1' in start and 'reference certificates' in start
     from report import read_tsv
     header, rows = read_tsv(tsv)
     assert len(rows) == 64 and header[:8] == ['idx', 'label', 'pred', 'correct', 'pgd_correct',
@@ -87,6 +91,17 @@ def test_train_then_evaluate(tmp_path, mnist_dir):
     assert all(s['pred'] == s['label'] for s in ps if s['certified'])
     assert r['certified_acc'] <= r['pgd_acc'] <= r['clean_acc']
     assert 'certified err' in p.stdout.strip().splitlines()[-1]
+    # an existing result is never overwritten by accident: refused before any work
+    again = ['evaluate.py', '--data', 'mnist', '--model', 'relux', '--data_dir', mnist_dir,
+             '--no_download', '--epsilon', '0.3', '--test_sniter', '5', '--niter', '0',
+             '--n_test', '8', '--saved_model', prefix + '_relux', '--results', out, '--out', tsv,
+             '--plots']
+    before = open(out).read()
+    q = run(*again, check=False)
+    assert q.returncode == 2 and '--results' in q.stderr and 'exists' in q.stderr, q.stderr
+    assert '--overwrite' in q.stderr and q.stdout == '' and open(out).read() == before
+    q = run(*again, '--overwrite')
+    assert json.load(open(out))['n'] == 8
 
 
 def test_resume_after_kill_reaches_the_same_result(tmp_path, mnist_dir):
@@ -167,9 +182,9 @@ def test_bad_training_input(tmp_path, mnist_dir, capsys):
     assert p.returncode == 2 and 'Traceback' not in p.stderr
     assert p.stderr.strip().splitlines() == [p.stderr.strip()] and 'unknown --model' in p.stderr
     for args, message in ((['--data', 'svhn'], 'unknown --data'),
-                          (['--epsilon', '-0.5'], '--epsilon must be >= 0'),
-                          (['--epsilon_train', '-1'], '--epsilon_train must be >= 0'),
-                          (['--time_limit', '-1'], '--time_limit must be >= 0'),
+                          (['--epsilon', '-0.5'], '--epsilon must be in [0, inf)'),
+                          (['--epsilon_train', '-1'], '--epsilon_train must be in [0, inf)'),
+                          (['--time_limit', '-1'], '--time_limit must be in [0, inf)'),
                           (['--epsilon', '0.1', '0.2'], 'training takes one --epsilon')):
         code, err = inline(lambda a: main(a, data='mnist'), base + args, capsys)
         assert code == 2 and err.startswith('error:') and message in err, (args, err)
@@ -193,7 +208,7 @@ def test_bad_evaluation_input(tmp_path, mnist_dir, capsys):
                str(tmp_path / 'm_best.pth'))
     m = str(tmp_path / 'm')
     for args, message in ((['--model', 'standrelu', '--saved_model', m], 'does not match the model'),
-                          (['--saved_model', m, '--epsilon', '-1'], '--epsilon must be >= 0'),
+                          (['--saved_model', m, '--epsilon', '-1'], '--epsilon must be in [0, inf)'),
                           ([], '--saved_model'),
                           (['--saved_model', m, '--resume'], 'give --out')):
         code, err = inline(main, base + args, capsys)
@@ -255,6 +270,25 @@ def test_progress_lines_without_a_terminal(monkeypatch, capsys):
     assert epoch() == 0
     monkeypatch.setattr(train, 'PROGRESS_EVERY_S', 0.0)
     assert epoch() == 4
+
+
+def test_evaluation_heartbeat_without_a_terminal(capsys):
+    """Without a terminal, evaluate prints a line per batch and, while a batch runs longer
+    than the interval, its status at least once per interval."""
+    from certify import Heartbeat
+    beat = Heartbeat(0.2)
+    beat.status = 'evaluate: batch 1/3 running'
+    time.sleep(0.75)
+    beat.say('evaluate: batch 1/3 done')
+    beat.stop()
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == 'evaluate: batch 1/3 done'
+    assert 2 <= len([l for l in lines if l.startswith('evaluate: batch 1/3 running (')]) <= 4
+    silent = Heartbeat(None)          # a terminal: the progress bar instead
+    silent.status = 'x'
+    silent.say('y')
+    silent.stop()
+    assert capsys.readouterr().out == ''
 
 
 def test_epoch_logs_the_training_figures():
@@ -355,3 +389,11 @@ def test_compiled_step_equals_eager(backend):
         assert torch.allclose(p0, p1, rtol=1e-4, atol=1e-6), (p0 - p1).abs().max()
     for k in gv0:
         assert torch.allclose(gv0[k], gv1[k], rtol=1e-5, atol=1e-6), k
+
+
+def test_run_job_names_an_unknown_job():
+    for script in ('run_job.sh', os.path.join('TinyImagenet', 'run_job.sh')):
+        p = subprocess.run(['bash', script, 'frobnicate'], cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 2 and "unknown job 'frobnicate'" in p.stderr, p.stderr
+        assert 'quickstart' in p.stderr or 'train_relu' in p.stderr     # then the job list

@@ -88,3 +88,34 @@ def test_bad_idx_file(tmp_path):
     p.write_bytes(b'\x00\x00\x0d\x01\x00\x00\x00\x01\x00')
     with pytest.raises(UserError, match='not an unsigned-byte IDX'):
         read_idx(str(p))
+
+
+def test_evaluation_downloads_the_test_split_only(tmp_path, monkeypatch):
+    """The MNIST test split alone: only its two files are fetched (torchvision's own download
+    takes both splits), read from the raw folder; a failed download leaves no empty folder."""
+    import data_load
+    rng = np.random.default_rng(1)
+    fetched = []
+
+    def fake(url, download_root, filename, md5):
+        fetched.append(filename)
+        arr = (rng.integers(0, 256, (7, 28, 28)) if 'images' in filename
+               else rng.integers(0, 10, 7)).astype(np.uint8)
+        write_idx(os.path.join(download_root, filename[:-3]), arr)
+    monkeypatch.setattr(data_load, 'download_and_extract_archive', fake)
+    ds = get_dataset('mnist', str(tmp_path / 'd'), train=False, augment=False, download=True)
+    assert len(ds) == 7 and sorted(fetched) == ['t10k-images-idx3-ubyte.gz',
+                                                 't10k-labels-idx1-ubyte.gz']
+    assert sorted(os.listdir(tmp_path / 'd' / 'MNIST' / 'raw')) == ['t10k-images-idx3-ubyte',
+                                                                    't10k-labels-idx1-ubyte']
+    # again: read from the folder, nothing fetched
+    fetched.clear()
+    assert len(get_dataset('mnist', str(tmp_path / 'd'), train=False, augment=False)) == 7
+    assert fetched == []
+
+    def offline(url, download_root, filename, md5):
+        raise OSError("no network")
+    monkeypatch.setattr(data_load, 'download_and_extract_archive', offline)
+    with pytest.raises(UserError, match='download failed.*no network'):
+        get_dataset('mnist', str(tmp_path / 'e'), train=False, augment=False, download=True)
+    assert not os.path.exists(tmp_path / 'e' / 'MNIST')

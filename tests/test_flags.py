@@ -151,3 +151,47 @@ def test_exp_learning_rate():
     a, opt, got = lrs(['--lr', '1e-3', '--end_lr', '1e-5', '--epochs', '10', '--more', '1'], 10)
     assert isinstance(opt, torch.optim.Adam)
     assert got == pytest.approx([1e-3] * 6 + [10 ** -3.5, 1e-4, 10 ** -4.5, 1e-5], rel=1e-9)
+
+
+# numeric flags without a range, and why: any integer is meaningful, or the flag is ignored
+NO_RANGE = {'more': "lr decay start offset, any integer", 'wd_list': "milestone epochs",
+            'epsilon_pgd': "ignored", 'local_rank': "set by the launcher",
+            'world_size': "accepted, ignored", 'node_rank': "accepted, ignored"}
+
+
+def _outside(interval):
+    """Values just outside ``interval`` on each finite side, and NaN."""
+    import math
+    low, high = (float(t) for t in interval[1:-1].split(','))
+    out = [low if interval[0] == '(' else low - 1]
+    if math.isfinite(high):
+        out.append(high if interval[-1] == ')' else high + 1)
+    return out
+
+
+def test_every_numeric_flag_has_a_range_and_out_of_range_is_one_error():
+    import re
+    import utils
+    numeric = {x.dest for x in utils.make_parser()._actions if x.type in (int, float)}
+    assert numeric - set(utils.RANGES) - set(NO_RANGE) == set(), "numeric flag without a range"
+    for flag, interval in utils.RANGES.items():
+        for bad in _outside(interval):
+            with pytest.raises(UserError, match=rf"--{flag} must be in {re.escape(interval)}, got"):
+                argparser([f'--{flag}', str(int(bad)) if bad == int(bad) else str(bad)])
+        if utils.make_parser()._option_string_actions[f'--{flag}'].type is float:
+            with pytest.raises(UserError, match=rf"--{flag} must be in"):
+                argparser([f'--{flag}', 'nan'])
+    # the defaults of every dataset column are in range
+    for data in COLUMNS:
+        argparser([], data=data)
+
+
+def test_out_of_range_in_a_real_process_is_one_line(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    for argv in (['--n_test', '-5'], ['--test_sniter', '0']):
+        p = subprocess.run([sys.executable, 'evaluate.py', '--saved_model', str(tmp_path / 'm'),
+                            *argv], capture_output=True, text=True, cwd=ROOT)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith('error:'), p.stderr

@@ -1,0 +1,127 @@
+"""The documents cannot drift from the code: the flag table is the generated one, every
+relative link and image resolves (anchors included), and every `python ...` command in a
+shell block names an existing script and flags its argparser accepts (parsed only)."""
+import argparse
+import glob
+import os
+import re
+import shlex
+
+import pytest
+
+from conftest import ROOT
+
+DOCS = [os.path.join(ROOT, 'README.md'), os.path.join(ROOT, 'CHANGELOG.md')] + sorted(
+    glob.glob(os.path.join(ROOT, 'docs', '*.md')))
+
+
+def test_flag_table_is_the_generated_one():
+    import utils
+    text = open(os.path.join(ROOT, 'docs', 'training.md')).read()
+    table = re.search(r"<!-- flags:begin -->\n(.*?)<!-- flags:end -->", text, re.S).group(1)
+    assert table == utils.flags_markdown(), ("docs/training.md's flag table differs from "
+                                             "`python utils.py --flags-markdown`: regenerate it")
+
+
+def slug(heading):
+    """GitHub's anchor of a markdown heading."""
+    s = heading.strip().lower()
+    s = re.sub(r"[^\w\- ]", '', s)
+    return s.replace(' ', '-')
+
+
+def anchors(path):
+    text = open(path).read()
+    text = re.sub(r"```.*?```", '', text, flags=re.S)
+    return {slug(h) for h in re.findall(r"^#+ (.*)$", text, re.M)}
+
+
+@pytest.mark.parametrize('doc', DOCS, ids=lambda p: os.path.relpath(p, ROOT))
+def test_links_and_images_resolve(doc):
+    text = re.sub(r"```.*?```", '', open(doc).read(), flags=re.S)
+    links = re.findall(r"\]\(([^)\s]+)\)", text)
+    assert links or not doc.endswith('README.md')
+    for link in links:
+        if re.match(r"[a-z]+://", link) or link.startswith('mailto:'):
+            continue
+        path, _, anchor = link.partition('#')
+        target = os.path.normpath(os.path.join(os.path.dirname(doc), path)) if path else doc
+        assert os.path.exists(target), f"{os.path.relpath(doc, ROOT)}: {link} does not exist"
+        assert os.path.commonpath([target, ROOT]) == ROOT, f"{link} points outside the repository"
+        if anchor:
+            assert anchor in anchors(target), f"{os.path.relpath(doc, ROOT)}: no heading #{anchor}"
+
+
+class Parsed(Exception):
+    pass
+
+
+def _entry(script):
+    """The function a script's command line goes through: f(argv)."""
+    import train
+    import evaluate
+    table = {'train_mnist.py': lambda a: train.main(a, data='mnist'),
+             'train_cifar10.py': lambda a: train.main(a, data='cifar10'),
+             'TinyImagenet/train_tinyimagenet.py': lambda a: train.main(a, data='tinyimagenet'),
+             'evaluate.py': evaluate.main,
+             'TinyImagenet/evaluate_tinyimagenet.py': lambda a: evaluate.main(a, data='tinyimagenet')}
+    if script in table:
+        return table[script]
+    if script == 'utils.py':
+        return lambda a: None if a == ['--flags-markdown'] else pytest.fail(f"utils.py {a}")
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(os.path.basename(script)[:-3],
+                                                  os.path.join(ROOT, script))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def commands(doc):
+    """Every `python ...` command line of the shell blocks of ``doc``: (script, argv)."""
+    out = []
+    for lang, body in re.findall(r"```(\w*)\n(.*?)```", open(doc).read(), re.S):
+        if lang not in ('', 'bash', 'sh'):
+            continue
+        for line in body.replace('\\\n', ' ').splitlines():
+            line = line.split(' #')[0]
+            words = shlex.split(line, comments=True)
+            while words and '=' in words[0] and not words[0].startswith('-'):
+                words = words[1:]           # VAR=value prefixes
+            if '...' in words or not words:
+                continue                    # an elided command line
+            if words[0] == 'torchrun':
+                words = ['python', '-m', 'torch.distributed.run'] + words[1:]
+            if not re.fullmatch(r"(\S*/)?python3?", words[0]):
+                continue
+            words = words[1:]
+            if words[:2] == ['-m', 'torch.distributed.run']:
+                words = words[2:]
+                while words and words[0].startswith('--'):
+                    words = words[1:]       # torchrun's own options (--opt=value)
+            elif words[:1] == ['-m']:
+                continue                    # python -m pytest ...
+            out.append((words[0], words[1:]))
+    return out
+
+
+def test_every_python_command_parses(monkeypatch):
+    real = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        real(self, args, namespace)
+        raise Parsed()
+    monkeypatch.setattr(argparse.ArgumentParser, 'parse_args', parse_then_stop)
+    seen = 0
+    for doc in DOCS:
+        for script, argv in commands(doc):
+            where = f"{os.path.relpath(doc, ROOT)}: python {script} {' '.join(argv)}"
+            assert os.path.isfile(os.path.join(ROOT, script)), f"{where}: no script {script}"
+            try:
+                _entry(script)(argv)
+            except Parsed:
+                pass
+            except SystemExit as e:
+                pytest.fail(f"{where}: the argparser refused it (exit {e.code})")
+            seen += 1
+    assert seen >= 10
