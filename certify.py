@@ -253,15 +253,14 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
         say(f"guaranteed certificates (delta {args.delta:g}): global norm bounds in "
             f"{time.time() - t0:.1f}s; each of {round(args.delta / norms.delta_op)} norm "
             f"bounds per certificate fails with probability <= {norms.delta_op:.3g}", flush=True)
-    tsv, tsv_file, new_rows, audit_seconds = None, None, [], 0.0
+    # this process's rows go, as they are made, to the TSV (one process) or its part file
+    tsv, tsv_file, own_header, new_rows, audit_seconds = None, None, None, [], 0.0
     if tsv_path:
         os.makedirs(os.path.dirname(tsv_path) or '.', exist_ok=True)
-        if world == 1:
-            tsv_file = tsv_path
-            if header is not None:      # keep the finished batches (atomically), then append
-                write_tsv(tsv_path, header, rows)
-        else:
-            tsv_file, header = f"{tsv_path}.rank{rank}", None
+        tsv_file = tsv_path if world == 1 else f"{tsv_path}.rank{rank}"
+        if world == 1 and header is not None:   # keep the finished batches, then append
+            write_tsv(tsv_path, header, rows)
+            own_header = header
     n_total = len(loader.dataset)
     done = len(rows)
     bar = tqdm(total=n_total, initial=done, desc='evaluate', unit='pt', leave=False,
@@ -280,11 +279,12 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
                 new, columns, a_sec = _evaluate_batch(model, x, y, idx, bi, args, device, audit,
                                                       base_global, norms)
                 audit_seconds += a_sec
+                header = header or columns
                 if tsv_file is not None:
                     if tsv is None:
-                        tsv = open(tsv_file, 'a' if header is not None else 'w')
-                    if header is None:
-                        header = columns
+                        tsv = open(tsv_file, 'a' if own_header else 'w')
+                    if own_header is None:
+                        own_header = header
                         tsv.write('\t'.join(header) + '\n')
                     for row in new:
                         tsv.write('\t'.join(cell(c, row[c]) for c in header) + '\n')
@@ -295,11 +295,10 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
                 count = int(all_reduce_sum([count], device, world)[0])
             done += count
             bar.update(count)
-            beat.say(f"  evaluate: {r + 1}/{-(-len(todo) // world)} rounds of {world} "
-                     f"batch{'es' if world > 1 else ''} done, {done} of {n_total} points, "
-                     f"{time.time() - t0:.0f}s" if world > 1 else
-                     f"  evaluate: batch {bi + 1}/{len(indices)} done, {done} of {n_total} "
-                     f"points, {time.time() - t0:.0f}s")
+            what = f"batch {bi + 1}/{len(indices)}" if world == 1 else \
+                f"round {r + 1}/{-(-len(todo) // world)} ({world} batches)"
+            beat.say(f"  evaluate: {what} done, {done} of {n_total} points, "
+                     f"{time.time() - t0:.0f}s")
     finally:
         beat.stop()
         bar.close()
@@ -307,17 +306,15 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
             tsv.close()
     if world > 1:       # process 0 gathers every process's rows and writes the one TSV
         gathered = [None] * world
-        dist.all_gather_object(gathered, (new_rows, header if new_rows else None, audit_seconds))
+        dist.all_gather_object(gathered, (new_rows, header, audit_seconds))
         if not lead:
             return None
         new_rows = [row for part, _, _ in gathered for row in part]
         audit_seconds = sum(sec for _, _, sec in gathered)
-        header = next((h for _, h, _ in gathered if h is not None), header)
+        header = next((h for _, h, _ in gathered if h is not None), None)
         if tsv_path:
-            kept = resume_rows(tsv_path, radii, indices, certificate, radius)[1] \
-                if os.path.isfile(tsv_path) else []
             if header is not None:
-                write_tsv(tsv_path, header, sorted(kept + new_rows, key=lambda q: q['idx']))
+                write_tsv(tsv_path, header, sorted(rows + new_rows, key=lambda q: q['idx']))
             for part in range(world):
                 if os.path.exists(f"{tsv_path}.rank{part}"):
                     os.remove(f"{tsv_path}.rank{part}")
