@@ -14,9 +14,9 @@ Per sample, the network is walked once, carrying
                   the intersection of interval arithmetic and the ball  [batch, *shape]
 From the pre-activation boxes come the varying-neuron indicators D (1 = the neuron can
 change inside the ball, 0 = it is stuck), and the local Lipschitz constant of the network
-up to its penultimate layer is bounded by prod_i ||D_out W_i D_in||_2 (spec section 3),
+up to its penultimate layer is bounded by prod_i ||D_out W_i D_in||_2 (docs/method.md),
 computed by per-sample power iteration.  The last Linear layer is handled exactly by the
-worst-case-logit algorithm of BCP (spec section 4).
+worst-case-logit algorithm of BCP (docs/method.md).
 """
 import contextlib
 import copy
@@ -288,7 +288,7 @@ def box_min(a, b):
 
 
 # ----------------------------------------------------------------------------------------
-# Power iteration (spec section 9: the reference's iteration and its bilinear estimate)
+# Power iteration (the reference's iteration and its bilinear estimate, docs/method.md)
 # ----------------------------------------------------------------------------------------
 GLOBAL_TOL = 1e-4   # the global (whole-operator) iteration stops at a change below this
 NORM_EPS = 1e-12    # normalize(t) = t / (||t|| + NORM_EPS), as the reference
@@ -310,7 +310,7 @@ def masked_products(layer: nn.Module, x: torch.Tensor, in_shape, d_in=None, d_ou
 
 def _power_step(layer: nn.Module, x: torch.Tensor, in_shape, d_in=None, d_out=None):
     """One power iteration on A = D_out W D_in from an already masked x [batch, *in_shape]
-    (spec section 9: v = normalize(D_out W x); u = normalize(D_in W^T v), normalize(t) =
+    (the reference's: v = normalize(D_out W x); u = normalize(D_in W^T v), normalize(t) =
     t / (||t|| + 1e-12)). Returns (new unit u, ||A^T v|| [batch], z = A x, ||z|| + 1e-12).
     v = z / (||z|| + 1e-12) is never divided out: A^T v = (A^T z) / that scale, so u and
     ||A^T v|| are the reference's (to 1e-12 relative) with one full-size division less;
@@ -453,7 +453,7 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     d_in:  [batch, *in_shape] 0/1 indicator of the varying inputs, or None (all vary).
     d_out: [batch, *out_shape] 0/1 indicator of the varying outputs, or None.
 
-    Each iteration (spec section 9): u <- D_in u; v = normalize(D_out W u);
+    Each iteration (the reference's): u <- D_in u; v = normalize(D_out W u);
     u = normalize(D_in W^T v), its change measured against u as it was before the mask (as
     the reference: a stored vector's mass where the mask is now 0 counts); the estimate is the bilinear v^T A u = ||A^T v|| with the
     last v and u (``estimate='forward'``: ||A u||, opt-in, one more product, a slightly
@@ -944,7 +944,7 @@ def robust_loss(res: BoundResult, y: torch.Tensor, gloro: bool = False) -> torch
 
 def certified_loss(res: BoundResult, y: torch.Tensor, kappa: float, gloro: bool = False,
                    sparsity: Optional[torch.Tensor] = None, sparse: float = 0.0):
-    """Training objective (the reference's, spec section 9).
+    """Training objective (the reference's, docs/method.md).
     BCP: kappa * CE + (1 - kappa) * (robust + sparse * sparsity); GloRo: robust only (no
     sparsity term). ``sparsity``: sparsity_loss(...) or None.
 
@@ -959,7 +959,7 @@ def certified_loss(res: BoundResult, y: torch.Tensor, kappa: float, gloro: bool 
 
 
 def sparsity_loss(model: nn.Sequential, res: BoundResult, sp_thres: float) -> torch.Tensor:
-    """Pushes the boxes out of the varying region (TinyImageNet, --sparse), spec section 9.
+    """Pushes the boxes out of the varying region (TinyImageNet, --sparse), as the reference.
 
     ReLU_x, from the box entering the activation: mean(relu(ub)) + sp_thres *
     mean(relu(threshold - lb)); ClampGroupSort, from the box after it (the one its indicator

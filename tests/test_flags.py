@@ -1,4 +1,4 @@
-"""Every flag of the reference's command line (spec section 10) with its reference default,
+"""Every flag of the reference's command line (as the reference release parses it) with its reference default,
 the reference's own command lines, and its learning-rate schedulers epoch by epoch."""
 import pytest
 import torch
