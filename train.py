@@ -1,8 +1,8 @@
 """The one training loop of MNIST, Fashion-MNIST, CIFAR-10 and TinyImageNet.
 
 The entry scripts (train_mnist.py, train_cifar10.py, TinyImagenet/train.py) only choose
-dataset defaults and call ``main``. Schedule (the reference's, docs/training.md): ``warmup`` epochs of plain
-cross-entropy, then certified training with eps and kappa ramped over ``rampup`` epochs
+dataset defaults and call ``main``. Schedule (the reference's, docs/training.md): ``warmup``
+epochs of plain cross-entropy, then certified training with eps and kappa ramped over ``rampup`` epochs
 (with the reference's within-epoch increments), Adam with a constant then exponentially
 decaying learning rate, certified test error after every epoch at the next epoch's eps,
 best (after the ramp) and last checkpoints, and a final clean / PGD / certified

@@ -1,5 +1,5 @@
-"""Every flag of the reference's command line (as the reference release parses it) with its reference default,
-the reference's own command lines, and its learning-rate schedulers epoch by epoch."""
+"""Every flag of the reference's command line with its reference default, the reference's
+own command lines, and its learning-rate schedulers epoch by epoch."""
 import pytest
 import torch
 
