@@ -389,6 +389,9 @@ def fold_part_files(tsv_path, radii, indices, certificate, radius):
         return
     header, rows = None, {}
     for path in ([tsv_path] if os.path.isfile(tsv_path) else []) + parts:
+        with open(path) as f:
+            if '\n' not in f.readline():
+                continue        # killed before its header line was written: nothing in it
         h, kept, _ = resume_rows(path, radii, indices, certificate, radius)
         header = header or h
         rows.update({row['idx']: row for row in kept})

@@ -1,6 +1,7 @@
 """Certificates you can inspect: several radii, local and global bound, per-sample TSV,
 convergence reporting, the soundness audit and the plots."""
 import copy
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 import local_bound
 from conftest import DEVICE, blob_loader, blobs, dev, trained_tiny
 from certify import full_evaluation
-from report import check_expected, comparison_table, expected_results, markdown_table, read_tsv
+from report import (check_expected, comparison_table, expected_results, markdown_table, read_tsv,
+                    tsv_columns)
 from local_bound import RandomVectors, compute_bound
 from plots import make_plots, radius_data, sparsity_data, tightness_data
 from utils import UserError
@@ -221,3 +223,21 @@ def test_certification_runs_without_tf32(monkeypatch):
         assert (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32) == (True, True)
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def test_fold_part_files_keeps_whole_batches(tmp_path):
+    """The part files of an interrupted distributed evaluation fold into the TSV: whole
+    batches only, a part file cut before its header is dropped, the part files removed."""
+    from certify import fold_part_files
+    from report import write_tsv
+    header = tsv_columns([0.5], [2])
+    row = lambda i: {c: (i if c in ('idx', 'label', 'pred') else 0.25) for c in header}
+    indices = [[0, 1], [2, 3], [4, 5]]
+    out = str(tmp_path / 'rows.tsv')
+    write_tsv(out + '.rank0', header, [row(0), row(1), row(4)])     # batch 2 cut off
+    write_tsv(out + '.rank1', header, [row(2), row(3)])
+    open(out + '.rank2', 'w').close()                               # killed at once
+    fold_part_files(out, [0.5], indices, 'reference', False)
+    h, rows = read_tsv(out)
+    assert h == header and [r['idx'] for r in rows] == [0, 1, 2, 3]
+    assert not [f for f in os.listdir(tmp_path) if '.rank' in f]
