@@ -17,7 +17,7 @@ from local_bound import (KeptVectors, RandomVectors, check_supported, compute_bo
                          exact_float32, global_power_iteration, global_vector_shape,
                          layer_input_shapes)
 from lanczos import GuaranteedNorms, guaranteed_certify, masked_norm_upper_bounds
-from report import batch_rows, cell, resume_rows, summarize, tsv_columns, write_tsv
+from report import batch_rows, resume_rows, summarize, tsv_columns, tsv_line, write_tsv
 from utils import UserError, all_reduce_sum
 
 
@@ -268,8 +268,9 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
     beat = Heartbeat(PROGRESS_EVERY_S if lead and bar.disable and getattr(args, 'verbose', 0)
                      else None)
     batches = iter(my_loader)
+    rounds = -(-len(todo) // world)                      # of one batch per process
     try:
-        for r in range(-(-len(todo) // world)):         # rounds of one batch per process
+        for r in range(rounds):
             bi = todo[r * world + rank] if r * world + rank < len(todo) else None
             count, t0 = 0, time.time()
             if bi is not None:
@@ -286,8 +287,7 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
                     if own_header is None:
                         own_header = header
                         tsv.write('\t'.join(header) + '\n')
-                    for row in new:
-                        tsv.write('\t'.join(cell(c, row[c]) for c in header) + '\n')
+                    tsv.writelines(tsv_line(header, row) for row in new)
                     tsv.flush()
                 new_rows.extend(new)
                 count = len(new)
@@ -296,7 +296,7 @@ def full_evaluation(model, loader, args, device, tsv_path=None, audit=False, res
             done += count
             bar.update(count)
             what = f"batch {bi + 1}/{len(indices)}" if world == 1 else \
-                f"round {r + 1}/{-(-len(todo) // world)} ({world} batches)"
+                f"round {r + 1}/{rounds} ({world} batches)"
             beat.say(f"  evaluate: {what} done, {done} of {n_total} points, "
                      f"{time.time() - t0:.0f}s")
     finally:

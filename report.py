@@ -50,12 +50,16 @@ def read_tsv(path):
     return header, rows
 
 
+def tsv_line(header, row):
+    """One TSV line of ``row`` (a dict) in the column order of ``header``."""
+    return '\t'.join(cell(c, row[c]) for c in header) + '\n'
+
+
 def write_tsv(path, header, rows):
     """Write ``rows`` under ``header`` to ``path`` atomically (a temporary file, then rename)."""
     with open(path + '.tmp', 'w') as f:
         f.write('\t'.join(header) + '\n')
-        for r in rows:
-            f.write('\t'.join(cell(c, r[c]) for c in header) + '\n')
+        f.writelines(tsv_line(header, r) for r in rows)
     os.replace(path + '.tmp', path)
 
 

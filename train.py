@@ -26,7 +26,7 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from data_load import get_loaders
-from certify import certify, full_evaluation
+from certify import PROGRESS_EVERY_S, certify, full_evaluation
 from report import summary_line
 from local_bound import (BATCHNORM, NOOPS, NORM_EPS, GivenVectors, VectorStore, certified_loss,
                          check_supported, compute_bound, global_vector_shape,
@@ -208,7 +208,6 @@ def check_store_fits(total, path, ram_available):
 # ----------------------------------------------------------------------------------------
 # One epoch
 # ----------------------------------------------------------------------------------------
-PROGRESS_EVERY_S = 60.0     # without a terminal, a progress line at least this often
 
 
 def certified_step(model, x, y, eps, kappa, given, global_vectors, args):
