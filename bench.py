@@ -21,8 +21,9 @@ vectors at the smallest radius, warm at the larger ones, global vectors converge
   radius      the certified radius of every point (certify.radius_batch, fresh vectors, the
               estimate search of evaluate.py --radius); its "certified accuracy" at a radius
               counts the points whose radius reaches it
-  radius_guaranteed  the same with the guaranteed radius (the estimate search, then the
-              Lanczos bounds once per point and the box-only search below them)
+  radius_guaranteed  the guaranteed radius alone (locallip.certified_radius(...,
+              certificate='guaranteed'): no power iteration; --radius_steps Lanczos steps
+              per masked norm, once per point, and box-only searches)
 reports seconds, certified points per second and certified accuracy per radius and method.
 --vectors store: the certified step takes its per-sample vectors from a VectorStore, as the
 training loop does, on rows never written before (so every vector is a fresh draw of the
@@ -88,6 +89,8 @@ def main(argv=None):
                    "--test_batch_size)")
     p.add_argument('--delta', type=float, default=1e-4, help="eval mode, guaranteed: failure "
                    "probability of each certificate")
+    p.add_argument('--radius_steps', type=int, default=256, help="eval mode, radius_guaranteed: "
+                   "Lanczos steps of each masked-norm upper bound")
     p.add_argument('--batch_stop', action='store_true', help="eval mode: hold the whole batch "
                    "to its slowest sample, as the reference does (the 'before' of per-sample stopping)")
     p.add_argument('--saved_model', default=None, help="eval mode: load P_best.pth and certify "
@@ -244,13 +247,14 @@ def eval_methods(a, model, dev, shape, classes, timed):
         def run():
             if name in ('guaranteed', 'radius_guaranteed'):
                 norms = GuaranteedNorms(model, shape, a.delta, generator_seed=a.seed)
-            if name != 'guaranteed':   # the global vectors, converged once, as evaluate.py does
+            if 'guaranteed' not in name:   # the global vectors, converged once, as evaluate.py does
                 gv0 = converged_global_vectors(model, shape, a.test_sniter, a.seed, dev)
             for x, y in batches:
                 if name.startswith('radius'):     # the certified radius of every point
-                    r = radius_batch(model, x, y, gv0, sniter=a.test_sniter,
-                                     opt_iter=a.test_opt_iter,
-                                     norms=norms if name == 'radius_guaranteed' else None)
+                    g = name == 'radius_guaranteed'
+                    r = radius_batch(model, x, y, None if g else gv0, sniter=a.test_sniter,
+                                     opt_iter=a.test_opt_iter, norms=norms if g else None,
+                                     steps=a.radius_steps, reference=not g)
                     found = r['radius_guaranteed' if name == 'radius_guaranteed' else 'radius']
                     radii_found.append(found)
                     for e in radii:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from local_bound import (KeptVectors, RandomVectors, check_supported, compute_bound,
                          exact_float32, global_power_iteration, global_vector_shape,
                          layer_input_shapes)
-from lanczos import GuaranteedNorms, guaranteed_certify, masked_norm_upper_bounds
+from lanczos import STAGES, GuaranteedNorms, guaranteed_certify, masked_norm_bounds
 from report import batch_rows, resume_rows, summarize, tsv_columns, tsv_line, write_tsv
 from utils import UserError, all_reduce_sum
 
@@ -373,7 +373,8 @@ def _evaluate_batch(model, x, y, idx, bi, args, device, audit, base_global, norm
         torch.manual_seed(seed * 1000003 + bi + 700001)
         rad = radius_batch(model, x, y, base_global, sniter=args.test_sniter,
                            opt_iter=args.test_opt_iter, rtol=args.radius_rtol,
-                           bound=args.bound, norms=norms, vectors=vectors.kept, estimate=estimate)
+                           bound=args.bound, norms=norms, vectors=vectors.kept, estimate=estimate,
+                           steps=getattr(args, 'radius_steps', RADIUS_STEPS))
         r_seconds = (time.time() - t2) / b
     new = batch_rows(idx, y.cpu(), by_eps, radii, pgd, (audited, broken), g_conv,
                      seconds, g_seconds, rad, r_seconds)
@@ -449,7 +450,16 @@ def batch_indices(loader):
 # Certified radius: the largest eps at which each point is certified
 # ----------------------------------------------------------------------------------------
 RADIUS_RTOL = 1e-3      # the search stops when hi - lo <= rtol * lo (relative bracket width)
-RADIUS_EVALS = 24       # most bound evaluations per point in the estimate (reference) search
+RADIUS_EVALS = 24       # most bound evaluations per point and search
+RADIUS_STEPS = STAGES[-1]   # Lanczos steps of the guaranteed radius's norm bounds (256: within
+#                         ~0.3% of the estimate radius on the bundled model; 32: ~8% below, 8x fewer)
+RADIUS_COARSE = 0.02    # relative bracket of the guaranteed search's Ritz-value search (it only
+#                         chooses the radius whose varying sets the Lanczos bounds use)
+GLOBAL_COARSE = 0.1     # ... and of its first search, with the global bounds (only where the
+#                         Ritz values are taken)
+RITZ_STEPS = 16         # Lanczos steps of the Ritz-value estimate that places those bounds
+RADIUS_ROUNDS = 3       # most rounds of Lanczos bounds per point (a point certified at the top of
+#                         its bounds' range gets a higher one)
 
 
 class SubsetVectors:
@@ -511,6 +521,7 @@ def bracket_search(evaluate, n, m0, guess, rtol, max_evals, max_radius, device, 
     guess = guess.to(**f64)
     hint = None if hint is None else hint.to(**f64)
     evals = torch.zeros(n, dtype=torch.long, device=device)
+    side = torch.zeros(n, dtype=torch.long, device=device)   # last step: +1 certified, -1 not
     flag = torch.ones(n, dtype=torch.bool, device=device)
     cap = torch.full((n,), math.inf if max_radius is None else 0.0, **f64)
     if max_radius is not None:
@@ -534,32 +545,148 @@ def bracket_search(evaluate, n, m0, guess, rtol, max_evals, max_radius, device, 
                              torch.where(cert, torch.zeros_like(margin), -m_lo[r].abs()))
         evals[r] += 1
         up, dn = r[cert], r[~cert]
+        # Illinois: an end kept on two bracketed steps in a row has its margin halved
+        again_up = up[(side[up] > 0) & torch.isfinite(hi[up])]
+        again_dn = dn[side[dn] < 0]
+        m_hi[again_up] = m_hi[again_up] / 2
+        m_lo[again_dn] = m_lo[again_dn] / 2
+        side[up], side[dn] = 1, -1
         # a certified radius becomes the lower end (the old one the secant's second point)
         prev[up], m_prev[up] = lo[up], m_lo[up]
         lo[up], m_lo[up], flag[up] = eps[cert], margin[cert].clamp_min(0), fl[cert]
-        m_hi[up] = m_hi[up] / 2          # the upper end kept: its margin halved (Illinois)
         hi[dn], m_hi[dn] = eps[~cert], margin[~cert].clamp_max(0)
-        m_lo[dn] = m_lo[dn] / 2          # the lower end kept
         rows = active_rows()
     return {'lo': lo, 'hi': hi, 'evals': evals, 'flag': flag}
 
 
-def global_lipschitz_guess(model, y, m0, global_vectors, sniter):
+def global_lipschitz_guess(model, y, m0, global_vectors, sniter, sigmas=None):
     """[batch] radii certified by the global bound alone, ignoring the box: the clean margin
-    m0 [batch] over prod ||W_i||_2 * max_i ||w_i - w_y|| (the first radius the search tries)."""
+    m0 [batch] over prod ||W_i||_2 * max_i ||w_i - w_y|| (the first radius the search tries).
+    The norms: power iterations from ``global_vectors``, or ``sigmas`` {affine index: 0-dim}."""
     affine = check_supported(model)
     prod = torch.ones((), dtype=torch.float64, device=m0.device)
     for i in affine[:-1]:
-        sigma, _, _ = global_power_iteration(model[i], global_vectors[i].clone(), sniter)
+        if sigmas is not None:
+            sigma = sigmas[i]
+        else:
+            sigma, _, _ = global_power_iteration(model[i], global_vectors[i].clone(), sniter)
         prod = prod * sigma.double()
     w = model[affine[-1]].weight.double()
     diff = (w.unsqueeze(0) - w[y].unsqueeze(1)).norm(dim=2).max(1).values      # [batch]
     return m0.double().clamp_min(0) / (prod * diff).clamp_min(1e-30)
 
 
+def clean_margins(model, x, y):
+    """[batch] margin of label y over the other logits at x; 0 where x is misclassified."""
+    logits = model(x)
+    zy = logits.gather(1, y.view(-1, 1))
+    m0 = (zy - logits.scatter(1, y.view(-1, 1), float('-inf')).max(1, keepdim=True).values
+          ).squeeze(1)
+    return torch.where(logits.argmax(1) == y, m0, torch.zeros_like(m0))
+
+
+def guaranteed_radius(model, x, y, m0, norms, *, opt_iter, rtol=RADIUS_RTOL, max_radius=None,
+                      bound='local', steps=RADIUS_STEPS, max_evals=RADIUS_EVALS, top=None,
+                      start=None):
+    """The guaranteed certified radius of every point of x [batch, ...] (labels y, clean
+    margins m0 [batch]; norms a lanczos.GuaranteedNorms): the largest eps (to ``rtol``) at
+    which the certificate holds with Lanczos upper bounds of every masked norm.
+
+    The bounds come from one Lanczos run per point and layer (``steps`` steps) with the
+    varying sets of a radius ``top`` above the point's radius: varying sets only grow with
+    eps, so they bound the masked norms at every eps <= top, and the search below top only
+    propagates boxes with them (a box-only evaluation, no Lanczos step). Where top comes
+    from: given (the estimate search's failing radius, radius_batch), or placed by two
+    coarse box-only searches, one with the global upper bounds (valid at every eps; to
+    GLOBAL_COARSE) and one with the Ritz values (lower bounds, an estimate; to
+    RADIUS_COARSE) of RITZ_STEPS Lanczos steps at the varying sets of the first one's
+    failing radius; top is the second one's failing radius, widened by RADIUS_COARSE. A
+    point certified at its top gets a new top from the Ritz values of its last run (at most
+    RADIUS_ROUNDS runs); its radius comes from the bounds of its last run alone. So every reported radius rests on one set of
+    bounds, drawn after its top was fixed: false with probability <= norms.delta (no union
+    over the search's steps or rounds needed). A lower bound on what a fresh certificate at
+    that radius gives (its own varying sets are smaller than top's, and it may run other
+    step counts). Returns dict of [batch] tensors: lo (the radius), hi (inf: certified at
+    the last top or max_radius), evals (box-only evaluations, all searches)."""
+    b, dtype, dev = x.shape[0], x.dtype, x.device
+    f64 = dict(dtype=torch.float64, device=dev)
+    cap = torch.full((b,), math.inf, **f64)
+    if max_radius is not None:
+        cap = torch.minimum(cap, torch.as_tensor(max_radius, **f64).expand(b))
+    evals = torch.zeros(b, dtype=torch.long, device=dev)
+
+    def search(sel, bounds, first, tol, limit, hint=None):
+        """bracket_search of the points ``sel`` with per-point norms bounds {i: [len(sel)]}."""
+        def evaluate(eps, rows):
+            r = sel[rows]
+            res = compute_bound(model, x[r], y[r], eps.to(dtype), None, None, sniter=0,
+                                opt_iter=opt_iter, bound=bound, check=True,
+                                global_sigmas=norms.upper,
+                                local_norms=lambda i, *_: bounds[i][rows])
+            return (res.certified(y[r]), res.margin(y[r]),
+                    torch.ones(r.numel(), dtype=torch.bool, device=dev))
+        out = bracket_search(evaluate, sel.numel(), m0[sel], first, tol, max_evals, limit, dev,
+                             hint=hint, dtype=dtype)
+        evals[sel] += out['evals']
+        return out
+
+    def placed(sel, lower, first):
+        """(top, est_lo, est_hi): a coarse search of the points sel with the Ritz values
+        ``lower`` (estimates of the masked norms): the radius it certified, the one where it
+        failed, and top = that failing radius widened by RADIUS_COARSE (at least (1 +
+        RADIUS_COARSE) first)."""
+        est = search(sel, lower, first, RADIUS_COARSE, cap[sel])
+        est_hi = torch.where(torch.isfinite(est['hi']), est['hi'], est['lo'])
+        t = torch.minimum(torch.maximum(est_hi, first) * (1 + RADIUS_COARSE), cap[sel])
+        return t, est['lo'], est_hi
+
+    with torch.no_grad(), exact_float32():
+        sel = (m0 > 0).nonzero().flatten()
+        lo = torch.zeros(b, **f64)
+        hi = torch.full((b,), math.inf, **f64)
+        hi[m0 <= 0] = 0.0
+        if sel.numel() == 0:
+            return {'lo': lo, 'hi': hi, 'evals': evals}
+        if top is None:
+            guess = global_lipschitz_guess(model, y[sel], m0[sel], None, 0, norms.upper)
+            glob = {i: u.expand(sel.numel()) for i, u in norms.upper.items()}
+            g = search(sel, glob, guess, GLOBAL_COARSE, cap[sel])
+            first = torch.where(g['lo'] > 0, g['lo'], guess)
+            at = torch.where(torch.isfinite(g['hi']), g['hi'], first)
+            lower, _ = masked_norm_bounds(model, x[sel], y[sel], at.to(dtype), norms,
+                                          steps=RITZ_STEPS, bound=bound)
+            t, est_lo, est_hi = placed(sel, lower, first)
+        else:
+            first = start.to(**f64)[sel]
+            t = torch.minimum(top.to(**f64)[sel], cap[sel])
+            est_lo, est_hi = first, t
+        for rnd in range(RADIUS_ROUNDS):
+            lower, upper = masked_norm_bounds(model, x[sel], y[sel], t.to(dtype), norms,
+                                              steps=steps, bound=bound)
+            # where to look: the estimate's radius scaled by how much the upper bounds
+            # exceed the Ritz values (a radius scales at most inversely with the norms),
+            # less 2 RADIUS_COARSE (certified, as a rule), then the estimate's failing
+            # radius (failing, as a rule), then regula falsi between the two
+            ratio = torch.stack([(lower[i] / upper[i].clamp_min(1e-30)).double()
+                                 for i in upper]).prod(0)
+            guess = est_lo * ratio * (1 - 2 * RADIUS_COARSE)
+            guess = torch.minimum(torch.maximum(guess, torch.minimum(first, t)), t)
+            g = search(sel, upper, guess, rtol, t, torch.minimum(est_hi, t))
+            lo[sel], hi[sel] = g['lo'], g['hi']
+            again = torch.isinf(g['hi']) & (g['lo'] >= t) & (t < cap[sel])
+            if rnd == RADIUS_ROUNDS - 1 or not again.any():
+                break
+            keep = again.nonzero().flatten()
+            sel, first = sel[keep], g['lo'][keep]
+            lower = {i: v[keep] for i, v in lower.items()}
+            t, est_lo, est_hi = placed(sel, lower, first)
+            t = torch.minimum(torch.maximum(t, first * 1.5), cap[sel])
+    return {'lo': lo, 'hi': hi, 'evals': evals}
+
+
 def radius_batch(model, x, y, global_vectors, *, sniter, opt_iter, rtol=RADIUS_RTOL,
                  max_radius=None, bound='local', estimate='bilinear', norms=None,
-                 max_evals=RADIUS_EVALS, vectors=None):
+                 max_evals=RADIUS_EVALS, vectors=None, steps=RADIUS_STEPS, reference=True):
     """Certified radius of every point of a batch x [batch, ...] with labels y [batch]: the
     largest L2 eps (to relative tolerance ``rtol``) at which the Local-Lip certificate
     holds, by a bracketing search on eps (regula falsi on the worst-case margin, Illinois
@@ -573,61 +700,50 @@ def radius_batch(model, x, y, global_vectors, *, sniter, opt_iter, rtol=RADIUS_R
     at which it was computed to fail (hi).
 
     global_vectors: {affine index: converged global vector} (converged_global_vectors),
-    not changed. vectors: optional {layer: [batch, *shape]} starting vectors (e.g. of a
-    fixed-radius certification of the same batch); each evaluation of the search starts
-    from the vectors of the point's previous one. norms: a GuaranteedNorms: then also the
-    guaranteed radius. It needs one set of Lanczos upper bounds per point and layer
-    (lanczos.masked_norm_upper_bounds, STAGES[-1] steps), computed once with the varying
-    sets of the largest radius searched, ``top`` (the reference search's failing radius):
-    varying sets only grow with eps, so these bound the masked norms at every eps <= top,
-    and the search below top only propagates boxes with them. Every certificate of the
-    search rests on the same bounds, so the guaranteed radius is false with probability
-    <= norms.delta (no union over the search's steps is needed); it is at most top.
-    Returns per-sample CPU tensors: radius, radius_upper, evals, converged (the power
-    iterations of the certifying evaluation), and with norms radius_guaranteed,
-    radius_guaranteed_upper (inf: certified at top), evals_guaranteed."""
+    not changed (unused without ``reference``). vectors: optional {layer: [batch, *shape]}
+    starting vectors (e.g. of a fixed-radius certification of the same batch); each
+    evaluation of the search starts from the vectors of the point's previous one.
+    reference: run the estimate search (power iteration; default). norms: a
+    GuaranteedNorms: also the guaranteed radius (guaranteed_radius, ``steps`` Lanczos steps
+    per masked norm), its bounds computed at the varying sets of the estimate search's
+    failing radius when that search runs, else placed by Ritz values.
+    Returns per-sample CPU tensors: with ``reference`` radius, radius_upper, evals,
+    converged (the power iterations of the certifying evaluation); with norms
+    radius_guaranteed, radius_guaranteed_upper (inf: certified at the top searched),
+    evals_guaranteed."""
+    if not reference and norms is None:
+        raise ValueError("radius_batch: nothing to search (reference=False and no norms)")
     b = x.shape[0]
-    gv = {k: v.clone() for k, v in global_vectors.items()}
-    vecs = SubsetVectors(b, x.device)
-    if vectors:
-        vecs.kept = {k: v.clone() for k, v in vectors.items()}
     dtype = x.dtype
+    out, top, start = {}, None, None
     with torch.no_grad(), exact_float32():
-        logits = model(x)
-        zy = logits.gather(1, y.view(-1, 1))
-        m0 = (zy - logits.scatter(1, y.view(-1, 1), float('-inf')).max(1, keepdim=True).values
-              ).squeeze(1)
-        m0 = torch.where(logits.argmax(1) == y, m0, torch.zeros_like(m0))
-        guess = global_lipschitz_guess(model, y, m0, gv, sniter)
+        m0 = clean_margins(model, x, y)
+        if reference:
+            gv = {k: v.clone() for k, v in global_vectors.items()}
+            vecs = SubsetVectors(b, x.device)
+            if vectors:
+                vecs.kept = {k: v.clone() for k, v in vectors.items()}
+            guess = global_lipschitz_guess(model, y, m0, gv, sniter)
 
-        def evaluate(eps, rows):
-            vecs.idx = rows
-            res = compute_bound(model, x[rows], y[rows], eps.to(dtype), vecs, gv, sniter=sniter,
-                                opt_iter=opt_iter, bound=bound, check=True, estimate=estimate)
-            return res.certified(y[rows]), res.margin(y[rows]), res.converged
+            def evaluate(eps, rows):
+                vecs.idx = rows
+                res = compute_bound(model, x[rows], y[rows], eps.to(dtype), vecs, gv,
+                                    sniter=sniter, opt_iter=opt_iter, bound=bound, check=True,
+                                    estimate=estimate)
+                return res.certified(y[rows]), res.margin(y[rows]), res.converged
 
-        ref = bracket_search(evaluate, b, m0, guess, rtol, max_evals, max_radius, x.device,
-                             dtype=dtype)
-        out = {'radius': ref['lo'], 'radius_upper': ref['hi'], 'evals': ref['evals'],
-               'converged': ref['flag']}
-        if norms is not None:
-            # Lanczos upper bounds once, with the varying sets of the largest radius searched
-            # (they contain every smaller radius's); then the search only propagates boxes
+            ref = bracket_search(evaluate, b, m0, guess, rtol, max_evals, max_radius, x.device,
+                                 dtype=dtype)
+            out = {'radius': ref['lo'], 'radius_upper': ref['hi'], 'evals': ref['evals'],
+                   'converged': ref['flag']}
+            # the guaranteed bounds at the varying sets of the estimate's failing radius
             top = torch.where(torch.isfinite(ref['hi']), ref['hi'], ref['lo'])
-            top = torch.where(top > 0, top, guess).to(dtype)
-            upper = masked_norm_upper_bounds(model, x, y, top, norms, opt_iter=opt_iter,
-                                             bound=bound)
-
-            def g_evaluate(eps, rows):
-                res = compute_bound(model, x[rows], y[rows], eps.to(dtype), None, None,
-                                    sniter=0, opt_iter=opt_iter, bound=bound, check=True,
-                                    global_sigmas=norms.upper,
-                                    local_norms=lambda i, *_: upper[i][rows])
-                return (res.certified(y[rows]), res.margin(y[rows]),
-                        torch.ones(rows.numel(), dtype=torch.bool, device=x.device))
+            top = torch.where(top > 0, top, guess)
             start = torch.where(ref['lo'] > 0, ref['lo'], guess)
-            g = bracket_search(g_evaluate, b, m0, start, rtol, max_evals, top.double(),
-                               x.device, dtype=dtype)
-            out.update(radius_guaranteed=g['lo'], radius_guaranteed_upper=g['hi'],
-                       evals_guaranteed=g['evals'])
+    if norms is not None:
+        g = guaranteed_radius(model, x, y, m0, norms, opt_iter=opt_iter, rtol=rtol,
+                              max_radius=max_radius, bound=bound, steps=steps,
+                              max_evals=max_evals, top=top, start=start)
+        out.update(radius_guaranteed=g['lo'], radius_guaranteed_upper=g['hi'],
+                   evals_guaranteed=g['evals'])
     return {k: v.cpu() for k, v in out.items()}

@@ -5,10 +5,11 @@ Power iteration approaches ||A||_2 from below, and "converged" only means its ve
 moving, so a certificate built on it can be wrong. Here every norm the local bound uses is
 bounded from above:
 
-* Lanczos on B = A^T A (A = D_out W D_in, one sample's masked layer) from a Gaussian start
-  restricted to the sample's varying inputs, i.e. uniform on the unit sphere of that
-  n-dimensional subspace. After k steps the largest eigenvalue xi_k of the k x k tridiagonal
-  T_k satisfies (Kuczynski & Wozniakowski, SIAM J. Matrix Anal. Appl. 13, 1992, Lanczos
+* Lanczos on B = A^T A or A A^T (A = D_out W D_in, one sample's masked layer; whichever
+  acts on the smaller space, both have ||A||_2^2 as largest eigenvalue) from a Gaussian
+  start restricted to the sample's varying inputs (or outputs), i.e. uniform on the unit
+  sphere of that n-dimensional subspace. After k steps the largest eigenvalue xi_k of the
+  k x k tridiagonal T_k satisfies (Kuczynski & Wozniakowski, SIAM J. Matrix Anal. Appl. 13, 1992, Lanczos
   theorem) P(xi_k <= (1 - e) lambda_max(B)) <= 1.648 sqrt(n) exp(-(2k - 1) sqrt(e)).
   Solving for e at probability delta gives the bound
       ||A||_2 <= sqrt(xi_k (1 + ROUNDOFF) / (1 - e)),
@@ -43,8 +44,8 @@ from typing import Dict, Sequence
 import torch
 import torch.nn as nn
 
-from local_bound import (BoundError, BoundResult, _bcast, check_supported, compute_bound,
-                         exact_float32, layer_input_shapes, masked_products,
+from local_bound import (BoundError, BoundResult, apply_W, apply_WT, check_supported,
+                         compute_bound, exact_float32, layer_input_shapes, masked_products,
                          worst_case_margins)
 
 KW_CONST = 1.648        # Kuczynski & Wozniakowski's constant for the Lanczos algorithm
@@ -77,43 +78,67 @@ def upper_from_ritz(xi: torch.Tensor, n, k: int, delta: float) -> torch.Tensor:
 
 
 class Lanczos:
-    """Batched Lanczos on B = A^T A, A = D_out W D_in per sample (three-term recurrence, no
-    reorthogonalisation), continued stage by stage.
+    """Batched Lanczos on A^T A or A A^T, A = D_out W D_in per sample (three-term
+    recurrence, no reorthogonalisation), continued stage by stage. Both have ||A||_2^2 as
+    their largest eigenvalue; the run takes the smaller of the layer's input and output
+    spaces (``space='auto'``), where every vector operation of a step is cheaper and the
+    dimension n in the failure probability is the smaller varying set.
 
-    layer: Conv2d or Linear; d_in [batch, *in_shape] / d_out [batch, *out_shape]: 0/1 varying
-    indicators or None (all vary); the start is a Gaussian vector masked by d_in (uses the
-    torch default generator of its device)."""
+    layer: Conv2d, Linear or any linear layer; d_in [batch, *in_shape] / d_out [batch,
+    *out_shape]: 0/1 varying indicators or None (all vary); the start is a Gaussian vector
+    masked by the varying set of the chosen space (uses the torch default generator of its
+    device), i.e. uniform on the unit sphere of that n-dimensional subspace."""
 
-    def __init__(self, layer: nn.Module, d_in, d_out, in_shape, batch: int, device, dtype):
+    def __init__(self, layer: nn.Module, d_in, d_out, in_shape, batch: int, device, dtype,
+                 space: str = 'auto'):
         self.layer, self.d_in, self.d_out, self.in_shape = layer, d_in, d_out, tuple(in_shape)
-        q = torch.randn((batch, *self.in_shape), device=device, dtype=dtype)
-        if d_in is not None:
-            q = q * d_in
-        self.n = (torch.full((batch,), float(math.prod(self.in_shape)), dtype=torch.float64)
-                  if d_in is None else d_in.flatten(1).sum(1).double().cpu())
+        with torch.no_grad():
+            self.out_shape = tuple(apply_W(layer, torch.zeros((1, *self.in_shape), device=device,
+                                                              dtype=dtype)).shape[1:])
+        if space == 'auto':
+            space = 'out' if math.prod(self.out_shape) < math.prod(self.in_shape) else 'in'
+        if space not in ('in', 'out'):
+            raise ValueError(f"space must be 'auto', 'in' or 'out', got {space!r}")
+        self.space = space
+        shape, d = (self.in_shape, d_in) if space == 'in' else (self.out_shape, d_out)
+        q = torch.randn((batch, *shape), device=device, dtype=dtype)
+        if d is not None:
+            q = q * d
+        self.n = (torch.full((batch,), float(math.prod(shape)), dtype=torch.float64)
+                  if d is None else d.flatten(1).sum(1).double().cpu())
         nq = torch.linalg.vector_norm(q.flatten(1), dim=1)
-        self.q = q / nq.clamp_min(1e-30).view(-1, *[1] * len(self.in_shape))
+        self.q = q / nq.clamp_min(1e-30).view(-1, *[1] * len(shape))
         self.q_prev = torch.zeros_like(self.q)
         self.beta = torch.zeros(batch, device=device, dtype=dtype)
         self.alphas, self.betas = [], []
         self.steps = 0
 
     def apply_B(self, q):
-        return masked_products(self.layer, q, self.in_shape, self.d_in, self.d_out)[1]
+        """A^T A q (space 'in') or A A^T q (space 'out') for a masked q [batch, *shape]."""
+        if self.space == 'in':
+            return masked_products(self.layer, q, self.in_shape, self.d_in, self.d_out)[1]
+        t = apply_WT(self.layer, q, self.in_shape)
+        if self.d_in is not None:
+            t = t * self.d_in
+        z = apply_W(self.layer, t)
+        return z if self.d_out is None else z.mul_(self.d_out)
 
     def run(self, steps: int):
-        """Advance every sample to ``steps`` Lanczos steps in all."""
+        """Advance every sample to ``steps`` Lanczos steps in all (in-place updates: every
+        step reads and writes a few [batch, *shape] tensors only)."""
         while self.steps < steps:
-            w = self.apply_B(self.q) - _bcast(self.beta, self.q) * self.q_prev
-            a = (self.q * w).flatten(1).sum(1)
-            w = w - _bcast(a, self.q) * self.q
-            b = torch.linalg.vector_norm(w.flatten(1), dim=1)
+            w = self.apply_B(self.q).flatten(1)
+            q, q_prev = self.q.flatten(1), self.q_prev.flatten(1)
+            w.addcmul_(q_prev, self.beta.unsqueeze(1), value=-1)
+            a = torch.linalg.vecdot(q, w)
+            w.addcmul_(q, a.unsqueeze(1), value=-1)
+            b = torch.linalg.vector_norm(w, dim=1)
             # an (almost) invariant Krylov space: the Ritz values are exact, stop this sample
             dead = b <= BREAKDOWN * (a.abs() + self.beta)
             b = torch.where(dead, torch.zeros_like(b), b)
+            inv = torch.where(dead, torch.zeros_like(b), 1 / b.clamp_min(1e-30))
             self.q_prev = self.q
-            self.q = torch.where(_bcast(dead, w), torch.zeros_like(w),
-                                 w / _bcast(b.clamp_min(1e-30), w))
+            self.q = w.mul_(inv.unsqueeze(1)).view_as(self.q)
             self.beta = b
             self.alphas.append(a)
             self.betas.append(b)
@@ -142,10 +167,11 @@ class Lanczos:
         self.d_out = None if self.d_out is None else self.d_out[keep]
 
 
-def lanczos_norm_bounds(layer, d_in, d_out, in_shape, batch, steps, delta, device, dtype):
+def lanczos_norm_bounds(layer, d_in, d_out, in_shape, batch, steps, delta, device, dtype,
+                        space='auto'):
     """(lower, upper) [batch] float64 bounds on ||D_out W D_in||_2 after ``steps`` Lanczos
     steps: lower = sqrt(Ritz value), upper false with probability <= delta each."""
-    lz = Lanczos(layer, d_in, d_out, in_shape, batch, device, dtype)
+    lz = Lanczos(layer, d_in, d_out, in_shape, batch, device, dtype, space)
     lz.run(steps)
     xi = lz.ritz_max()
     return xi.clamp_min(0).sqrt(), upper_from_ritz(xi, lz.n.to(xi.device), steps, delta)
@@ -294,15 +320,16 @@ def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
 
 
 
-def masked_norm_upper_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
-                             norms: GuaranteedNorms, *, steps: int = STAGES[-1],
-                             opt_iter: int = 1, bound: str = 'local') -> Dict[int, torch.Tensor]:
-    """{affine index: [batch]} upper bounds on ||D_out W_i D_in||_2 with the varying sets of
-    the eps-balls around x (eps a number or [batch]): ``steps`` Lanczos steps from a random
-    start per sample and layer, each bound false with probability <= norms.delta_op (and
-    never above the global bound; a layer whose inputs and outputs all vary uses the global
-    bound itself). Varying sets only grow with eps, so these bound the masked norms of
-    every smaller radius too: one run serves a search over eps in [0, eps]."""
+def masked_norm_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
+                       norms: GuaranteedNorms, *, steps: int = STAGES[-1], bound: str = 'local'):
+    """(lower, upper): {affine index: [batch]} bounds on ||D_out W_i D_in||_2 with the varying
+    sets of the eps-balls around x (eps a number or [batch]), from ``steps`` Lanczos steps
+    from a random start per sample and layer. upper: each false with probability <=
+    norms.delta_op, never above the global bound (a layer whose inputs and outputs all vary
+    uses the global bound itself); lower: the Ritz values' square roots (exact arithmetic:
+    below the norm; an estimate of it). Varying sets only grow with eps, so the upper bounds
+    hold for the masked norms of every smaller radius too: one run serves a search over eps
+    in [0, eps]."""
     b = x.shape[0]
     ops = []
 
@@ -311,11 +338,12 @@ def masked_norm_upper_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Ten
         return norms.upper[i].expand(b)
 
     with torch.no_grad(), exact_float32():
-        compute_bound(model, x, y, eps, None, None, sniter=0, opt_iter=opt_iter, bound=bound,
+        compute_bound(model, x, y, eps, None, None, sniter=0, opt_iter=1, bound=bound,
                       check=True, global_sigmas=norms.upper, local_norms=record)
-        out = {}
+        lower, upper = {}, {}
         for i, layer, d_in, d_out, in_shape in ops:
             up = norms.upper[i].double().expand(b).clone()
+            lo = norms.lower[i].double().expand(b).clone()
             full = _is_full(d_in, b, x.device) & _is_full(d_out, b, x.device)
             idx = (~full).nonzero().flatten()
             if idx.numel():
@@ -326,5 +354,6 @@ def masked_norm_upper_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Ten
                 xi = lz.ritz_max()
                 up[idx] = torch.minimum(up[idx], upper_from_ritz(xi, lz.n.to(xi.device), steps,
                                                                  norms.delta_op))
-            out[i] = up.to(x.dtype)
-    return out
+                lo[idx] = torch.minimum(up[idx], xi.clamp_min(0).sqrt())
+            lower[i], upper[i] = lo.to(x.dtype), up.to(x.dtype)
+    return lower, upper

@@ -277,14 +277,20 @@ class _Extremum(torch.autograd.Function):
         return ga, g - ga, None
 
 
+def _needs_grad(a, b) -> bool:
+    return torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
+
+
 def box_max(a, b):
-    """Elementwise max of two same-shaped tensors (see _Extremum)."""
-    return _Extremum.apply(a, b, True)
+    """Elementwise max of two same-shaped tensors (see _Extremum; without a gradient to
+    record, torch.maximum itself)."""
+    return _Extremum.apply(a, b, True) if _needs_grad(a, b) else torch.maximum(a, b)
 
 
 def box_min(a, b):
-    """Elementwise min of two same-shaped tensors (see _Extremum)."""
-    return _Extremum.apply(a, b, False)
+    """Elementwise min of two same-shaped tensors (see _Extremum; without a gradient to
+    record, torch.minimum itself)."""
+    return _Extremum.apply(a, b, False) if _needs_grad(a, b) else torch.minimum(a, b)
 
 
 # ----------------------------------------------------------------------------------------

@@ -312,7 +312,8 @@ RANGES = {
     'sniter': '[1, inf)', 'test_sniter': '[1, inf)', 'opt_iter': '[1, inf)',
     'test_opt_iter': '[1, inf)', 'sparse': '[0, inf)', 'sp_thres': '[0, inf)',
     'niter': '[0, inf)', 'alpha': '[0, inf)', 'audit_restarts': '[1, inf)',
-    'audit_steps': '[1, inf)', 'radius_rtol': '(0, 1)', 'delta': '(0, 1)',
+    'audit_steps': '[1, inf)', 'radius_rtol': '(0, 1)', 'radius_steps': '[2, inf)',
+    'delta': '(0, 1)',
     'verbose': '[0, inf)', 'time_limit': '[0, inf)', 'seed': '[0, 4294967295]',
 }
 
@@ -479,6 +480,10 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
     a('--radius_rtol', type=float, default=1e-3, help="evaluate.py --radius: relative "
       "tolerance of the search (the point is certified at radius and not at radius_upper <= "
       "radius * (1 + rtol))")
+    a('--radius_steps', type=int, default=256, help="evaluate.py --radius --certificate "
+      "guaranteed: Lanczos steps of each masked-norm upper bound of the guaranteed radius "
+      "(fewer: faster and looser; on the bundled Fashion-MNIST model 256 steps give radii "
+      "within ~0.3%% of the estimate search's, 32 steps ~6%% below)")
     a('--delta', type=float, default=1e-4, help="evaluate.py --certificate guaranteed: "
       "failure probability of each certificate (split over its norm bounds)")
     a('--plot_dir', default=None, help="evaluate.py: write the analysis PNGs here")
