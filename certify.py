@@ -451,8 +451,8 @@ def batch_indices(loader):
 # ----------------------------------------------------------------------------------------
 RADIUS_RTOL = 1e-3      # the search stops when hi - lo <= rtol * lo (relative bracket width)
 RADIUS_EVALS = 24       # most bound evaluations per point and search
-RADIUS_STEPS = STAGES[-1]   # Lanczos steps of the guaranteed radius's norm bounds (256: within
-#                         ~0.3% of the estimate radius on the bundled model; 32: ~8% below, 8x fewer)
+RADIUS_STEPS = STAGES[-1]   # Lanczos steps of the guaranteed radius's norm bounds (256: median
+#                         radius 0.5% below the estimate's on the bundled model; 32: 6% below)
 RADIUS_COARSE = 0.02    # relative bracket of the guaranteed search's Ritz-value search (it only
 #                         chooses the radius whose varying sets the Lanczos bounds use)
 GLOBAL_COARSE = 0.1     # ... and of its first search, with the global bounds (only where the
@@ -602,11 +602,11 @@ def guaranteed_radius(model, x, y, m0, norms, *, opt_iter, rtol=RADIUS_RTOL, max
     RADIUS_COARSE) of RITZ_STEPS Lanczos steps at the varying sets of the first one's
     failing radius; top is the second one's failing radius, widened by RADIUS_COARSE. A
     point certified at its top gets a new top from the Ritz values of its last run (at most
-    RADIUS_ROUNDS runs); its radius comes from the bounds of its last run alone. So every reported radius rests on one set of
-    bounds, drawn after its top was fixed: false with probability <= norms.delta (no union
-    over the search's steps or rounds needed). A lower bound on what a fresh certificate at
-    that radius gives (its own varying sets are smaller than top's, and it may run other
-    step counts). Returns dict of [batch] tensors: lo (the radius), hi (inf: certified at
+    RADIUS_ROUNDS runs); its radius comes from the bounds of its last run alone. So every
+    reported radius rests on one set of bounds, drawn after its top was fixed: false with
+    probability <= norms.delta (no union over the search's steps or rounds needed). A
+    lower bound on what a fresh certificate at that radius gives (its own varying sets are
+    smaller than top's, and it may run other step counts). Returns dict of [batch] tensors: lo (the radius), hi (inf: certified at
     the last top or max_radius), evals (box-only evaluations, all searches)."""
     b, dtype, dev = x.shape[0], x.dtype, x.device
     f64 = dict(dtype=torch.float64, device=dev)

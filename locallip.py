@@ -230,8 +230,8 @@ def certified_radius(model: nn.Module, x, y=None, *, certificate: str = 'referen
     little above ``upper``, since its own varying sets are smaller than the ones the
     search's bounds used and it may run other step counts. Fewer ``steps`` are faster and
     looser (each Lanczos bound is inflated by its failure probability: on the bundled
-    Fashion-MNIST model, 256 steps give radii within ~0.3% of the estimate search's, 32
-    steps ~8% below).
+    Fashion-MNIST model the median radius is 0.5% below the estimate search's with 256
+    steps, 6% below with 32).
     ``max_radius``: stop searching above this radius (radius = max_radius, upper = inf)."""
     net = prepare(model)
     x = _batched(net, x)

@@ -1,5 +1,6 @@
 """One's own model: safe checkpoint loading, the locallip API, more layer types (BatchNorm,
 AvgPool2d, Dropout, Identity), the vjp transpose, and the certified-radius search."""
+import math
 import os
 import re
 
@@ -435,3 +436,23 @@ def test_reference_radius_brackets_the_certificate():
                                 {k: v.clone() for k, v in gv.items()}, sniter=2000,
                                 opt_iter=1000, check=True)
         assert (res.certified(y[idx]) == want).all() and res.converged.all(), f
+
+
+def test_bracket_search_on_a_linear_margin():
+    """margin(eps) = 1 - eps, certified where it is > 0: from a certified guess 0.9 and a
+    failing hint 1.1 the first regula falsi step lands on the root (no Illinois halving when
+    the bracket first forms) and the search ends within rtol in 4 evaluations; a point with
+    no positive clean margin is not searched."""
+    from certify import bracket_search
+    seen = []
+
+    def evaluate(eps, rows):
+        seen.append(eps.clone())
+        m = 1 - eps
+        return m > 0, m, torch.ones_like(m, dtype=torch.bool)
+    out = bracket_search(evaluate, 2, torch.tensor([1.0, 0.0]), torch.tensor([0.9, 0.9]), 1e-3,
+                         24, None, 'cpu', hint=torch.tensor([1.1, 1.1]))
+    assert out['evals'].tolist() == [4, 0]
+    assert out['lo'][0] < 1.0 <= out['hi'][0] <= out['lo'][0] * (1 + 1e-3)
+    assert abs(float(seen[2][0]) - 1.0) < 1e-6            # the third trial: the root itself
+    assert out['lo'][1] == 0 and out['hi'][1] == math.inf
