@@ -33,10 +33,11 @@
 #   mnist_relu | cifar_relu_4c3f | cifar_relu_6c2f | cifar_relu_6c2f_gloro | cifar_maxmin_6c2f
 #                the paper's training commands (need the datasets and, realistically, a GPU)
 #   eval_mnist | eval_cifar     the paper's evaluation commands on pretrained/ checkpoints
-#   gpu_check [tests|bench|compile|torchrun|all]   on a CUDA machine with PyTorch installed
-#                (uses ${PYTHON:-python3}, no .venv): the test suite on cuda, the GPU benchmark
-#                table and profile, the same with --compile (CUDA graphs) and a compiled epoch,
-#                and a one-process torchrun (NCCL) epoch; logs and JSON go to
+#   gpu_check [tests|bench|eval|compile|torchrun|all]   on a CUDA machine with PyTorch
+#                installed (uses ${PYTHON:-python3}, no .venv): the test suite on cuda, the GPU
+#                benchmark table and profile, certification speed of 1000 Fashion-MNIST points
+#                at three radii by each certificate, the same with --compile (CUDA graphs) and
+#                a compiled epoch, and a one-process torchrun (NCCL) epoch; logs and JSON go to
 #                ${OUT:-gpu_out}/. Fashion-MNIST must be under data/FashionMNIST/raw or installed.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -249,6 +250,15 @@ case "$job" in
                     --test_sniter 2000 --steps 5 --tf32 off $s
             done
             grep -h "profile summary" "$O"/bench_*store.log || true
+        fi
+        if [ "$what" = eval ] || [ "$what" = all ]; then
+            # certification speed: 1000 points, three radii, each certificate (at most 7 min)
+            timeout 420 "$PY" bench.py --device cuda --mode eval --data fashionmnist --model relux \
+                --init 2.0 --saved_model pretrained/fashionmnist/local_relux --n_test 1000 \
+                --radii 0.5 1.0 1.58 --test_sniter 2000 --methods guaranteed early reference \
+                --json "$O/bench_eval_methods.json" > "$O/bench_eval_methods.log" 2>&1 \
+                || echo "bench eval_methods failed or timed out"
+            tail -4 "$O/bench_eval_methods.log"
         fi
         if [ "$what" = compile ] || [ "$what" = all ]; then
             # --compile (CUDA graphs through torch.compile 'reduce-overhead'): the step times
