@@ -10,7 +10,8 @@ bounded from above:
   start restricted to the sample's varying inputs (or outputs), i.e. uniform on the unit
   sphere of that n-dimensional subspace. After k steps the largest eigenvalue xi_k of the
   k x k tridiagonal T_k satisfies (Kuczynski & Wozniakowski, SIAM J. Matrix Anal. Appl. 13,
-  1992, Lanczos theorem) P(xi_k <= (1 - e) lambda_max(B)) <= 1.648 sqrt(n) exp(-(2k - 1) sqrt(e)).
+  1992, Lanczos theorem)
+      P(xi_k <= (1 - e) lambda_max(B)) <= 1.648 sqrt(n) exp(-(2k - 1) sqrt(e)).
   Solving for e at probability delta gives the bound
       ||A||_2 <= sqrt(xi_k (1 + ROUNDOFF) / (1 - e)),
   false with probability at most delta over the random start. The formula is evaluated at
