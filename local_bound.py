@@ -624,6 +624,33 @@ def _bcp(w: torch.Tensor, r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     return torch.where(nan_like, torch.zeros_like(a), a) if reference_nan else a
 
 
+class _TakeRows(torch.autograd.Function):
+    """weight[y] whose backward is a matrix product, one_hot(y)^T g, instead of autograd's
+    accumulating index_put_: on the CPU that kernel adds repeated labels' rows from several
+    threads in a varying order, so two runs of one seed drifted apart by float rounding
+    (docs/training.md, "Reproducibility"). The values are those of weight[y]."""
+
+    @staticmethod
+    def forward(ctx, weight, y):
+        ctx.save_for_backward(y)
+        ctx.rows = weight.shape[0]
+        return weight[y]
+
+    @staticmethod
+    def backward(ctx, g):
+        y, = ctx.saved_tensors
+        onehot = F.one_hot(y, ctx.rows).to(g.dtype)                 # [batch, classes]
+        return onehot.t() @ g, None
+
+
+def take_rows(weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """weight[y] ([classes, hidden] -> [batch, hidden]) with a run-to-run reproducible
+    gradient (see _TakeRows)."""
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return _TakeRows.apply(weight, y)
+    return weight[y]
+
+
 def worst_case_margins(weight: torch.Tensor, y: torch.Tensor, r: torch.Tensor,
                        lo: torch.Tensor, hi: torch.Tensor, opt_iter: int,
                        reference_nan: bool = False, sync_free: bool = False) -> torch.Tensor:
@@ -634,7 +661,7 @@ def worst_case_margins(weight: torch.Tensor, y: torch.Tensor, r: torch.Tensor,
     shifted by their centre. Only the true-class column is computed, so memory is
     O(batch x classes x hidden). Returns a: [batch, classes], with a[b, y_b] = 0.
     """
-    w = weight.unsqueeze(0) - weight[y].unsqueeze(1)            # [batch, classes, hidden]
+    w = weight.unsqueeze(0) - take_rows(weight, y).unsqueeze(1)  # [batch, classes, hidden]
     return _bcp(w, r.view(-1, 1), lo.unsqueeze(1), hi.unsqueeze(1), opt_iter, reference_nan,
                 sync_free)
 

@@ -18,6 +18,8 @@ import os
 import shutil
 import sys
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
@@ -33,7 +35,7 @@ from local_bound import (BATCHNORM, NOOPS, NORM_EPS, GivenVectors, VectorStore, 
                          layer_input_shapes, sparsity_loss)
 from utils import (UserError, all_reduce_sum, argparser, atomic_save, checkpoint_base,
                    clamp_thresholds, distributed, init_distributed, load_checkpoint, run_main,
-                   safe_load, seed_all, select_model)
+                   safe_load, seed_all, select_model, use_deterministic_kernels)
 
 
 # ----------------------------------------------------------------------------------------
@@ -410,6 +412,69 @@ def average_gradients(model, world):
 
 
 # ----------------------------------------------------------------------------------------
+# The files of an epoch, written so that a kill at any moment can be resumed exactly
+# ----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EpochFiles:
+    checkpoint: str      # <base>_checkpoint.pth: everything --resume needs
+    best: str            # <base>_best.pth: the best model after the ramp (weights only)
+    vectors: str         # <base>_vectors[.rank<r>].pt: the per-sample vector stores
+
+
+def save_epoch(files: EpochFiles, state: dict, is_best: bool, vectors: Optional[dict],
+               lead: bool = True):
+    """Write an epoch's files in the order that keeps every moment resumable: the vector
+    stores first (the previous epoch's file kept as <vectors>.prev until the checkpoint is
+    written), then the best model, then the checkpoint. A kill before the checkpoint lands
+    leaves the previous checkpoint and its matching vectors (.prev), so --resume repeats
+    the epoch from the same state; after it, everything is of this epoch. ``vectors``
+    (every process its own file) None: no vectors are written; ``lead``: this process
+    writes the checkpoint and the best model."""
+    prev = files.vectors + '.prev'
+    if vectors is not None:
+        if os.path.isfile(files.vectors):
+            os.replace(files.vectors, prev)
+        atomic_save(vectors, files.vectors)
+    if distributed():          # every process's vectors are written before the checkpoint
+        dist.barrier()
+    if lead:
+        if is_best:   # the best model is for evaluation: no optimiser state (small file)
+            atomic_save({k: state[k] for k in ('state_dict', 'err', 'epoch', 'args',
+                                               'global_vectors')}, files.best)
+        atomic_save(state, files.checkpoint)
+    if distributed():          # the checkpoint is written before any .prev goes
+        dist.barrier()
+    if vectors is not None and os.path.isfile(prev):
+        os.remove(prev)
+
+
+def resume_vectors(path: str, epoch: int, stores) -> bool:
+    """Load the (train, test) vector stores saved with the checkpoint of ``epoch`` from
+    ``path`` or, when a kill came between the two writes, from ``path``.prev. Returns
+    whether they were found; otherwise warns that the vectors restart from random (the run
+    then differs from an uninterrupted one). A disk-backed store holds its arrays in its
+    own file, updated in place, which after a kill mid-epoch holds that epoch's vectors."""
+    found = []
+    for candidate in (path, path + '.prev'):
+        if os.path.isfile(candidate):
+            saved = safe_load(candidate, 'cpu', 'vector store')
+            found.append(saved.get('epoch'))
+            if saved.get('epoch') == epoch:
+                for store, key in zip(stores, ('train', 'test')):
+                    store.load_state_dict(saved[key])
+                if any(st.path is not None for st in stores):
+                    print(f"note: the disk-backed vector store {stores[0].path} is updated in "
+                          f"place; if the run was killed during an epoch its vectors are from "
+                          f"that epoch (valid warm starts; the resumed run is then not bitwise "
+                          f"equal to an uninterrupted one)", flush=True)
+                return True
+    what = (f"{path} is from epoch {found[0]}" if found else f"no {path}")
+    print(f"warning: {what}, the checkpoint from epoch {epoch}: power-iteration vectors "
+          f"restart from random", flush=True)
+    return False
+
+
+# ----------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------
 def check_trainable(model, name):
@@ -436,6 +501,8 @@ def main(argv=None, **dataset_defaults):
     args = argparser(argv, **dataset_defaults)
     if len(args.radii) > 1:
         raise UserError("training takes one --epsilon (several radii are for evaluate.py)")
+    if args.deterministic:
+        use_deterministic_kernels()
     rank, world, device = init_distributed(args)
     lead = rank == 0
     say = print if lead else (lambda *a, **k: None)
@@ -467,16 +534,7 @@ def main(argv=None, **dataset_defaults):
             ckpt['global_vectors'], model, layer_input_shapes(model, input_shape), device, say,
             ckpt.get('global_linear_space', 'input')))
         start, best_err = ckpt['epoch'] + 1, ckpt['best_err']
-        if os.path.isfile(store_path):
-            saved = safe_load(store_path, 'cpu', 'vector store')
-            if saved['epoch'] == ckpt['epoch']:
-                train_store.load_state_dict(saved['train'])
-                test_store.load_state_dict(saved['test'])
-            else:
-                print(f"warning: {store_path} is from epoch {saved['epoch']}, the checkpoint "
-                      f"from epoch {ckpt['epoch']}: power-iteration vectors restart from random")
-        else:
-            print(f"warning: no {store_path}: power-iteration vectors restart from random")
+        resume_vectors(store_path, ckpt['epoch'], (train_store, test_store))
         say(f"resuming from {ckpt_path} at epoch {start}", flush=True)
     writer = SummaryWriter(base + '_tb') if lead and not args.no_save else None
     if args.no_save:
@@ -526,9 +584,6 @@ def main(argv=None, **dataset_defaults):
             best_err = cert_err
             if args.no_save:
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if not args.no_save and not args.no_save_vectors:
-            atomic_save({'epoch': epoch, 'train': train_store.state_dict(),
-                         'test': test_store.state_dict()}, store_path)
         if lead and writer is not None:
             for k, v in tr.items():
                 writer.add_scalar(f"train/{k}_epoch", v, epoch)
@@ -537,21 +592,23 @@ def main(argv=None, **dataset_defaults):
             writer.add_scalar('test/eps', eps_next, epoch)
             writer.add_scalar('lr', lr, epoch)
             writer.flush()
-        if lead and not args.no_save:
+        if not args.no_save:
             state = {'state_dict': model.state_dict(), 'err': cert_err, 'epoch': epoch,
                      'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
                      'global_vectors': {k: v.cpu() for k, v in global_vectors.items()},
-                     'global_linear_space': GLOBAL_LINEAR_SPACE, 'best_err': best_err, 'args': vars(args)}
-            atomic_save(state, ckpt_path)
-            if is_best:   # the best model is for evaluation: no optimiser state (small file)
-                atomic_save({k: state[k] for k in ('state_dict', 'err', 'epoch', 'args',
-                                                   'global_vectors')}, best_path)
+                     'global_linear_space': GLOBAL_LINEAR_SPACE, 'best_err': best_err,
+                     'args': vars(args)}
+            vectors = (None if args.no_save_vectors else
+                       {'epoch': epoch, 'train': train_store.state_dict(),
+                        'test': test_store.state_dict()})
+            save_epoch(EpochFiles(ckpt_path, best_path, store_path), state, is_best, vectors,
+                       lead)
         say(f"epoch {epoch} | lr {lr:.2e} | train loss {tr['loss']:.4f} clean err "
             f"{100 * tr['clean_err']:.2f}% cert err {100 * tr['robust_err']:.2f}% | test @eps "
             f"{eps_next:.4f}: clean err {100 * clean_err:.2f}% cert err {100 * cert_err:.2f}%"
             f"{' (best)' if is_best else ''} | {time.time() - t0:.1f}s", flush=True)
         longest = max(longest, time.time() - t0)
-    if lead:
+    if writer is not None:
         writer.close()
     if distributed():
         dist.barrier()

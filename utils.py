@@ -512,6 +512,11 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
       "cleanly before an epoch that would end more than this many minutes after the start "
       "(judged by the longest epoch so far), with exit status 0, so that --resume continues; "
       "for wall-clock-limited jobs. 0 = no limit")
+    a('--deterministic', action='store_true', help="(not in the reference) training: "
+      "deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic without "
+      "benchmarking, CUBLAS_WORKSPACE_CONFIG=:4096:8) so that CUDA runs of one --seed end on "
+      "the same weights; slower on GPUs. CPU training is reproducible without it at a fixed "
+      "thread count")
     a('--no_save_vectors', action='store_true', help="training: do not write the per-sample "
       "vector store <prefix>_<model>_vectors.pt each epoch (it can be large: 677 MB for the "
       "quickstart); --resume then restarts the vectors from random")
@@ -606,6 +611,15 @@ def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+def use_deterministic_kernels():
+    """Deterministic kernels from here on (--deterministic): the cuBLAS workspace setting
+    must precede the first cuBLAS call, so call this before any CUDA work."""
+    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
 
 
 def checkpoint_base(args):
