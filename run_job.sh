@@ -2,7 +2,9 @@
 # Local-Lip jobs. Usage: bash run_job.sh <job> [extra flags passed to the python script]
 #   NPROC=N runs the evaluation and paper jobs under torchrun with N processes (one otherwise)
 #   quickstart   set up, then a few minutes of certified training on offline Fashion-MNIST
-#   test         set up, then the test suite (what CI runs)
+#   test         set up, then the test suite (what CI runs, under 10 minutes on 2 cores)
+#   test_jobs    set up, then every training / evaluation entry below (and TinyImagenet's)
+#                end to end at tiny scale on generated data (minutes; CI runs it after test)
 #   setup        only create .venv and install requirements (+ the Fashion-MNIST package)
 #   report [P]   evaluation at several radii (local and global bound), per-sample TSV,
 #                soundness audit, PNGs and a markdown table for checkpoint P_best.pth
@@ -41,7 +43,7 @@
 #                ${OUT:-gpu_out}/. Fashion-MNIST must be under data/FashionMNIST/raw or installed.
 set -euo pipefail
 cd "$(dirname "$0")"
-PY=.venv/bin/python
+PY=${PY:-.venv/bin/python}     # PY=/path/to/python uses another interpreter
 
 setup() {
     if [ ! -x "$PY" ]; then
@@ -65,19 +67,42 @@ fashion_bounds() {
     # sniter 5, opt_iter 10, init 2.0, eps 1.0) on Fashion-MNIST once per --bound in BOUNDS,
     # saved as pretrained/DIR/<bound>_relux_*; PARALLEL=1 runs them side by side, one thread
     # each, appending to pretrained/DIR_<bound>.log
-    local dir=$1 bounds=$2 b
+    local dir=$1 bounds=$2 b pids=()
     shift 2
+    declare -gA LOGS=()
     for b in $bounds; do
         local cmd=("$PY" train_mnist.py --data fashionmnist --model relux --bound "$b" --gloro
                    --sniter 5 --opt_iter 10 --init 2.0 --epsilon_train 1.0 --epsilon 1.0
                    --prefix "$dir/$b" "$@")
         if [ "${PARALLEL:-0}" = 1 ]; then
+            mkdir -p pretrained
             OMP_NUM_THREADS=1 "${cmd[@]}" >> "pretrained/${dir}_$b.log" 2>&1 &
+            pids+=($!)
+            LOGS[$!]=pretrained/${dir}_$b.log
         else
             "${cmd[@]}"
         fi
     done
-    wait
+    wait_all "${pids[@]}"
+}
+
+bounds_arg() {
+    # bounds_arg "$@": the optional first argument of the fashion_* jobs, local or global;
+    # anything else (e.g. a flag such as --resume) is left for the script: both bounds
+    case "${1:-}" in
+        local|global) bounds=$1; nshift=1 ;;
+        *) bounds="local global"; nshift=0 ;;
+    esac
+}
+
+wait_all() {
+    # wait_all PID...: wait for every side-by-side run; fail (the first failure's status,
+    # naming its log) if any failed
+    local status=0 pid
+    for pid in "$@"; do
+        wait "$pid" || { local rc=$?; echo "run_job.sh: a side-by-side run failed (exit $rc); see its log ${LOGS[$pid]}" >&2; [ "$status" != 0 ] || status=$rc; }
+    done
+    return $status
 }
 
 pyrun() {
@@ -122,15 +147,18 @@ case "$job" in
         echo "report files: ${O}_report.tsv ${O}_report.json ${O}_report_plots/" ;;
     test)
         setup
-        "$PY" -m pytest -q tests "$@" ;;
+        "$PY" -m pytest -q -m 'not jobs' tests "$@" ;;
+    test_jobs)
+        setup
+        "$PY" -m pytest -q -m jobs tests "$@" ;;
     # ---- local vs global bound on real data (Fashion-MNIST, offline) ----
     fashion_train)
         setup
         # the paper's MNIST recipe (GloRo loss, sniter 5, opt_iter 10) on a 4-epoch budget:
         # eps ramp over 3 epochs to 1.0, lr 1e-3 for 2 epochs then exp decay to 1e-4;
         # best epoch chosen on the first 1000 test images (as the reference does on its test set)
-        bounds=${1:-local global}
-        shift || true
+        bounds_arg "$@"
+        shift "$nshift"
         fashion_bounds fashionmnist "$bounds" --epochs 4 --rampup 3 --more 0 --end_lr 1e-4 \
             --n_test 1000 --seed 0 --store_dtype float16 "$@" ;;
     fashion_long)
@@ -142,8 +170,8 @@ case "$job" in
         # 35. Side by side at one thread each (PARALLEL=1), undisturbed epochs took 386-625 s
         # (train + 1000-image test certification): 5.5-9 h for both; add --resume to continue
         # a killed run.
-        bounds=${1:-local global}
-        shift || true
+        bounds_arg "$@"
+        shift "$nshift"
         fashion_bounds fashionmnist_long "$bounds" --n_train 12000 --batch_size 64 --epochs 50 \
             --rampup 30 --more 10 --n_test 1000 "$@" ;;
     fashion_full)
@@ -154,15 +182,17 @@ case "$job" in
         # certification on the whole test set after every epoch, as the reference does. The
         # per-sample vectors (70k x 48,336 floats = 13.5 GB per run) are not written to disk
         # every epoch (--no_save_vectors): a --resume restarts them from random
-        bounds=${1:-local global}
-        shift || true
+        bounds_arg "$@"
+        shift "$nshift"
         fashion_bounds fashionmnist_full "$bounds" --n_train 0 --n_test 0 --epochs 300 \
             --rampup 150 --no_save_vectors "$@" ;;
     fashion_report)
         setup
-        bounds=${1:-local global}
-        shift || true
+        bounds_arg "$@"
+        shift "$nshift"
         R=pretrained/${RUN:-fashionmnist}
+        pids=()
+        declare -gA LOGS=()
         for b in $bounds; do
             P=$R/${b}_relux
             cmd=(pyrun evaluate.py --data fashionmnist --model relux \
@@ -172,11 +202,13 @@ case "$job" in
                 --resume "$@")
             if [ "${PARALLEL:-0}" = 1 ]; then     # side by side, one thread each
                 OMP_NUM_THREADS=1 "${cmd[@]}" >> "${P}_report.log" 2>&1 &   # kept over resumes
+                pids+=($!)
+                LOGS[$!]=${P}_report.log
             else
                 "${cmd[@]}"
             fi
         done
-        wait
+        wait_all "${pids[@]}"
         "$PY" evaluate.py --compare local=$R/local_relux_report.json \
             global=$R/global_relux_report.json ;;
     fashion_curves)

@@ -27,6 +27,8 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     global DEVICE
+    config.addinivalue_line('markers', "jobs: every run_job.sh entry end to end at tiny scale "
+                            "(minutes; `bash run_job.sh test_jobs`, not part of `run_job.sh test`)")
     name = config.getoption('--device') or os.environ.get('LOCALLIP_TEST_DEVICE', 'cpu')
     DEVICE = torch.device(name)
     if DEVICE.type == 'cuda' and not torch.cuda.is_available():
@@ -66,11 +68,12 @@ def write_idx(path, array):
         f.write(array.tobytes())
 
 
-def make_mnist_like(root, n_train=256, n_test=128, seed=0):
-    """A learnable 10-class MNIST-format dataset at root/MNIST/raw (torchvision layout):
-    each class is a bright block at its own position plus noise."""
+def make_mnist_like(root, n_train=256, n_test=128, seed=0, name='MNIST'):
+    """A learnable 10-class MNIST-format dataset at root/<name>/raw (torchvision layout;
+    name FashionMNIST for Fashion-MNIST): each class is a bright block at its own position
+    plus noise."""
     rng = np.random.default_rng(seed)
-    raw = os.path.join(root, 'MNIST', 'raw')
+    raw = os.path.join(root, name, 'raw')
     os.makedirs(raw, exist_ok=True)
     for stem, n in (('train', n_train), ('t10k', n_test)):
         labels = rng.integers(0, 10, n).astype(np.uint8)
@@ -164,3 +167,34 @@ def blob_loader(n=64, seed=1, batch=32):
     from data_load import IndexedDataset
     x, y = blobs(n, seed)
     return DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=batch)
+
+
+def make_tinyimagenet_like(root, classes=4, per_class=8, val_per_class=4, seed=0):
+    """tiny-imagenet-200 as downloaded (before TinyImagenet/prepare_data.py regroups val):
+    train/<wnid>/images/<wnid>_<k>.JPEG, val/images/val_<k>.JPEG with val/val_annotations.txt
+    (tab-separated name, wnid, box), wnids.txt; 64x64 RGB JPEGs, each class its own colour."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    base = os.path.join(root, 'tiny-imagenet-200')
+    wnids = [f"n{10000000 + c:08d}" for c in range(classes)]
+    os.makedirs(os.path.join(base, 'val', 'images'), exist_ok=True)
+
+    def image(c):
+        a = rng.integers(0, 60, (64, 64, 3)).astype(np.uint8)
+        a[16:48, 16:48, c % 3] = 200 + 10 * (c // 3)
+        return Image.fromarray(a)
+    lines = []
+    for c, w in enumerate(wnids):
+        folder = os.path.join(base, 'train', w, 'images')
+        os.makedirs(folder, exist_ok=True)
+        for k in range(per_class):
+            image(c).save(os.path.join(folder, f"{w}_{k}.JPEG"))
+        for k in range(val_per_class):
+            name = f"val_{c * val_per_class + k}.JPEG"
+            image(c).save(os.path.join(base, 'val', 'images', name))
+            lines.append(f"{name}\t{w}\t0\t0\t63\t63\n")
+    with open(os.path.join(base, 'val', 'val_annotations.txt'), 'w') as f:
+        f.writelines(lines)
+    with open(os.path.join(base, 'wnids.txt'), 'w') as f:
+        f.write('\n'.join(wnids) + '\n')
+    return root

@@ -183,6 +183,24 @@ def test_resume_after_kill_reaches_the_same_result(tmp_path, mnist_dir):
         same_as_a_second_run(a, [b, c], args, tmp_path, mnist_dir)
 
 
+def test_no_save_runs_to_the_end_and_writes_nothing(tmp_path, mnist_dir):
+    """--no_save with the reference's ignored switches (--test_pth, --print, --real_time,
+    --project) and --verbose: exit 0 after the final evaluation, and not one file written,
+    neither under --prefix nor in the working folder."""
+    work, prefix = tmp_path / 'cwd', tmp_path / 'out' / 'run'
+    work.mkdir()
+    (tmp_path / 'out').mkdir()
+    command = cmd('train_mnist.py', *FAST, '--epochs', '2', '--no_save', '--prefix', str(prefix),
+                  '--test_pth', 'x.pth', '--print', '--real_time', '--project', 'p',
+                  '--verbose', '1', data_dir=mnist_dir)
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='2')
+    p = subprocess.run(command, cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert '--no_save: no checkpoint' in p.stdout and 'epoch 1 |' in p.stdout
+    assert 'epoch 0 batch 1/2' in p.stdout and 'final (' in p.stdout, p.stdout
+    assert os.listdir(work) == [] and os.listdir(tmp_path / 'out') == []
+
+
 def same_as_a_second_run(a, others, args, tmp_path, mnist_dir):
     """CUDA: convolution backward is not bitwise deterministic without --deterministic and
     Adam amplifies tiny gradient differences (an H100 run differed by more than 1e-4 after
