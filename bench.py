@@ -48,7 +48,7 @@ from local_bound import (RandomVectors, VectorStore, compute_bound, exact_float3
                          worst_case_margins, worst_case_margins_all_pairs)
 from data_load import get_dataset
 from train import step_function, stored_step
-from utils import clamp_thresholds, load_checkpoint, select_model
+from utils import clamp_thresholds, load_checkpoint, saved_model_path, select_model
 
 INPUT = {'mnist': (1, 28, 28), 'fashionmnist': (1, 28, 28), 'cifar10': (3, 32, 32),
          'tinyimagenet': (3, 64, 64)}
@@ -95,7 +95,9 @@ def main(argv=None):
                    "to its slowest sample, as the reference does (the 'before' of per-sample stopping)")
     p.add_argument('--saved_model', default=None, help="eval mode: load P_best.pth and certify "
                    "the first --test_batch_size test images of --data (from --data_dir)")
-    p.add_argument('--data_dir', default='data', help="with --saved_model: dataset folder")
+    p.add_argument('--data_dir', default=None, help="with --saved_model: dataset folder "
+                   "(as evaluate.py's --data_dir: default data/, 'system' for the Debian "
+                   "Fashion-MNIST package)")
     p.add_argument('--steps', type=int, default=10, help="timed steps of each kind (median)")
     p.add_argument('--warmup', type=int, default=2, help="untimed steps of each kind first")
     p.add_argument('--threads', type=int, default=2, help="CPU threads (the convention: 2)")
@@ -173,7 +175,7 @@ def main(argv=None):
         clamp_thresholds(model)
 
     if a.saved_model:
-        load_checkpoint(a.saved_model + '_best.pth', model, dev)
+        load_checkpoint(saved_model_path(a.saved_model), model, dev)
 
     def timed(fn):
         sync()

@@ -2,8 +2,9 @@
 dataset, which keys the per-sample power-iteration vectors.
 
   mnist        torchvision MNIST under --data_dir (downloaded if missing and allowed)
-  fashionmnist torchvision FashionMNIST under --data_dir, else the Debian package
-               dataset-fashion-mnist (/usr/share/datasets/fashion-mnist/), else download
+  fashionmnist torchvision FashionMNIST under --data_dir (or IDX files in it directly); with
+               no --data_dir, data/ and then the Debian package dataset-fashion-mnist
+               (/usr/share/datasets/fashion-mnist/); --data_dir system: only the package
   cifar10      torchvision CIFAR-10 under --data_dir; random crop 32 pad 4 + flip
   tinyimagenet --data_dir/tiny-imagenet-200/{train,val} as ImageFolders (val regrouped
                into one folder per class by TinyImagenet/prepare_data.py)
@@ -21,11 +22,14 @@ from torchvision.datasets.utils import download_and_extract_archive
 
 from utils import UserError
 
+DEFAULT_DATA_DIR = 'data'        # --data_dir not given
+SYSTEM = 'system'                # --data_dir system: the Debian Fashion-MNIST package's copy
 DEBIAN_FASHION = '/usr/share/datasets/fashion-mnist'
 HOW_TO_GET = {
     'mnist': "run once with internet access (torchvision downloads it into --data_dir), "
              "or copy MNIST/raw/*-ubyte files there",
-    'fashionmnist': "apt-get install dataset-fashion-mnist, or run once with internet access",
+    'fashionmnist': "apt-get install dataset-fashion-mnist and give --data_dir system (or no "
+                    "--data_dir), or run once with internet access",
     'cifar10': "run once with internet access (torchvision downloads it into --data_dir), "
                "or copy cifar-10-batches-py there",
     'tinyimagenet': "run python TinyImagenet/prepare_data.py --data_dir DIR with internet access",
@@ -124,45 +128,71 @@ def _torchvision(cls, name, root, train, transform, download):
     """torchvision dataset; downloads when missing and allowed; one clear error otherwise.
     MNIST-like test splits are read from their raw IDX files when only those are there, and
     only they are downloaded (evaluation needs no training images)."""
+    folder = os.path.join(root, getattr(cls, 'base_folder', cls.__name__))  # CIFAR10's own name
     try:
-        return cls(root, train=train, transform=transform, download=False)
+        return from_folder(cls(root, train=train, transform=transform, download=False), folder)
     except RuntimeError as missing:
         # torchvision's text ends with advice for its own API ("You can use download=True")
         reason = str(missing).split(' You can use download=True')[0].rstrip('. ')
     idx_like = cls in (datasets.MNIST, datasets.FashionMNIST)
     raw = os.path.join(root, cls.__name__, 'raw')
     if idx_like and not train and has_idx(raw, train):
-        return IdxImages(raw, train, None)
+        return from_folder(IdxImages(raw, train, None), raw)
     if not download:
         reason += "; --no_download was given, so it was not downloaded"
     else:
         try:
             if idx_like and not train:
-                return IdxImages(download_idx_split(cls, root, train), train, None)
-            return cls(root, train=train, transform=transform, download=True)
+                return from_folder(IdxImages(download_idx_split(cls, root, train), train, None), raw)
+            return from_folder(cls(root, train=train, transform=transform, download=True), folder)
         except (urllib.error.URLError, OSError, RuntimeError) as e:
             reason = "download failed: " + ' '.join(str(e).split())
     raise UserError(f"dataset {name} not found under {os.path.abspath(root)} ({reason}); "
                     f"to get it: {HOW_TO_GET[name]}")
 
 
+def from_folder(ds, folder):
+    """``ds`` marked with the folder it was read from (``ds.source``, for the start-up lines)."""
+    ds.source = os.path.abspath(folder)
+    return ds
+
+
+def fashion_mnist(data_dir, train, download):
+    """Fashion-MNIST from ``data_dir`` (FashionMNIST/raw or IDX files directly in it; a given
+    folder without them is downloaded into or refused, never replaced by another copy), from
+    data/ and then the Debian package when ``data_dir`` is None, or only from the package when
+    it is ``SYSTEM``."""
+    split = 'train' if train else 't10k'
+    if data_dir == SYSTEM:
+        if not has_idx(DEBIAN_FASHION, train):
+            raise UserError(f"--data_dir {SYSTEM}: no {split}-images-idx3-ubyte[.gz] in "
+                            f"{DEBIAN_FASHION}; apt-get install dataset-fashion-mnist")
+        return from_folder(IdxImages(DEBIAN_FASHION, train, None), DEBIAN_FASHION)
+    root = data_dir or DEFAULT_DATA_DIR
+    folders = [os.path.join(root, 'FashionMNIST', 'raw'), root]
+    for folder in folders + ([DEBIAN_FASHION] if data_dir is None else []):
+        if has_idx(folder, train):
+            return from_folder(IdxImages(folder, train, None), folder)
+    return _torchvision(datasets.FashionMNIST, 'fashionmnist', root, train, transforms.ToTensor(),
+                        download)
+
+
 NORMALIZE = transforms.Normalize((0.485, 0.456, 0.406), (0.225, 0.225, 0.225))  # the reference's
 
 
 def get_dataset(name, data_dir, train, augment, download=True, normalization=False):
-    """The (x, y) dataset ``name``; x in [0, 1], unless ``normalization`` (CIFAR-10 and
+    """The (x, y) dataset ``name``, read from ``data_dir`` (None: data/), with the folder it
+    came from as ``.source``; x in [0, 1], unless ``normalization`` (CIFAR-10 and
     TinyImageNet: (x - mean) / 0.225, as the reference's --normalization). MNIST and
     Fashion-MNIST are never augmented nor normalised (as in the reference)."""
-    if name in ('mnist', 'fashionmnist'):
-        if name == 'fashionmnist':
-            local = os.path.join(data_dir, 'FashionMNIST', 'raw')
-            for folder in (local, DEBIAN_FASHION):
-                if has_idx(folder, train):
-                    return IdxImages(folder, train, None)
-            cls = datasets.FashionMNIST
-        else:
-            cls = datasets.MNIST
-        return _torchvision(cls, name, data_dir, train, transforms.ToTensor(), download)
+    if name == 'fashionmnist':
+        return fashion_mnist(data_dir, train, download)
+    if data_dir == SYSTEM:
+        raise UserError(f"--data_dir {SYSTEM} is the Debian Fashion-MNIST package; --data {name} "
+                        f"needs a folder")
+    data_dir = data_dir or DEFAULT_DATA_DIR
+    if name == 'mnist':
+        return _torchvision(datasets.MNIST, name, data_dir, train, transforms.ToTensor(), download)
     norm = [NORMALIZE] if normalization else []
     if name == 'cifar10':
         aug = [transforms.RandomCrop(32, padding=4), transforms.RandomHorizontalFlip()]
@@ -175,7 +205,7 @@ def get_dataset(name, data_dir, train, augment, download=True, normalization=Fal
                             f"to get it: {HOW_TO_GET[name]}")
         aug = [transforms.RandomCrop(64, padding=4), transforms.RandomHorizontalFlip()]
         tf = transforms.Compose((aug if (augment and train) else []) + [transforms.ToTensor()] + norm)
-        return datasets.ImageFolder(folder, transform=tf)
+        return from_folder(datasets.ImageFolder(folder, transform=tf), folder)
     raise UserError(f"unknown --data {name!r}; choose from mnist, fashionmnist, cifar10, tinyimagenet")
 
 
@@ -194,9 +224,10 @@ def get_loaders(args, train=True, test=True, rank=0, world=1):
         if not wanted:
             out.append(None)
             continue
-        ds = IndexedDataset(get_dataset(args.data, args.data_dir, is_train, not args.no_augmentation,
-                                        download=not args.no_download,
-                                        normalization=getattr(args, 'normalization', False)))
+        base = get_dataset(args.data, args.data_dir, is_train, not args.no_augmentation,
+                           download=not args.no_download,
+                           normalization=getattr(args, 'normalization', False))
+        ds = IndexedDataset(base)
         n = args.n_train if is_train else args.n_test
         if n and n < len(ds):
             ds = Subset(ds, range(n))
@@ -214,4 +245,5 @@ def get_loaders(args, train=True, test=True, rank=0, world=1):
             out.append(DataLoader(ds, batch_size=args.test_batch_size, shuffle=False,
                                   num_workers=args.workers, pin_memory=pin))
         out[-1].n_total = n_total     # samples of the whole split (sizes the vector stores)
+        out[-1].source = base.source  # the folder it was read from
     return tuple(out)

@@ -34,7 +34,7 @@ from local_bound import check_supported, fold_batchnorm
 from report import (check_expected, comparison_table, expected_results, markdown_table,
                     radius_line, radius_lines, summary_line)
 from utils import (UserError, argparser, distributed, init_distributed, load_checkpoint,
-                   run_main, select_model)
+                   run_main, saved_model_path, select_model)
 
 AUDIT_FAILED = 3   # exit status when the audit breaks a certificate
 EXPECT_FAILED = 4  # exit status when --expect numbers are not reproduced
@@ -71,7 +71,7 @@ def main(argv=None, **defaults):
         print(comparison_table(named))
         return named
     if args.saved_model is None:
-        raise UserError("--saved_model P is required (loads P_best.pth)")
+        raise UserError("--saved_model P is required (loads P_best.pth, or the file P)")
     if args.resume and not args.out:
         raise UserError("evaluate.py --resume continues the --out TSV of an interrupted run; "
                         "give --out")
@@ -96,7 +96,7 @@ def evaluate(args, plot_dir, rank, world, device):
     if world > 1:
         dist.barrier()        # every process has checked before process 0 writes anything
     model = select_model(args.data, args.model, args.init)
-    path = args.saved_model + '_best.pth'
+    path = saved_model_path(args.saved_model)
     ckpt = load_checkpoint(path, model, 'cpu')
     model.eval()
     try:           # eval-mode BatchNorm folded into affine layers; every layer checked
@@ -109,7 +109,8 @@ def evaluate(args, plot_dir, rank, world, device):
     torch.manual_seed(args.seed)
     n = len(test_loader.dataset)
     if lead:
-        print(f"evaluate: {path} (epoch {ckpt.get('epoch', '?')}), {n} test points in "
+        print(f"evaluate: {path} (epoch {ckpt.get('epoch', '?')}), {n} test points from "
+              f"{test_loader.source} in "
               f"{len(test_loader)} batches, radii {' '.join(f'{e:g}' for e in args.radii)}, "
               f"{args.certificate} certificates"
               f"{f' (delta {args.delta:g})' if args.certificate == 'guaranteed' else ''}"

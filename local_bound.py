@@ -39,12 +39,35 @@ ACTIVATIONS = (ReLU_x, nn.ReLU, ClampGroupSort)
 FLATTEN = (Flatten, nn.Flatten)
 NOOPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)   # identities in eval mode
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
-SUPPORTED = ("Conv2d, Linear, AvgPool2d, Flatten, ReLU_x, ReLU, ClampGroupSort, Identity, "
-             "Dropout (eval mode); BatchNorm1d/2d in eval mode after fold_batchnorm(model)")
+
+
+def layer_names(types) -> List[str]:
+    """Class names of ``types``, in order, each once."""
+    return list(dict.fromkeys(t.__name__ for t in types))
+
+
+# the layer types the bound accepts, by class name (the README and docs/api.md list the same
+# names; tests/test_docs.py checks)
+SUPPORTED_NAMES = layer_names(AFFINE + FLATTEN + ACTIVATIONS + NOOPS + BATCHNORM)
+SUPPORTED = (f"{', '.join(layer_names(AFFINE + FLATTEN + ACTIVATIONS))}, "
+             f"{', '.join(layer_names(NOOPS))} (eval mode); "
+             f"{', '.join(layer_names(BATCHNORM))} in eval mode (folded by fold_batchnorm)")
+
+
+class UnsupportedModel(ValueError):
+    """The model cannot be bounded: not an nn.Sequential, a layer of an unsupported type,
+    BatchNorm / Dropout in training mode, or no Linear logit layer at the end. The message
+    names the module and what is accepted (``SUPPORTED``)."""
 
 
 class BoundError(RuntimeError):
     """A bound that violates its own invariants (lb > ub, non-finite values)."""
+
+
+def _not_sequential(model) -> UnsupportedModel:
+    return UnsupportedModel(
+        f"the bound walks an nn.Sequential; got {type(model).__name__} (a module with its own "
+        f"forward): write the network as nn.Sequential(...) of the supported layers: {SUPPORTED}")
 
 
 @contextlib.contextmanager
@@ -68,51 +91,54 @@ def check_supported(model: nn.Sequential) -> List[int]:
     """Validate ``model`` for the bound; return the module indices of its affine layers
     (Conv2d, Linear, AvgPool2d), the last of which is the logit layer.
 
-    Raises ValueError naming the first unsupported module, a Dropout in training mode, or a
-    BatchNorm (``fold_batchnorm`` turns it into affine layers at the same indices).
+    Raises UnsupportedModel (a ValueError) naming the first unsupported module, a Dropout
+    in training mode, or a BatchNorm (``fold_batchnorm`` turns it into affine layers at the
+    same indices).
     """
     if not isinstance(model, nn.Sequential):
-        raise ValueError(f"the bound needs an nn.Sequential, got {type(model).__name__}")
+        raise _not_sequential(model)
     affine, last_real = [], None
     for i, m in enumerate(model):
         if isinstance(m, nn.Conv2d):
             if m.padding_mode != 'zeros' or isinstance(m.padding, str):
-                raise ValueError(f"layer {i} ({m}): only zero padding given as numbers is supported")
+                raise UnsupportedModel(f"layer {i} ({m}): only zero padding given as numbers "
+                                       f"is supported")
             affine.append(i)
         elif isinstance(m, nn.Linear):
             affine.append(i)
         elif isinstance(m, nn.AvgPool2d):
             if isinstance(m.padding, str):
-                raise ValueError(f"layer {i} ({m}): padding must be given as numbers")
+                raise UnsupportedModel(f"layer {i} ({m}): padding must be given as numbers")
             affine.append(i)
         elif isinstance(m, BATCHNORM):
-            raise ValueError(f"layer {i} ({type(m).__name__}): fold it first with "
-                             f"local_bound.fold_batchnorm(model) (a per-channel affine map in "
-                             f"eval mode; locallip and evaluate.py do this)")
+            raise UnsupportedModel(f"layer {i} ({type(m).__name__}): fold it first with "
+                                   f"local_bound.fold_batchnorm(model) (a per-channel affine "
+                                   f"map in eval mode; locallip and evaluate.py do this)")
         elif isinstance(m, NOOPS):
             if m.training and not isinstance(m, nn.Identity):
-                raise ValueError(f"layer {i} ({type(m).__name__}) is in training mode, where "
-                                 f"it is not a fixed map: call model.eval() first")
+                raise UnsupportedModel(f"layer {i} ({type(m).__name__}) is in training mode, "
+                                       f"where it is not a fixed map: call model.eval() first")
             continue
         elif not isinstance(m, ACTIVATIONS + FLATTEN):
-            raise ValueError(f"layer {i} ({type(m).__name__}) is not supported by the bound; "
-                             f"supported: {SUPPORTED}")
+            raise UnsupportedModel(f"layer {i} ({type(m).__name__}) is not supported by the "
+                                   f"bound; supported: {SUPPORTED}")
         last_real = i
     if not affine or last_real is None or not isinstance(model[last_real], nn.Linear):
-        raise ValueError("the last module of the model (after any Identity / Dropout) must be "
-                         "nn.Linear (the logit layer)")
+        raise UnsupportedModel("the last module of the model (after any Identity / Dropout) "
+                               "must be nn.Linear (the logit layer)")
     return affine
 
 
 def _bn_scale_shift(bn: nn.Module):
     """(s, t) [channels] of an eval-mode BatchNorm: bn(x) = s x + t per channel."""
     if bn.training:
-        raise ValueError(f"{type(bn).__name__} is in training mode, where it is not a fixed map "
-                         f"(it normalises by the batch's statistics): call model.eval() first")
+        raise UnsupportedModel(f"{type(bn).__name__} is in training mode, where it is not a "
+                               f"fixed map (it normalises by the batch's statistics): call "
+                               f"model.eval() first")
     if bn.running_mean is None or bn.running_var is None:
-        raise ValueError(f"{type(bn).__name__} without running statistics "
-                         f"(track_running_stats=False) normalises by the batch at every call: "
-                         f"not a fixed map, not supported")
+        raise UnsupportedModel(f"{type(bn).__name__} without running statistics "
+                               f"(track_running_stats=False) normalises by the batch at every "
+                               f"call: not a fixed map, not supported")
     s = torch.rsqrt(bn.running_var + bn.eps)
     if bn.weight is not None:
         s = s * bn.weight
@@ -131,7 +157,7 @@ def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
     [batch, features]). Refuses BatchNorm in training mode or without running statistics.
     A model without BatchNorm is returned as is (not copied)."""
     if not isinstance(model, nn.Sequential):
-        raise ValueError(f"the bound needs an nn.Sequential, got {type(model).__name__}")
+        raise _not_sequential(model)
     if not any(isinstance(m, BATCHNORM) for m in model):
         return model
     mods = list(model)
@@ -143,8 +169,9 @@ def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
             if prev is not None and isinstance(out[prev], (nn.Conv2d, nn.Linear)):
                 a = out[prev]
                 if a.weight.shape[0] != s.numel():
-                    raise ValueError(f"layer {i} ({type(m).__name__}) has {s.numel()} channels, "
-                                     f"layer {prev} has {a.weight.shape[0]} outputs")
+                    raise UnsupportedModel(f"layer {i} ({type(m).__name__}) has {s.numel()} "
+                                           f"channels, layer {prev} has {a.weight.shape[0]} "
+                                           f"outputs")
                 shape = (-1,) + (1,) * (a.weight.dim() - 1)
                 with torch.no_grad():
                     a.weight.mul_(s.view(shape))

@@ -22,6 +22,7 @@ convergence); ``'guaranteed'`` uses Lanczos upper bounds (lanczos.py) and each c
 is false with probability at most ``delta`` over the algorithm's random starts.
 """
 import contextlib
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Union
 
@@ -32,8 +33,8 @@ from certify import (RADIUS_EVALS, RADIUS_RTOL, RADIUS_STEPS, converged_global_v
                      radius_batch)
 from lanczos import GuaranteedNorms, guaranteed_certify
 from utils import load_checkpoint
-from local_bound import (NOOPS, TOL, KeptVectors, RandomVectors, check_supported,
-                         compute_bound, exact_float32, fold_batchnorm)
+from local_bound import (NOOPS, SUPPORTED, TOL, KeptVectors, RandomVectors, UnsupportedModel,
+                         check_supported, compute_bound, exact_float32, fold_batchnorm)
 
 SNITER = 2000       # per-sample power iterations at most (each sample stops at ``tol``)
 OPT_ITER = 1000     # worst-case-logit rounds (exact once they finish; sound at any count)
@@ -60,7 +61,8 @@ class LipschitzBound:
 
 @dataclass
 class CertifiedRadius:
-    """Per-sample results of ``certified_radius`` ([batch], CPU)."""
+    """Per-sample results of ``certified_radius`` ([batch], CPU; radius and upper in the
+    model's dtype, the one its bounds are computed in: float32 for a float32 model)."""
     radius: torch.Tensor         # largest eps found certified (0: not even at eps -> 0)
     upper: torch.Tensor          # smallest eps found NOT certified (inf: never failed, e.g.
     #                              max_radius reached); upper <= radius (1 + rtol) otherwise
@@ -81,12 +83,16 @@ def load_weights(model: nn.Module, path: str) -> dict:
 
 def prepare(model: nn.Module) -> nn.Sequential:
     """The model as the bound walks it: BatchNorm folded (a copy when there is any), every
-    layer checked (ValueError naming an unsupported one, or BatchNorm / Dropout in training
-    mode)."""
-    if not isinstance(model, nn.Sequential):
-        raise ValueError(f"the bound needs an nn.Sequential, got {type(model).__name__}")
-    folded = fold_batchnorm(model)
-    check_supported(folded)
+    layer checked. Raises ``UnsupportedModel`` (a ValueError) naming the first module that
+    cannot be bounded and what is accepted: a model that is not an nn.Sequential, a layer
+    outside ``SUPPORTED``, BatchNorm / Dropout in training mode, no Linear logit layer."""
+    try:
+        folded = fold_batchnorm(model)
+        check_supported(folded)
+    except UnsupportedModel as refusal:
+        # the refusal is about the caller's model: report it from the API call itself, with
+        # no internal frames (the message names the module; the stack would not help)
+        raise refusal.with_traceback(None) from None
     return folded
 
 
@@ -250,12 +256,26 @@ def certified_radius(model: nn.Module, x, y=None, *, certificate: str = 'referen
         r = radius_batch(net, x, y, gv, sniter=sniter, opt_iter=opt_iter, rtol=rtol,
                          max_radius=max_radius, norms=norms, max_evals=RADIUS_EVALS,
                          steps=int(steps), reference=norms is None)
+    dtype = x.dtype
     if norms is None:
-        return CertifiedRadius(r['radius'], r['radius_upper'], r['evals'], r['converged'])
-    found = r['radius_guaranteed']
-    return CertifiedRadius(found, r['radius_guaranteed_upper'], r['evals_guaranteed'],
-                           torch.ones(found.shape, dtype=torch.bool), 'guaranteed', delta)
+        return CertifiedRadius(_rounded(r['radius'], dtype, down=True),
+                               _rounded(r['radius_upper'], dtype, down=False), r['evals'],
+                               r['converged'])
+    found = _rounded(r['radius_guaranteed'], dtype, down=True)
+    return CertifiedRadius(found, _rounded(r['radius_guaranteed_upper'], dtype, down=False),
+                           r['evals_guaranteed'], torch.ones(found.shape, dtype=torch.bool),
+                           'guaranteed', delta)
 
 
-__all__ = ['LipschitzBound', 'CertifiedRadius', 'load_weights', 'prepare', 'lipschitz_bound', 'certify',
-           'certified_radius', 'SNITER', 'OPT_ITER', 'DELTA']
+def _rounded(t: torch.Tensor, dtype: torch.dtype, down: bool) -> torch.Tensor:
+    """``t`` (the search's float64 radii) in the model's ``dtype``, rounded toward 0 (a
+    certified radius must not grow by rounding) or away from it (a failed one)."""
+    out = t.to(dtype)
+    wrong = out.double() > t if down else out.double() < t
+    step = torch.full_like(out, 0.0 if down else math.inf)
+    return torch.where(wrong, torch.nextafter(out, step), out)
+
+
+__all__ = ['LipschitzBound', 'CertifiedRadius', 'UnsupportedModel', 'SUPPORTED', 'load_weights',
+           'prepare', 'lipschitz_bound', 'certify', 'certified_radius', 'SNITER', 'OPT_ITER',
+           'DELTA']

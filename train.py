@@ -547,7 +547,7 @@ def main(argv=None, **dataset_defaults):
         say(f"writing: checkpoints {ckpt_path} (every epoch) and {best_path} (best after the "
             f"ramp); power-iteration vectors {vec_note}; TensorBoard {base}_tb", flush=True)
     say(f"training {args.model} on {args.data} ({train_loader.n_total} train / "
-        f"{test_loader.n_total} test) on {world} x {device}"
+        f"{test_loader.n_total} test from {train_loader.source}) on {world} x {device}"
         f"{' (' + dist.get_backend() + ')' if distributed() else ''}; checkpoints {base}_*.pth",
         flush=True)
 

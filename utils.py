@@ -10,6 +10,7 @@ import pickle
 import random
 import re
 import sys
+import zipfile
 
 import numpy as np
 import torch
@@ -355,7 +356,10 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
     a = p.add_argument
     # data and model
     a('--data', default=d['data'], help="dataset: mnist, fashionmnist, cifar10, tinyimagenet")
-    a('--data_dir', default='data', help="where datasets live / are downloaded (default data/)")
+    a('--data_dir', default=None, help="where datasets live / are downloaded (default data/; "
+      "--data fashionmnist without --data_dir also reads the Debian package "
+      "dataset-fashion-mnist). A given folder must hold the dataset or get it by download: "
+      "'system' names the package's copy. The start-up line names the folder read")
     a('--no_download', action='store_true', help="never try to download a missing dataset")
     a('--model', default=d['model'], help="architecture, e.g. relux, standrelu, c6f2_relux, "
       "c6f2_clmaxmin (see utils.MODELS), or an import path module.path:function to a "
@@ -457,7 +461,8 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
     # files and devices
     a('--prefix', default=None, help="checkpoints go to pretrained/<prefix>_<model>_{best,"
       "checkpoint}.pth (default: the dataset name); an absolute path is used as is")
-    a('--saved_model', default=None, help="evaluate.py: load <saved_model>_best.pth")
+    a('--saved_model', default=None, help="evaluate.py: load <saved_model>_best.pth (the "
+      "reference's prefix), or the checkpoint file <saved_model> itself")
     a('--results', default=None, help="evaluate.py: write a JSON summary here")
     a('--out', default=None, help="evaluate.py: write one tab-separated row per test point "
       "here, flushed as it goes")
@@ -654,10 +659,45 @@ def safe_load(path, map_location='cpu', what='checkpoint'):
         raise UserError(f"{path}: refused, loading it needs arbitrary unpickling ({name}); "
                         f"nothing in it was run. A {what} holds tensors and plain Python "
                         f"values only") from None
-    except Exception as e:     # truncated zip, not a torch file: one line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read {what} {path} ({os.path.getsize(path)} bytes): "
-                        f"{first} -- is the file complete?") from e
+    except Exception as e:     # truncated zip, not a torch file: one line, in words
+        raise UserError(f"cannot read {what} {path}: {unreadable_file(path, e)}") from e
+
+
+ZIP_MAGIC = b'PK\x03\x04'       # torch.save's format since PyTorch 1.6 is a zip archive
+PICKLE_MAGIC = b'\x80'           # the legacy format starts with a pickle protocol opcode
+
+
+def unreadable_file(path: str, error: Exception) -> str:
+    """What a file torch.load could not read is, in words: empty, cut short (a zip archive
+    without its end: a write that did not finish), or not a PyTorch checkpoint at all."""
+    size = os.path.getsize(path)
+    with open(path, 'rb') as f:
+        head = f.read(len(ZIP_MAGIC))
+    if size == 0:
+        return "the file is empty (0 bytes)"
+    if head == ZIP_MAGIC and not zipfile.is_zipfile(path):
+        return (f"cut short at {size} bytes (a zip archive, torch.save's format, without its "
+                f"end: the write did not finish or the copy is incomplete)")
+    if head.startswith(PICKLE_MAGIC) and (isinstance(error, EOFError) or 'EOF' in str(error)):
+        return f"cut short at {size} bytes (a legacy PyTorch pickle that ends early)"
+    if head != ZIP_MAGIC and not head.startswith(PICKLE_MAGIC):
+        return (f"not a PyTorch checkpoint ({size} bytes that are neither a zip archive, "
+                f"torch.save's format, nor a legacy pickle)")
+    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return f"a {size}-byte PyTorch file that does not load ({first})"
+
+
+def saved_model_path(saved_model: str) -> str:
+    """The checkpoint ``--saved_model`` names: ``P_best.pth`` for the reference's prefix P,
+    or P itself when that file exists and P_best.pth does not."""
+    best = saved_model + '_best.pth'
+    if os.path.isfile(best) or not os.path.isfile(saved_model):
+        if not os.path.isfile(best):
+            raise UserError(f"checkpoint not found: {best} (--saved_model P loads P_best.pth, "
+                            f"as the reference does, or P itself when P is a file; no file "
+                            f"{saved_model} either)")
+        return best
+    return saved_model
 
 
 def load_checkpoint(path, model, device='cpu'):

@@ -277,6 +277,41 @@ def test_unsupported_and_training_mode_are_refused():
         check_supported(user_net())
 
 
+class Skip(nn.Module):
+    """A user's residual block: a module with its own forward (no nn.Sequential)."""
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+def test_refusals_are_one_documented_exception():
+    """Every refusal of the API is a locallip.UnsupportedModel (a ValueError) raised from
+    the API call itself (no frames inside the bound), naming the module and the accepted
+    layers in one line."""
+    import traceback
+    x = torch.rand(2, 1, 8, 8)
+    pool = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(18, 2))
+    cases = ((Skip(), "got Skip (a module with its own forward)"),
+             (pool, "layer 1 (MaxPool2d) is not supported"),
+             (nn.Sequential(Skip(), nn.Flatten(), nn.Linear(64, 2)), "layer 0 (Skip)"),
+             (nn.Sequential(nn.Flatten(), nn.Linear(64, 2), nn.ReLU()), "must be nn.Linear"))
+    for net, message in cases:
+        for call in (lambda: locallip.lipschitz_bound(net, x, 0.1),
+                     lambda: locallip.certify(net, x, eps=0.1),
+                     lambda: locallip.certified_radius(net, x)):
+            with pytest.raises(locallip.UnsupportedModel) as e:
+                call()
+            text = str(e.value)
+            assert message in text and '\n' not in text and isinstance(e.value, ValueError)
+            files = {os.path.basename(f.filename) for f in traceback.extract_tb(e.tb)}
+            assert files == {'test_api.py', 'locallip.py'}, files
+        if 'must be' not in message:
+            assert locallip.SUPPORTED in text and 'ClampGroupSort' in locallip.SUPPORTED
+
+
 def test_bare_calls_work_and_bad_shapes_say_so():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), nn.Flatten(), nn.Linear(2 * 6 * 6, 3))
@@ -325,7 +360,7 @@ def test_readme_api_example_runs(capsys):
 
 def _bundled(n=12):
     from data_load import get_dataset
-    ds = get_dataset('fashionmnist', os.path.join(ROOT, 'data'), train=False, augment=False,
+    ds = get_dataset('fashionmnist', None, train=False, augment=False,   # data/, then Debian's
                      download=False)
     net = select_model('fashionmnist', 'relux', 2.0)
     load_checkpoint(os.path.join(ROOT, 'pretrained', 'fashionmnist', 'local_relux_best.pth'), net)
@@ -456,3 +491,21 @@ def test_bracket_search_on_a_linear_margin():
     assert out['lo'][0] < 1.0 <= out['hi'][0] <= out['lo'][0] * (1 + 1e-3)
     assert abs(float(seen[2][0]) - 1.0) < 1e-6            # the third trial: the root itself
     assert out['lo'][1] == 0 and out['hi'][1] == math.inf
+
+
+def test_radius_in_the_models_dtype():
+    """certified_radius answers in the model's dtype (float32 bounds: float32 radii), the
+    certified radius rounded toward 0 and the failed one away from it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.rand(4, 1, 4, 4)
+    for dtype in (torch.float32, torch.float64):
+        r = locallip.certified_radius(net.to(dtype), x.to(dtype), rtol=1e-2, sniter=50,
+                                      opt_iter=20)
+        assert r.radius.dtype == r.upper.dtype == dtype and (r.radius > 0).all()
+        assert (r.upper > r.radius).all()
+    exact = torch.tensor([0.1, 1 / 3, 0.5, math.inf], dtype=torch.float64)
+    down, up = locallip._rounded(exact, torch.float32, True), locallip._rounded(exact, torch.float32, False)
+    assert down.dtype == up.dtype == torch.float32
+    assert (down.double() <= exact).all() and (up.double() >= exact).all()
+    assert down[2] == up[2] == 0.5 and (up.double() - down.double())[:2].gt(0).all()

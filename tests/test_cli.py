@@ -43,6 +43,7 @@ def test_train_then_evaluate(tmp_path, mnist_dir):
     assert 'epoch 0 |' in p.stdout and 'epoch 1 |' in p.stdout and 'final (' in p.stdout
     assert f"writing: checkpoints {prefix}_relux_checkpoint.pth" in p.stdout      # announced
     assert f"TensorBoard {prefix}_relux_tb" in p.stdout and '_vectors.pt (' in p.stdout
+    assert f"test from {os.path.abspath(os.path.join(mnist_dir, 'MNIST'))})" in p.stdout
     best, last = prefix + '_relux_best.pth', prefix + '_relux_checkpoint.pth'
     ck = torch.load(last, weights_only=False)
     assert ck['epoch'] == 1 and ck['args']['epochs'] == 2 and 'optimizer' in ck
@@ -58,7 +59,8 @@ def test_train_then_evaluate(tmp_path, mnist_dir):
     # training's final evaluation is evaluate.py's: the same numbers for the same checkpoint
     final = next(l for l in p.stdout.splitlines() if l.startswith('final ('))
     q = run('evaluate.py', '--data', 'mnist', '--model', 'relux', '--data_dir', mnist_dir,
-            '--no_download', *FAST[3:], '--epsilon', '0.02', '--saved_model', prefix + '_relux')
+            '--no_download', *FAST[3:], '--epsilon', '0.02', '--saved_model', best)  # a file
+    assert q.stdout.startswith(f"evaluate: {best} (epoch ")
     strip = lambda line: re.sub(r'\[\d+s\]', '', line.split('): ', 1)[1])
     again = [l for l in q.stdout.splitlines() if l.startswith('eps 0.02 n 64')]
     assert again and strip(final) == re.sub(r'\[\d+s\]', '', again[-1])
@@ -77,6 +79,7 @@ def test_train_then_evaluate(tmp_path, mnist_dir):
     assert not os.path.exists(prefix + '_relux_plots')      # never next to the checkpoint
     start = p.stdout.splitlines()[0]
     assert start.startswith(f"evaluate: {prefix}_relux_best.pth (epoch ") and '64 test points' in start
+    assert f"points from {os.path.abspath(os.path.join(mnist_dir, 'MNIST'))} in" in start
     assert 'radii 0.3 0.1' in start and 'reference certificates' in start
     from report import read_tsv
     header, rows = read_tsv(tsv)
@@ -256,7 +259,7 @@ def test_bad_evaluation_input(tmp_path, mnist_dir, capsys):
             '--niter', '1']
     p = run('evaluate.py', *base, '--saved_model', str(tmp_path / 'missing'), check=False)
     assert p.returncode == 2 and 'checkpoint not found' in p.stderr and 'missing_best.pth' in p.stderr
-    assert 'Traceback' not in p.stderr
+    assert 'Traceback' not in p.stderr and 'P loads P_best.pth' in p.stderr
     from utils import select_model
     torch.save({'state_dict': select_model('mnist', 'relux').state_dict(), 'err': 1, 'epoch': 0},
                str(tmp_path / 'm_best.pth'))
@@ -267,6 +270,11 @@ def test_bad_evaluation_input(tmp_path, mnist_dir, capsys):
                           (['--saved_model', m, '--resume'], 'give --out')):
         code, err = inline(main, base + args, capsys)
         assert code == 2 and message in err, (args, err)
+    # a given --data_dir without the dataset: refused, never replaced by the system copy
+    code, err = inline(main, ['--data', 'fashionmnist', '--data_dir', str(tmp_path / 'no' / 'such'),
+                              *base[2:], '--saved_model', m], capsys)
+    assert code == 2 and err.count('\n') == 1 and 'dataset fashionmnist not found under' in err
+    assert '--data_dir system' in err, err
     # a truncated file, a file that is not a checkpoint, one without a state_dict, NaN weights
     good = open(str(tmp_path / 'm_best.pth'), 'rb').read()
     open(str(tmp_path / 'cut_best.pth'), 'wb').write(good[:1000])
@@ -275,7 +283,18 @@ def test_bad_evaluation_input(tmp_path, mnist_dir, capsys):
     state = select_model('mnist', 'relux').state_dict()
     state['0.weight'][0, 0, 0, 0] = float('nan')
     torch.save({'state_dict': state}, str(tmp_path / 'nan_best.pth'))
-    for name, message in (('cut', 'cannot read checkpoint'), ('list', 'holds no state_dict'),
+    open(str(tmp_path / 'text_best.pth'), 'w').write("this is a text file, not weights\n")
+    open(str(tmp_path / 'empty_best.pth'), 'w').close()
+    torch.save({'state_dict': select_model('mnist', 'relux').state_dict()},      # torch < 1.6
+               str(tmp_path / 'legacy.pth'), _use_new_zipfile_serialization=False)
+    for size in (100, 5000):
+        legacy = open(str(tmp_path / 'legacy.pth'), 'rb').read()[:size]
+        open(str(tmp_path / f'legacy{size}_best.pth'), 'wb').write(legacy)
+    for name, message in (('cut', 'cut short at 1000 bytes'), ('list', 'holds no state_dict'),
+                          ('text', 'not a PyTorch checkpoint (33 bytes'),
+                          ('empty', 'the file is empty (0 bytes)'),
+                          ('legacy100', 'cut short at 100 bytes (a legacy PyTorch pickle'),
+                          ('legacy5000', 'cut short at 5000 bytes (a legacy PyTorch pickle'),
                           ('nostate', 'holds no state_dict'), ('nan', "NaN or infinite weights in ['0.weight']")):
         code, err = inline(main, base + ['--saved_model', str(tmp_path / name)], capsys)
         lines = err.strip().splitlines()

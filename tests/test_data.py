@@ -68,11 +68,39 @@ def test_fashion_idx_gz_like_debian(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir(DEBIAN_FASHION), reason="dataset-fashion-mnist not installed")
-def test_fashion_from_debian_package(tmp_path):
-    train = get_dataset('fashionmnist', str(tmp_path), train=True, augment=False)
-    test = get_dataset('fashionmnist', str(tmp_path), train=False, augment=False)
+def test_fashion_from_debian_package(tmp_path, monkeypatch):
+    """No --data_dir: data/ first, then the package; --data_dir system: the package only."""
+    monkeypatch.chdir(tmp_path)                       # no data/ here
+    train = get_dataset('fashionmnist', None, train=True, augment=False)
+    test = get_dataset('fashionmnist', 'system', train=False, augment=False)
     assert len(train) == 60000 and len(test) == 10000
+    assert train.source == test.source == DEBIAN_FASHION
     assert sorted(set(test.targets.tolist())) == list(range(10))
+    # a data/ copy wins over the package when no --data_dir is given
+    make_mnist_like(str(tmp_path / 'data'), n_train=6, n_test=4, name='FashionMNIST')
+    assert len(get_dataset('fashionmnist', None, train=False, augment=False)) == 4
+
+
+def test_a_given_data_dir_is_the_one_read(tmp_path):
+    """A given --data_dir without the dataset is refused (never replaced by the system
+    copy); IDX files directly in it, or under FashionMNIST/raw, are read and named."""
+    empty = str(tmp_path / 'no' / 'such')
+    with pytest.raises(UserError) as e:
+        get_dataset('fashionmnist', empty, train=False, augment=False, download=False)
+    msg = str(e.value)
+    assert 'not found under' in msg and empty in msg and '--data_dir system' in msg
+    root = make_mnist_like(str(tmp_path / 'mine'), n_train=6, n_test=5, name='FashionMNIST')
+    ds = get_dataset('fashionmnist', root, train=False, augment=False, download=False)
+    assert len(ds) == 5 and ds.source == os.path.join(root, 'FashionMNIST', 'raw')
+    direct = os.path.join(root, 'FashionMNIST', 'raw')
+    ds = get_dataset('fashionmnist', direct, train=True, augment=False, download=False)
+    assert len(ds) == 6 and ds.source == direct
+    with pytest.raises(UserError, match='needs a folder'):
+        get_dataset('mnist', 'system', train=False, augment=False)
+    _, test = get_loaders(args_for('fashionmnist', root))
+    assert test.source == direct
+    mnist = make_mnist_like(str(tmp_path / 'digits'), n_train=6, n_test=5)
+    assert get_loaders(args_for('mnist', mnist))[0].source == os.path.join(mnist, 'MNIST')
 
 
 def test_missing_dataset_is_one_clear_error(tmp_path):

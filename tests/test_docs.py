@@ -125,3 +125,24 @@ def test_every_python_command_parses(monkeypatch):
                 pytest.fail(f"{where}: the argparser refused it (exit {e.code})")
             seen += 1
     assert seen >= 10
+
+
+def layer_list(path, start, end):
+    """The class names in the layer list of ``path`` between ``start`` and ``end``."""
+    text = ' '.join(open(path).read().split())
+    sentence = text.split(start, 1)[1].split(end, 1)[0]
+    names = re.findall(r"\b(?:[A-Z][A-Za-z0-9]*(?:_x)?)\b", sentence)
+    return set(names) - PROSE
+
+
+PROSE = {'Any', 'CPU', 'GPU', 'CUDA', 'MaxMin', 'ValueError', 'SUPPORTED'}  # capitalised, not layers
+
+
+@pytest.mark.parametrize('doc, start, end', [
+    ('README.md', "Any `nn.Sequential` of ", "is refused"),
+    (os.path.join('docs', 'api.md'), "works on any `nn.Sequential` of ", "says the same")])
+def test_layer_lists_are_the_codes(doc, start, end):
+    """The README and docs/api.md name exactly the layer types the bound accepts."""
+    from local_bound import SUPPORTED_NAMES
+    found = layer_list(os.path.join(ROOT, doc), start, end)
+    assert found == set(SUPPORTED_NAMES), (doc, sorted(found ^ set(SUPPORTED_NAMES)))
