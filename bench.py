@@ -43,12 +43,13 @@ import time
 import torch
 import torch.nn.functional as F
 
-from local_bound import (RandomVectors, VectorStore, compute_bound, exact_float32,
-                         layer_input_shapes,
-                         worst_case_margins, worst_case_margins_all_pairs)
+from local_bound import (compute_bound, exact_float32, layer_input_shapes, worst_case_margins,
+                         worst_case_margins_all_pairs)
+from vectors import RandomVectors, VectorStore
 from data_load import get_dataset
 from train import step_function, stored_step
-from utils import clamp_thresholds, load_checkpoint, saved_model_path, select_model
+from checkpoints import load_checkpoint, saved_model_path
+from models import clamp_thresholds, select_model
 
 INPUT = {'mnist': (1, 28, 28), 'fashionmnist': (1, 28, 28), 'cifar10': (3, 32, 32),
          'tinyimagenet': (3, 64, 64)}
@@ -61,7 +62,7 @@ def peak_rss():
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--model', default='c6f2_relux', help="architecture name (utils.MODELS)")
+    p.add_argument('--model', default='c6f2_relux', help="architecture name (models.MODELS)")
     p.add_argument('--data', default='cifar10', help="dataset family: input shape and classes")
     p.add_argument('--batch_size', type=int, default=32, help="training batch size")
     p.add_argument('--sniter', type=int, default=2, help="power iterations per certified step")
@@ -223,7 +224,7 @@ def eval_methods(a, model, dev, shape, classes, timed):
     ...} and prints one line per method."""
     from lanczos import GuaranteedNorms, guaranteed_certify
     from certify import converged_global_vectors, radius_batch
-    from local_bound import KeptVectors
+    from vectors import KeptVectors
     methods = a.methods or (['reference'] if a.batch_stop else ['early'])
     radii = sorted(a.radii or [a.eps])
     n = a.n_test or a.test_batch_size

@@ -13,12 +13,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from local_bound import (KeptVectors, RandomVectors, check_supported, compute_bound,
-                         exact_float32, global_power_iteration, global_vector_shape,
-                         layer_input_shapes)
+from local_bound import (check_supported, compute_bound, exact_float32, global_power_iteration,
+                         global_vector_shape, layer_input_shapes)
+from vectors import KeptVectors, RandomVectors, SubsetVectors
 from lanczos import STAGES, GuaranteedNorms, guaranteed_certify, masked_norm_bounds
 from report import batch_rows, resume_rows, summarize, tsv_columns, tsv_line, write_tsv
-from utils import UserError, all_reduce_sum
+from errors import UserError
+from utils import all_reduce_sum
 
 
 # ----------------------------------------------------------------------------------------
@@ -460,26 +461,6 @@ GLOBAL_COARSE = 0.1     # ... and of its first search, with the global bounds (o
 RITZ_STEPS = 16         # Lanczos steps of the Ritz-value estimate that places those bounds
 RADIUS_ROUNDS = 3       # most rounds of Lanczos bounds per point (a point certified at the top of
 #                         its bounds' range gets a higher one)
-
-
-class SubsetVectors:
-    """Power-iteration vectors of a whole batch [batch, *shape] per layer, handed out for
-    the rows ``idx`` of the points still searched (fresh Gaussian rows on a layer's first
-    use) and written back: every evaluation of the search starts from the vectors of the
-    point's previous one (warm start)."""
-
-    def __init__(self, batch: int, device):
-        self.batch, self.device = batch, torch.device(device)
-        self.kept = {}
-        self.idx = None
-
-    def get(self, key, shape):
-        if key not in self.kept:
-            self.kept[key] = torch.randn((self.batch, *shape), device=self.device)
-        return self.kept[key][self.idx].clone()
-
-    def put(self, key, u):
-        self.kept[key][self.idx] = u.detach().to(self.kept[key].dtype)
 
 
 def _next_radius(lo, m_lo, hi, m_hi, prev, m_prev, guess, rtol):

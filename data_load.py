@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset
 from torchvision import datasets, transforms
 from torchvision.datasets.utils import download_and_extract_archive
 
-from utils import UserError
+from errors import UserError
 
 DEFAULT_DATA_DIR = 'data'        # --data_dir not given
 SYSTEM = 'system'                # --data_dir system: the Debian Fashion-MNIST package's copy

@@ -33,8 +33,10 @@ from data_load import get_loaders
 from local_bound import check_supported, fold_batchnorm
 from report import (check_expected, comparison_table, expected_results, markdown_table,
                     radius_line, radius_lines, summary_line)
-from utils import (UserError, argparser, distributed, init_distributed, load_checkpoint,
-                   run_main, saved_model_path, select_model)
+from checkpoints import load_checkpoint, saved_model_path
+from errors import UserError
+from models import select_model
+from utils import argparser, distributed, init_distributed, run_main
 
 AUDIT_FAILED = 3   # exit status when the audit breaks a certificate
 EXPECT_FAILED = 4  # exit status when --expect numbers are not reproduced

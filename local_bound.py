@@ -20,20 +20,19 @@ worst-case-logit algorithm of BCP (docs/method.md).
 """
 import contextlib
 import copy
-import math
-import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils import ClampGroupSort, Flatten, ReLU_x
+from models import ClampGroupSort, Flatten, ReLU_x
+from vectors import RandomVectors
 
 TOL = 1e-3          # power iteration stops when the largest per-sample change is below this
 TINY = 1e-12        # guards divisions by norms that can be exactly zero
+FLOOR = 1e-30       # floor of a norm or radius before a log or a division
 AFFINE = (nn.Conv2d, nn.Linear, nn.AvgPool2d)      # linear maps (plus bias): one norm each
 ACTIVATIONS = (ReLU_x, nn.ReLU, ClampGroupSort)
 FLATTEN = (Flatten, nn.Flatten)
@@ -702,56 +701,6 @@ def worst_case_margins_all_pairs(weight, r, lo, hi, opt_iter):
 
 
 # ----------------------------------------------------------------------------------------
-# Vectors of the per-sample power iteration
-# ----------------------------------------------------------------------------------------
-class RandomVectors:
-    """Fresh Gaussian starting vectors for every layer (certification from scratch), drawn
-    on ``device`` (with ``generator``, which must live there, if given)."""
-
-    def __init__(self, batch: int, device, generator: Optional[torch.Generator] = None):
-        self.batch, self.device, self.generator = batch, torch.device(device), generator
-
-    def get(self, key: int, shape) -> torch.Tensor:
-        return torch.randn((self.batch, *shape), generator=self.generator, device=self.device)
-
-    def put(self, key: int, u: torch.Tensor) -> None:
-        pass
-
-
-class KeptVectors(RandomVectors):
-    """Fresh Gaussian vectors on a layer's first use, then the last vectors ``put`` for it:
-    warm start for the same batch bounded again, e.g. at a larger radius (whose varying
-    sets contain the smaller radius's, so the old top vector is a close start)."""
-
-    def __init__(self, batch: int, device, generator: Optional[torch.Generator] = None):
-        super().__init__(batch, device, generator)
-        self.kept: Dict[int, torch.Tensor] = {}
-
-    def get(self, key: int, shape) -> torch.Tensor:
-        if key in self.kept:
-            return self.kept[key].clone()
-        return super().get(key, shape)
-
-    def put(self, key: int, u: torch.Tensor) -> None:
-        self.kept[key] = u.detach()      # get() hands out copies
-
-
-class GivenVectors:
-    """Starting vectors handed in, {module index: [batch, *in_shape]}; ``put`` collects the
-    final ones in ``out``: the vector store is read before and written after the bound,
-    outside compiled code (train.py --compile)."""
-
-    def __init__(self, given: Dict[int, torch.Tensor]):
-        self.given, self.out = given, {}
-
-    def get(self, key: int, shape) -> torch.Tensor:
-        return self.given[key]
-
-    def put(self, key: int, u: torch.Tensor) -> None:
-        self.out[key] = u.detach()
-
-
-# ----------------------------------------------------------------------------------------
 # The bound
 # ----------------------------------------------------------------------------------------
 @dataclass
@@ -811,62 +760,37 @@ def _check_box(lb, ub, where):
         raise BoundError(f"{where}: {n} non-finite box entries")
 
 
-def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
-                  vectors=None, global_vectors: Optional[Dict[int, torch.Tensor]] = None, *,
-                  sniter: int = 100, opt_iter: int = 1000, global_iter: Optional[int] = None,
-                  bound: str = 'local', tol: float = TOL, check: bool = False,
-                  pi_grad: str = 'all', per_sample_stop: bool = True,
-                  also_global: bool = False, estimate: str = 'bilinear',
-                  global_tol: float = GLOBAL_TOL, reference_nan: bool = False,
-                  global_sigmas: Optional[Dict[int, torch.Tensor]] = None,
-                  local_norms: Optional[Callable] = None,
-                  sync_free: bool = False) -> BoundResult:
-    """Local-Lip bound of ``model`` on the L2 eps-balls around ``x``.
+@dataclass(frozen=True)
+class BoundOptions:
+    """The switches of ``compute_bound``; the defaults are certification's (the reference's
+    test counts). The public entry points with their own defaults are in ``locallip``."""
+    sniter: int = 100               # per-sample power iterations (and the global ones)
+    opt_iter: int = 1000            # rounds of the worst-case-logit algorithm
+    bound: str = 'local'            # 'local' (indicators from the boxes) or 'global' (all 1)
+    tol: float = TOL                # per-sample stop: largest change of the vector below this
+    check: bool = False             # verify lb <= ub and finiteness after every layer
+    pi_grad: str = 'all'            # 'all': gradients through every power iteration
+    #                                 (faithful); 'last': only through the final product
+    per_sample_stop: bool = True    # without gradient, each sample stops at its own
+    #                                 convergence (False: the batch waits for its slowest)
+    also_global: bool = False       # also ``worst_global`` (margins at r_global, same box)
+    estimate: str = 'bilinear'      # 'bilinear' (v^T A u, the reference's) or 'forward'
+    global_tol: float = GLOBAL_TOL  # tolerance of the global iterations
+    reference_nan: bool = False     # training: NaN worst-case margins become 0 (reference)
+    sync_free: bool = False         # full loop counts, stops applied on the device (no host
+    #                                 synchronisation: CUDA graphs / torch.compile)
 
-    x: [batch, *input_shape]; y: [batch] labels; eps: float or [batch] radii (L2).
-    vectors: object with ``get(key, shape) -> [batch, *shape]`` and ``put(key, u)`` giving
-      the per-sample power-iteration vectors, key = module index of the layer; None: fresh
-      Gaussian vectors (``RandomVectors``).
-    global_vectors: dict module index -> [1, *global_vector_shape(layer, in_shape)] (a
-      linear layer's vector lives in its output space), updated in place (warm start);
-      None: fresh ones, not kept.
-    sniter: per-sample power iterations (default 100, the reference's test count);
-      global_iter: iterations for ||W||_2 (default sniter); opt_iter: rounds of the
-      worst-case-logit algorithm (default 1000, the test count). The public, documented
-      entry points with certification defaults are in ``locallip``.
-    bound: 'local' (indicators from the boxes) or 'global' (every indicator = 1, i.e. the
-      product of the layers' spectral norms, computed by the same code path).
-    check: verify lb <= ub and finiteness after every layer (raises BoundError).
-    pi_grad: 'all' differentiates through every per-sample power iteration (faithful);
-      'last' iterates without gradient and differentiates only the final product.
-    per_sample_stop: without gradient, stop each sample at its own convergence (default)
-      instead of holding the batch to its slowest sample (reference).
-    estimate: 'bilinear' (the reference's v^T A u) or 'forward' (||A u||, opt-in) for every
-      spectral-norm estimate; global_tol: tolerance of the global iterations (1e-4).
-    reference_nan: training (faithful): worst-case margins that the reference's algorithm
-      makes NaN (0/0) are 0, as its training loss sets them; certification leaves it False.
-    also_global: also compute ``worst_global``, the worst-case margins of the global bound
-      (radius r_global = eps * prod ||W_i||_2, same box): what ``bound='global'`` gives once
-      its per-sample iterations have converged, for the cost of one more worst-case step.
-    global_sigmas: {affine index: 0-dim tensor} spectral norms to use instead of the global
-      power iterations (``lanczos.GuaranteedNorms``: upper bounds); ``global_vectors`` is then
-      not used.
-    local_norms: ``f(i, layer, d_in, d_out, in_shape) -> [batch]`` per-sample norms of
-      D_out W D_in to use instead of the per-sample power iterations (``vectors`` unused).
-    sync_free: every loop runs its full count with the iterations after its stop discarded
-      on the device (same values; no host synchronisation, for CUDA graphs / torch.compile);
-      a tensor ``eps`` is then not checked for negative entries (the caller's job), and
-      ``check`` is refused (it reads the boxes on the host).
-    """
-    if sync_free and check:
-        raise ValueError("check=True reads every box on the host: not with sync_free")
-    if pi_grad not in ('all', 'last'):
-        raise ValueError(f"pi_grad must be 'all' or 'last', got {pi_grad!r}")
-    if bound not in ('local', 'global'):
-        raise ValueError(f"bound must be 'local' or 'global', got {bound!r}")
-    affine = check_supported(model)
-    last = affine[-1]
-    global_iter = sniter if global_iter is None else global_iter
+    def __post_init__(self):
+        if self.sync_free and self.check:
+            raise ValueError("check=True reads every box on the host: not with sync_free")
+        if self.pi_grad not in ('all', 'last'):
+            raise ValueError(f"pi_grad must be 'all' or 'last', got {self.pi_grad!r}")
+        if self.bound not in ('local', 'global'):
+            raise ValueError(f"bound must be 'local' or 'global', got {self.bound!r}")
+
+
+def _checked_inputs(x, y, eps, sync_free: bool) -> torch.Tensor:
+    """``eps`` as [batch] radii in x's dtype, after checking x [batch, ...] and y [batch]."""
     if not torch.is_tensor(x) or x.dim() < 2:
         raise ValueError(f"x must be a tensor [batch, *input_shape] (with a batch axis), got "
                          f"{tuple(x.shape) if torch.is_tensor(x) else type(x).__name__}")
@@ -874,117 +798,176 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
     if not torch.is_tensor(y) or tuple(y.shape) != (b,):
         raise ValueError(f"y must be a tensor of {b} labels [batch], got "
                          f"{tuple(y.shape) if torch.is_tensor(y) else type(y).__name__}")
-    vectors = RandomVectors(b, x.device) if vectors is None else vectors
-    global_vectors = {} if global_vectors is None else global_vectors
     if isinstance(eps, (int, float)):        # a number: checked without a device sync
         if eps < 0:
             raise ValueError(f"eps must be >= 0, got min {eps}")
-        eps = torch.full((b,), float(eps), dtype=x.dtype, device=x.device)
-    else:
-        eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
-        eps = eps.expand(b) if eps.dim() == 0 else eps
-        if not sync_free and (eps < 0).any():
-            raise ValueError(f"eps must be >= 0, got min {eps.min().item()}")
+        return torch.full((b,), float(eps), dtype=x.dtype, device=x.device)
+    eps = torch.as_tensor(eps, dtype=x.dtype, device=x.device)
+    eps = eps.expand(b) if eps.dim() == 0 else eps
+    if not sync_free and (eps < 0).any():
+        raise ValueError(f"eps must be >= 0, got min {eps.min().item()}")
+    return eps
 
-    mu, r = x, eps
-    lb, ub = x - _bcast(eps, x), x + _bcast(eps, x)
-    r_global = eps
-    res = BoundResult(logits=None, worst=None, r_local=eps, r_global=eps)
-    layer_of_mask = None      # indicator of the activation feeding the next affine layer
-    pending = []              # (module index, d_in, in_shape) of affine layers awaiting d_out
-    log_lip = torch.zeros(b, dtype=x.dtype, device=x.device)
-    conv_all = torch.ones(b, dtype=torch.bool, device=x.device)
 
-    def finish(entry, d_out):
-        nonlocal log_lip, conv_all
-        i, d_in, in_shape = entry
-        if local_norms is not None:
-            res.sigmas[i] = local_norms(i, model[i], d_in, d_out, in_shape)
-            log_lip = log_lip + torch.log(res.sigmas[i].clamp_min(1e-30))
-            return
-        u0 = vectors.get(i, in_shape).to(x.dtype)
-        pi = masked_power_iteration(model[i], u0, sniter, d_in, d_out, tol,
-                                    grad_through=(pi_grad == 'all'),
-                                    per_sample_stop=per_sample_stop, estimate=estimate,
-                                    sync_free=sync_free)
-        vectors.put(i, pi.u)
-        res.sigmas[i], res.iters[i] = pi.sigma, pi.iters
-        log_lip = log_lip + torch.log(pi.sigma.clamp_min(1e-30))
-        conv_all = conv_all & pi.converged
+class _Walk:
+    """One propagation of the bound through the layers of ``model`` (compute_bound): the
+    ball (centre ``mu`` [batch, *shape], radius ``r`` [batch]), the box [lb, ub], the
+    indicator feeding the next affine layer, and the affine layers whose output indicator
+    (D_out) is not known yet. One method per kind of layer; ``result`` ends the walk."""
 
-    for i, m in enumerate(model):
-        if isinstance(m, FLATTEN):
-            mu, lb, ub = mu.flatten(1), lb.flatten(1), ub.flatten(1)
-            if layer_of_mask is not None:
-                layer_of_mask = layer_of_mask.flatten(1)
-        elif isinstance(m, AFFINE):
-            for entry in pending:   # previous affine layer had no activation of its own
-                finish(entry, None)
-            pending = []
-            if i == last:
-                break
-            in_shape = tuple(mu.shape[1:])
-            if global_sigmas is not None:
-                sigma_g = global_sigmas[i]
+    def __init__(self, model, x, eps, vectors, global_vectors, opts: BoundOptions,
+                 global_sigmas=None, local_norms=None):
+        self.model, self.opts, self.b = model, opts, x.shape[0]
+        self.vectors, self.global_vectors = vectors, global_vectors
+        self.global_sigmas, self.local_norms = global_sigmas, local_norms
+        self.eps, self.mu, self.r, self.r_global = eps, x, eps, eps
+        self.lb, self.ub = x - _bcast(eps, x), x + _bcast(eps, x)
+        self.res = BoundResult(logits=None, worst=None, r_local=eps, r_global=eps)
+        self.mask = None          # indicator of the activation feeding the next affine layer
+        self.pending = []         # (module index, d_in, in_shape) of layers awaiting d_out
+        self.log_lip = torch.zeros(self.b, dtype=x.dtype, device=x.device)
+        self.converged = torch.ones(self.b, dtype=torch.bool, device=x.device)
+
+    def flatten(self):
+        self.mu, self.lb, self.ub = self.mu.flatten(1), self.lb.flatten(1), self.ub.flatten(1)
+        if self.mask is not None:
+            self.mask = self.mask.flatten(1)
+
+    def affine(self, i: int, m: nn.Module):
+        """Box by interval arithmetic intersected with the ball's box; ball through ||W||_2."""
+        self._finish_pending(None)     # the previous affine layer had no activation of its own
+        in_shape = tuple(self.mu.shape[1:])
+        sigma_g = self._global_norm(i, m, in_shape)
+        centre, half = (self.lb + self.ub) / 2, (self.ub - self.lb) / 2
+        both = m(torch.cat([self.mu, centre], 0))      # the network's own forward, once
+        self.mu, centre = both[:self.b], both[self.b:]
+        half = apply_absW(m, half)
+        ball = _bcast(self.r, self.mu) * row_norms(m, in_shape).to(self.mu)
+        self.lb = box_max(centre - half, self.mu - ball)
+        self.ub = box_min(centre + half, self.mu + ball)
+        self.r = self.r * sigma_g
+        self.r_global = self.r_global * sigma_g.detach()
+        d_in = None if self.opts.bound == 'global' else self.mask
+        self.pending = [(i, d_in, in_shape)]
+        self.mask = None
+
+    def activation(self, i: int, m: nn.Module):
+        """Box through the monotone activation, intersected with the ball's image; the
+        varying-neuron indicator D; the pending layer's norm with D as its D_out (ReLU
+        types; MaxMin's indicator is used on the input side only)."""
+        rr = _bcast(self.r, self.mu)
+        if isinstance(m, ClampGroupSort):
+            out = m(torch.cat([self.lb, self.ub, self.mu - rr, self.mu + rr, self.mu], 0))
+            g_lb, g_ub, g_lo, g_hi, mu_out = out.split(self.b)
+            lb_out, ub_out = torch.maximum(g_lb, g_lo), torch.minimum(g_ub, g_hi)
+            self.res.post_boxes[i] = (lb_out, ub_out)
+        else:   # elementwise and monotone: max(g(a), g(b)) = g(max(a, b)), exactly
+            lb_out = m(box_max(self.lb, self.mu - rr))
+            ub_out = m(box_min(self.ub, self.mu + rr))
+            mu_out = m(self.mu)
+        with torch.no_grad():
+            d = _varying(m, self.lb, self.ub, lb_out, ub_out)
+        self.res.masks[i], self.res.pre_boxes[i] = d, (self.lb, self.ub)
+        d_used = None if self.opts.bound == 'global' else d
+        self._finish_pending(None if isinstance(m, ClampGroupSort) else d_used)
+        self.mask = d_used
+        self.mu, self.lb, self.ub = mu_out, lb_out, ub_out
+
+    def _global_norm(self, i: int, m: nn.Module, in_shape) -> torch.Tensor:
+        """||W_i||_2: given (upper bounds), or by warm-started global power iteration."""
+        if self.global_sigmas is not None:
+            return self.global_sigmas[i]
+        gv, o = self.global_vectors, self.opts
+        if i not in gv:
+            gv[i] = torch.randn((1, *global_vector_shape(m, in_shape)), device=self.mu.device,
+                                dtype=self.mu.dtype)
+        sigma, gv[i], conv = global_power_iteration(m, gv[i], o.sniter, o.global_tol,
+                                                    o.estimate, o.sync_free)
+        self.res.global_converged = self.res.global_converged & conv
+        return sigma
+
+    def _finish_pending(self, d_out):
+        """sigma_i = ||D_out W_i D_in||_2 per sample for every pending affine layer."""
+        for i, d_in, in_shape in self.pending:
+            if self.local_norms is not None:
+                sigma = self.local_norms(i, self.model[i], d_in, d_out, in_shape)
             else:
-                if i not in global_vectors:
-                    global_vectors[i] = torch.randn((1, *global_vector_shape(m, in_shape)),
-                                                    device=x.device, dtype=x.dtype)
-                sigma_g, global_vectors[i], g_conv = global_power_iteration(
-                    m, global_vectors[i], global_iter, global_tol, estimate, sync_free)
-                res.global_converged = res.global_converged & g_conv
-            # box by interval arithmetic, ball by the network's own forward
-            centre, half = (lb + ub) / 2, (ub - lb) / 2
-            both = m(torch.cat([mu, centre], 0))
-            mu, centre = both[:b], both[b:]
-            half = apply_absW(m, half)
-            ball = _bcast(r, mu) * row_norms(m, in_shape).to(mu)
-            lb = box_max(centre - half, mu - ball)
-            ub = box_min(centre + half, mu + ball)
-            r = r * sigma_g
-            r_global = r_global * sigma_g.detach()
-            d_in = None if bound == 'global' else layer_of_mask
-            pending = [(i, d_in, in_shape)]
-            layer_of_mask = None
-        elif isinstance(m, ACTIVATIONS):
-            rr = _bcast(r, mu)
-            if isinstance(m, ClampGroupSort):
-                out = m(torch.cat([lb, ub, mu - rr, mu + rr, mu], 0))
-                g_lb, g_ub, g_lo, g_hi, mu_out = out.split(b)
-                lb_out, ub_out = torch.maximum(g_lb, g_lo), torch.minimum(g_ub, g_hi)
-            else:   # elementwise and monotone: max(g(a), g(b)) = g(max(a, b)), exactly
-                lb_out = m(box_max(lb, mu - rr))
-                ub_out = m(box_min(ub, mu + rr))
-                mu_out = m(mu)
-            with torch.no_grad():
-                d = _varying(m, lb, ub, lb_out, ub_out)
-            res.masks[i], res.pre_boxes[i] = d, (lb, ub)
-            if isinstance(m, ClampGroupSort):
-                res.post_boxes[i] = (lb_out, ub_out)
-            d_used = None if bound == 'global' else d
-            is_relu = not isinstance(m, ClampGroupSort)
-            for entry in pending:
-                finish(entry, d_used if is_relu else None)
-            pending = []
-            layer_of_mask = d_used
-            mu, lb, ub = mu_out, lb_out, ub_out
-        if check:
-            _check_box(lb, ub, f"layer {i} ({type(m).__name__})")
+                o = self.opts
+                u0 = self.vectors.get(i, in_shape).to(self.mu.dtype)
+                pi = masked_power_iteration(self.model[i], u0, o.sniter, d_in, d_out, o.tol,
+                                            grad_through=(o.pi_grad == 'all'),
+                                            per_sample_stop=o.per_sample_stop,
+                                            estimate=o.estimate, sync_free=o.sync_free)
+                self.vectors.put(i, pi.u)
+                sigma, self.res.iters[i] = pi.sigma, pi.iters
+                self.converged = self.converged & pi.converged
+            self.res.sigmas[i] = sigma
+            self.log_lip = self.log_lip + torch.log(sigma.clamp_min(FLOOR))
+        self.pending = []
 
-    final = model[last]
-    res.logits = final(mu)
-    res.r_local = eps * torch.exp(log_lip)
-    res.r_global = r_global
-    res.converged = conv_all
-    lo = torch.minimum(lb - mu, torch.zeros_like(mu))
-    hi = torch.maximum(ub - mu, torch.zeros_like(mu))
-    res.box = (lo, hi)
-    res.worst = worst_case_margins(final.weight, y, res.r_local, lo, hi, opt_iter, reference_nan,
-                                   sync_free)
-    if also_global:
-        res.worst_global = worst_case_margins(final.weight, y, res.r_global, lo, hi, opt_iter,
-                                              False, sync_free)
-    return res
+    def result(self, final: nn.Linear, y: torch.Tensor) -> BoundResult:
+        """The logits, the radii and the worst-case margins of the last (logit) layer."""
+        self._finish_pending(None)
+        res, o, mu = self.res, self.opts, self.mu
+        res.logits = final(mu)
+        res.r_local = self.eps * torch.exp(self.log_lip)
+        res.r_global = self.r_global
+        res.converged = self.converged
+        lo = torch.minimum(self.lb - mu, torch.zeros_like(mu))   # 0 stays inside the box
+        hi = torch.maximum(self.ub - mu, torch.zeros_like(mu))
+        res.box = (lo, hi)
+        res.worst = worst_case_margins(final.weight, y, res.r_local, lo, hi, o.opt_iter,
+                                       o.reference_nan, o.sync_free)
+        if o.also_global:
+            res.worst_global = worst_case_margins(final.weight, y, res.r_global, lo, hi,
+                                                  o.opt_iter, False, o.sync_free)
+        return res
+
+
+def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
+                  vectors=None, global_vectors: Optional[Dict[int, torch.Tensor]] = None,
+                  options: Optional[BoundOptions] = None, *,
+                  global_sigmas: Optional[Dict[int, torch.Tensor]] = None,
+                  local_norms: Optional[Callable] = None, **switches) -> BoundResult:
+    """Local-Lip bound of ``model`` on the L2 eps-balls around ``x``.
+
+    x: [batch, *input_shape]; y: [batch] labels; eps: float or [batch] radii (L2).
+    vectors: object with ``get(key, shape) -> [batch, *shape]`` and ``put(key, u)`` giving
+      the per-sample power-iteration vectors, key = module index of the layer; None: fresh
+      Gaussian vectors (``vectors.RandomVectors``).
+    global_vectors: dict module index -> [1, *global_vector_shape(layer, in_shape)] (a
+      linear layer's vector lives in its output space), updated in place (warm start);
+      None: fresh ones, not kept.
+    options: a BoundOptions, or its fields as keyword ``switches`` (compute_bound(...,
+      sniter=5, check=True)); not both.
+    global_sigmas: {affine index: 0-dim tensor} spectral norms to use instead of the global
+      power iterations (``lanczos.GuaranteedNorms``: upper bounds); ``global_vectors`` is then
+      not used.
+    local_norms: ``f(i, layer, d_in, d_out, in_shape) -> [batch]`` per-sample norms of
+      D_out W D_in to use instead of the per-sample power iterations (``vectors`` unused).
+    With ``sync_free`` a tensor ``eps`` is not checked for negative entries (the caller's
+    job). Returns a BoundResult.
+    """
+    if options is not None and switches:
+        raise TypeError("compute_bound: give options or keyword switches, not both")
+    opts = options if options is not None else BoundOptions(**switches)
+    affine = check_supported(model)
+    eps = _checked_inputs(x, y, eps, opts.sync_free)
+    vectors = RandomVectors(x.shape[0], x.device) if vectors is None else vectors
+    walk = _Walk(model, x, eps, vectors, {} if global_vectors is None else global_vectors, opts,
+                 global_sigmas, local_norms)
+    for i, m in enumerate(model):
+        if i == affine[-1]:            # the logit layer: the worst-case margins instead
+            break
+        if isinstance(m, FLATTEN):
+            walk.flatten()
+        elif isinstance(m, AFFINE):
+            walk.affine(i, m)
+        elif isinstance(m, ACTIVATIONS):
+            walk.activation(i, m)
+        if opts.check:
+            _check_box(walk.lb, walk.ub, f"layer {i} ({type(m).__name__})")
+    return walk.result(model[affine[-1]], y)
 
 
 def robust_loss(res: BoundResult, y: torch.Tensor, gloro: bool = False) -> torch.Tensor:
@@ -1039,7 +1022,7 @@ def sparsity_loss(model: nn.Sequential, res: BoundResult, sp_thres: float) -> to
 
 
 # ----------------------------------------------------------------------------------------
-# Per-sample vectors stored across epochs
+# Shapes of the per-sample vectors (what a vector store holds per sample)
 # ----------------------------------------------------------------------------------------
 def layer_input_shapes(model: nn.Sequential, input_shape) -> Dict[int, tuple]:
     """Per-sample input shape of every affine layer except the last (the layers whose
@@ -1054,130 +1037,3 @@ def layer_input_shapes(model: nn.Sequential, input_shape) -> Dict[int, tuple]:
                 shapes[i] = tuple(x.shape[1:])
             x = m(x)
     return shapes
-
-
-M32 = 0xFFFFFFFF
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer hash of int64 tensors holding values in [0, 2^32) (products stay
-    below 2^63, so it is exact on every device). Works in place on x."""
-    x ^= x >> 16
-    x.mul_(0x45D9F3B).bitwise_and_(M32)
-    x ^= x >> 16
-    x.mul_(0x45D9F3B).bitwise_and_(M32)
-    x ^= x >> 16
-    return x
-
-
-def counter_normal(seed: int, epoch: int, idx: torch.Tensor, key: int, shape,
-                   device) -> torch.Tensor:
-    """Standard normal vectors [len(idx), *shape] that depend only on (seed, epoch, sample
-    index, layer key, element): the same on every device, batch and process, drawn on
-    ``device`` in one pass (a hash of a counter, then Box-Muller), with no host loop."""
-    n = math.prod(shape)
-    half = (n + 1) // 2
-    s = torch.full((1,), (seed * 0x9E3779B1 + 0x7F4A7C15) & M32, dtype=torch.long, device=device)
-    s = _mix32(_mix32(s) ^ (epoch & M32))
-    s = _mix32(s ^ (key & M32))
-    s = _mix32(s ^ idx.to(device=device, dtype=torch.long).view(-1, 1))        # [b, 1]
-    j = torch.arange(half, dtype=torch.long, device=device).view(1, -1)
-    u1 = _mix32(s ^ _mix32(2 * j)).float().add_(0.5).mul_(1.0 / 2 ** 32)       # (0, 1)
-    u2 = _mix32(s ^ _mix32(2 * j + 1)).float().mul_(2 * math.pi / 2 ** 32)     # [0, 2 pi)
-    r = u1.log_().mul_(-2.0).sqrt_()
-    z = torch.cat([r * torch.cos(u2), r.mul_(torch.sin(u2))], dim=1)[:, :n]
-    return z.reshape(len(idx), *shape)
-
-
-class VectorStore:
-    """The per-sample power-iteration vectors of one dataset (train or test), indexed by
-    the loader's sample index, one array [n, *in_shape] per stored layer.
-
-    keys: module indices that keep vectors (``--indices``); the others restart from random
-    vectors at every step. dtype: storage dtype (float32 or float16; computation is always
-    in the model's dtype). path: back the arrays by a file (numpy memmap) instead of RAM.
-    device: where the arrays live without a path: 'cpu' (RAM) or a CUDA device (no copies
-    between host and GPU at every step). Rows never written hold no vector yet and are handed
-    out as fresh Gaussian vectors (``counter_normal``: the same on every device and process).
-    """
-
-    def __init__(self, shapes: Dict[int, tuple], n: int, dtype=torch.float32,
-                 path: Optional[str] = None, keys=None, device='cpu'):
-        self.shapes = {k: tuple(s) for k, s in shapes.items() if keys is None or k in keys}
-        self.n, self.dtype, self.path = n, dtype, path
-        self.device = torch.device(device)
-        if path is not None and self.device.type != 'cpu':
-            raise ValueError("a disk-backed vector store lives on the CPU")
-        self.seed, self.epoch = 0, 0     # fresh vectors depend on (seed, epoch, sample, layer)
-        self.initialized = torch.zeros(n, dtype=torch.bool)     # on the CPU: no GPU syncs
-        self.data = {}
-        if path is not None:
-            np_dtype = {torch.float32: np.float32, torch.float16: np.float16}[dtype]
-            os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-            size = n + self.nbytes()          # n flag bytes ("row written"), then the arrays
-            reuse = os.path.isfile(path) and os.path.getsize(path) == size   # resume, other ranks
-            mm = np.memmap(path, dtype=np.uint8, mode='r+' if reuse else 'w+', shape=(size,))
-            self.initialized = torch.from_numpy(mm[:n].view(np.bool_))   # shared by processes
-            offset = n
-            for k, s in self.shapes.items():
-                size = n * math.prod(s) * np.dtype(np_dtype).itemsize
-                arr = mm[offset:offset + size].view(np_dtype).reshape(n, *s)
-                self.data[k] = torch.from_numpy(arr)
-                offset += size
-            self._mm = mm
-        else:
-            for k, s in self.shapes.items():
-                self.data[k] = torch.empty((n, *s), dtype=dtype, device=self.device)
-
-    @staticmethod
-    def bytes_per_sample(shapes, keys=None, dtype=torch.float32) -> int:
-        elem = torch.empty((), dtype=dtype).element_size()
-        return sum(math.prod(s) for k, s in shapes.items() if keys is None or k in keys) * elem
-
-    def nbytes(self) -> int:
-        return self.n * self.bytes_per_sample(self.shapes, None, self.dtype)
-
-    def batch(self, idx: torch.Tensor, device) -> 'StoredVectors':
-        return StoredVectors(self, idx.cpu(), device)
-
-    def state_dict(self):
-        if self.path is not None:
-            self._mm.flush()
-            return {'initialized': self.initialized.clone(), 'path': self.path}
-        return {'initialized': self.initialized.clone(), 'data': self.data}
-
-    def load_state_dict(self, state):
-        self.initialized.copy_(state['initialized'])
-        if 'data' in state:
-            for k in self.data:
-                self.data[k].copy_(state['data'][k])
-
-
-class StoredVectors:
-    """The vectors of one batch: ``get`` reads the stored rows (fresh where none is stored
-    yet or the layer is not stored), ``put`` writes them back."""
-
-    def __init__(self, store: VectorStore, idx: torch.Tensor, device):
-        self.store, self.idx, self.device = store, idx, torch.device(device)
-        self.fresh = ~store.initialized[idx]
-        self.fresh_rows = self.fresh.nonzero().flatten()         # CPU, no device sync
-        self.all_fresh = len(self.fresh_rows) == len(idx)
-        self._idx_store = idx.to(store.device, non_blocking=True)
-
-    def _fresh(self, key, idx, shape):
-        st = self.store
-        return counter_normal(st.seed, st.epoch, idx, key, shape, self.device)
-
-    def get(self, key: int, shape) -> torch.Tensor:
-        if key not in self.store.data or self.all_fresh:
-            return self._fresh(key, self.idx, shape)
-        u = self.store.data[key][self._idx_store].to(self.device, torch.float32, non_blocking=True)
-        if len(self.fresh_rows):
-            rows = self.fresh_rows.to(self.device, non_blocking=True)
-            u[rows] = self._fresh(key, self.idx[self.fresh_rows], shape)
-        return u
-
-    def put(self, key: int, u: torch.Tensor) -> None:
-        if key in self.store.data:
-            self.store.data[key][self._idx_store] = u.detach().to(self.store.device, self.store.dtype)
-            self.store.initialized[self.idx] = True

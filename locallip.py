@@ -32,9 +32,10 @@ import torch.nn as nn
 from certify import (RADIUS_EVALS, RADIUS_RTOL, RADIUS_STEPS, converged_global_vectors,
                      radius_batch)
 from lanczos import GuaranteedNorms, guaranteed_certify
-from utils import load_checkpoint
-from local_bound import (NOOPS, SUPPORTED, TOL, KeptVectors, RandomVectors, UnsupportedModel,
-                         check_supported, compute_bound, exact_float32, fold_batchnorm)
+from checkpoints import load_checkpoint
+from local_bound import (NOOPS, SUPPORTED, TOL, UnsupportedModel, check_supported, compute_bound,
+                         exact_float32, fold_batchnorm)
+from vectors import KeptVectors, RandomVectors
 
 SNITER = 2000       # per-sample power iterations at most (each sample stops at ``tol``)
 OPT_ITER = 1000     # worst-case-logit rounds (exact once they finish; sound at any count)
@@ -77,7 +78,7 @@ def load_weights(model: nn.Module, path: str) -> dict:
     """Load the checkpoint at ``path`` ({'state_dict': ...}, as train.py and the reference
     write them, or a bare state_dict) into ``model``; returns the checkpoint dict. Safe: the
     file is read with torch.load(weights_only=True), and one that needs arbitrary unpickling
-    (code to run, a whole pickled module) is refused with utils.UserError naming it."""
+    (code to run, a whole pickled module) is refused with errors.UserError naming it."""
     return load_checkpoint(path, model, next(model.parameters()).device)
 
 

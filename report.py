@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from utils import UserError
+from errors import UserError
 
 
 # ----------------------------------------------------------------------------------------

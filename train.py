@@ -30,12 +30,14 @@ from tqdm import tqdm
 from data_load import get_loaders
 from certify import PROGRESS_EVERY_S, certify, full_evaluation
 from report import summary_line
-from local_bound import (BATCHNORM, NOOPS, NORM_EPS, GivenVectors, VectorStore, certified_loss,
-                         check_supported, compute_bound, global_vector_shape,
-                         layer_input_shapes, sparsity_loss)
-from utils import (UserError, all_reduce_sum, argparser, atomic_save, checkpoint_base,
-                   clamp_thresholds, distributed, init_distributed, load_checkpoint, run_main,
-                   safe_load, seed_all, select_model, use_deterministic_kernels)
+from local_bound import (BATCHNORM, NOOPS, NORM_EPS, certified_loss, check_supported,
+                         compute_bound, global_vector_shape, layer_input_shapes, sparsity_loss)
+from vectors import GivenVectors, VectorStore
+from checkpoints import atomic_save, checkpoint_base, load_checkpoint, safe_load
+from errors import UserError
+from models import clamp_thresholds, select_model
+from utils import (all_reduce_sum, argparser, distributed, init_distributed, run_main, seed_all,
+                   use_deterministic_kernels)
 
 
 # ----------------------------------------------------------------------------------------
@@ -506,7 +508,7 @@ def main(argv=None, **dataset_defaults):
     rank, world, device = init_distributed(args)
     lead = rank == 0
     say = print if lead else (lambda *a, **k: None)
-    base = checkpoint_base(args)
+    base = checkpoint_base(args.prefix, args.model)
     seed_all(args.seed)
     model = select_model(args.data, args.model, args.init).to(device)
     check_trainable(model, args.model)

@@ -1,25 +1,19 @@
-"""Architectures, hyper-parameter defaults, the argument parser and small helpers.
+"""Hyper-parameter defaults, the argument parser and small helpers (devices, processes,
+seeds, the entry scripts' error handling). Architectures: models.py; checkpoints:
+checkpoints.py.
 
 Nothing here parses arguments or touches a device at import time.
 """
 import argparse
-import importlib
-import math
 import os
-import pickle
 import random
-import re
 import sys
-import zipfile
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
-
-class UserError(Exception):
-    """A mistake in the command line or the files it names; printed without traceback."""
+from errors import UserError
 
 
 # ========================================================================================
@@ -81,219 +75,6 @@ TINY = dict(
 )
 DATA_DEFAULTS = {'mnist': MNIST, 'fashionmnist': MNIST, 'cifar10': CIFAR10,
                  'tinyimagenet': TINY}
-
-
-# ========================================================================================
-# Activations
-# ========================================================================================
-class Flatten(nn.Module):
-    def forward(self, x):
-        return x.view(x.size(0), -1)
-
-
-def _min_ties_to_other(x, other):
-    """min(x, other) whose gradient at ties goes to ``other`` (torch 1.8's torch.min)."""
-    return torch.where(x < other, x, other)
-
-
-def _max_ties_to_other(x, other):
-    """max(x, other) whose gradient at ties goes to ``other`` (torch 1.8's torch.max)."""
-    return torch.where(x > other, x, other)
-
-
-class _ClippedReLU(torch.autograd.Function):
-    """clamp(min(x, t), min=0) with torch 1.8's gradients (see ReLU_x), in two passes
-    forward and one backward (a where-based version takes twice the operations)."""
-
-    @staticmethod
-    def forward(ctx, x, t):
-        ctx.save_for_backward(x, t)
-        return torch.minimum(x, t).clamp_min(0)
-
-    @staticmethod
-    def backward(ctx, g):
-        x, t = ctx.saved_tensors
-        below = x < t                                   # min's tie goes to t
-        gx = g * (below & (x >= 0)) if ctx.needs_input_grad[0] else None
-        gt = None
-        if ctx.needs_input_grad[1]:
-            gt = g * (~below & (t >= 0))                # clamp passes the full gradient at 0
-            dims = [d for d in range(gt.dim()) if t.shape[d] == 1 and gt.shape[d] != 1]
-            gt = gt.sum(dims, keepdim=True) if dims else gt
-        return gx, gt
-
-
-class ReLU_x(nn.Module):
-    """ReLU clipped above at a learnable per-neuron threshold: clamp(min(x, t), min=0).
-
-    input_size: per-sample shape (C, H, W) or (F,); parameter ``threshold`` is
-    [1, *input_size], filled with ``init``.
-    Gradients at exact ties are the reference's (torch 1.8): at a pre-activation of exactly
-    0 the FULL gradient passes to x (today's clamp passes none), at x == threshold it goes
-    to the threshold. Ties are common early on (zero biases, zero image backgrounds).
-    """
-
-    def __init__(self, input_size, init=1.0):
-        super().__init__()
-        self.threshold = nn.Parameter(torch.full((1, *input_size), float(init)))
-
-    def forward(self, x):
-        return _ClippedReLU.apply(x, self.threshold)
-
-
-class ClampGroupSort(nn.Module):
-    """MaxMin (GroupSort of channel halves) with learnable clamps.
-
-    Splits channels into halves a, b and returns
-    cat(min(max(a, b), max_param), max(min(a, b), min_param)).
-    input_size_half: per-sample shape of HALF the channels, e.g. (16, 32, 32) or (256,);
-    parameters ``max``, ``min`` are [1, *input_size_half]. Gradients at exact ties follow
-    torch 1.8's max / min (to the second argument), as in the reference.
-    """
-
-    def __init__(self, input_size_half, max=1.0, min=-1.0):
-        super().__init__()
-        self.max = nn.Parameter(torch.full((1, *input_size_half), float(max)))
-        self.min = nn.Parameter(torch.full((1, *input_size_half), float(min)))
-
-    def forward(self, x):
-        a, b = x.chunk(2, dim=1)
-        return torch.cat([_min_ties_to_other(_max_ties_to_other(a, b), self.max),
-                          _max_ties_to_other(_min_ties_to_other(a, b), self.min)], dim=1)
-
-
-def clamp_thresholds(model):
-    """After every optimiser step: ReLU_x thresholds >= 0 (reference)."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, ReLU_x):
-                m.threshold.clamp_(min=0)
-
-
-# ========================================================================================
-# Architectures (parameter names and shapes follow the reference release)
-# ========================================================================================
-def _conv(cin, cout, k, s, p):
-    c = nn.Conv2d(cin, cout, k, stride=s, padding=p)
-    n = k * k * cout
-    c.weight.data.normal_(0, math.sqrt(2.0 / n))
-    c.bias.data.zero_()
-    return c
-
-
-def _build(convs, fcs, act):
-    """convs: (cin, cout, k, s, p, out_hw); fcs: (fin, fout). ``act(shape, j)`` builds the
-    j-th activation for per-sample output ``shape``; no activation after the last Linear."""
-    layers, j = [], 0
-    for cin, cout, k, s, p, hw in convs:
-        layers += [_conv(cin, cout, k, s, p), act((cout, hw, hw), j)]
-        j += 1
-    layers.append(Flatten())
-    for n, (fin, fout) in enumerate(fcs):
-        layers.append(nn.Linear(fin, fout))
-        if n < len(fcs) - 1:
-            layers.append(act((fout,), j))
-            j += 1
-    return nn.Sequential(*layers)
-
-
-def _relux(init):
-    return lambda shape, j: ReLU_x(shape, init)
-
-
-def _relu():
-    return lambda shape, j: nn.ReLU()
-
-
-def _maxmin_pairs(pairs):
-    return lambda shape, j: ClampGroupSort((shape[0] // 2, *shape[1:]), pairs[j][0], pairs[j][1])
-
-
-def c4f3(in_ch, hw, act):
-    """4C3F of MNIST (in_ch=1, hw=28) and CIFAR-10 (in_ch=3, hw=32)."""
-    h2, h4 = hw // 2, hw // 4
-    return _build([(in_ch, 32, 3, 1, 1, hw), (32, 32, 4, 2, 1, h2), (32, 64, 3, 1, 1, h2),
-                   (64, 64, 4, 2, 1, h4)],
-                  [(64 * h4 * h4, 512), (512, 512), (512, 10)], act)
-
-
-def c6f2(act):
-    """6C2F of CIFAR-10."""
-    return _build([(3, 32, 3, 1, 1, 32), (32, 32, 3, 1, 1, 32), (32, 32, 4, 2, 1, 16),
-                   (32, 64, 3, 1, 1, 16), (64, 64, 3, 1, 1, 16), (64, 64, 4, 2, 1, 8)],
-                  [(4096, 512), (512, 10)], act)
-
-
-def c8f2(act):
-    """8C2F of TinyImageNet (64x64 inputs, 200 classes)."""
-    return _build([(3, 64, 3, 1, 1, 64), (64, 64, 3, 1, 1, 64), (64, 64, 4, 2, 0, 31),
-                   (64, 128, 3, 1, 1, 31), (128, 128, 3, 1, 1, 31), (128, 128, 4, 2, 0, 14),
-                   (128, 256, 3, 1, 1, 14), (256, 256, 4, 2, 0, 6)],
-                  [(9216, 256), (256, 200)], act)
-
-
-CIFAR_MAXMIN = [(0.1, -0.1), (0.1, -0.15), (0.15, -0.15), (0.15, -0.15), (0.2, -0.2),
-                (0.3, -0.3), (1.2, -1.2)]
-TINY_MAXMIN = [(v, -v) for v in (0.8, 1.0, 1.4, 1.4, 1.4, 1.6, 2.0, 3.0, 1.6)]
-
-MODELS = {
-    # (data family, model name) -> builder(init)
-    ('mnist', 'relux'): lambda init: c4f3(1, 28, _relux(1.0)),   # reference builder: 1.0
-    ('mnist', 'standrelu'): lambda init: c4f3(1, 28, _relu()),
-    ('cifar10', 'relux'): lambda init: c4f3(3, 32, _relux(1.0)),  # reference builder: 1.0
-    ('cifar10', 'c6f2_relux'): lambda init: c6f2(_relux(init)),
-    ('cifar10', 'standrelu'): lambda init: c6f2(_relu()),
-    ('cifar10', 'c6f2_clmaxmin'): lambda init: c6f2(_maxmin_pairs(CIFAR_MAXMIN)),
-    ('tinyimagenet', 'tinyimagenet_relux'): lambda init: c8f2(_relux(init)),
-    ('tinyimagenet', 'tiny_clmaxmin'): lambda init: c8f2(_maxmin_pairs(TINY_MAXMIN)),
-}
-FAMILY = {'mnist': 'mnist', 'fashionmnist': 'mnist', 'cifar10': 'cifar10',
-          'tinyimagenet': 'tinyimagenet'}
-
-
-def model_names(data):
-    return sorted(name for fam, name in MODELS if fam == FAMILY.get(data))
-
-
-def user_model(spec):
-    """The nn.Sequential returned by calling ``module.path:function`` (imported from the
-    current directory or the Python path; the function takes no arguments)."""
-    mod_name, _, fn_name = spec.partition(':')
-    if not mod_name or not fn_name:
-        raise UserError(f"--model {spec!r}: an import path is module.path:function")
-    if os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
-    try:
-        module = importlib.import_module(mod_name)
-    except ImportError as e:
-        raise UserError(f"--model {spec}: cannot import {mod_name} ({e})") from None
-    fn = getattr(module, fn_name, None)
-    if not callable(fn):
-        raise UserError(f"--model {spec}: {mod_name} has no function {fn_name}")
-    net = fn()
-    if not isinstance(net, nn.Sequential):
-        raise UserError(f"--model {spec}: {fn_name}() returned a {type(net).__name__}, the "
-                        f"bound needs an nn.Sequential")
-    return net
-
-
-def model_tag(model):
-    """The model's part of checkpoint names: the name, or an import path's function."""
-    return model.rpartition(':')[2] if ':' in model else model
-
-
-def select_model(data, model, init=1.0):
-    """Build the reference architecture ``model`` for dataset ``data`` (on the CPU), or
-    the user's network when ``model`` is an import path ``module.path:function``."""
-    if ':' in model:
-        return user_model(model)
-    if data not in FAMILY:
-        raise UserError(f"unknown --data {data!r}; choose from {', '.join(sorted(FAMILY))}")
-    key = (FAMILY[data], model)
-    if key not in MODELS:
-        raise UserError(f"unknown --model {model!r} for --data {data}; "
-                        f"choose from {', '.join(model_names(data))}")
-    return MODELS[key](init)
 
 
 # ========================================================================================
@@ -362,7 +143,7 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
       "'system' names the package's copy. The start-up line names the folder read")
     a('--no_download', action='store_true', help="never try to download a missing dataset")
     a('--model', default=d['model'], help="architecture, e.g. relux, standrelu, c6f2_relux, "
-      "c6f2_clmaxmin (see utils.MODELS), or an import path module.path:function to a "
+      "c6f2_clmaxmin (see models.MODELS), or an import path module.path:function to a "
       "function returning one's own nn.Sequential (checkpoints are then named after the "
       "function)")
     a('--init', type=float, default=d['init'], help="initial ReLU_x threshold for c6f2_relux "
@@ -625,110 +406,6 @@ def use_deterministic_kernels():
     torch.use_deterministic_algorithms(True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-
-
-def checkpoint_base(args):
-    """pretrained/<prefix>_<model> (an absolute prefix replaces pretrained/)."""
-    return os.path.join('pretrained', f"{args.prefix}_{model_tag(args.model)}")
-
-
-def atomic_save(obj, path):
-    """torch.save to a temporary file, then rename: a killed run never leaves half a file."""
-    os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def safe_load(path, map_location='cpu', what='checkpoint'):
-    """torch.load with ``weights_only=True``: tensors, containers and plain Python values
-    only, so that no code a file carries can run. A file that needs arbitrary unpickling is
-    refused with a UserError naming the file and the object it asks for (a whole pickled
-    nn.Module gets the advice to save its state_dict instead)."""
-    if not os.path.isfile(path):
-        raise UserError(f"{what} not found: {path}")
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.findall(r"GLOBAL ([\w.]+)", str(e))
-        name = found[0] if found else 'an object outside the allowed types'
-        if name.startswith('torch.nn.modules') or name.endswith(('Sequential', 'Module')):
-            raise UserError(f"{path} holds a whole pickled module ({name}); refused: loading "
-                            f"it would run code from the file. Save the weights instead: "
-                            f"torch.save({{'state_dict': model.state_dict()}}, '{path}')") from None
-        raise UserError(f"{path}: refused, loading it needs arbitrary unpickling ({name}); "
-                        f"nothing in it was run. A {what} holds tensors and plain Python "
-                        f"values only") from None
-    except Exception as e:     # truncated zip, not a torch file: one line, in words
-        raise UserError(f"cannot read {what} {path}: {unreadable_file(path, e)}") from e
-
-
-ZIP_MAGIC = b'PK\x03\x04'       # torch.save's format since PyTorch 1.6 is a zip archive
-PICKLE_MAGIC = b'\x80'           # the legacy format starts with a pickle protocol opcode
-
-
-def unreadable_file(path: str, error: Exception) -> str:
-    """What a file torch.load could not read is, in words: empty, cut short (a zip archive
-    without its end: a write that did not finish), or not a PyTorch checkpoint at all."""
-    size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-        head = f.read(len(ZIP_MAGIC))
-    if size == 0:
-        return "the file is empty (0 bytes)"
-    if head == ZIP_MAGIC and not zipfile.is_zipfile(path):
-        return (f"cut short at {size} bytes (a zip archive, torch.save's format, without its "
-                f"end: the write did not finish or the copy is incomplete)")
-    if head.startswith(PICKLE_MAGIC) and (isinstance(error, EOFError) or 'EOF' in str(error)):
-        return f"cut short at {size} bytes (a legacy PyTorch pickle that ends early)"
-    if head != ZIP_MAGIC and not head.startswith(PICKLE_MAGIC):
-        return (f"not a PyTorch checkpoint ({size} bytes that are neither a zip archive, "
-                f"torch.save's format, nor a legacy pickle)")
-    first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return f"a {size}-byte PyTorch file that does not load ({first})"
-
-
-def saved_model_path(saved_model: str) -> str:
-    """The checkpoint ``--saved_model`` names: ``P_best.pth`` for the reference's prefix P,
-    or P itself when that file exists and P_best.pth does not."""
-    best = saved_model + '_best.pth'
-    if os.path.isfile(best) or not os.path.isfile(saved_model):
-        if not os.path.isfile(best):
-            raise UserError(f"checkpoint not found: {best} (--saved_model P loads P_best.pth, "
-                            f"as the reference does, or P itself when P is a file; no file "
-                            f"{saved_model} either)")
-        return best
-    return saved_model
-
-
-def load_checkpoint(path, model, device='cpu'):
-    """Load a checkpoint {'state_dict', ...} (or a bare state_dict) into ``model`` with
-    ``safe_load``; clear UserError on a refused file or a mismatch."""
-    ckpt = safe_load(path, device)
-    state = ckpt['state_dict'] if isinstance(ckpt, dict) and 'state_dict' in ckpt else ckpt
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise UserError(f"{path} holds no state_dict (a {type(ckpt).__name__}"
-                        + (f" with keys {sorted(map(str, ckpt))[:5]}" if isinstance(ckpt, dict) else "")
-                        + "); expected {'state_dict': ..., 'epoch': ..., 'err': ...}")
-    mine = model.state_dict()
-    missing = [k for k in mine if k not in state]
-    extra = [k for k in state if k not in mine]
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in mine.items() if k in state and tuple(state[k].shape) != tuple(v.shape)]
-    if missing or extra or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys {missing[:5]}")
-        if extra:
-            parts.append(f"unexpected keys {extra[:5]}")
-        if shapes:
-            parts.append(f"shape mismatch {shapes[:3]}")
-        raise UserError(f"{path} does not match the model: " + "; ".join(parts)
-                        + " (check --data and --model)")
-    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise UserError(f"{path} holds NaN or infinite weights in {bad[:5]} (a diverged run?)")
-    model.load_state_dict(state)
-    return ckpt
 
 
 def run_main(fn):

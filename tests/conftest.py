@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
-from utils import ClampGroupSort, ReLU_x, _build  # noqa: E402
+from models import ClampGroupSort, ReLU_x, _build  # noqa: E402
 
 # The device of every device-capable test: `pytest --device cuda` or LOCALLIP_TEST_DEVICE=cuda.
 # Tests build their seeded inputs on the CPU and move them with ``dev``, so CPU and CUDA runs
@@ -137,8 +137,9 @@ _TRAINED = {}
 
 def trained_tiny(kind='relux', eps=0.3, steps=150):
     """tiny_net trained with the certified loss on blobs (cached per session)."""
-    from local_bound import VectorStore, certified_loss, compute_bound, layer_input_shapes
-    from utils import clamp_thresholds
+    from local_bound import certified_loss, compute_bound, layer_input_shapes
+    from vectors import VectorStore
+    from models import clamp_thresholds
     key = (kind, eps, steps)
     if key not in _TRAINED:
         torch.manual_seed(0)

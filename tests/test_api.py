@@ -12,7 +12,9 @@ from conftest import ROOT, make_mnist_like
 import locallip
 from local_bound import (apply_W, apply_WT, check_supported,
                          compute_bound, fold_batchnorm, masked_products, vjp_transpose)
-from utils import UserError, load_checkpoint, select_model
+from checkpoints import load_checkpoint
+from errors import UserError
+from models import select_model
 
 
 # ----------------------------------------------------------------------------------------
@@ -460,7 +462,8 @@ def test_reference_radius_brackets_the_certificate():
     assert (r.upper[sel] <= r.radius[sel] * (1 + 1e-3) + 1e-12).all()
     # the estimates of a fresh evaluation differ a little: far from r*, no point flips
     from certify import converged_global_vectors
-    from local_bound import RandomVectors, exact_float32
+    from local_bound import exact_float32
+    from vectors import RandomVectors
     prepared = locallip.prepare(net)
     idx = sel.nonzero().flatten()
     gv = converged_global_vectors(prepared, (1, 28, 28), 2000, 0, 'cpu')

@@ -7,11 +7,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import DEVICE, dev, tiny_net
-from local_bound import (BoundError, KeptVectors, RandomVectors, VectorStore, apply_W, apply_WT,
-                         compute_bound, certified_loss, global_power_iteration, global_vector_shape,
-                         masked_power_iteration, worst_case_margins,
-                         worst_case_margins_all_pairs, check_supported, robust_loss)
-from utils import ClampGroupSort, ReLU_x
+from local_bound import (BoundError, apply_W, apply_WT, compute_bound, certified_loss,
+                         global_power_iteration, global_vector_shape, masked_power_iteration,
+                         worst_case_margins, worst_case_margins_all_pairs, check_supported,
+                         robust_loss)
+from vectors import KeptVectors, RandomVectors, VectorStore
+from models import ClampGroupSort, ReLU_x
 
 
 def explicit_matrix(layer, in_shape):

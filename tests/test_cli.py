@@ -260,7 +260,7 @@ def test_bad_evaluation_input(tmp_path, mnist_dir, capsys):
     p = run('evaluate.py', *base, '--saved_model', str(tmp_path / 'missing'), check=False)
     assert p.returncode == 2 and 'checkpoint not found' in p.stderr and 'missing_best.pth' in p.stderr
     assert 'Traceback' not in p.stderr and 'P loads P_best.pth' in p.stderr
-    from utils import select_model
+    from models import select_model
     torch.save({'state_dict': select_model('mnist', 'relux').state_dict(), 'err': 1, 'epoch': 0},
                str(tmp_path / 'm_best.pth'))
     m = str(tmp_path / 'm')
@@ -307,7 +307,7 @@ def test_audit_failure_exits_nonzero(tmp_path, mnist_dir, monkeypatch, capsys):
     prints the sample and exits with 3."""
     import local_bound
     import evaluate
-    from utils import select_model
+    from models import select_model
     torch.manual_seed(0)
     torch.save({'state_dict': select_model('mnist', 'relux').state_dict(), 'err': 1, 'epoch': 0},
                str(tmp_path / 'm_best.pth'))
@@ -328,7 +328,8 @@ def test_progress_lines_without_a_terminal(monkeypatch, capsys):
     batches)."""
     import train
     from conftest import blob_loader, tiny_net
-    from local_bound import VectorStore, layer_input_shapes
+    from local_bound import layer_input_shapes
+    from vectors import VectorStore
     from utils import argparser
     args = argparser(['--verbose', '200', '--sniter', '1', '--rampup', '1', '--epsilon', '0.1',
                       '--epsilon_train', '0.1'])
@@ -369,7 +370,8 @@ def test_epoch_logs_the_training_figures():
     global Lipschitz ratio (<= 1) and the fraction of varying neurons per activation."""
     import train
     from conftest import blob_loader, tiny_net
-    from local_bound import VectorStore, layer_input_shapes
+    from local_bound import layer_input_shapes
+    from vectors import VectorStore
     from utils import argparser
     args = argparser(['--sniter', '2', '--rampup', '1', '--epsilon', '0.2', '--epsilon_train', '0.2'])
     net = tiny_net('relux')
@@ -389,7 +391,8 @@ def test_old_checkpoints_global_vectors_carry_over():
     import train
     from conftest import _build
     from local_bound import global_power_iteration, global_vector_shape, layer_input_shapes
-    from utils import UserError, ReLU_x
+    from errors import UserError
+    from models import ReLU_x
     torch.manual_seed(3)   # conv, linear 32 -> 16, square linear 16 -> 16, logits
     net = _build([(1, 2, 4, 2, 1, 4)], [(32, 16), (16, 16), (16, 3)],
                  lambda shape, j: ReLU_x(shape, 1.0)).to(DEVICE)

@@ -11,7 +11,7 @@ from torchvision import datasets
 
 from conftest import make_cifar_like, make_mnist_like, write_idx
 from data_load import DEBIAN_FASHION, IdxImages, get_dataset, get_loaders, read_idx
-from utils import UserError
+from errors import UserError
 
 
 def args_for(data, data_dir, **kw):

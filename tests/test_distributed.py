@@ -93,9 +93,11 @@ def test_prepare_regroups_validation(tmp_path):
 
 
 def test_tiny_store_sizes_and_refusal(tmp_path):
-    from local_bound import VectorStore, layer_input_shapes
+    from local_bound import layer_input_shapes
+    from vectors import VectorStore
     from train import check_store_fits
-    from utils import UserError, select_model
+    from errors import UserError
+    from models import select_model
     shapes = layer_input_shapes(select_model('tinyimagenet', 'tinyimagenet_relux'), (3, 64, 64))
     assert VectorStore.bytes_per_sample(shapes) == 928576 * 4
     assert VectorStore.bytes_per_sample(shapes, [0, 6, 12, 14, 17], torch.float16) == 158272 * 2
@@ -108,7 +110,7 @@ def test_tiny_store_sizes_and_refusal(tmp_path):
 
 def test_sparsity_loss_values():
     from local_bound import BoundResult, sparsity_loss
-    from utils import ClampGroupSort, ReLU_x
+    from models import ClampGroupSort, ReLU_x
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), ReLU_x((2,), 1.0), torch.nn.Linear(2, 4),
                               ClampGroupSort((2,), 0.5, -0.5), torch.nn.Linear(4, 2))
     res = BoundResult(None, None, None, None)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import dev, tiny_net
 from local_bound import (apply_W, apply_WT, certified_loss, compute_bound, global_vector_shape,
                          layer_input_shapes, sparsity_loss)
-from utils import ClampGroupSort, Flatten, ReLU_x, select_model
+from models import ClampGroupSort, Flatten, ReLU_x, select_model
 
 
 class FixedVectors:

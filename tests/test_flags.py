@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from train import lr_factor, make_optimizer
-from utils import UserError, argparser
+from errors import UserError
+from utils import argparser
 
 # flag -> reference default, root scripts (train_mnist.py / train_cifar10.py / evaluate.py)
 ROOT = {

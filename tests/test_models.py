@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from conftest import DEVICE, dev
-from utils import UserError, load_checkpoint, select_model, MODELS, ReLU_x, ClampGroupSort
+from checkpoints import load_checkpoint
+from errors import UserError
+from models import select_model, MODELS, ReLU_x, ClampGroupSort
 
 
 def spec_layout(convs, fcs, act):

@@ -12,9 +12,10 @@ from conftest import DEVICE, blob_loader, blobs, dev, trained_tiny
 from certify import full_evaluation
 from report import (check_expected, comparison_table, expected_results, markdown_table, read_tsv,
                     tsv_columns)
-from local_bound import RandomVectors, compute_bound
+from local_bound import compute_bound
+from vectors import RandomVectors
 from plots import make_plots, radius_data, sparsity_data, tightness_data
-from utils import UserError
+from errors import UserError
 
 
 def eval_args(**kw):

@@ -9,7 +9,8 @@ import torch
 
 from local_bound import layer_input_shapes, take_rows
 from train import certified_step, start_global_vectors
-from utils import argparser, select_model
+from models import select_model
+from utils import argparser
 
 from conftest import DEVICE, dev
 
@@ -79,7 +80,7 @@ def test_a_kill_between_any_two_epoch_writes_resumes_matching_vectors(tmp_path, 
     checkpoint, removal of .prev): the checkpoint on disk always finds the vectors of its
     own epoch (resume_vectors), so --resume repeats the cut epoch from the same state."""
     import train
-    from local_bound import VectorStore
+    from vectors import VectorStore
     files = train.EpochFiles(str(tmp_path / 'r_checkpoint.pth'), str(tmp_path / 'r_best.pth'),
                              str(tmp_path / 'r_vectors.pt'))
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from conftest import DEVICE, blobs, dev, trained_tiny
 from certify import pgd_l2
-from local_bound import RandomVectors, compute_bound
+from local_bound import compute_bound
+from vectors import RandomVectors
 
 
 @pytest.mark.parametrize('kind', ['relux', 'relu', 'maxmin'])
