@@ -18,7 +18,7 @@ vectors at the smallest radius, warm at the larger ones, global vectors converge
   early       our per-sample early stop (evaluate.py's default)
   guaranteed  Lanczos upper bounds, each certificate false with probability <= --delta
               (evaluate.py --certificate guaranteed; fresh starts at every radius)
-  radius      the certified radius of every point (certify.radius_batch, fresh vectors, the
+  radius      the certified radius of every point (radius.radius_batch, fresh vectors, the
               estimate search of evaluate.py --radius); its "certified accuracy" at a radius
               counts the points whose radius reaches it
   radius_guaranteed  the guaranteed radius alone (locallip.certified_radius(...,
@@ -47,7 +47,7 @@ from local_bound import (compute_bound, exact_float32, layer_input_shapes, worst
                          worst_case_margins_all_pairs)
 from vectors import RandomVectors, VectorStore
 from data_load import get_dataset
-from train import step_function, stored_step
+from train import StepSettings, step_function, stored_step
 from checkpoints import load_checkpoint, saved_model_path
 from models import clamp_thresholds, select_model
 
@@ -60,7 +60,8 @@ def peak_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # Linux: KiB
 
 
-def main(argv=None):
+def make_parser() -> argparse.ArgumentParser:
+    """bench.py's flags (declarative)."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--model', default='c6f2_relux', help="architecture name (models.MODELS)")
     p.add_argument('--data', default='cifar10', help="dataset family: input shape and classes")
@@ -117,7 +118,11 @@ def main(argv=None):
                    "compiled during the warm-up steps (raise --warmup)")
     p.add_argument('--profile', type=int, default=0, help="train mode: profile this many "
                    "certified steps after the timing (torch.profiler) and print a summary")
-    a = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    a = make_parser().parse_args(argv)
     torch.set_num_threads(a.threads)
     if a.tf32 != 'default':
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = a.tf32 == 'on'
@@ -128,13 +133,37 @@ def main(argv=None):
     cuda = dev.type == 'cuda'
     model = select_model(a.data, a.model, a.init).to(dev)
     shape, classes = INPUT[a.data], CLASSES[a.data]
-    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    gv = {}
     per_sample = VectorStore.bytes_per_sample(layer_input_shapes(model, shape))
+    if a.saved_model:
+        load_checkpoint(saved_model_path(a.saved_model), model, dev)
 
-    def sync():
+    def timed(fn):
         if cuda:
             torch.cuda.synchronize(dev)
+        t = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(dev)
+        return time.perf_counter() - t
+
+    out = {'model': a.model, 'data': a.data, 'device': str(dev), 'threads': a.threads,
+           'vectors': a.vectors, 'tf32': a.tf32, 'compile': a.compile,
+           'batch_size': a.batch_size, 'sniter': a.sniter, 'mode': a.mode, 'pi_grad': a.pi_grad,
+           'stored_vector_bytes_per_sample': per_sample, 'torch': torch.__version__}
+    if a.mode == 'eval':
+        out.update(eval_methods(a, model, dev, shape, classes, timed))
+    else:
+        out.update(train_timing(a, model, dev, timed))
+    return write_json(out, a.json)
+
+
+def train_steps(a, model, dev):
+    """(clean_step, certified_step) of the train mode: one Adam step each on a fresh random
+    batch, the certified one through the training loop's step (train.certified_step;
+    --compile: compiled)."""
+    shape, classes = INPUT[a.data], CLASSES[a.data]
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    gv = {}
 
     def batch(n):
         return torch.rand(n, *shape, device=dev), torch.randint(0, classes, (n,), device=dev)
@@ -160,62 +189,49 @@ def main(argv=None):
         return store.batch(idx, dev)
 
     # the training loop's certified step (train.certified_step; --compile: compiled)
-    step_args = argparse.Namespace(sniter=a.sniter, opt_iter=a.opt_iter, bound='local',
-                                   pi_grad=a.pi_grad, estimate='bilinear', sparse=0.0,
-                                   sp_thres=0.0, gloro=a.gloro, compile=a.compile)
-    step_fn = step_function(step_args, dev)
+    step_args = StepSettings(sniter=a.sniter, opt_iter=a.opt_iter, pi_grad=a.pi_grad,
+                             gloro=a.gloro, sp_thres=0.0, compile=a.compile)
+    step_fn = step_function(a.compile, dev)
     shapes = layer_input_shapes(model, shape)
 
     def certified_step():
         x, y = batch(a.batch_size)
         loss = stored_step(step_fn, model, x, y, a.eps, 0.5, vectors_for(a.batch_size), shapes,
-                           gv, step_args)[0]
+                           gv, step_args).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         clamp_thresholds(model)
 
-    if a.saved_model:
-        load_checkpoint(saved_model_path(a.saved_model), model, dev)
+    return clean_step, certified_step
 
-    def timed(fn):
-        sync()
-        t = time.perf_counter()
-        fn()
-        sync()
-        return time.perf_counter() - t
 
-    def peak(fn):
-        return measure(fn, dev)[1]
-
-    out = {'model': a.model, 'data': a.data, 'device': str(dev), 'threads': a.threads,
-           'vectors': a.vectors, 'tf32': a.tf32, 'compile': a.compile,
-           'batch_size': a.batch_size, 'sniter': a.sniter, 'mode': a.mode, 'pi_grad': a.pi_grad,
-           'stored_vector_bytes_per_sample': per_sample, 'torch': torch.__version__}
-    if a.mode == 'eval':
-        out.update(eval_methods(a, model, dev, shape, classes, timed))
-    else:
-        # peak memory first, measured in a fresh order: certified grows RSS more on CPU
-        clean_peak = peak(clean_step)
-        cert_peak = peak(certified_step)
-        for _ in range(a.warmup):
-            clean_step()
-            certified_step()
-        tc, tr = [], []
-        for _ in range(a.steps):
-            tc.append(timed(clean_step))
-            tr.append(timed(certified_step))
-        out.update(clean_s=statistics.median(tc), certified_s=statistics.median(tr),
-                   clean_peak_bytes=clean_peak, certified_peak_bytes=cert_peak)
-        out['ratio'] = out['certified_s'] / out['clean_s']
-        if a.profile:
-            out['profile'] = profile_steps(certified_step, a.profile, dev)
-        print(f"{a.model} batch {a.batch_size} sniter {a.sniter} on {dev} ({a.threads} threads, "
-              f"{a.vectors} vectors, tf32 {a.tf32}{', compiled' if a.compile else ''}): "
-              f"clean {1000 * out['clean_s']:.1f} ms, certified {1000 * out['certified_s']:.1f} ms, "
-              f"ratio {out['ratio']:.2f}x | peak memory clean {clean_peak / 2 ** 20:.1f} MiB, "
-              f"certified {cert_peak / 2 ** 20:.1f} MiB | stored vectors {per_sample} B/sample")
-    return write_json(out, a.json)
+def train_timing(a, model, dev, timed) -> dict:
+    """train mode: peak memory, then the interleaved median step times of a clean and a
+    certified step (the benchmark convention), optionally a profile; prints one line."""
+    clean_step, certified_step = train_steps(a, model, dev)
+    # peak memory first, measured in a fresh order: certified grows RSS more on CPU
+    clean_peak = measure(clean_step, dev)[1]
+    cert_peak = measure(certified_step, dev)[1]
+    for _ in range(a.warmup):
+        clean_step()
+        certified_step()
+    tc, tr = [], []
+    for _ in range(a.steps):
+        tc.append(timed(clean_step))
+        tr.append(timed(certified_step))
+    out = dict(clean_s=statistics.median(tc), certified_s=statistics.median(tr),
+               clean_peak_bytes=clean_peak, certified_peak_bytes=cert_peak)
+    out['ratio'] = out['certified_s'] / out['clean_s']
+    if a.profile:
+        out['profile'] = profile_steps(certified_step, a.profile, dev)
+    per_sample = VectorStore.bytes_per_sample(layer_input_shapes(model, INPUT[a.data]))
+    print(f"{a.model} batch {a.batch_size} sniter {a.sniter} on {dev} ({a.threads} threads, "
+          f"{a.vectors} vectors, tf32 {a.tf32}{', compiled' if a.compile else ''}): "
+          f"clean {1000 * out['clean_s']:.1f} ms, certified {1000 * out['certified_s']:.1f} ms, "
+          f"ratio {out['ratio']:.2f}x | peak memory clean {clean_peak / 2 ** 20:.1f} MiB, "
+          f"certified {cert_peak / 2 ** 20:.1f} MiB | stored vectors {per_sample} B/sample")
+    return out
 
 
 def eval_methods(a, model, dev, shape, classes, timed):
@@ -223,7 +239,8 @@ def eval_methods(a, model, dev, shape, classes, timed):
     docstring); returns {'methods': {name: {seconds, points_per_s, certified_acc {radius: acc}}},
     ...} and prints one line per method."""
     from lanczos import GuaranteedNorms, guaranteed_certify
-    from certify import converged_global_vectors, radius_batch
+    from certify import converged_global_vectors
+    from radius import RadiusSearch, radius_batch
     from vectors import KeptVectors
     methods = a.methods or (['reference'] if a.batch_stop else ['early'])
     radii = sorted(a.radii or [a.eps])
@@ -255,10 +272,11 @@ def eval_methods(a, model, dev, shape, classes, timed):
             for x, y in batches:
                 if name.startswith('radius'):     # the certified radius of every point
                     g = name == 'radius_guaranteed'
-                    r = radius_batch(model, x, y, None if g else gv0, sniter=a.test_sniter,
-                                     opt_iter=a.test_opt_iter, norms=norms if g else None,
-                                     steps=a.radius_steps, reference=not g)
-                    found = r['radius_guaranteed' if name == 'radius_guaranteed' else 'radius']
+                    search = RadiusSearch(sniter=a.test_sniter, opt_iter=a.test_opt_iter,
+                                          steps=a.radius_steps)
+                    r = radius_batch(model, x, y, None if g else gv0, search,
+                                     norms=norms if g else None, reference=not g)
+                    found = r.radius_guaranteed if g else r.radius
                     radii_found.append(found)
                     for e in radii:
                         certified[e] += int((found >= e).sum())
@@ -266,7 +284,7 @@ def eval_methods(a, model, dev, shape, classes, timed):
                 if name == 'guaranteed':
                     for e in radii:
                         certified[e] += int(guaranteed_certify(
-                            model, x, y, e, norms, opt_iter=a.test_opt_iter)['certified'].sum())
+                            model, x, y, e, norms, opt_iter=a.test_opt_iter).certified.sum())
                     continue
                 vec, gv = KeptVectors(x.shape[0], dev), {k: v.clone() for k, v in gv0.items()}
                 for e in radii:

@@ -24,11 +24,12 @@ import json
 import os
 import sys
 import time
+from dataclasses import fields
 
 import torch
 import torch.distributed as dist
 
-from certify import full_evaluation
+from evaluation import EvalSettings, full_evaluation
 from data_load import get_loaders
 from local_bound import check_supported, fold_batchnorm
 from report import (check_expected, comparison_table, expected_results, markdown_table,
@@ -89,6 +90,15 @@ def main(argv=None, **defaults):
             dist.destroy_process_group()
 
 
+def eval_settings(args, **changes) -> EvalSettings:
+    """The EvalSettings of the flags in ``args`` (the fields are named after them; the radii
+    are --epsilon's, heartbeat lines follow --verbose), with ``changes`` on top."""
+    names = {f.name for f in fields(EvalSettings)} - {'radii', 'heartbeat'}
+    values = {k: getattr(args, k) for k in names if hasattr(args, k)}
+    values.update(radii=list(args.radii), heartbeat=bool(args.verbose))
+    return EvalSettings(**dict(values, **changes))
+
+
 def evaluate(args, plot_dir, rank, world, device):
     """The evaluation of ``main`` in process ``rank`` of ``world`` (torchrun; 0 of 1 without):
     every process certifies its share of the batches, process 0 writes and prints."""
@@ -121,7 +131,7 @@ def evaluate(args, plot_dir, rank, world, device):
               f"{f'{world} x ' if world > 1 else ''}{device}"
               f"{f' ({dist.get_backend()})' if distributed() else ''}", flush=True)
     t0 = time.time()
-    res = full_evaluation(model, test_loader, args, device, tsv_path=args.out, audit=args.audit,
+    res = full_evaluation(model, test_loader, eval_settings(args), device, tsv_path=args.out,
                           resume=args.resume, rank=rank, world=world)
     if not lead:
         return None

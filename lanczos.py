@@ -40,12 +40,13 @@ stage k in STAGES a sample is decided: certified with the upper bounds, or hopel
 even the Ritz values (lower bounds, no inflation) do not certify it.
 """
 import math
+from dataclasses import dataclass
 from typing import Dict, Sequence
 
 import torch
 import torch.nn as nn
 
-from local_bound import (BoundError, BoundResult, apply_W, apply_WT, check_supported,
+from local_bound import (FLOOR, BoundError, BoundResult, apply_W, apply_WT, check_supported,
                          compute_bound, exact_float32, layer_input_shapes, masked_products,
                          worst_case_margins)
 
@@ -108,7 +109,7 @@ class Lanczos:
         self.n = (torch.full((batch,), float(math.prod(shape)), dtype=torch.float64)
                   if d is None else d.flatten(1).sum(1).double().cpu())
         nq = torch.linalg.vector_norm(q.flatten(1), dim=1)
-        self.q = q / nq.clamp_min(1e-30).view(-1, *[1] * len(shape))
+        self.q = q / nq.clamp_min(FLOOR).view(-1, *[1] * len(shape))
         self.q_prev = torch.zeros_like(self.q)
         self.beta = torch.zeros(batch, device=device, dtype=dtype)
         self.alphas, self.betas = [], []
@@ -137,7 +138,7 @@ class Lanczos:
             # an (almost) invariant Krylov space: the Ritz values are exact, stop this sample
             dead = b <= BREAKDOWN * (a.abs() + self.beta)
             b = torch.where(dead, torch.zeros_like(b), b)
-            inv = torch.where(dead, torch.zeros_like(b), 1 / b.clamp_min(1e-30))
+            inv = torch.where(dead, torch.zeros_like(b), 1 / b.clamp_min(FLOOR))
             self.q_prev = self.q
             self.q = w.mul_(inv.unsqueeze(1)).view_as(self.q)
             self.beta = b
@@ -236,18 +237,25 @@ def _is_full(d, batch, device):
     return d.flatten(1).min(1).values > 0
 
 
+@dataclass
+class GuaranteedCertificate:
+    """guaranteed_certify's result: per-sample tensors [batch] on x's device."""
+    certified: torch.Tensor      # bool
+    lip: torch.Tensor            # the product of the norm upper bounds used (the guaranteed
+    #                              local Lipschitz bound when certified or still undecided at
+    #                              the last stage, else the bound at the stage that decided)
+    steps: torch.Tensor          # largest Lanczos steps run on any of the sample's layers
+    #                              (0: decided with the global bounds)
+    margin: torch.Tensor         # the worst-case margin with those bounds
+
+
 def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
                        norms: GuaranteedNorms, *, opt_iter: int, bound: str = 'local',
-                       stages: Sequence[int] = STAGES) -> dict:
+                       stages: Sequence[int] = STAGES) -> GuaranteedCertificate:
     """Certificates of the local bound on the L2 eps-balls around x [batch, ...] (labels y
     [batch]; eps a number or [batch] radii) whose spectral norms are all upper bounds (each false with probability
     <= norms.delta_op; a certificate with probability <= norms.delta).
-
-    Returns per-sample tensors on x's device: 'certified' [batch] bool, 'lip' [batch] the
-    product of the norm upper bounds used (the guaranteed local Lipschitz bound when
-    certified or still undecided at the last stage, else the bound at the stage that decided),
-    'steps' [batch] int (largest Lanczos steps run on any of the sample's layers; 0 = decided
-    with the global bounds), 'margin' [batch] the margin with those bounds."""
+"""
     b = x.shape[0]
     ops = []          # (i, layer, d_in, d_out, in_shape) of every per-sample operator
 
@@ -264,10 +272,10 @@ def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
         certified = res.certified(y)
         margin = res.margin(y)
         eps_b = torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(b)
-        lip = res.r_local / eps_b.clamp_min(1e-30)
+        lip = res.r_local / eps_b.clamp_min(FLOOR)
         steps = torch.zeros(b, dtype=torch.long, device=x.device)
         if not ops:
-            return {'certified': certified, 'lip': lip, 'steps': steps, 'margin': margin}
+            return GuaranteedCertificate(certified, lip, steps, margin)
         active = (correct & ~certified & (eps_b > 0)).nonzero().flatten()
         # per operator: upper / lower bound of every sample (global ones to start with)
         up = {i: norms.upper[i].double().expand(b).clone() for i, *_ in ops}
@@ -317,8 +325,7 @@ def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
                 keep = torch.isin(idx, active).nonzero().flatten()
                 lz.select(keep)
                 need[i][0] = idx[keep]
-    return {'certified': certified, 'lip': lip, 'steps': steps, 'margin': margin}
-
+    return GuaranteedCertificate(certified, lip, steps, margin)
 
 
 def masked_norm_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,

@@ -31,7 +31,7 @@ from models import ClampGroupSort, Flatten, ReLU_x
 from vectors import RandomVectors
 
 TOL = 1e-3          # power iteration stops when the largest per-sample change is below this
-TINY = 1e-12        # guards divisions by norms that can be exactly zero
+NORM_FLOOR = 1e-12  # guards divisions by norms that can be exactly zero
 FLOOR = 1e-30       # floor of a norm or radius before a log or a division
 AFFINE = (nn.Conv2d, nn.Linear, nn.AvgPool2d)      # linear maps (plus bias): one norm each
 ACTIVATIONS = (ReLU_x, nn.ReLU, ClampGroupSort)
@@ -270,7 +270,7 @@ def row_norms(layer: nn.Module, in_shape=None) -> torch.Tensor:
                          True, 1)                              # n (divisor 1: the sum)
         return mean / n.clamp_min(1).sqrt()
     w = layer.weight
-    n = w.flatten(1).pow(2).sum(1).clamp_min(TINY).sqrt()
+    n = w.flatten(1).pow(2).sum(1).clamp_min(NORM_FLOOR).sqrt()
     return n.view(1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else n.view(1, -1)
 
 
@@ -280,8 +280,8 @@ def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def _norm(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample L2 norm of [batch, ...] -> [batch], at least TINY (zero-safe gradient)."""
-    return torch.linalg.vector_norm(x.flatten(1), dim=1).clamp_min(TINY)
+    """Per-sample L2 norm of [batch, ...] -> [batch], at least NORM_FLOOR (zero-safe gradient)."""
+    return torch.linalg.vector_norm(x.flatten(1), dim=1).clamp_min(NORM_FLOOR)
 
 
 class _Extremum(torch.autograd.Function):
@@ -517,7 +517,7 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
         u = u * d_in
     # a zero vector (a stored vector killed by a new mask) would never recover: restart
     # from the mask itself (from all ones without a mask); no host synchronisation
-    dead = _bcast(torch.linalg.vector_norm(u.flatten(1), dim=1) <= TINY, u)
+    dead = _bcast(torch.linalg.vector_norm(u.flatten(1), dim=1) <= NORM_FLOOR, u)
     u = torch.where(dead, torch.ones_like(u) if d_in is None else d_in, u)
     iters = torch.zeros(batch, dtype=torch.long, device=u.device)
     converged = torch.zeros(batch, dtype=torch.bool, device=u.device)
@@ -624,7 +624,7 @@ def _bcp(w: torch.Tensor, r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     r2 = r.pow(2)
     wn_raw = w.pow(2).sum(-1)
     nan_like = wn_raw == 0
-    d = w * (r / wn_raw.clamp_min(TINY * TINY).sqrt()).unsqueeze(-1)
+    d = w * (r / wn_raw.clamp_min(NORM_FLOOR * NORM_FLOOR).sqrt()).unsqueeze(-1)
     fixed = torch.zeros_like(w, dtype=torch.bool)
     done = torch.zeros((), dtype=torch.bool, device=w.device) if sync_free else None
     for _ in range(opt_iter):
@@ -637,12 +637,12 @@ def _bcp(w: torch.Tensor, r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
         fixed = fixed | leave
         d_fixed = torch.where(fixed, torch.maximum(torch.minimum(d, hi), lo), torch.zeros_like(d))
         rem_raw = r2 - d_fixed.pow(2).sum(-1)
-        rem = rem_raw.clamp_min(TINY * TINY)                  # budget left for free coords
+        rem = rem_raw.clamp_min(NORM_FLOOR * NORM_FLOOR)          # budget left for free coords
         w_free = torch.where(fixed, torch.zeros_like(w), w)
         free_raw = w_free.pow(2).sum(-1)
         if reference_nan:
             nan_like = nan_like | (free_raw == 0) | (rem_raw < 0)
-        d = d_fixed + w_free * (rem.sqrt() / free_raw.clamp_min(TINY * TINY).sqrt()).unsqueeze(-1)
+        d = d_fixed + w_free * (rem.sqrt() / free_raw.clamp_min(NORM_FLOOR * NORM_FLOOR).sqrt()).unsqueeze(-1)
         if sync_free:       # once done, leave is empty: fixed is unchanged without a select
             d = torch.where(done, d_old, d)
             nan_like = torch.where(done, nan_old, nan_like)

@@ -29,12 +29,12 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from certify import (RADIUS_EVALS, RADIUS_RTOL, RADIUS_STEPS, converged_global_vectors,
-                     radius_batch)
+from certify import converged_global_vectors
+from radius import RADIUS_RTOL, RADIUS_STEPS, RadiusSearch, radius_batch
 from lanczos import GuaranteedNorms, guaranteed_certify
 from checkpoints import load_checkpoint
-from local_bound import (NOOPS, SUPPORTED, TOL, UnsupportedModel, check_supported, compute_bound,
-                         exact_float32, fold_batchnorm)
+from local_bound import (FLOOR, NOOPS, SUPPORTED, TOL, UnsupportedModel, check_supported,
+                         compute_bound, exact_float32, fold_batchnorm)
 from vectors import KeptVectors, RandomVectors
 
 SNITER = 2000       # per-sample power iterations at most (each sample stops at ``tol``)
@@ -158,7 +158,7 @@ def lipschitz_bound(model: nn.Module, x, eps: float, y=None, *, sniter: int = SN
         res = compute_bound(net, x, y, float(eps), RandomVectors(x.shape[0], x.device, gen), gv,
                             sniter=sniter, tol=tol, opt_iter=opt_iter, bound=bound,
                             check=True)
-    safe = max(float(eps), 1e-30)
+    safe = max(float(eps), FLOOR)
     return LipschitzBound(local=res.r_local / safe, global_=res.r_global / safe,
                           margin=res.margin(y), certified=res.certified(y),
                           converged=res.converged, global_converged=bool(res.global_converged),
@@ -200,7 +200,7 @@ def certify(model: nn.Module, x, y=None, eps: Union[float, Sequence[float]] = 0.
         norms = GuaranteedNorms(net, tuple(x.shape[1:]), delta, generator_seed=seed)
         with torch.no_grad(), _seeded(seed, x.device):
             for e in sorted(radii):
-                out[e] = guaranteed_certify(net, x, y, e, norms, opt_iter=opt_iter)['certified']
+                out[e] = guaranteed_certify(net, x, y, e, norms, opt_iter=opt_iter).certified
     else:
         raise ValueError(f"certificate must be 'reference' or 'guaranteed', got {certificate!r}")
     return {e: out[e] for e in radii}
@@ -254,17 +254,16 @@ def certified_radius(model: nn.Module, x, y=None, *, certificate: str = 'referen
         norms = GuaranteedNorms(net, tuple(x.shape[1:]), delta, generator_seed=seed)
     with torch.no_grad(), _seeded(seed, x.device):
         gv = None if norms is not None else _global_vectors(net, x, sniter, seed)
-        r = radius_batch(net, x, y, gv, sniter=sniter, opt_iter=opt_iter, rtol=rtol,
-                         max_radius=max_radius, norms=norms, max_evals=RADIUS_EVALS,
-                         steps=int(steps), reference=norms is None)
+        search = RadiusSearch(sniter=sniter, opt_iter=opt_iter, rtol=rtol, max_radius=max_radius,
+                              steps=int(steps))
+        r = radius_batch(net, x, y, gv, search, norms=norms, reference=norms is None)
     dtype = x.dtype
     if norms is None:
-        return CertifiedRadius(_rounded(r['radius'], dtype, down=True),
-                               _rounded(r['radius_upper'], dtype, down=False), r['evals'],
-                               r['converged'])
-    found = _rounded(r['radius_guaranteed'], dtype, down=True)
-    return CertifiedRadius(found, _rounded(r['radius_guaranteed_upper'], dtype, down=False),
-                           r['evals_guaranteed'], torch.ones(found.shape, dtype=torch.bool),
+        return CertifiedRadius(_rounded(r.radius, dtype, down=True),
+                               _rounded(r.radius_upper, dtype, down=False), r.evals, r.converged)
+    found = _rounded(r.radius_guaranteed, dtype, down=True)
+    return CertifiedRadius(found, _rounded(r.radius_guaranteed_upper, dtype, down=False),
+                           r.evals_guaranteed, torch.ones(found.shape, dtype=torch.bool),
                            'guaranteed', delta)
 
 

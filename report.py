@@ -2,6 +2,8 @@
 the --expect record check and the text / markdown tables (no certification here)."""
 import math
 import os
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -63,6 +65,32 @@ def write_tsv(path, header, rows):
     os.replace(path + '.tmp', path)
 
 
+class TsvWriter:
+    """Rows appended to a TSV as they are made, flushed after every batch (a killed run
+    keeps its finished batches). ``header`` and ``kept``: the columns and rows of an
+    interrupted run, rewritten first (atomically) and appended to; without them the header
+    line is written with the first rows."""
+
+    def __init__(self, path: str, header: Optional[List[str]] = None, kept=()):
+        os.makedirs(os.path.dirname(path) or '.', exist_ok=True)
+        self.path, self.header, self.file = path, header, None
+        if header is not None:
+            write_tsv(path, header, kept)
+
+    def write(self, header: List[str], rows) -> None:
+        if self.file is None:
+            self.file = open(self.path, 'a' if self.header is not None else 'w')
+        if self.header is None:
+            self.header = header
+            self.file.write('\t'.join(header) + '\n')
+        self.file.writelines(tsv_line(self.header, row) for row in rows)
+        self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
 def fmt_value(v):
     """One TSV cell: booleans and integers as integers, floats to 6 significant digits."""
     if isinstance(v, (bool, int)):
@@ -78,50 +106,74 @@ def cell(column, v):
     return fmt_value(v)
 
 
-def batch_rows(idx, y, by_eps, radii, pgd, audit_counts, global_converged, seconds,
-               seconds_guaranteed=None, radius=None, seconds_radius=None):
+@dataclass
+class BatchOutcome:
+    """Everything measured on one test batch (evaluation.py), per sample [batch] on the CPU:
+    what ``batch_rows`` turns into TSV rows."""
+    idx: torch.Tensor                    # sample indices
+    labels: torch.Tensor
+    by_eps: Dict[float, Any]             # radius -> certify.BatchCertificate
+    pgd: torch.Tensor                    # bool: correct, and still after PGD at radii[0]
+    global_converged: bool               # every global power iteration met its tolerance
+    audited: Optional[torch.Tensor] = None   # radii at which the audit attacked the point
+    broken: Optional[torch.Tensor] = None    # ... and broke its certificate
+    seconds: float = 0.0                 # per point, certification + PGD + audit
+    seconds_guaranteed: Optional[float] = None   # per point; set: guaranteed columns
+    radius: Any = None                   # radius.RadiusResult; set: radius columns
+    seconds_radius: Optional[float] = None
+
+
+def batch_rows(out: BatchOutcome, radii) -> List[dict]:
     """One row dict per sample of a batch (the TSV's columns, as Python numbers); with
-    ``seconds_guaranteed`` (--certificate guaranteed) also the guaranteed columns; with
-    ``radius`` (certify.radius_batch's output, --radius) the certified-radius columns."""
-    first = by_eps[radii[0]]
-    converged = torch.stack([by_eps[e]['converged'] for e in radii]).all(0)
+    ``seconds_guaranteed`` also the guaranteed columns, with ``radius`` the radius columns."""
+    first = out.by_eps[radii[0]]
+    converged = torch.stack([out.by_eps[e].converged for e in radii]).all(0)
+    zeros = torch.zeros(len(out.idx), dtype=torch.long)
+    audited = zeros if out.audited is None else out.audited
+    broken = zeros if out.broken is None else out.broken
     rows = []
-    for k in range(len(idx)):
-        row = {'idx': int(idx[k]), 'label': int(y[k]), 'pred': int(first['pred'][k]),
-               'correct': int(first['correct'][k]), 'pgd_correct': int(pgd[k]),
-               'local_bound': float(first['lip_local'][k]),
-               'global_bound': float(first['lip_global'][k]), 'margin': float(first['margin'][k])}
+    for k in range(len(out.idx)):
+        row = {'idx': int(out.idx[k]), 'label': int(out.labels[k]), 'pred': int(first.pred[k]),
+               'correct': int(first.correct[k]), 'pgd_correct': int(out.pgd[k]),
+               'local_bound': float(first.lip_local[k]),
+               'global_bound': float(first.lip_global[k]), 'margin': float(first.margin[k])}
         for e in radii:
-            row[f"certified@{e:g}"] = int(by_eps[e]['certified'][k])
+            row[f"certified@{e:g}"] = int(out.by_eps[e].certified[k])
         for e in radii:
-            row[f"certified_global@{e:g}"] = int(by_eps[e]['certified_global'][k])
-        if seconds_guaranteed is not None:
+            row[f"certified_global@{e:g}"] = int(out.by_eps[e].certified_global[k])
+        if out.seconds_guaranteed is not None:
             for e in radii:
-                row[f"certified_guaranteed@{e:g}"] = int(by_eps[e]['certified_guaranteed'][k])
-            row['guaranteed_bound'] = float(first['lip_guaranteed'][k])
-            row['seconds_guaranteed'] = seconds_guaranteed
-        for i, v in first['varying'].items():
+                row[f"certified_guaranteed@{e:g}"] = int(out.by_eps[e].certified_guaranteed[k])
+            row['guaranteed_bound'] = float(first.lip_guaranteed[k])
+            row['seconds_guaranteed'] = out.seconds_guaranteed
+        for i, v in first.varying.items():
             row[f"varying@{i}"] = float(v[k])
-        row.update(converged=int(converged[k]), global_converged=int(global_converged),
-                   audited=int(audit_counts[0][k]), broken=int(audit_counts[1][k]),
-                   seconds=seconds)
-        if radius is not None:
-            row.update(radius=float(radius['radius'][k]),
-                       radius_upper=float(radius['radius_upper'][k]),
-                       radius_evals=int(radius['evals'][k]),
-                       radius_converged=int(radius['converged'][k]), seconds_radius=seconds_radius)
-            if 'radius_guaranteed' in radius:
-                row.update(radius_guaranteed=float(radius['radius_guaranteed'][k]),
-                           radius_guaranteed_upper=float(radius['radius_guaranteed_upper'][k]),
-                           radius_guaranteed_evals=int(radius['evals_guaranteed'][k]))
+        row.update(converged=int(converged[k]), global_converged=int(out.global_converged),
+                   audited=int(audited[k]), broken=int(broken[k]), seconds=out.seconds)
+        if out.radius is not None:
+            row.update(_radius_cells(out.radius, k, out.seconds_radius))
         # floats as the TSV holds them, so a summary of read-back rows is the same
-        rows.append({k: float(cell(k, v)) if isinstance(v, float) else v for k, v in row.items()})
+        rows.append({c: float(cell(c, v)) if isinstance(v, float) else v for c, v in row.items()})
     return rows
 
 
-def summarize(rows, radii, args, audit=False):
-    """The results dict (JSON-ready) of a list of rows: everything is counted per sample, so
-    a resumed evaluation gives the same summary as an uninterrupted one."""
+def _radius_cells(rad, k: int, seconds: float) -> dict:
+    """The radius columns of sample k of a radius.RadiusResult."""
+    cells = dict(radius=float(rad.radius[k]), radius_upper=float(rad.radius_upper[k]),
+                 radius_evals=int(rad.evals[k]), radius_converged=int(rad.converged[k]),
+                 seconds_radius=seconds)
+    if rad.radius_guaranteed is not None:
+        cells.update(radius_guaranteed=float(rad.radius_guaranteed[k]),
+                     radius_guaranteed_upper=float(rad.radius_guaranteed_upper[k]),
+                     radius_guaranteed_evals=int(rad.evals_guaranteed[k]))
+    return cells
+
+
+def summarize(rows, settings):
+    """The results dict (JSON-ready) of a list of rows under ``settings`` (an
+    evaluation.EvalSettings): everything is counted per sample, so a resumed evaluation
+    gives the same summary as an uninterrupted one."""
+    radii = settings.radii
     n = max(len(rows), 1)
     eps0 = radii[0]
 
@@ -141,13 +193,13 @@ def summarize(rows, radii, args, audit=False):
     out = {
         'clean_acc': frac(lambda r: r['correct']), 'pgd_acc': frac(lambda r: r['pgd_correct']),
         'certified_acc': first['certified_acc'], 'epsilon': eps0, 'n': len(rows),
-        'bound': args.bound, 'certified_acc_converged_only': first['certified_acc_converged_only'],
+        'bound': settings.bound, 'certified_acc_converged_only': first['certified_acc_converged_only'],
         'radii': per_radius,
         'unconverged': sum(1 for r in rows if not r['converged']),
         'global_converged': all(r['global_converged'] for r in rows),
         'nan_bounds': sum(1 for r in rows if math.isnan(r['margin'])),
         'varying_fraction': {i: frac(lambda r: r[f"varying@{i}"]) for i in layers},
-        'test_sniter': args.test_sniter, 'test_opt_iter': args.test_opt_iter,
+        'test_sniter': settings.test_sniter, 'test_opt_iter': settings.test_opt_iter,
         'seconds': sum(r['seconds'] for r in rows),
         'per_sample': [{'idx': r['idx'], 'label': r['label'], 'pred': r['pred'],
                         'certified': bool(r[f"certified@{eps0:g}"]),
@@ -161,14 +213,14 @@ def summarize(rows, radii, args, audit=False):
                        for r in rows],
     }
     if rows and 'radius' in rows[0]:
-        out['certified_radius'] = radius_summary(rows, args)
+        out['certified_radius'] = radius_summary(rows, settings.radius_rtol)
     if rows and 'seconds_guaranteed' in rows[0]:
-        out['certificate'] = {'mode': 'guaranteed', 'delta': args.delta,
+        out['certificate'] = {'mode': 'guaranteed', 'delta': settings.delta,
                               'seconds_guaranteed': sum(r['seconds_guaranteed'] for r in rows)}
-    if audit:
+    if settings.audit:
         out['audit'] = {'attacked': int(sum(r['audited'] for r in rows)),
                         'broken': int(sum(r['broken'] for r in rows)),
-                        'restarts': args.audit_restarts, 'steps': args.audit_steps}
+                        'restarts': settings.audit_restarts, 'steps': settings.audit_steps}
     return out
 
 
@@ -180,10 +232,10 @@ def median(values):
     return v[h] if len(v) % 2 else (v[h - 1] + v[h]) / 2
 
 
-def radius_summary(rows, args):
+def radius_summary(rows, rtol):
     """Median / mean certified radius over all points (misclassified: 0), the search's
     tolerance and cost, for --radius."""
-    out = {'rtol': getattr(args, 'radius_rtol', None),
+    out = {'rtol': rtol,
            'median': median([r['radius'] for r in rows]),
            'mean': sum(r['radius'] for r in rows) / max(len(rows), 1),
            'evaluations_per_point': sum(r['radius_evals'] for r in rows) / max(len(rows), 1),

@@ -18,8 +18,8 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
-from typing import Optional
+from dataclasses import dataclass, field
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -28,9 +28,12 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from data_load import get_loaders
-from certify import PROGRESS_EVERY_S, certify, full_evaluation
+from certify import certify_loader
+from evaluate import eval_settings
+from evaluation import full_evaluation
+from progress import PROGRESS_EVERY_S
 from report import summary_line
-from local_bound import (BATCHNORM, NOOPS, NORM_EPS, certified_loss, check_supported,
+from local_bound import (BATCHNORM, FLOOR, NOOPS, NORM_EPS, certified_loss, check_supported,
                          compute_bound, global_vector_shape, layer_input_shapes, sparsity_loss)
 from vectors import GivenVectors, VectorStore
 from checkpoints import atomic_save, checkpoint_base, load_checkpoint, safe_load
@@ -214,26 +217,56 @@ def check_store_fits(total, path, ram_available):
 # ----------------------------------------------------------------------------------------
 
 
-def certified_step(model, x, y, eps, kappa, given, global_vectors, args):
+@dataclass(frozen=True)
+class StepSettings:
+    """The switches of the certified step (``step_settings`` reads them from the flags)."""
+    sniter: int = 1                  # per-sample and global power iterations
+    opt_iter: int = 1                # worst-case-logit rounds
+    bound: str = 'local'             # 'local' or 'global'
+    pi_grad: str = 'all'             # gradients through every power iteration, or the last
+    estimate: str = 'bilinear'       # the spectral-norm estimate
+    gloro: bool = False              # the GloRo loss instead of BCP's
+    sparse: float = 0.0              # weight of the sparsity loss (TinyImageNet)
+    sp_thres: float = 0.1            # its threshold term's weight
+    compile: bool = False            # torch.compile'd (sync-free loops)
+
+
+def step_settings(args) -> StepSettings:
+    """The StepSettings of the training flags in ``args``."""
+    return StepSettings(args.sniter, args.opt_iter, args.bound, args.pi_grad, args.estimate,
+                        args.gloro, args.sparse, args.sp_thres, args.compile)
+
+
+class StepResult(NamedTuple):
+    """certified_step's result (a named tuple: torch.compile returns it as it is)."""
+    loss: torch.Tensor               # 0-dim: kappa CE + (1 - kappa) robust (BCP) or robust
+    clean: torch.Tensor              # 0-dim clean cross-entropy
+    robust: torch.Tensor             # 0-dim cross-entropy on the worst-case logits
+    logits: torch.Tensor             # [batch, classes]
+    not_certified: torch.Tensor      # 0-dim count
+    lip_ratio: torch.Tensor          # 0-dim sum over the batch of local / global bound
+    varying: dict                    # activation index -> 0-dim summed fraction varying
+    vectors: dict                    # affine index -> final vectors [batch, *in_shape]
+
+
+def certified_step(model, x, y, eps, kappa, given, global_vectors,
+                   settings: StepSettings) -> StepResult:
     """The certified part of a training step: the bound from the ``given`` starting vectors
     {affine index: [batch, *in_shape]} and the training loss (what --compile compiles).
     x [batch, *input_shape], y [batch], eps: the L2 radius (float), kappa: the CE weight;
-    ``global_vectors`` is updated in place. Returns (loss, clean CE, robust CE, logits
-    [batch, classes], number not certified (0-dim), sum of local / global bound over the
-    batch (0-dim), {activation index: summed fraction of varying neurons (0-dim)}, {affine
-    index: final vectors [batch, *in_shape]})."""
+    ``global_vectors`` is updated in place."""
+    s = settings
     vectors = GivenVectors(given)
-    res = compute_bound(model, x, y, eps, vectors, global_vectors, sniter=args.sniter,
-                        opt_iter=args.opt_iter, bound=args.bound, pi_grad=args.pi_grad,
-                        estimate=args.estimate, reference_nan=True,
-                        sync_free=getattr(args, 'compile', False))
-    sp = sparsity_loss(model, res, args.sp_thres) if args.sparse else None
-    loss, clean, rob = certified_loss(res, y, kappa, args.gloro, sp, args.sparse)
+    res = compute_bound(model, x, y, eps, vectors, global_vectors, sniter=s.sniter,
+                        opt_iter=s.opt_iter, bound=s.bound, pi_grad=s.pi_grad,
+                        estimate=s.estimate, reference_nan=True, sync_free=s.compile)
+    sp = sparsity_loss(model, res, s.sp_thres) if s.sparse else None
+    loss, clean, rob = certified_loss(res, y, kappa, s.gloro, sp, s.sparse)
     with torch.no_grad():   # the paper's training figures: local / global bound, sparsity
         rerr = (~res.certified(y)).sum()
-        ratio = (res.r_local / res.r_global.clamp_min(1e-30)).sum()
+        ratio = (res.r_local / res.r_global.clamp_min(FLOOR)).sum()
         varying = {k: d.flatten(1).mean(1).sum() for k, d in res.masks.items()}
-    return loss, clean, rob, res.logits, rerr, ratio, varying, vectors.out
+    return StepResult(loss, clean, rob, res.logits, rerr, ratio, varying, vectors.out)
 
 
 def start_global_vectors(global_vectors, model, shapes, x):
@@ -275,31 +308,32 @@ def resumed_global_vectors(saved, model, shapes, device, say, linear_space='outp
     return out
 
 
-def stored_step(step_fn, model, x, y, eps, kappa, vectors, shapes, global_vectors, args):
+def stored_step(step_fn, model, x, y, eps, kappa, vectors, shapes, global_vectors,
+                settings: StepSettings) -> StepResult:
     """``step_fn`` (certified_step, maybe compiled) with its starting vectors read from
     ``vectors`` (a vector store's batch, or RandomVectors) for the layers of ``shapes``
-    {affine index: in_shape}, and the final ones written back; returns step_fn's tuple."""
+    {affine index: in_shape}, and the final ones written back."""
     start_global_vectors(global_vectors, model, shapes, x)
     given = {k: vectors.get(k, s) for k, s in shapes.items()}
-    out = step_fn(model, x, y, eps, kappa, given, global_vectors, args)
-    for k, u in out[-1].items():
+    out = step_fn(model, x, y, eps, kappa, given, global_vectors, settings)
+    for k, u in out.vectors.items():
         vectors.put(k, u)
-    if getattr(args, 'compile', False):   # CUDA graphs reuse their outputs' memory at the
+    if settings.compile:                  # CUDA graphs reuse their outputs' memory at the
         for k in global_vectors:          # next replay: keep what outlives the step
             global_vectors[k] = global_vectors[k].clone()
-        out = (out[0].clone(), *out[1:])
+        out = out._replace(loss=out.loss.clone())
     return out
 
 
 _COMPILED = {}
 
 
-def step_function(args, device, backend='inductor', fullgraph=False):
-    """certified_step, or with --compile its torch.compile'd version (one per device type
-    and backend; 'reduce-overhead', CUDA graphs, on CUDA). The tests compile with
-    backend 'aot_eager' (no code generation: fast) and fullgraph=True (a graph break raises:
-    the whole step is one graph)."""
-    if not getattr(args, 'compile', False):
+def step_function(compiled: bool, device, backend='inductor', fullgraph=False):
+    """certified_step, or when ``compiled`` (--compile) its torch.compile'd version (one per
+    device type and backend; 'reduce-overhead', CUDA graphs, on CUDA). The tests compile
+    with backend 'aot_eager' (no code generation: fast) and fullgraph=True (a graph break
+    raises: the whole step is one graph)."""
+    if not compiled:
         return certified_step
     key = (torch.device(device).type, backend, fullgraph)
     if key not in _COMPILED:
@@ -309,83 +343,126 @@ def step_function(args, device, backend='inductor', fullgraph=False):
     return _COMPILED[key]
 
 
-def train_epoch(model, loader, opt, args, epoch, store, global_vectors, device, writer, step0,
-                world=1, first=False):
-    model.train()
-    step_fn = step_function(args, device)
-    keys = ('loss', 'clean_loss', 'robust_loss', 'clean_err', 'robust_err', 'lip_ratio')
-    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)   # no per-step syncs
-    varying = {}     # activation index -> summed fraction of varying neurons (x batch size)
-    n_seen = 0
-    n_batches = len(loader)
-    certified_epoch = epoch >= args.warmup
-    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None, file=sys.stderr)
-    pending = None
-    last_line = [time.monotonic()]
+@dataclass
+class Run:
+    """A training run: what every epoch reads and updates (main builds it)."""
+    args: object                     # the parsed flags (train.py is where they stop)
+    model: torch.nn.Sequential
+    opt: torch.optim.Optimizer
+    sched: object                    # the learning-rate scheduler
+    train_loader: object
+    test_loader: object
+    stores: tuple                    # (train, test) VectorStore
+    device: torch.device
+    files: 'EpochFiles'
+    base: str                        # pretrained/<prefix>_<model>: its files' common start
+    rank: int = 0
+    world: int = 1
+    writer: Optional[SummaryWriter] = None       # TensorBoard (process 0, unless --no_save)
+    global_vectors: dict = field(default_factory=dict)   # affine index -> [1, ...]
+    start: int = 0                   # first epoch of this process's run (resume: later)
+    best_err: float = 1.0            # the reference: best only strictly below 1
+    best_state: Optional[dict] = None   # --no_save: the best model, kept in memory
+    say: Callable = print            # process 0 prints, the others say nothing
 
-    def report(i, loss, eps, kappa):
-        """Finiteness check, progress bar, TensorBoard and, without a terminal, a progress
-        line every --verbose batches and at least once a minute."""
-        lv = loss.item()
+
+class _EpochLog:
+    """Finiteness check, progress bar, TensorBoard and, without a terminal, a progress
+    line every --verbose batches and at least once a minute."""
+
+    def __init__(self, run: Run, epoch: int, bar):
+        self.run, self.epoch, self.bar = run, epoch, bar
+        self.step0 = epoch * len(run.train_loader)
+        self.last_line = time.monotonic()
+
+    def __call__(self, i, loss, eps, kappa):
+        lv, writer, verbose = loss.item(), self.run.writer, self.run.args.verbose
         if not math.isfinite(lv):
-            raise UserError(f"loss became {lv} at epoch {epoch}, batch {i} (eps {eps:.4g}); "
+            raise UserError(f"loss became {lv} at epoch {self.epoch}, batch {i} (eps {eps:.4g}); "
                             f"lower --lr or check the data")
         if writer is not None:
-            writer.add_scalar('train/loss', lv, step0 + i)
-            writer.add_scalar('train/eps', eps, step0 + i)
-            writer.add_scalar('train/kappa', kappa, step0 + i)
-        bar.set_postfix(loss=f"{lv:.3f}", eps=f"{eps:.3f}", refresh=False)
+            writer.add_scalar('train/loss', lv, self.step0 + i)
+            writer.add_scalar('train/eps', eps, self.step0 + i)
+            writer.add_scalar('train/kappa', kappa, self.step0 + i)
+        self.bar.set_postfix(loss=f"{lv:.3f}", eps=f"{eps:.3f}", refresh=False)
         now = time.monotonic()
-        if bar.disable and args.verbose and ((i + 1) % args.verbose == 0
-                                             or now - last_line[0] >= PROGRESS_EVERY_S):
-            last_line[0] = now
-            print(f"  epoch {epoch} batch {i + 1}/{n_batches} loss {lv:.4f} eps {eps:.4f}",
-                  flush=True)
+        if self.bar.disable and verbose and ((i + 1) % verbose == 0
+                                             or now - self.last_line >= PROGRESS_EVERY_S):
+            self.last_line = now
+            print(f"  epoch {self.epoch} batch {i + 1}/{len(self.bar)} loss {lv:.4f} eps "
+                  f"{eps:.4f}", flush=True)
 
-    shapes = None
+
+EPOCH_KEYS = ('loss', 'clean_loss', 'robust_loss', 'clean_err', 'robust_err', 'lip_ratio')
+
+
+def train_epoch(run: Run, epoch: int, first: bool = False) -> dict:
+    """One epoch of ``run`` (clean before --warmup, certified after); returns the epoch's
+    means over all processes: EPOCH_KEYS and varying@<activation index>."""
+    args, model, device, loader = run.args, run.model, run.device, run.train_loader
+    model.train()
+    step_fn, settings = step_function(args.compile, device), step_settings(args)
+    sums = torch.zeros(len(EPOCH_KEYS), dtype=torch.float64, device=device)   # no step syncs
+    varying = {}     # activation index -> summed fraction of varying neurons (x batch size)
+    n_seen, shapes, pending = 0, None, None
+    bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=None, file=sys.stderr)
+    report = _EpochLog(run, epoch, bar)
     for i, (x, y, idx) in enumerate(bar):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        eps, kappa = batch_eps_kappa(args, epoch, i, n_batches)
-        if certified_epoch:
+        eps, kappa = batch_eps_kappa(args, epoch, i, len(loader))
+        if epoch >= args.warmup:
             if shapes is None:
                 shapes = layer_input_shapes(model, tuple(x.shape[1:]))
-            loss, clean, rob, logits, rerr, ratio, var, _ = stored_step(
-                step_fn, model, x, y, eps, kappa, store.batch(idx, device), shapes,
-                global_vectors, args)
-            for k, v in var.items():
+            out = stored_step(step_fn, model, x, y, eps, kappa, run.stores[0].batch(idx, device),
+                              shapes, run.global_vectors, settings)
+            for k, v in out.varying.items():
                 varying[k] = varying.get(k, 0) + v.double()
         else:
-            logits = model(x)
-            loss = clean = rob = torch.nn.functional.cross_entropy(logits, y)
-            rerr = torch.tensor(float('nan'), device=device)
-            ratio = torch.tensor(float('nan'), device=device)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        average_gradients(model, world)
-        opt.step()
-        clamp_thresholds(model)
+            out = _clean_step(model, x, y)
+        _optimizer_step(run, out.loss)
         if first and i == 0:    # the global batch's mean loss (all processes hold equal shares)
-            mean_loss = all_reduce_sum([loss.detach()], device, world)[0] / world
-            if writer is not None:
-                print(f"first step: loss {mean_loss:.8f} (global batch {x.shape[0] * world})",
+            mean_loss = all_reduce_sum([out.loss.detach()], device, run.world)[0] / run.world
+            if run.writer is not None:
+                print(f"first step: loss {mean_loss:.8f} (global batch {x.shape[0] * run.world})",
                       flush=True)
         b = x.shape[0]
         n_seen += b
         with torch.no_grad():
-            sums += torch.stack([loss.detach() * b, clean.detach() * b, rob.detach() * b,
-                                 (logits.argmax(1) != y).sum(), rerr, ratio]).to(torch.float64)
+            sums += torch.stack([out.loss.detach() * b, out.clean.detach() * b,
+                                 out.robust.detach() * b, (out.logits.argmax(1) != y).sum(),
+                                 out.not_certified, out.lip_ratio]).to(torch.float64)
         # the previous step's loss is read now, while this step runs on the device: one
         # host sync per step that does not drain the GPU's queue
         if pending is not None:
             report(*pending)
-        pending = (i, loss.detach(), eps, kappa)
+        pending = (i, out.loss.detach(), eps, kappa)
     if pending is not None:
         report(*pending)
+    return _epoch_means(sums, varying, n_seen, device, run.world)
+
+
+def _clean_step(model, x, y) -> StepResult:
+    """A warm-up step's numbers: cross-entropy only (no bound: NaN statistics)."""
+    logits = model(x)
+    loss = torch.nn.functional.cross_entropy(logits, y)
+    nan = torch.tensor(float('nan'), device=x.device)
+    return StepResult(loss, loss, loss, logits, nan, nan, {}, {})
+
+
+def _optimizer_step(run: Run, loss):
+    run.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(run.model, run.world)
+    run.opt.step()
+    clamp_thresholds(run.model)
+
+
+def _epoch_means(sums, varying, n_seen, device, world) -> dict:
     vkeys = sorted(varying)
     totals = all_reduce_sum([*sums.unbind(), *(varying[k] for k in vkeys), n_seen], device, world)
     n = max(totals[-1], 1)
-    out = {k: v / n for k, v in zip(keys, totals[:len(keys)])}
-    out.update({f"varying@{k}": v / n for k, v in zip(vkeys, totals[len(keys):-1])})
+    out = {k: v / n for k, v in zip(EPOCH_KEYS, totals[:len(EPOCH_KEYS)])}
+    out.update({f"varying@{k}": v / n for k, v in zip(vkeys, totals[len(EPOCH_KEYS):-1])})
     return out
 
 
@@ -500,151 +577,196 @@ RESUME_KEYS = ('optimizer', 'scheduler', 'global_vectors', 'epoch', 'best_err')
 
 
 def main(argv=None, **dataset_defaults):
+    """Train as the flags in ``argv`` say (the entry scripts pass their dataset defaults);
+    returns the final evaluation's results (process 0; None elsewhere or when --time_limit
+    stopped the run)."""
     args = argparser(argv, **dataset_defaults)
     if len(args.radii) > 1:
         raise UserError("training takes one --epsilon (several radii are for evaluate.py)")
     if args.deterministic:
         use_deterministic_kernels()
+    run = start_run(args)
+    finished = train_epochs(run)
+    if run.writer is not None:
+        run.writer.close()
+    if not finished or (distributed() and _not_lead_after_training(run)):
+        if distributed():
+            dist.destroy_process_group()
+        return None
+    res = final_evaluation(run)
+    if distributed():
+        dist.destroy_process_group()
+    return res
+
+
+def start_run(args) -> Run:
+    """The model, loaders, optimiser, vector stores and files of a run (resumed from its
+    checkpoint with --resume), announced in the start-up lines."""
     rank, world, device = init_distributed(args)
-    lead = rank == 0
-    say = print if lead else (lambda *a, **k: None)
+    say = print if rank == 0 else (lambda *a, **k: None)
     base = checkpoint_base(args.prefix, args.model)
     seed_all(args.seed)
     model = select_model(args.data, args.model, args.init).to(device)
     check_trainable(model, args.model)
     train_loader, test_loader = get_loaders(args, rank=rank, world=world)
-    input_shape = tuple(train_loader.dataset[0][0].shape)
     opt = make_optimizer(args, model)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args))
-    train_store, test_store = make_stores(args, model, input_shape, train_loader.n_total,
-                                          test_loader.n_total, base, say, rank, world, device)
-    train_store.seed = test_store.seed = args.seed
-    global_vectors = {}
-    start, best_err = 0, 1.0         # the reference: best only strictly below 1 (and later best)
-    best_state = None                 # --no_save: the best model, kept in memory
-    ckpt_path, best_path = base + '_checkpoint.pth', base + '_best.pth'
-    store_path = base + ('_vectors.pt' if world == 1 else f'_vectors.rank{rank}.pt')
+    stores = make_stores(args, model, tuple(train_loader.dataset[0][0].shape),
+                         train_loader.n_total, test_loader.n_total, base, say, rank, world, device)
+    stores[0].seed = stores[1].seed = args.seed
+    files = EpochFiles(base + '_checkpoint.pth', base + '_best.pth',
+                       base + ('_vectors.pt' if world == 1 else f'_vectors.rank{rank}.pt'))
+    run = Run(args, model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_factor(args)),
+              train_loader, test_loader, stores, device, files, base, rank, world, say=say)
     if args.resume:
-        ckpt = load_checkpoint(ckpt_path, model, device)
-        lacking = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
-        if lacking:
-            raise UserError(f"{ckpt_path} cannot be resumed: it lacks {', '.join(lacking)} "
-                            f"(a best-model or reference-format file holds weights only)")
-        opt.load_state_dict(ckpt['optimizer'])
-        sched.load_state_dict(ckpt['scheduler'])
-        global_vectors.update(resumed_global_vectors(
-            ckpt['global_vectors'], model, layer_input_shapes(model, input_shape), device, say,
-            ckpt.get('global_linear_space', 'input')))
-        start, best_err = ckpt['epoch'] + 1, ckpt['best_err']
-        resume_vectors(store_path, ckpt['epoch'], (train_store, test_store))
-        say(f"resuming from {ckpt_path} at epoch {start}", flush=True)
-    writer = SummaryWriter(base + '_tb') if lead and not args.no_save else None
+        resume_run(run)
+    run.writer = SummaryWriter(base + '_tb') if rank == 0 and not args.no_save else None
+    _announce(run)
+    return run
+
+
+def resume_run(run: Run):
+    """Continue ``run`` from its checkpoint: model, optimiser, scheduler, global and
+    per-sample vectors, epoch and best error."""
+    path = run.files.checkpoint
+    ckpt = load_checkpoint(path, run.model, run.device)
+    lacking = [k for k in RESUME_KEYS if not isinstance(ckpt, dict) or k not in ckpt]
+    if lacking:
+        raise UserError(f"{path} cannot be resumed: it lacks {', '.join(lacking)} "
+                        f"(a best-model or reference-format file holds weights only)")
+    run.opt.load_state_dict(ckpt['optimizer'])
+    run.sched.load_state_dict(ckpt['scheduler'])
+    shapes = layer_input_shapes(run.model, tuple(run.train_loader.dataset[0][0].shape))
+    run.global_vectors.update(resumed_global_vectors(
+        ckpt['global_vectors'], run.model, shapes, run.device, run.say,
+        ckpt.get('global_linear_space', 'input')))
+    run.start, run.best_err = ckpt['epoch'] + 1, ckpt['best_err']
+    resume_vectors(run.files.vectors, ckpt['epoch'], run.stores)
+    run.say(f"resuming from {path} at epoch {run.start}", flush=True)
+
+
+def _announce(run: Run):
+    """The start-up lines: what is written where, and what is trained on what."""
+    args, say = run.args, run.say
     if args.no_save:
         say("--no_save: no checkpoint, vector store or TensorBoard file is written", flush=True)
     else:
-        vec_bytes = sum(st.nbytes() for st in (train_store, test_store) if st.path is None)
+        vec_bytes = sum(st.nbytes() for st in run.stores if st.path is None)
         vec_note = ("not saved (--no_save_vectors: --resume restarts them from random)"
-                    if args.no_save_vectors else f"{store_path} ({vec_bytes / 2 ** 20:.0f} MiB, "
-                    f"rewritten every epoch, for --resume)")
-        say(f"writing: checkpoints {ckpt_path} (every epoch) and {best_path} (best after the "
-            f"ramp); power-iteration vectors {vec_note}; TensorBoard {base}_tb", flush=True)
-    say(f"training {args.model} on {args.data} ({train_loader.n_total} train / "
-        f"{test_loader.n_total} test from {train_loader.source}) on {world} x {device}"
-        f"{' (' + dist.get_backend() + ')' if distributed() else ''}; checkpoints {base}_*.pth",
-        flush=True)
+                    if args.no_save_vectors else f"{run.files.vectors} ({vec_bytes / 2 ** 20:.0f} "
+                    f"MiB, rewritten every epoch, for --resume)")
+        say(f"writing: checkpoints {run.files.checkpoint} (every epoch) and {run.files.best} "
+            f"(best after the ramp); power-iteration vectors {vec_note}; TensorBoard "
+            f"{run.base}_tb", flush=True)
+    say(f"training {args.model} on {args.data} ({run.train_loader.n_total} train / "
+        f"{run.test_loader.n_total} test from {run.train_loader.source}) on {run.world} x "
+        f"{run.device}{' (' + dist.get_backend() + ')' if distributed() else ''}; checkpoints "
+        f"{run.base}_*.pth", flush=True)
 
-    run_t0, longest = time.time(), 0.0
-    for epoch in range(start, args.epochs):
-        if epoch > start and out_of_time(args, run_t0, longest, device, world):
-            say(f"stopping before epoch {epoch}: --time_limit {args.time_limit:g} min would be "
-                f"exceeded (longest epoch {longest / 60:.1f} min); the checkpoint of epoch "
-                f"{epoch - 1} is saved: continue with --resume", flush=True)
-            if writer is not None:
-                writer.close()
-            if distributed():
-                dist.destroy_process_group()
-            return None
-        seed_all(args.seed * 100003 + epoch)
-        train_loader.sampler.set_epoch(epoch)
-        train_store.epoch = test_store.epoch = epoch
+
+def train_epochs(run: Run) -> bool:
+    """Every epoch from ``run.start``; False when --time_limit stopped the run early (the
+    last epoch's checkpoint is saved: --resume continues)."""
+    args, longest, run_t0 = run.args, 0.0, time.time()
+    for epoch in range(run.start, args.epochs):
+        if epoch > run.start and out_of_time(args, run_t0, longest, run.device, run.world):
+            run.say(f"stopping before epoch {epoch}: --time_limit {args.time_limit:g} min would "
+                    f"be exceeded (longest epoch {longest / 60:.1f} min); the checkpoint of "
+                    f"epoch {epoch - 1} is saved: continue with --resume", flush=True)
+            return False
         t0 = time.time()
-        lr = opt.param_groups[0]['lr']
-        tr = train_epoch(model, train_loader, opt, args, epoch, train_store, global_vectors,
-                         device, writer, epoch * len(train_loader), world, first=(epoch == start))
-        sched.step()
-        eps_next, _ = epoch_eps_kappa(args, epoch + 1)
-        te = certify(model, test_loader, eps_next, sniter=args.test_sniter,
-                     opt_iter=args.test_opt_iter, device=device, store=test_store,
-                     global_vectors=global_vectors, bound=args.bound, desc='test',
-                     estimate=args.estimate)
-        n_te, correct, certified = all_reduce_sum(
-            [len(te['correct']), te['correct'].sum().item(), te['certified'].sum().item()], device, world)
-        clean_err, cert_err = 1 - correct / max(n_te, 1), 1 - certified / max(n_te, 1)
-        ramp_over = epoch >= args.warmup + args.rampup      # the epoch after the ramp's last
-        is_best = ramp_over and cert_err < best_err
-        if is_best:
-            best_err = cert_err
-            if args.no_save:
-                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        if lead and writer is not None:
-            for k, v in tr.items():
-                writer.add_scalar(f"train/{k}_epoch", v, epoch)
-            writer.add_scalar('test/clean_err', clean_err, epoch)
-            writer.add_scalar('test/certified_err', cert_err, epoch)
-            writer.add_scalar('test/eps', eps_next, epoch)
-            writer.add_scalar('lr', lr, epoch)
-            writer.flush()
-        if not args.no_save:
-            state = {'state_dict': model.state_dict(), 'err': cert_err, 'epoch': epoch,
-                     'optimizer': opt.state_dict(), 'scheduler': sched.state_dict(),
-                     'global_vectors': {k: v.cpu() for k, v in global_vectors.items()},
-                     'global_linear_space': GLOBAL_LINEAR_SPACE, 'best_err': best_err,
-                     'args': vars(args)}
-            vectors = (None if args.no_save_vectors else
-                       {'epoch': epoch, 'train': train_store.state_dict(),
-                        'test': test_store.state_dict()})
-            save_epoch(EpochFiles(ckpt_path, best_path, store_path), state, is_best, vectors,
-                       lead)
-        say(f"epoch {epoch} | lr {lr:.2e} | train loss {tr['loss']:.4f} clean err "
+        one_epoch(run, epoch)
+        longest = max(longest, time.time() - t0)
+    return True
+
+
+def one_epoch(run: Run, epoch: int):
+    """Train one epoch, test at the next epoch's eps, log, write the epoch's files."""
+    args, t0 = run.args, time.time()
+    seed_all(args.seed * 100003 + epoch)
+    run.train_loader.sampler.set_epoch(epoch)
+    run.stores[0].epoch = run.stores[1].epoch = epoch
+    lr = run.opt.param_groups[0]['lr']
+    tr = train_epoch(run, epoch, first=(epoch == run.start))
+    run.sched.step()
+    eps_next, _ = epoch_eps_kappa(args, epoch + 1)
+    te = certify_loader(run.model, run.test_loader, eps_next, run.device, store=run.stores[1],
+                        global_vectors=run.global_vectors, desc='test', sniter=args.test_sniter,
+                        opt_iter=args.test_opt_iter, bound=args.bound, estimate=args.estimate)
+    n_te, correct, certified = all_reduce_sum(
+        [len(te.correct), te.correct.sum().item(), te.certified.sum().item()], run.device,
+        run.world)
+    clean_err, cert_err = 1 - correct / max(n_te, 1), 1 - certified / max(n_te, 1)
+    ramp_over = epoch >= args.warmup + args.rampup      # the epoch after the ramp's last
+    is_best = ramp_over and cert_err < run.best_err
+    if is_best:
+        run.best_err = cert_err
+        if args.no_save:
+            run.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    if run.writer is not None:
+        for k, v in tr.items():
+            run.writer.add_scalar(f"train/{k}_epoch", v, epoch)
+        for k, v in (('test/clean_err', clean_err), ('test/certified_err', cert_err),
+                     ('test/eps', eps_next), ('lr', lr)):
+            run.writer.add_scalar(k, v, epoch)
+        run.writer.flush()
+    if not args.no_save:
+        _save(run, epoch, cert_err, is_best)
+    run.say(f"epoch {epoch} | lr {lr:.2e} | train loss {tr['loss']:.4f} clean err "
             f"{100 * tr['clean_err']:.2f}% cert err {100 * tr['robust_err']:.2f}% | test @eps "
             f"{eps_next:.4f}: clean err {100 * clean_err:.2f}% cert err {100 * cert_err:.2f}%"
             f"{' (best)' if is_best else ''} | {time.time() - t0:.1f}s", flush=True)
-        longest = max(longest, time.time() - t0)
-    if writer is not None:
-        writer.close()
-    if distributed():
-        dist.barrier()
-        if not lead:
-            dist.destroy_process_group()
-            return None
 
+
+def _save(run: Run, epoch: int, cert_err: float, is_best: bool):
+    """The epoch's checkpoint (everything --resume needs), best model and vector stores."""
+    state = {'state_dict': run.model.state_dict(), 'err': cert_err, 'epoch': epoch,
+             'optimizer': run.opt.state_dict(), 'scheduler': run.sched.state_dict(),
+             'global_vectors': {k: v.cpu() for k, v in run.global_vectors.items()},
+             'global_linear_space': GLOBAL_LINEAR_SPACE, 'best_err': run.best_err,
+             'args': vars(run.args)}
+    vectors = (None if run.args.no_save_vectors else
+               {'epoch': epoch, 'train': run.stores[0].state_dict(),
+                'test': run.stores[1].state_dict()})
+    save_epoch(run.files, state, is_best, vectors, run.rank == 0)
+
+
+def _not_lead_after_training(run: Run) -> bool:
+    """Several processes: wait for all; True in the processes other than 0 (they are done)."""
+    dist.barrier()
+    return run.rank != 0
+
+
+def final_evaluation(run: Run) -> dict:
+    """Clean, PGD and certified accuracy of the best model (or the last, named) at
+    --epsilon, as evaluate.py computes them, on the whole test set in process 0."""
+    args, model, files = run.args, run.model, run.files
     if args.no_save:
-        final = 'the best model (in memory)' if best_state is not None else 'the last model'
-        if best_state is not None:
-            model.load_state_dict(best_state)
+        final = 'the best model (in memory)' if run.best_state is not None else 'the last model'
+        if run.best_state is not None:
+            model.load_state_dict(run.best_state)
         else:
             print("note: no epoch after the ramp certified better than 100% error, so there is "
                   "no best model; evaluating the last")
     else:
-        final = best_path if os.path.isfile(best_path) else ckpt_path
+        final = files.best if os.path.isfile(files.best) else files.checkpoint
         if not os.path.isfile(final):
             raise UserError(f"no checkpoint at {final} to evaluate")
-        if final == ckpt_path:
+        if final == files.checkpoint:
             print("note: there is no best model (it is chosen after the ramp, on a certified "
                   "error below 100%); evaluating the last")
-        load_checkpoint(final, model, device)
+        load_checkpoint(final, model, run.device)
     seed_all(args.seed)
-    if world > 1:   # the final evaluation runs on the whole test set, in this process
+    test_loader = run.test_loader
+    if run.world > 1:   # the final evaluation runs on the whole test set, in this process
         _, test_loader = get_loaders(args, train=False)
-    res = full_evaluation(model, test_loader, args, device)
+    res = full_evaluation(model, test_loader, eval_settings(args, audit=False), run.device)
     res['normalization'] = bool(args.normalization)
     print(f"final ({os.path.basename(final)}): " + summary_line(res), flush=True)
     if not args.no_save:
-        say(f"wrote {ckpt_path}" + (f" and {best_path}" if os.path.isfile(best_path) else "")
-            + ("" if args.no_save_vectors else f"; vectors {store_path}")
-            + f"; TensorBoard {base}_tb", flush=True)
-    if distributed():
-        dist.destroy_process_group()
+        run.say(f"wrote {files.checkpoint}"
+                + (f" and {files.best}" if os.path.isfile(files.best) else "")
+                + ("" if args.no_save_vectors else f"; vectors {files.vectors}")
+                + f"; TensorBoard {run.base}_tb", flush=True)
     return res
 
 

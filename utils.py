@@ -19,7 +19,7 @@ from errors import UserError
 # ========================================================================================
 # Hyper-parameter defaults (one per line, with why). The entry scripts pick a column:
 # train_mnist.py / evaluate.py --data mnist|fashionmnist use MNIST, train_cifar10.py and
-# --data cifar10 use CIFAR10, TinyImagenet/ uses TINY. Edit here to change a default.
+# --data cifar10 use CIFAR10, TinyImagenet/ uses TINYIMAGENET. Edit here to change a default.
 # ========================================================================================
 DEFAULTS = dict(
     batch_size=256,          # reference batch size for MNIST and CIFAR-10
@@ -61,7 +61,7 @@ CIFAR10 = dict(
     epsilon_train=0.1551,    # slightly above the evaluation radius, as in the reference
     augmentation=True,       # random crop 32 pad 4 + horizontal flip
 )
-TINY = dict(
+TINYIMAGENET = dict(
     data='tinyimagenet', model='tinyimagenet_relux',
     epochs=250, rampup=125,  # paper's TinyImageNet schedule
     batch_size=32,           # per process (the paper used 4 GPUs x 32)
@@ -74,7 +74,7 @@ TINY = dict(
     augmentation=True,       # random crop 64 pad 4 + horizontal flip
 )
 DATA_DEFAULTS = {'mnist': MNIST, 'fashionmnist': MNIST, 'cifar10': CIFAR10,
-                 'tinyimagenet': TINY}
+                 'tinyimagenet': TINYIMAGENET}
 
 
 # ========================================================================================
@@ -397,6 +397,23 @@ def seed_all(seed):
     random.seed(seed)
     np.random.seed(seed % 2 ** 32)
     torch.manual_seed(seed)
+
+
+# The random streams of an evaluation, derived from --seed: each is seed * SEED_STRIDE +
+# its offset (+ the batch number), so that a batch's draws depend only on the seed and the
+# batch (resumable, the same with any process count) and no two streams meet for fewer
+# than 500009 batches.
+SEED_STRIDE = 1000003          # a prime above any offset + batch count
+BATCH_STREAM = 0               # a batch's power-iteration starts and PGD
+GUARANTEED_STREAM = 500009     # a batch's Lanczos starts (guaranteed certificates)
+RADIUS_STREAM = 700001         # a batch's certified-radius search
+NORMS_STREAM = 999979          # the global Lanczos norm bounds, once per evaluation
+GLOBAL_STREAM = 999983         # the global power-iteration vectors, once per evaluation
+
+
+def derived_seed(seed: int, stream: int, batch: int = 0) -> int:
+    """The seed of random ``stream`` (one of the *_STREAM offsets) for ``batch``."""
+    return seed * SEED_STRIDE + stream + batch
 
 
 def use_deterministic_kernels():

@@ -1,4 +1,4 @@
-"""Certified training on TinyImageNet (8C2F). Defaults: utils.TINY. One process, or several
+"""Certified training on TinyImageNet (8C2F). Defaults: utils.TINYIMAGENET. One process, or several
 with torchrun (NCCL on GPUs, gloo on CPU); --batch_size is per process:
 
     torchrun --nproc_per_node=4 TinyImagenet/train_tinyimagenet.py --model tinyimagenet_relux --sniter 1 ...

@@ -391,7 +391,7 @@ def test_guaranteed_radius_on_the_bundled_model():
     search's bounds used the varying sets of a radius above r*, larger than the fresh
     ones); close to the estimate search's radius; the audit's PGD at 0.999 r* flips no
     point; radii monotone on a grid."""
-    from certify import audit_batch
+    from attacks import audit_batch
     net, x, y = _bundled(12)
     rtol = 1e-3
     r = locallip.certified_radius(net, x, y, certificate='guaranteed', rtol=rtol)
@@ -410,7 +410,7 @@ def test_guaranteed_radius_on_the_bundled_model():
     def fresh(radii):
         with torch.no_grad():
             return guaranteed_certify(prepared, x[sel], y[sel], radii.to(x.dtype), norms,
-                                      opt_iter=1000)['certified']
+                                      opt_iter=1000).certified
     assert fresh(found[sel] * (1 - rtol)).all()
     assert not fresh(found[sel] * 1.01).any()
     tight = int((~fresh(found[sel] * (1 + rtol))).sum())
@@ -432,7 +432,7 @@ def test_guaranteed_radius_raises_a_low_top_and_steps_trade_tightness():
     searched again with a higher one, ending near the radius found from the right place;
     32 Lanczos steps give smaller (looser) radii than 256, never larger than 256's by more
     than the search tolerance."""
-    from certify import clean_margins, guaranteed_radius
+    from radius import RadiusSearch, clean_margins, guaranteed_radius
     from lanczos import GuaranteedNorms
     net, x, y = _bundled(6)
     prepared = locallip.prepare(net)
@@ -440,12 +440,13 @@ def test_guaranteed_radius_raises_a_low_top_and_steps_trade_tightness():
     with torch.no_grad():
         m0 = clean_margins(prepared, x, y)
         sel = m0 > 0
-        right = guaranteed_radius(prepared, x, y, m0, norms, opt_iter=1000, steps=32)
-        low = guaranteed_radius(prepared, x, y, m0, norms, opt_iter=1000, steps=32,
-                                top=right['lo'] / 2, start=right['lo'] / 4)
+        search = RadiusSearch(opt_iter=1000, steps=32)
+        right = guaranteed_radius(prepared, x, y, m0, norms, search)
+        low = guaranteed_radius(prepared, x, y, m0, norms, search, top=right.lo / 2,
+                                start=right.lo / 4)
     assert sel.sum() >= 3
-    assert (low['lo'][sel] > right['lo'][sel] / 2 * 1.4).all()
-    assert torch.allclose(low['lo'][sel], right['lo'][sel], rtol=0.03)
+    assert (low.lo[sel] > right.lo[sel] / 2 * 1.4).all()
+    assert torch.allclose(low.lo[sel], right.lo[sel], rtol=0.03)
     r256 = locallip.certified_radius(net, x, y, certificate='guaranteed', steps=256).radius
     r32 = locallip.certified_radius(net, x, y, certificate='guaranteed', steps=32).radius
     assert (r32[sel] < r256[sel]).all() and (r32 <= r256 * (1 + 1e-3)).all()
@@ -481,19 +482,19 @@ def test_bracket_search_on_a_linear_margin():
     failing hint 1.1 the first regula falsi step lands on the root (no Illinois halving when
     the bracket first forms) and the search ends within rtol in 4 evaluations; a point with
     no positive clean margin is not searched."""
-    from certify import bracket_search
+    from radius import bracket_search
     seen = []
 
     def evaluate(eps, rows):
         seen.append(eps.clone())
         m = 1 - eps
         return m > 0, m, torch.ones_like(m, dtype=torch.bool)
-    out = bracket_search(evaluate, 2, torch.tensor([1.0, 0.0]), torch.tensor([0.9, 0.9]), 1e-3,
-                         24, None, 'cpu', hint=torch.tensor([1.1, 1.1]))
-    assert out['evals'].tolist() == [4, 0]
-    assert out['lo'][0] < 1.0 <= out['hi'][0] <= out['lo'][0] * (1 + 1e-3)
+    out = bracket_search(evaluate, torch.tensor([1.0, 0.0]), torch.tensor([0.9, 0.9]), 1e-3, 24,
+                         None, hint=torch.tensor([1.1, 1.1]))
+    assert out.evals.tolist() == [4, 0]
+    assert out.lo[0] < 1.0 <= out.hi[0] <= out.lo[0] * (1 + 1e-3)
     assert abs(float(seen[2][0]) - 1.0) < 1e-6            # the third trial: the root itself
-    assert out['lo'][1] == 0 and out['hi'][1] == math.inf
+    assert out.lo[1] == 0 and out.hi[1] == math.inf
 
 
 def test_radius_in_the_models_dtype():

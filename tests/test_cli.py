@@ -338,8 +338,9 @@ def test_progress_lines_without_a_terminal(monkeypatch, capsys):
 
     def epoch():
         store = VectorStore(layer_input_shapes(net, (1, 8, 8)), 64)
-        train.train_epoch(net, blob_loader(64, batch=16), opt, args, 0, store, {},
-                          torch.device('cpu'), None, 0)
+        run = train.Run(args, net, opt, None, blob_loader(64, batch=16), None, (store, None),
+                        torch.device('cpu'), None, '')
+        train.train_epoch(run, 0)
         return capsys.readouterr().out.count('epoch 0 batch ')
     assert epoch() == 0
     monkeypatch.setattr(train, 'PROGRESS_EVERY_S', 0.0)
@@ -349,7 +350,7 @@ def test_progress_lines_without_a_terminal(monkeypatch, capsys):
 def test_evaluation_heartbeat_without_a_terminal(capsys):
     """Without a terminal, evaluate prints a line per batch and, while a batch runs longer
     than the interval, its status at least once per interval."""
-    from certify import Heartbeat
+    from progress import Heartbeat
     beat = Heartbeat(0.2)
     beat.status = 'evaluate: batch 1/3 running'
     time.sleep(0.75)
@@ -376,8 +377,9 @@ def test_epoch_logs_the_training_figures():
     args = argparser(['--sniter', '2', '--rampup', '1', '--epsilon', '0.2', '--epsilon_train', '0.2'])
     net = tiny_net('relux')
     store = VectorStore(layer_input_shapes(net, (1, 8, 8)), 64)
-    out = train.train_epoch(net, blob_loader(64, batch=16), torch.optim.Adam(net.parameters()),
-                            args, 0, store, {}, torch.device('cpu'), None, 0)
+    run = train.Run(args, net, torch.optim.Adam(net.parameters()), None,
+                    blob_loader(64, batch=16), None, (store, None), torch.device('cpu'), None, '')
+    out = train.train_epoch(run, 0)
     assert 0 < out['lip_ratio'] <= 1 + 1e-6
     assert sorted(k for k in out if k.startswith('varying@')) == ['varying@1', 'varying@3', 'varying@6']
     assert all(0 <= out[k] <= 1 for k in out if k.startswith('varying@'))
@@ -448,10 +450,10 @@ def test_compiled_step_equals_eager(backend):
         gv = {}
         torch.manual_seed(2)            # the global vectors' first draw, outside compiled code
         train.start_global_vectors(gv, net, shapes, x)
-        fn = train.step_function(args, DEVICE, backend=backend, fullgraph=True)
+        fn = train.step_function(args.compile, DEVICE, backend=backend, fullgraph=True)
         assert (fn is train.certified_step) != compiled
         with exact_float32():
-            outs = [fn(net, x, y, 0.3, 0.5, given, gv, args)]
+            outs = [fn(net, x, y, 0.3, 0.5, given, gv, train.step_settings(args))]
             outs[-1][0].backward()
         results.append((outs, [p.grad.clone() for p in net.parameters()], gv))
     (o0, g0, gv0), (o1, g1, gv1) = results

@@ -146,3 +146,54 @@ def test_layer_lists_are_the_codes(doc, start, end):
     from local_bound import SUPPORTED_NAMES
     found = layer_list(os.path.join(ROOT, doc), start, end)
     assert found == set(SUPPORTED_NAMES), (doc, sorted(found ^ set(SUPPORTED_NAMES)))
+
+
+def project_imports():
+    """{module: sorted project modules it imports} of the top-level modules, from the AST."""
+    import ast
+    mods = {os.path.splitext(os.path.basename(f))[0] for f in glob.glob(os.path.join(ROOT, '*.py'))}
+    graph = {}
+    for m in mods:
+        tree = ast.parse(open(os.path.join(ROOT, m + '.py')).read())
+        deps = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in mods:
+                deps.add(node.module)
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name in mods}
+        graph[m] = sorted(deps - {m})
+    return graph
+
+
+def test_code_map_is_the_code():
+    """docs/code.md lists every module with the project modules it imports, and the imports
+    have no circle."""
+    text = open(os.path.join(ROOT, 'docs', 'code.md')).read()
+    table = re.search(r"<!-- imports:begin -->\n(.*?)<!-- imports:end -->", text, re.S).group(1)
+    documented = {}
+    for line in table.splitlines()[2:]:
+        cells = [c.strip() for c in line.strip().strip('|').split('|')]
+        documented[cells[0].strip('`')[:-3]] = sorted(filter(None, map(str.strip, cells[2].split(','))))
+    graph = project_imports()
+    assert documented == graph, {m: (documented.get(m), graph.get(m))
+                                 for m in set(documented) | set(graph)
+                                 if documented.get(m) != graph.get(m)}
+    done, active = set(), []
+
+    def visit(m):
+        assert m not in active, f"import circle: {' -> '.join(active + [m])}"
+        if m not in done:
+            active.append(m)
+            for d in graph[m]:
+                visit(d)
+            active.pop()
+            done.add(m)
+    for m in graph:
+        visit(m)
+
+
+def test_layers_live_outside_the_argparser_module():
+    import torch.nn as nn
+    import utils
+    assert not [k for k, v in vars(utils).items()
+                if isinstance(v, type) and issubclass(v, nn.Module)]

@@ -3,7 +3,6 @@ masked operators, the stalled power iteration they guard against, the Ritz value
 accuracy, and certificates on a trained network that attacks never break."""
 import copy
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -195,11 +194,11 @@ def test_guaranteed_certificates_are_conservative_and_survive_attacks():
     """On a trained network: guaranteed certified accuracy <= the reference count, every
     guaranteed certificate is also a reference one up to power-iteration stalls (none here),
     and PGD on the margin and 2000 sampled points in each ball never flip a guaranteed point."""
-    from certify import audit_batch, full_evaluation
+    from evaluation import EvalSettings, full_evaluation
+    from attacks import audit_batch
     net = trained_tiny('relux')
-    args = SimpleNamespace(radii=[0.1, 0.3], epsilon=0.1, bound='local', test_sniter=500,
-                           test_opt_iter=50, alpha=0.025, niter=5, certificate='guaranteed',
-                           delta=1e-4, seed=0)
+    args = EvalSettings(radii=[0.1, 0.3], bound='local', test_sniter=500, test_opt_iter=50,
+                        alpha=0.025, niter=5, certificate='guaranteed', delta=1e-4, seed=0)
     res = full_evaluation(net, blob_loader(64), args, DEVICE)
     for e, v in res['radii'].items():
         assert v['certified_acc_guaranteed'] <= v['certified_acc'], e
@@ -210,7 +209,7 @@ def test_guaranteed_certificates_are_conservative_and_survive_attacks():
     norms = GuaranteedNorms(net, (1, 8, 8), 1e-4)
     torch.manual_seed(5)
     g = guaranteed_certify(net, x, y, 0.3, norms, opt_iter=50)
-    sel = g['certified']
+    sel = g.certified
     assert sel.sum() > 10
     broken, _ = audit_batch(net, x[sel], y[sel], 0.3, 2, 50)
     assert not broken.any()
@@ -228,9 +227,9 @@ def test_guaranteed_global_mode_uses_no_lanczos_steps():
     x, y = dev(*blobs(16, 2))
     norms = GuaranteedNorms(net, (1, 8, 8), 1e-4, global_steps=60)
     g = guaranteed_certify(net, x, y, 0.2, norms, opt_iter=20, bound='global')
-    assert (g['steps'] == 0).all()
+    assert (g.steps == 0).all()
     g0 = guaranteed_certify(net, x, y, 0.0, norms, opt_iter=20)
-    assert torch.equal(g0['certified'], net(x).argmax(1) == y)
+    assert torch.equal(g0.certified, net(x).argmax(1) == y)
 
 
 def test_bench_eval_compares_the_three_methods(tmp_path):

@@ -2,14 +2,13 @@
 convergence reporting, the soundness audit and the plots."""
 import copy
 import os
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import local_bound
 from conftest import DEVICE, blob_loader, blobs, dev, trained_tiny
-from certify import full_evaluation
+from evaluation import EvalSettings, full_evaluation
 from report import (check_expected, comparison_table, expected_results, markdown_table, read_tsv,
                     tsv_columns)
 from local_bound import compute_bound
@@ -19,10 +18,10 @@ from errors import UserError
 
 
 def eval_args(**kw):
-    a = dict(radii=[0.3, 0.1, 0.6], epsilon=0.3, bound='local', test_sniter=500, test_opt_iter=50,
+    a = dict(radii=[0.3, 0.1, 0.6], bound='local', test_sniter=500, test_opt_iter=50,
              alpha=0.075, niter=10, audit_restarts=2, audit_steps=50)
     a.update(kw)
-    return SimpleNamespace(**a)
+    return EvalSettings(**a)
 
 
 def test_one_pass_global_equals_global_mode():
@@ -118,12 +117,12 @@ def test_unconverged_evaluation_is_reported():
 
 def test_audit_catches_a_shrunk_bound(monkeypatch):
     net = trained_tiny('relu', eps=0.0)     # clean training: attackable at radius 1.5
-    args = eval_args(radii=[0.3, 1.5], audit_restarts=3, audit_steps=100)
-    honest = full_evaluation(net, blob_loader(64), args, DEVICE, audit=True)
+    args = eval_args(radii=[0.3, 1.5], audit_restarts=3, audit_steps=100, audit=True)
+    honest = full_evaluation(net, blob_loader(64), args, DEVICE)
     assert honest['audit']['attacked'] > 0 and honest['audit']['broken'] == 0
     real = local_bound.worst_case_margins
     monkeypatch.setattr(local_bound, 'worst_case_margins', lambda *a: 0.05 * real(*a))
-    wrong = full_evaluation(net, blob_loader(64), args, DEVICE, audit=True)
+    wrong = full_evaluation(net, blob_loader(64), args, DEVICE)
     assert wrong['radii']['1.5']['certified_acc'] > honest['radii']['1.5']['certified_acc']
     assert wrong['audit']['broken'] > 0
 
@@ -134,16 +133,15 @@ def test_resumed_evaluation_equals_uninterrupted(tmp_path):
     test_sniter 5 leaves points unconverged, so the rows depend on the random vectors."""
     net = trained_tiny('relux')
     args = eval_args(radii=[0.3, 0.6], test_sniter=5, seed=3, niter=3, audit_restarts=1,
-                     audit_steps=5)
+                     audit_steps=5, audit=True)
     full_path, cut_path = str(tmp_path / 'full.tsv'), str(tmp_path / 'cut.tsv')
-    full = full_evaluation(net, blob_loader(64, batch=16), args, DEVICE, tsv_path=full_path,
-                           audit=True)
+    full = full_evaluation(net, blob_loader(64, batch=16), args, DEVICE, tsv_path=full_path)
     text = open(full_path).read()
     lines = text.split('\n')
     open(cut_path, 'w').write('\n'.join(lines[:1 + 16 + 5]) + '\n' + lines[22][:9])
     assert len(read_tsv(cut_path)[1]) == 21
     resumed = full_evaluation(net, blob_loader(64, batch=16), args, DEVICE, tsv_path=cut_path,
-                              audit=True, resume=True)
+                              resume=True)
     _, rows_full = read_tsv(full_path)
     _, rows_resumed = read_tsv(cut_path)
     strip = [{k: v for k, v in r.items() if k != 'seconds'} for r in rows_full]
@@ -229,7 +227,7 @@ def test_certification_runs_without_tf32(monkeypatch):
 def test_fold_part_files_keeps_whole_batches(tmp_path):
     """The part files of an interrupted distributed evaluation fold into the TSV: whole
     batches only, a part file cut before its header is dropped, the part files removed."""
-    from certify import fold_part_files
+    from evaluation import fold_part_files
     from report import write_tsv
     header = tsv_columns([0.5], [2])
     row = lambda i: {c: (i if c in ('idx', 'label', 'pred') else 0.25) for c in header}

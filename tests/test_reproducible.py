@@ -8,7 +8,7 @@ adds repeated labels' rows from several threads in a varying order once the grad
 import torch
 
 from local_bound import layer_input_shapes, take_rows
-from train import certified_step, start_global_vectors
+from train import certified_step, start_global_vectors, step_settings
 from models import select_model
 from utils import argparser
 
@@ -66,7 +66,7 @@ def test_certified_step_gradient_is_reproducible():
 
         def step():
             gv = {k: v.clone() for k, v in gv0.items()}
-            return certified_step(net, x, y, 0.5, 0.5, dict(given), gv, args)[0]
+            return certified_step(net, x, y, 0.5, 0.5, dict(given), gv, step_settings(args)).loss
         assert distinct(step, list(net.parameters()), n=4) == 1, (model, flags)
 
 

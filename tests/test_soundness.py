@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import DEVICE, blobs, dev, trained_tiny
-from certify import pgd_l2
+from attacks import pgd_l2
 from local_bound import compute_bound
 from vectors import RandomVectors
 

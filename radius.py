@@ -1,0 +1,329 @@
+"""The certified radius of every point: the largest L2 eps at which it is certified, by a
+bracketing search on eps (regula falsi on the worst-case margin), with power-iteration
+estimates (the reference certificate) or with Lanczos upper bounds (guaranteed)."""
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from lanczos import STAGES, masked_norm_bounds
+from local_bound import (FLOOR, check_supported, compute_bound, exact_float32,
+                         global_power_iteration)
+from vectors import SubsetVectors
+
+
+RADIUS_RTOL = 1e-3      # the search stops when hi - lo <= rtol * lo (relative bracket width)
+RADIUS_EVALS = 24       # most bound evaluations per point and search
+RADIUS_STEPS = STAGES[-1]   # Lanczos steps of the guaranteed radius's norm bounds (256: median
+#                         radius 0.5% below the estimate's on the bundled model; 32: 6% below)
+RADIUS_COARSE = 0.02    # relative bracket of the guaranteed search's Ritz-value search (it only
+#                         chooses the radius whose varying sets the Lanczos bounds use)
+GLOBAL_COARSE = 0.1     # ... and of its first search, with the global bounds (only where the
+#                         Ritz values are taken)
+RITZ_STEPS = 16         # Lanczos steps of the Ritz-value estimate that places those bounds
+RADIUS_ROUNDS = 3       # most rounds of Lanczos bounds per point (a point certified at the top of
+#                         its bounds' range gets a higher one)
+
+
+@dataclass(frozen=True)
+class RadiusSearch:
+    """How the certified radius is searched (radius_batch, guaranteed_radius)."""
+    sniter: int = 2000          # power iterations per evaluation of the estimate search
+    opt_iter: int = 1000        # worst-case-logit rounds per evaluation
+    rtol: float = RADIUS_RTOL   # stop when hi - lo <= rtol * lo
+    max_radius: Optional[float] = None   # not searched above (radius = max_radius, hi = inf)
+    max_evals: int = RADIUS_EVALS        # bound evaluations per point and search, at most
+    steps: int = RADIUS_STEPS   # Lanczos steps of the guaranteed search's norm bounds
+    bound: str = 'local'        # 'local' or 'global' (every indicator 1)
+    estimate: str = 'bilinear'  # the power-iteration estimate (local_bound.BoundOptions)
+
+
+@dataclass
+class Bracket:
+    """bracket_search's result, [n] tensors: lo certified, hi not (hi <= lo (1 + rtol), or
+    inf where lo reached max_radius), float64; evals (long); flag (bool, at lo; True where
+    lo = 0)."""
+    lo: torch.Tensor
+    hi: torch.Tensor
+    evals: torch.Tensor
+    flag: torch.Tensor
+
+
+@dataclass
+class RadiusResult:
+    """radius_batch's result, per-sample CPU tensors [batch]; the estimate search's (with
+    ``reference``) and the guaranteed search's (with ``norms``) fields, None where not run."""
+    radius: Optional[torch.Tensor] = None            # certified (estimates)
+    radius_upper: Optional[torch.Tensor] = None      # not certified, <= radius (1 + rtol)
+    evals: Optional[torch.Tensor] = None             # bound evaluations
+    converged: Optional[torch.Tensor] = None         # power iterations converged at radius
+    radius_guaranteed: Optional[torch.Tensor] = None         # certified (Lanczos bounds)
+    radius_guaranteed_upper: Optional[torch.Tensor] = None   # inf: certified at the top
+    evals_guaranteed: Optional[torch.Tensor] = None          # box-only evaluations
+
+
+def _next_radius(lo, m_lo, hi, m_hi, prev, m_prev, guess, rtol):
+    """Next trial radius of every searched point ([n] tensors, float64): below a failure
+    (hi finite) regula falsi on the margin (the caller halves the margin of an end kept
+    again: the Illinois rule), kept rtol * max(lo, hi / 2) / 2 (at most a quarter of the
+    bracket) away from both ends so that one step can close it; with no failure yet, the secant through the last two
+    certified points, at least 1.5 and at most 4 times lo (``guess`` while lo is 0)."""
+    w = hi - lo
+    p = lo + w * m_lo / (m_lo - m_hi)
+    p = torch.where(torch.isfinite(p), p, lo + w / 2)
+    gap = torch.minimum(rtol * torch.maximum(lo, hi / 2) / 2, w / 4)
+    bracketed = torch.minimum(torch.maximum(p, lo + gap), hi - gap)
+    slope = (m_prev - m_lo) / (lo - prev)
+    ext = lo + m_lo / slope
+    ext = torch.where(torch.isfinite(ext) & (slope > 0), ext, 4 * lo)
+    ext = torch.minimum(torch.maximum(ext, 1.5 * lo), 4 * lo)
+    ext = torch.where(lo > 0, ext, guess)
+    return torch.where(torch.isfinite(hi), bracketed, ext)
+
+
+def bracket_search(evaluate, m0, guess, rtol, max_evals, max_radius, hint=None,
+                   dtype=torch.float32) -> Bracket:
+    """Search, for each of n points, a radius lo certified by ``evaluate`` and a radius hi
+    <= lo (1 + rtol) where it failed (or lo = max_radius). ``evaluate(eps [k], rows [k]) ->
+    (certified [k] bool, margin [k], flag [k] bool)`` for the points ``rows`` at radii
+    ``eps`` (flag: e.g. power iteration converged, recorded at the certified radius). m0 [n]:
+    the margin at radius 0 (the clean margin; points with m0 <= 0 are not searched and keep
+    radius 0); guess [n]: the first radius tried; max_radius: None, a number or [n] radii
+    not searched above; hint [n] (optional): the radius tried
+    after a certified guess, before any extrapolation (the other certificate's upper end).
+    Every trial radius is rounded to ``dtype`` first, so lo and hi are the radii evaluated.
+    The points live on m0's device."""
+    n, device = m0.numel(), m0.device
+    f64 = dict(dtype=torch.float64, device=device)
+    lo, m_lo = torch.zeros(n, **f64), m0.to(**f64).clone()
+    hi, m_hi = torch.full((n,), math.inf, **f64), torch.full((n,), math.nan, **f64)
+    prev, m_prev = torch.zeros(n, **f64), m_lo.clone()
+    guess = guess.to(**f64)
+    hint = None if hint is None else hint.to(**f64)
+    evals = torch.zeros(n, dtype=torch.long, device=device)
+    side = torch.zeros(n, dtype=torch.long, device=device)   # last step: +1 certified, -1 not
+    flag = torch.ones(n, dtype=torch.bool, device=device)
+    cap = torch.full((n,), math.inf if max_radius is None else 0.0, **f64)
+    if max_radius is not None:
+        cap = cap + torch.as_tensor(max_radius, **f64)
+
+    def active_rows():
+        open_ = (hi - lo > rtol * lo) & (lo < cap) & (evals < max_evals)
+        return (open_ & ((lo > 0) | (m_lo > 0))).nonzero().flatten()
+
+    rows = active_rows()
+    while rows.numel():
+        r = rows
+        eps = _next_radius(lo[r], m_lo[r], hi[r], m_hi[r], prev[r], m_prev[r], guess[r], rtol)
+        if hint is not None:
+            use = (evals[r] == 1) & (lo[r] > 0) & torch.isinf(hi[r]) & (hint[r] > lo[r])
+            eps = torch.where(use, hint[r], eps)
+        eps = torch.minimum(eps, cap[r]).to(dtype).double()
+        cert, margin, fl = evaluate(eps, r)
+        cert, margin, fl = cert.to(device), margin.to(**f64), fl.to(device)
+        margin = torch.where(torch.isfinite(margin), margin,
+                             torch.where(cert, torch.zeros_like(margin), -m_lo[r].abs()))
+        evals[r] += 1
+        up, dn = r[cert], r[~cert]
+        # Illinois: an end kept on two bracketed steps in a row has its margin halved
+        again_up = up[(side[up] > 0) & torch.isfinite(hi[up])]
+        again_dn = dn[side[dn] < 0]
+        m_hi[again_up] = m_hi[again_up] / 2
+        m_lo[again_dn] = m_lo[again_dn] / 2
+        side[up], side[dn] = 1, -1
+        # a certified radius becomes the lower end (the old one the secant's second point)
+        prev[up], m_prev[up] = lo[up], m_lo[up]
+        lo[up], m_lo[up], flag[up] = eps[cert], margin[cert].clamp_min(0), fl[cert]
+        hi[dn], m_hi[dn] = eps[~cert], margin[~cert].clamp_max(0)
+        rows = active_rows()
+    return Bracket(lo, hi, evals, flag)
+
+
+def global_lipschitz_guess(model, y, m0, global_vectors, sniter, sigmas=None):
+    """[batch] radii certified by the global bound alone, ignoring the box: the clean margin
+    m0 [batch] over prod ||W_i||_2 * max_i ||w_i - w_y|| (the first radius the search tries).
+    The norms: power iterations from ``global_vectors``, or ``sigmas`` {affine index: 0-dim}."""
+    affine = check_supported(model)
+    prod = torch.ones((), dtype=torch.float64, device=m0.device)
+    for i in affine[:-1]:
+        if sigmas is not None:
+            sigma = sigmas[i]
+        else:
+            sigma, _, _ = global_power_iteration(model[i], global_vectors[i].clone(), sniter)
+        prod = prod * sigma.double()
+    w = model[affine[-1]].weight.double()
+    diff = (w.unsqueeze(0) - w[y].unsqueeze(1)).norm(dim=2).max(1).values      # [batch]
+    return m0.double().clamp_min(0) / (prod * diff).clamp_min(FLOOR)
+
+
+def clean_margins(model, x, y):
+    """[batch] margin of label y over the other logits at x; 0 where x is misclassified."""
+    logits = model(x)
+    zy = logits.gather(1, y.view(-1, 1))
+    m0 = (zy - logits.scatter(1, y.view(-1, 1), float('-inf')).max(1, keepdim=True).values
+          ).squeeze(1)
+    return torch.where(logits.argmax(1) == y, m0, torch.zeros_like(m0))
+
+
+def guaranteed_radius(model, x, y, m0, norms, search: RadiusSearch, top=None,
+                      start=None) -> Bracket:
+    """The guaranteed certified radius of every point of x [batch, ...] (labels y, clean
+    margins m0 [batch]; norms a lanczos.GuaranteedNorms): the largest eps (to ``rtol``) at
+    which the certificate holds with Lanczos upper bounds of every masked norm (``search``:
+    rtol, max_radius, steps, opt_iter, bound, max_evals).
+
+    The bounds come from one Lanczos run per point and layer (``steps`` steps) with the
+    varying sets of a radius ``top`` above the point's radius: varying sets only grow with
+    eps, so they bound the masked norms at every eps <= top, and the search below top only
+    propagates boxes with them (a box-only evaluation, no Lanczos step). Where top comes
+    from: given (the estimate search's failing radius, radius_batch), or placed by two
+    coarse box-only searches, one with the global upper bounds (valid at every eps; to
+    GLOBAL_COARSE) and one with the Ritz values (lower bounds, an estimate; to
+    RADIUS_COARSE) of RITZ_STEPS Lanczos steps at the varying sets of the first one's
+    failing radius; top is the second one's failing radius, widened by RADIUS_COARSE. A
+    point certified at its top gets a new top from the Ritz values of its last run (at most
+    RADIUS_ROUNDS runs); its radius comes from the bounds of its last run alone. So every
+    reported radius rests on one set of bounds, drawn after its top was fixed: false with
+    probability <= norms.delta (no union over the search's steps or rounds needed). A
+    lower bound on what a fresh certificate at that radius gives (its own varying sets are
+    smaller than top's, and it may run other step counts). Returns a Bracket: lo (the
+    radius), hi (inf: certified at the last top or max_radius), evals (box-only
+    evaluations, all searches)."""
+    b, dtype, dev = x.shape[0], x.dtype, x.device
+    opt_iter, bound, max_radius = search.opt_iter, search.bound, search.max_radius
+    f64 = dict(dtype=torch.float64, device=dev)
+    cap = torch.full((b,), math.inf, **f64)
+    if max_radius is not None:
+        cap = torch.minimum(cap, torch.as_tensor(max_radius, **f64).expand(b))
+    evals = torch.zeros(b, dtype=torch.long, device=dev)
+
+    def run(sel, bounds, first, tol, limit, hint=None):
+        """bracket_search of the points ``sel`` with per-point norms bounds {i: [len(sel)]}."""
+        def evaluate(eps, rows):
+            r = sel[rows]
+            res = compute_bound(model, x[r], y[r], eps.to(dtype), None, None, sniter=0,
+                                opt_iter=opt_iter, bound=bound, check=True,
+                                global_sigmas=norms.upper,
+                                local_norms=lambda i, *_: bounds[i][rows])
+            return (res.certified(y[r]), res.margin(y[r]),
+                    torch.ones(r.numel(), dtype=torch.bool, device=dev))
+        out = bracket_search(evaluate, m0[sel], first, tol, search.max_evals, limit, hint=hint,
+                             dtype=dtype)
+        evals[sel] += out.evals
+        return out
+
+    def placed(sel, lower, first):
+        """(top, est_lo, est_hi): a coarse search of the points sel with the Ritz values
+        ``lower`` (estimates of the masked norms): the radius it certified, the one where it
+        failed, and top = that failing radius widened by RADIUS_COARSE (at least (1 +
+        RADIUS_COARSE) first)."""
+        est = run(sel, lower, first, RADIUS_COARSE, cap[sel])
+        est_hi = torch.where(torch.isfinite(est.hi), est.hi, est.lo)
+        t = torch.minimum(torch.maximum(est_hi, first) * (1 + RADIUS_COARSE), cap[sel])
+        return t, est.lo, est_hi
+
+    with torch.no_grad(), exact_float32():
+        sel = (m0 > 0).nonzero().flatten()
+        lo = torch.zeros(b, **f64)
+        hi = torch.full((b,), math.inf, **f64)
+        hi[m0 <= 0] = 0.0
+        done = torch.ones(b, dtype=torch.bool, device=dev)
+        if sel.numel() == 0:
+            return Bracket(lo, hi, evals, done)
+        if top is None:
+            guess = global_lipschitz_guess(model, y[sel], m0[sel], None, 0, norms.upper)
+            glob = {i: u.expand(sel.numel()) for i, u in norms.upper.items()}
+            g = run(sel, glob, guess, GLOBAL_COARSE, cap[sel])
+            first = torch.where(g.lo > 0, g.lo, guess)
+            at = torch.where(torch.isfinite(g.hi), g.hi, first)
+            lower, _ = masked_norm_bounds(model, x[sel], y[sel], at.to(dtype), norms,
+                                          steps=RITZ_STEPS, bound=bound)
+            t, est_lo, est_hi = placed(sel, lower, first)
+        else:
+            first = start.to(**f64)[sel]
+            t = torch.minimum(top.to(**f64)[sel], cap[sel])
+            est_lo, est_hi = first, t
+        for rnd in range(RADIUS_ROUNDS):
+            lower, upper = masked_norm_bounds(model, x[sel], y[sel], t.to(dtype), norms,
+                                              steps=search.steps, bound=bound)
+            # where to look: the estimate's radius scaled by how much the upper bounds
+            # exceed the Ritz values (a radius scales at most inversely with the norms),
+            # less 2 RADIUS_COARSE (certified, as a rule), then the estimate's failing
+            # radius (failing, as a rule), then regula falsi between the two
+            ratio = torch.stack([(lower[i] / upper[i].clamp_min(FLOOR)).double()
+                                 for i in upper]).prod(0)
+            guess = est_lo * ratio * (1 - 2 * RADIUS_COARSE)
+            guess = torch.minimum(torch.maximum(guess, torch.minimum(first, t)), t)
+            g = run(sel, upper, guess, search.rtol, t, torch.minimum(est_hi, t))
+            lo[sel], hi[sel] = g.lo, g.hi
+            again = torch.isinf(g.hi) & (g.lo >= t) & (t < cap[sel])
+            if rnd == RADIUS_ROUNDS - 1 or not again.any():
+                break
+            keep = again.nonzero().flatten()
+            sel, first = sel[keep], g.lo[keep]
+            lower = {i: v[keep] for i, v in lower.items()}
+            t, est_lo, est_hi = placed(sel, lower, first)
+            t = torch.minimum(torch.maximum(t, first * 1.5), cap[sel])
+    return Bracket(lo, hi, evals, done)
+
+
+def radius_batch(model, x, y, global_vectors, search: RadiusSearch, *, norms=None,
+                 vectors=None, reference: bool = True) -> RadiusResult:
+    """Certified radius of every point of a batch x [batch, ...] with labels y [batch]: the
+    largest L2 eps (to relative tolerance ``search.rtol``) at which the Local-Lip
+    certificate holds, by a bracketing search on eps (regula falsi on the worst-case margin,
+    Illinois rule; see bracket_search). Valid because the certificate is monotone in eps:
+    the input box grows with eps, so every later box grows, every varying set only gains
+    neurons, and the exact masked norms (submatrices of larger ones) only grow, as does the
+    ball radius; the worst-case margin is a maximum over a growing set (exact when the
+    worst-case-logit rounds finish, as at opt_iter 1000), so it only falls. With
+    power-iteration estimates (the reference certificate) the computed norms need not be
+    monotone: the search reports a radius at which the certificate was computed to hold
+    (radius) and one above it at which it was computed to fail (radius_upper).
+
+    global_vectors: {affine index: converged global vector} (converged_global_vectors),
+    not changed (unused without ``reference``). vectors: optional {layer: [batch, *shape]}
+    starting vectors (e.g. of a fixed-radius certification of the same batch); each
+    evaluation of the search starts from the vectors of the point's previous one.
+    reference: run the estimate search (power iteration; default). norms: a
+    GuaranteedNorms: also the guaranteed radius (guaranteed_radius), its bounds computed at
+    the varying sets of the estimate search's failing radius when that search runs, else
+    placed by Ritz values."""
+    if not reference and norms is None:
+        raise ValueError("radius_batch: nothing to search (reference=False and no norms)")
+    out, top, start = RadiusResult(), None, None
+    with torch.no_grad(), exact_float32():
+        m0 = clean_margins(model, x, y)
+        if reference:
+            ref, guess = _estimate_search(model, x, y, m0, global_vectors, search, vectors)
+            out = RadiusResult(ref.lo.cpu(), ref.hi.cpu(), ref.evals.cpu(), ref.flag.cpu())
+            # the guaranteed bounds at the varying sets of the estimate's failing radius
+            top = torch.where(torch.isfinite(ref.hi), ref.hi, ref.lo)
+            top = torch.where(top > 0, top, guess)
+            start = torch.where(ref.lo > 0, ref.lo, guess)
+    if norms is not None:
+        g = guaranteed_radius(model, x, y, m0, norms, search, top=top, start=start)
+        out.radius_guaranteed, out.radius_guaranteed_upper = g.lo.cpu(), g.hi.cpu()
+        out.evals_guaranteed = g.evals.cpu()
+    return out
+
+
+def _estimate_search(model, x, y, m0, global_vectors, search: RadiusSearch, vectors=None):
+    """(Bracket, first guess) of the estimate (power-iteration) search of radius_batch."""
+    gv = {k: v.clone() for k, v in global_vectors.items()}
+    vecs = SubsetVectors(x.shape[0], x.device)
+    if vectors:
+        vecs.kept = {k: v.clone() for k, v in vectors.items()}
+    guess = global_lipschitz_guess(model, y, m0, gv, search.sniter)
+
+    def evaluate(eps, rows):
+        vecs.idx = rows
+        res = compute_bound(model, x[rows], y[rows], eps.to(x.dtype), vecs, gv,
+                            sniter=search.sniter, opt_iter=search.opt_iter, bound=search.bound,
+                            check=True, estimate=search.estimate)
+        return res.certified(y[rows]), res.margin(y[rows]), res.converged
+
+    ref = bracket_search(evaluate, m0, guess, search.rtol, search.max_evals, search.max_radius,
+                         dtype=x.dtype)
+    return ref, guess
