@@ -3,6 +3,8 @@ attack on certified points (the whole L2 ball, margin loss, restarts)."""
 import torch
 import torch.nn.functional as F
 
+import progress
+
 
 def _per_sample_norm(t, floor=0.0):
     """[batch, 1, ...] L2 norm of each sample of ``t``, at least ``floor``."""
@@ -31,7 +33,8 @@ def pgd_l2(model, x, y, eps, alpha, niter, clip=True, loss='ce'):
         delta = torch.randn_like(x)
         delta = delta / _per_sample_norm(delta, 1e-12) * eps * torch.rand(
             x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
-    for _ in range(niter):
+    for k in range(niter):
+        progress.stage("PGD step", k + 1, niter)
         x_adv = (x + delta).detach().requires_grad_(True)
         with torch.enable_grad():
             z = model(x_adv)

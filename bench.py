@@ -262,7 +262,7 @@ def eval_methods(a, model, dev, shape, classes, timed):
         certified = {e: 0 for e in radii}
         torch.manual_seed(a.seed)
 
-        radii_found = []
+        radii_found, iters = [], {}
 
         def run():
             if name in ('guaranteed', 'radius_guaranteed'):
@@ -293,11 +293,15 @@ def eval_methods(a, model, dev, shape, classes, timed):
                                           opt_iter=a.test_opt_iter, check=True,
                                           per_sample_stop=(name == 'early'))
                     certified[e] += int(r.certified(y).sum())
+                    for k, it in r.iters.items():       # per-sample iterations, each layer
+                        iters.setdefault(k, []).append(it.cpu())
         sec = timed(run)
         res['methods'][name] = {'seconds': sec, 'points_per_s': len(xs) / sec,
                                 'certified_acc': {f"{e:g}": certified[e] / len(xs) for e in radii}}
         if radii_found:
             res['methods'][name]['median_radius'] = float(torch.cat(radii_found).median())
+        if iters:
+            res['methods'][name]['iterations'] = iteration_stats(iters, a.test_sniter)
         accs = ', '.join(f"{100 * certified[e] / len(xs):.2f}% @{e:g}" for e in radii)
         print(f"{a.model} eval {name:<10} n {len(xs)} radii {' '.join(f'{e:g}' for e in radii)} "
               f"test_sniter {a.test_sniter}: {sec:.1f}s, {len(xs) / sec:.2f} points/s "
@@ -308,6 +312,21 @@ def eval_methods(a, model, dev, shape, classes, timed):
             res[f'speedup_vs_{slow}'] = m[slow]['seconds'] / m['guaranteed']['seconds']
             print(f"guaranteed is {res[f'speedup_vs_{slow}']:.1f}x faster than {slow}")
     return res
+
+
+def iteration_stats(iters, sniter):
+    """Per layer, the per-sample power iterations of all radii: mean, median, 99th
+    percentile, max and the fraction of points that ran all ``sniter``; printed, returned."""
+    out = {}
+    for k, parts in sorted(iters.items()):   # by module index
+        it = torch.cat(parts).double()
+        out[str(k)] = {'mean': float(it.mean()), 'median': float(it.median()),
+                       'p99': float(torch.quantile(it, 0.99)), 'max': int(it.max()),
+                       'at_cap': float((it >= sniter).double().mean())}
+    print("  power iterations per point and layer (mean / median / p99 / max): " + "; ".join(
+        f"{k}: {v['mean']:.0f} / {v['median']:.0f} / {v['p99']:.0f} / {v['max']}"
+        for k, v in out.items()), flush=True)
+    return out
 
 
 def measure(fn, dev):

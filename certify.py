@@ -7,6 +7,7 @@ from typing import Dict, Optional
 import torch
 from tqdm import tqdm
 
+import progress
 from local_bound import (FLOOR, compute_bound, exact_float32, global_power_iteration,
                          global_vector_shape, layer_input_shapes)
 from utils import GLOBAL_STREAM, derived_seed
@@ -61,19 +62,30 @@ class LoaderCertificate:
 
 
 def certify_loader(model, loader, eps, device, *, store=None, global_vectors=None,
-                   desc='certify', **switches) -> LoaderCertificate:
+                   desc='certify', heartbeat=False, **switches) -> LoaderCertificate:
     """Certify every sample of ``loader`` at ``eps`` (training-time test evaluation).
     store: a VectorStore to warm-start from, or None for fresh random vectors;
     global_vectors: updated in place (warm start); switches: certify_batch's sniter,
-    opt_iter, bound, estimate."""
+    opt_iter, bound, estimate. Progress: a bar on a terminal, with the stage inside the
+    batch; without one and with ``heartbeat``, a line while a batch runs long."""
     model.eval()
     global_vectors = {} if global_vectors is None else global_vectors
     parts = []
-    for x, y, idx in tqdm(loader, desc=desc, leave=False, disable=None):
-        x, y = x.to(device), y.to(device)
-        vecs = RandomVectors(x.shape[0], device) if store is None else store.batch(idx, device)
-        r = certify_batch(model, x, y, eps, vecs, global_vectors, **switches)
-        parts.append((idx, y.cpu(), r.pred, r.correct, r.certified, r.margin, r.converged))
+    bar = tqdm(loader, desc=desc, leave=False, disable=None)
+    beat = progress.Heartbeat(progress.PROGRESS_EVERY_S if bar.disable and heartbeat else None)
+    try:
+        with progress.watching(None if bar.disable else progress.bar_follower(bar)):
+            for bi, (x, y, idx) in enumerate(bar):
+                beat.status = f"  {desc}: batch {bi + 1}/{len(loader)} running"
+                progress.task(f"certifying at eps {eps:g}")
+                x, y = x.to(device), y.to(device)
+                vecs = (RandomVectors(x.shape[0], device) if store is None
+                        else store.batch(idx, device))
+                r = certify_batch(model, x, y, eps, vecs, global_vectors, **switches)
+                parts.append((idx, y.cpu(), r.pred, r.correct, r.certified, r.margin,
+                              r.converged))
+    finally:
+        beat.stop()
     return LoaderCertificate(*(torch.cat(column) for column in zip(*parts)))
 
 
@@ -94,6 +106,7 @@ def converged_global_vectors(model, input_shape, sniter, seed, device):
     out = {}
     with torch.no_grad(), exact_float32():
         for i, shape in shapes.items():
+            progress.task(f"global vectors of layer {i} (once per evaluation)")
             u = torch.randn((1, *global_vector_shape(model[i], shape)), generator=gen,
                             device=device, dtype=dtype)
             for _ in range(GLOBAL_ROUNDS):

@@ -2,6 +2,7 @@
 certified at every radius (local and global bound, optionally guaranteed), attacked with
 PGD, optionally audited and searched for its certified radius; per-sample rows written to a
 TSV as they are made; the summary from report.py. The command line is evaluate.py."""
+import contextlib
 import glob
 import os
 import sys
@@ -17,9 +18,12 @@ from attacks import audit_batch, pgd_correct_batch
 from certify import certify_batch, converged_global_vectors
 from errors import UserError
 from lanczos import GuaranteedNorms, guaranteed_certify
-from progress import PROGRESS_EVERY_S, Heartbeat
+from local_bound import TEST_OPT_ITER, TEST_SNITER
+import progress
+from progress import Heartbeat
 from radius import RADIUS_RTOL, RADIUS_STEPS, RadiusSearch, radius_batch
-from report import BatchOutcome, TsvWriter, batch_rows, resume_rows, summarize, tsv_columns, write_tsv
+from report import (BatchOutcome, TsvWriter, batch_rows, resume_rows, summarize, tsv_columns,
+                    write_tsv)
 from utils import (BATCH_STREAM, GUARANTEED_STREAM, NORMS_STREAM, RADIUS_STREAM, all_reduce_sum,
                    derived_seed)
 from vectors import KeptVectors
@@ -30,8 +34,8 @@ class EvalSettings:
     """What full_evaluation computes; the names are evaluate.py's flags (evaluate.py builds
     it from them)."""
     radii: List[float]                 # L2 radii; the first is PGD's and the summary's
-    test_sniter: int = 100             # per-sample power iterations (stop at 1e-3)
-    test_opt_iter: int = 1000          # worst-case-logit rounds
+    test_sniter: int = TEST_SNITER     # per-sample power iterations (stop at 1e-3)
+    test_opt_iter: int = TEST_OPT_ITER  # worst-case-logit rounds
     bound: str = 'local'               # 'local' or 'global' (every indicator 1)
     estimate: str = 'bilinear'         # the power-iteration estimate
     alpha: Optional[float] = None      # PGD step (None: radius / 4, the reference's)
@@ -83,17 +87,20 @@ def full_evaluation(model, loader, settings: EvalSettings, device, tsv_path=None
     model.eval()
     work = _batches_to_do(loader, settings, tsv_path if resume else None, lead, world, say)
     in_shape = tuple(loader.dataset[0][0].shape)
-    run = _BatchRun(model, settings, device,
-                    converged_global_vectors(model, in_shape, settings.test_sniter,
-                                             settings.seed, device),
-                    _guaranteed_norms(model, in_shape, settings, say))
     # this process's rows go, as they are made, to the TSV (one process) or its part file
     writer = None
     if tsv_path:
         writer = TsvWriter(tsv_path if world == 1 else f"{tsv_path}.rank{rank}",
                            *((work.header, work.rows) if world == 1 else (None, [])))
     try:
-        new_rows, header, audit_seconds = _evaluate_mine(run, loader, work, writer, rank, world)
+        with _Display(lead, settings.heartbeat, len(loader.dataset), len(work.rows)) as show:
+            show.beat.status = "  evaluate: preparing"
+            run = _BatchRun(model, settings, device,
+                            converged_global_vectors(model, in_shape, settings.test_sniter,
+                                                     settings.seed, device),
+                            _guaranteed_norms(model, in_shape, settings, say))
+            new_rows, header, audit_seconds = _evaluate_mine(run, loader, work, writer, rank,
+                                                             world, show)
     finally:
         if writer is not None:
             writer.close()
@@ -135,6 +142,7 @@ def _guaranteed_norms(model, in_shape, settings: EvalSettings, say):
     if settings.certificate != 'guaranteed':
         return None
     t0 = time.time()
+    progress.task("global Lanczos norm bounds (once per model)")
     norms = GuaranteedNorms(model, in_shape, settings.delta,
                             generator_seed=derived_seed(settings.seed, NORMS_STREAM))
     say(f"guaranteed certificates (delta {settings.delta:g}): global norm bounds in "
@@ -143,11 +151,34 @@ def _guaranteed_norms(model, in_shape, settings: EvalSettings, say):
     return norms
 
 
-def _evaluate_mine(run, loader, work: _Batches, writer, rank, world):
+class _Display:
+    """The progress of the whole evaluation in process 0 (``lead``): a bar on a terminal,
+    else heartbeat lines in a log (unless not ``heartbeat``: --verbose 0); both say, inside
+    a batch, the stage it is in (``progress``). In the other processes, nothing."""
+
+    def __init__(self, lead: bool, heartbeat: bool, n_total: int, done: int):
+        self.bar = tqdm(total=n_total, initial=done, desc='evaluate', unit='pt', leave=False,
+                        disable=None if lead else True, file=sys.stderr)
+        every = progress.PROGRESS_EVERY_S if lead and heartbeat and self.bar.disable else None
+        self.beat = Heartbeat(every)
+        follower = None if self.bar.disable else progress.bar_follower(self.bar)
+        self.watch = progress.watching(follower) if lead else contextlib.nullcontext()
+
+    def __enter__(self):
+        self.watch.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.beat.stop()
+        self.bar.close()
+        return self.watch.__exit__(*exc)
+
+
+def _evaluate_mine(run, loader, work: _Batches, writer, rank, world, show: _Display):
     """Evaluate this process's share of ``work.todo`` (every world-th batch), in rounds of
-    one batch per process, with a progress bar (a terminal) or heartbeat lines (a log) of
-    the whole evaluation. Returns (new rows, TSV columns or None, audit seconds)."""
-    lead, n_total, n_batches = rank == 0, len(loader.dataset), len(work.indices)
+    one batch per process, showing the whole evaluation's progress on ``show``. Returns
+    (new rows, TSV columns or None, audit seconds)."""
+    n_total, n_batches = len(loader.dataset), len(work.indices)
     positions = list(loader.batch_sampler)
     mine = work.todo[rank::world]
     batches = iter(torch.utils.data.DataLoader(loader.dataset,
@@ -155,35 +186,27 @@ def _evaluate_mine(run, loader, work: _Batches, writer, rank, world):
                                                num_workers=loader.num_workers,
                                                pin_memory=loader.pin_memory))
     done, new_rows, header, audit_seconds = len(work.rows), [], None, 0.0
-    bar = tqdm(total=n_total, initial=done, desc='evaluate', unit='pt', leave=False,
-               disable=None if lead else True, file=sys.stderr)
-    beat = Heartbeat(PROGRESS_EVERY_S if lead and bar.disable and run.settings.heartbeat
-                     else None)
     rounds = -(-len(work.todo) // world)                      # of one batch per process
-    try:
-        for r in range(rounds):
-            bi = mine[r] if r < len(mine) else None
-            count, t0 = 0, time.time()
-            if bi is not None:
-                beat.status = (f"  evaluate: batch {bi + 1}/{n_batches} running, {done} of "
-                               f"{n_total} points done")
-                rows, header, a_sec = run.batch(*next(batches), bi)
-                audit_seconds += a_sec
-                if writer is not None:
-                    writer.write(header, rows)
-                new_rows.extend(rows)
-                count = len(rows)
-            if world > 1:                                # the whole evaluation's progress
-                count = int(all_reduce_sum([count], run.device, world)[0])
-            done += count
-            bar.update(count)
-            what = f"batch {bi + 1}/{n_batches}" if world == 1 else \
-                f"round {r + 1}/{rounds} ({world} batches)"
-            beat.say(f"  evaluate: {what} done, {done} of {n_total} points, "
-                     f"{time.time() - t0:.0f}s")
-    finally:
-        beat.stop()
-        bar.close()
+    for r in range(rounds):
+        bi = mine[r] if r < len(mine) else None
+        count, t0 = 0, time.time()
+        if bi is not None:
+            show.beat.status = (f"  evaluate: batch {bi + 1}/{n_batches} running, {done} of "
+                                f"{n_total} points done")
+            rows, header, a_sec = run.batch(*next(batches), bi)
+            audit_seconds += a_sec
+            if writer is not None:
+                writer.write(header, rows)
+            new_rows.extend(rows)
+            count = len(rows)
+        if world > 1:                                # the whole evaluation's progress
+            count = int(all_reduce_sum([count], run.device, world)[0])
+        done += count
+        show.bar.update(count)
+        what = f"batch {bi + 1}/{n_batches}" if world == 1 else \
+            f"round {r + 1}/{rounds} ({world} batches)"
+        show.beat.say(f"  evaluate: {what} done, {done} of {n_total} points, "
+                      f"{time.time() - t0:.0f}s")
     return new_rows, header, audit_seconds
 
 
@@ -226,10 +249,13 @@ class _BatchRun:
         # (they do not depend on the data): resumable, and no batch repeats the iterations
         global_vectors = {k: v.clone() for k, v in self.base_global.items()}
         vectors = KeptVectors(x.shape[0], self.device)   # fresh at the smallest radius, then warm
-        by_eps = {e: certify_batch(self.model, x, y, e, vectors, global_vectors,
-                                   sniter=s.test_sniter, opt_iter=s.test_opt_iter,
-                                   bound=s.bound, estimate=s.estimate)
-                  for e in sorted(s.radii)}
+        by_eps = {}
+        for e in sorted(s.radii):
+            progress.task(f"certifying at eps {e:g}")
+            by_eps[e] = certify_batch(self.model, x, y, e, vectors, global_vectors,
+                                      sniter=s.test_sniter, opt_iter=s.test_opt_iter,
+                                      bound=s.bound, estimate=s.estimate)
+        progress.task(f"PGD at eps {s.radii[0]:g}")
         out = BatchOutcome(idx, y.cpu(), by_eps,
                            pgd_correct_batch(self.model, x, y, s.radii[0], s.pgd_step, s.niter),
                            all(c.global_converged for c in by_eps.values()))
@@ -251,6 +277,7 @@ class _BatchRun:
         audited = torch.zeros(x.shape[0], dtype=torch.long)
         broken = torch.zeros(x.shape[0], dtype=torch.long)
         for e in self.settings.radii:
+            progress.task(f"audit at eps {e:g}")
             sel, brk = _audit_certified(self.model, x, y, idx, e, by_eps[e].certified,
                                         self.settings)
             audited += sel.long()
@@ -263,6 +290,7 @@ class _BatchRun:
         s, t1 = self.settings, time.time()
         torch.manual_seed(derived_seed(s.seed, GUARANTEED_STREAM, bi))
         for e in sorted(s.radii):
+            progress.task(f"guaranteed certificates at eps {e:g}")
             g = guaranteed_certify(self.model, x, y, e, self.norms, opt_iter=s.test_opt_iter,
                                    bound=s.bound)
             by_eps[e].certified_guaranteed = g.certified.cpu()
@@ -274,6 +302,7 @@ class _BatchRun:
         radii's vectors."""
         s, t2 = self.settings, time.time()
         torch.manual_seed(derived_seed(s.seed, RADIUS_STREAM, bi))
+        progress.task("certified radius search")
         search = RadiusSearch(sniter=s.test_sniter, opt_iter=s.test_opt_iter,
                               rtol=s.radius_rtol, steps=s.radius_steps, bound=s.bound,
                               estimate=s.estimate)

@@ -46,6 +46,7 @@ from typing import Dict, Sequence
 import torch
 import torch.nn as nn
 
+import progress
 from local_bound import (FLOOR, BoundError, BoundResult, apply_W, apply_WT, check_supported,
                          compute_bound, exact_float32, layer_input_shapes, masked_products,
                          worst_case_margins)
@@ -67,6 +68,8 @@ def kw_inflation(n, k: int, delta: float):
     if kk < 1:
         return torch.ones_like(torch.as_tensor(n, dtype=torch.float64))
     n = torch.as_tensor(n, dtype=torch.float64).clamp_min(1)
+    # KW_CONST sqrt(n) exp(-(2 kk - 1) sqrt(e)) = delta, solved for sqrt(e); a probability
+    # bound above 1 (tiny kk, large n) clamps e to 1: no bound from so few steps
     s = torch.log(KW_CONST * n.sqrt() / delta).clamp_min(0) / (2 * kk - 1)
     return (s * s).clamp(max=1.0)
 
@@ -105,7 +108,7 @@ class Lanczos:
         shape, d = (self.in_shape, d_in) if space == 'in' else (self.out_shape, d_out)
         q = torch.randn((batch, *shape), device=device, dtype=dtype)
         if d is not None:
-            q = q * d
+            q = q * d        # the start lives in the varying subspace: n counts only it
         self.n = (torch.full((batch,), float(math.prod(shape)), dtype=torch.float64)
                   if d is None else d.flatten(1).sum(1).double().cpu())
         nq = torch.linalg.vector_norm(q.flatten(1), dim=1)
@@ -129,6 +132,10 @@ class Lanczos:
         """Advance every sample to ``steps`` Lanczos steps in all (in-place updates: every
         step reads and writes a few [batch, *shape] tensors only)."""
         while self.steps < steps:
+            # the three-term recurrence w = B q_k - beta_{k-1} q_{k-1} - alpha_k q_k, without
+            # reorthogonalisation (memory: no basis kept); lost orthogonality shows as repeated
+            # copies of converged Ritz values (Paige), which leave the largest one in place
+            progress.stage("Lanczos step", self.steps + 1, steps)
             w = self.apply_B(self.q).flatten(1)
             q, q_prev = self.q.flatten(1), self.q_prev.flatten(1)
             w.addcmul_(q_prev, self.beta.unsqueeze(1), value=-1)

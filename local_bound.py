@@ -27,10 +27,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import progress
 from models import ClampGroupSort, Flatten, ReLU_x
 from vectors import RandomVectors
 
 TOL = 1e-3          # power iteration stops when the largest per-sample change is below this
+# iteration counts, one name per meaning (the command line's own defaults are utils.DEFAULTS)
+TEST_SNITER = 100         # the reference's per-sample power iterations at test time
+CONVERGED_SNITER = 2000   # enough for the estimates to meet TOL (the README's certification)
+TEST_OPT_ITER = 1000      # worst-case-logit rounds at test time (exact once they finish)
 NORM_FLOOR = 1e-12  # guards divisions by norms that can be exactly zero
 FLOOR = 1e-30       # floor of a norm or radius before a log or a division
 AFFINE = (nn.Conv2d, nn.Linear, nn.AvgPool2d)      # linear maps (plus bias): one norm each
@@ -453,11 +458,12 @@ def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
             return (new, tn, change), change < tol
         (u, tn, change), _ = _frozen_loop(body, (u,), n_iter)
     else:
-        for _ in range(n_iter):
+        for k in range(n_iter):
             new, tn = step(u)
             with torch.no_grad():
                 change = _norm(new - u).max()
             u = new
+            progress.stage(f"global power iteration on {type(layer).__name__}", k + 1, n_iter)
             if change.item() < tol:
                 break
     sigma = _bilinear(tn)[0] if estimate == 'bilinear' else _norm(first(u))[0]
@@ -545,12 +551,13 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
         # (a device-side stop flag instead of this host sync was measured on an H100: the
         # extra select operations cost more CPU dispatch time than the syncs, see README)
         prev = start
-        for _ in range(n_iter):
+        for k in range(n_iter):
             new, tn, z, zn = step(u, d_in, d_out)
             with torch.no_grad():
                 change = _norm(new - prev)
             u = prev = new
             iters += 1
+            progress.stage(f"power iteration on {type(layer).__name__}", k + 1, n_iter)
             if change.max().item() < tol:
                 break
         if n_iter > 0:
@@ -560,8 +567,9 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     else:
         keep_v = torch.is_grad_enabled()        # read before no_grad turns it off
         with torch.no_grad():
-            u, tn, v = _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged,
-                                           keep_v=keep_v, start=start)
+            u, tn, v = _iterate_per_sample(step, u, (d_in, d_out), n_iter, tol,
+                                           (iters, converged), keep_v=keep_v, start=start,
+                                           name=f"power iteration on {type(layer).__name__}")
     if estimate == 'forward' or tn is None:
         sigma = _norm(op(u, d_out))
     elif differentiate_all or not torch.is_grad_enabled():
@@ -571,18 +579,20 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
     return PowerIterationResult(sigma, u.detach(), iters, converged)
 
 
-def _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged, keep_v=False,
-                        start=None):
-    """Power iteration on u [batch, ...], each sample stopping at its own convergence: only
-    the samples still active are computed; the first change is measured against ``start``
-    (default u). Updates iters, converged in place; returns (u, ||A^T v|| and v of each
-    sample's last iteration; None, None without iterations)."""
+def _iterate_per_sample(step, u, masks, n_iter, tol, counters, keep_v=False, start=None,
+                        name='power iteration'):
+    """Power iteration on u [batch, ...] with masks (d_in, d_out), each sample stopping at
+    its own convergence: only the samples still active are computed; the first change is
+    measured against ``start`` (default u). Updates counters (iters, converged) in place;
+    returns (u, ||A^T v|| and v of each sample's last iteration; None, None without
+    iterations). ``name``: the progress stage."""
+    (d_in, d_out), (iters, converged) = masks, counters
     first = u if start is None else start      # every sample is active in the first round
     u = u.clone()
     tn = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
     v = None
     active = torch.arange(u.shape[0], device=u.device)
-    for _ in range(n_iter):
+    for k in range(n_iter):
         di = None if d_in is None else d_in[active]
         do = None if d_out is None else d_out[active]
         ua = u[active]
@@ -598,6 +608,7 @@ def _iterate_per_sample(step, u, d_in, d_out, n_iter, tol, iters, converged, kee
         iters[active] += 1
         converged[active[done]] = True
         active = active[~done]
+        progress.stage(name, k + 1, n_iter, f"{active.numel()} of {u.shape[0]} points iterating")
         if active.numel() == 0:
             break
     return u, (tn if n_iter > 0 else None), v
@@ -627,13 +638,15 @@ def _bcp(w: torch.Tensor, r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
     d = w * (r / wn_raw.clamp_min(NORM_FLOOR * NORM_FLOOR).sqrt()).unsqueeze(-1)
     fixed = torch.zeros_like(w, dtype=torch.bool)
     done = torch.zeros((), dtype=torch.bool, device=w.device) if sync_free else None
-    for _ in range(opt_iter):
+    for k in range(opt_iter):
         leave = ((d > hi) | (d < lo)) & ~fixed
         if sync_free:
             done = done | ~leave.any()
             d_old, nan_old = d, nan_like
         elif not leave.any():
             break
+        else:
+            progress.stage("worst-case-logit rounds", k + 1, opt_iter)
         fixed = fixed | leave
         d_fixed = torch.where(fixed, torch.maximum(torch.minimum(d, hi), lo), torch.zeros_like(d))
         rem_raw = r2 - d_fixed.pow(2).sum(-1)
@@ -764,8 +777,8 @@ def _check_box(lb, ub, where):
 class BoundOptions:
     """The switches of ``compute_bound``; the defaults are certification's (the reference's
     test counts). The public entry points with their own defaults are in ``locallip``."""
-    sniter: int = 100               # per-sample power iterations (and the global ones)
-    opt_iter: int = 1000            # rounds of the worst-case-logit algorithm
+    sniter: int = TEST_SNITER       # per-sample power iterations (and the global ones)
+    opt_iter: int = TEST_OPT_ITER   # rounds of the worst-case-logit algorithm
     bound: str = 'local'            # 'local' (indicators from the boxes) or 'global' (all 1)
     tol: float = TOL                # per-sample stop: largest change of the vector below this
     check: bool = False             # verify lb <= ub and finiteness after every layer

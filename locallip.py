@@ -33,12 +33,13 @@ from certify import converged_global_vectors
 from radius import RADIUS_RTOL, RADIUS_STEPS, RadiusSearch, radius_batch
 from lanczos import GuaranteedNorms, guaranteed_certify
 from checkpoints import load_checkpoint
-from local_bound import (FLOOR, NOOPS, SUPPORTED, TOL, UnsupportedModel, check_supported,
-                         compute_bound, exact_float32, fold_batchnorm)
+from local_bound import (CONVERGED_SNITER, FLOOR, NOOPS, SUPPORTED, TEST_OPT_ITER, TOL,
+                         UnsupportedModel, check_supported, compute_bound, exact_float32,
+                         fold_batchnorm)
 from vectors import KeptVectors, RandomVectors
 
-SNITER = 2000       # per-sample power iterations at most (each sample stops at ``tol``)
-OPT_ITER = 1000     # worst-case-logit rounds (exact once they finish; sound at any count)
+SNITER = CONVERGED_SNITER   # per-sample power iterations at most (each stops at ``tol``)
+OPT_ITER = TEST_OPT_ITER    # worst-case-logit rounds (exact once they finish; sound at any count)
 DELTA = 1e-4        # failure probability of a guaranteed certificate / radius
 
 

@@ -7,9 +7,10 @@ from typing import Optional
 
 import torch
 
+import progress
 from lanczos import STAGES, masked_norm_bounds
-from local_bound import (FLOOR, check_supported, compute_bound, exact_float32,
-                         global_power_iteration)
+from local_bound import (CONVERGED_SNITER, FLOOR, TEST_OPT_ITER, check_supported, compute_bound,
+                         exact_float32, global_power_iteration)
 from vectors import SubsetVectors
 
 
@@ -29,8 +30,8 @@ RADIUS_ROUNDS = 3       # most rounds of Lanczos bounds per point (a point certi
 @dataclass(frozen=True)
 class RadiusSearch:
     """How the certified radius is searched (radius_batch, guaranteed_radius)."""
-    sniter: int = 2000          # power iterations per evaluation of the estimate search
-    opt_iter: int = 1000        # worst-case-logit rounds per evaluation
+    sniter: int = CONVERGED_SNITER   # power iterations per evaluation of the estimate search
+    opt_iter: int = TEST_OPT_ITER    # worst-case-logit rounds per evaluation
     rtol: float = RADIUS_RTOL   # stop when hi - lo <= rtol * lo
     max_radius: Optional[float] = None   # not searched above (radius = max_radius, hi = inf)
     max_evals: int = RADIUS_EVALS        # bound evaluations per point and search, at most
@@ -67,8 +68,9 @@ def _next_radius(lo, m_lo, hi, m_hi, prev, m_prev, guess, rtol):
     """Next trial radius of every searched point ([n] tensors, float64): below a failure
     (hi finite) regula falsi on the margin (the caller halves the margin of an end kept
     again: the Illinois rule), kept rtol * max(lo, hi / 2) / 2 (at most a quarter of the
-    bracket) away from both ends so that one step can close it; with no failure yet, the secant through the last two
-    certified points, at least 1.5 and at most 4 times lo (``guess`` while lo is 0)."""
+    bracket) away from both ends so that one step can close it; with no failure yet, the
+    secant through the last two certified points, at least 1.5 and at most 4 times lo
+    (``guess`` while lo is 0)."""
     w = hi - lo
     p = lo + w * m_lo / (m_lo - m_hi)
     p = torch.where(torch.isfinite(p), p, lo + w / 2)
@@ -114,6 +116,9 @@ def bracket_search(evaluate, m0, guess, rtol, max_evals, max_radius, hint=None,
 
     rows = active_rows()
     while rows.numel():
+        if progress.watched():       # evals.max() reads the device
+            progress.stage("radius search, evaluation", int(evals.max()) + 1, max_evals,
+                           f"{rows.numel()} of {n} points searching")
         r = rows
         eps = _next_radius(lo[r], m_lo[r], hi[r], m_hi[r], prev[r], m_prev[r], guess[r], rtol)
         if hint is not None:

@@ -220,8 +220,8 @@ def check_store_fits(total, path, ram_available):
 @dataclass(frozen=True)
 class StepSettings:
     """The switches of the certified step (``step_settings`` reads them from the flags)."""
-    sniter: int = 1                  # per-sample and global power iterations
-    opt_iter: int = 1                # worst-case-logit rounds
+    sniter: int                      # per-sample and global power iterations (--sniter)
+    opt_iter: int                    # worst-case-logit rounds (--opt_iter)
     bound: str = 'local'             # 'local' or 'global'
     pi_grad: str = 'all'             # gradients through every power iteration, or the last
     estimate: str = 'bilinear'       # the spectral-norm estimate
@@ -690,7 +690,8 @@ def one_epoch(run: Run, epoch: int):
     run.sched.step()
     eps_next, _ = epoch_eps_kappa(args, epoch + 1)
     te = certify_loader(run.model, run.test_loader, eps_next, run.device, store=run.stores[1],
-                        global_vectors=run.global_vectors, desc='test', sniter=args.test_sniter,
+                        global_vectors=run.global_vectors, desc=f'epoch {epoch} test',
+                        heartbeat=run.rank == 0 and bool(args.verbose), sniter=args.test_sniter,
                         opt_iter=args.test_opt_iter, bound=args.bound, estimate=args.estimate)
     n_te, correct, certified = all_reduce_sum(
         [len(te.correct), te.correct.sum().item(), te.certified.sum().item()], run.device,

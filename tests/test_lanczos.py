@@ -253,3 +253,12 @@ def test_bench_eval_compares_the_three_methods(tmp_path):
         assert v['seconds'] > 0 and v['points_per_s'] == pytest.approx(6 / v['seconds'])
         assert set(v['certified_acc']) == {'0.05', '0.2'}
     assert r['speedup_vs_early'] > 0 and r['speedup_vs_reference'] > 0
+    # per layer, the power iterations per point (2 radii x 6 points each): the reference's
+    # batch loop runs every point as long as the batch's slowest; early stops each point
+    for m in ('reference', 'early'):
+        it = r['methods'][m]['iterations']
+        assert sorted(it, key=int) == ['0', '2', '4', '6', '9', '11']
+        assert all(1 <= v['median'] <= v['p99'] <= v['max'] <= 5 and 0 <= v['at_cap'] <= 1
+                   for v in it.values())
+    assert all(r['methods']['early']['iterations'][k]['mean'] <= v['mean']
+               for k, v in r['methods']['reference']['iterations'].items())
