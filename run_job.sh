@@ -266,18 +266,18 @@ case "$job" in
                 | tee "$O/tests_cuda.log" | tail -25 || true
         fi
         if [ "$what" = bench ] || [ "$what" = all ]; then
-            b() { local name=$1; shift; "$PY" bench.py --device cuda --json "$O/bench_$name.json" "$@" \
+            bench_json() { local name=$1; shift; "$PY" bench.py --device cuda --json "$O/bench_$name.json" "$@" \
                     > "$O/bench_$name.log" 2>&1 || echo "bench $name failed"; tail -1 "$O/bench_$name.log"; }
-            b c6f2_b32 --model c6f2_relux --data cifar10 --batch_size 32 --sniter 2
-            b mnist_b64 --model relux --data mnist --batch_size 64 --sniter 5
-            b c6f2_b256 --model c6f2_relux --data cifar10 --batch_size 256 --sniter 2 --profile 5
-            b mnist_b256 --model relux --data mnist --batch_size 256 --sniter 5
-            b c6f2_b256_tf32off --model c6f2_relux --data cifar10 --batch_size 256 --sniter 2 --tf32 off
-            b mnist_b256_tf32off --model relux --data mnist --batch_size 256 --sniter 5 --tf32 off
-            b c6f2_b256_store --model c6f2_relux --data cifar10 --batch_size 256 --sniter 2 --vectors store --profile 5
-            b mnist_b256_store --model relux --data mnist --batch_size 256 --sniter 5 --vectors store --profile 5
+            bench_json c6f2_b32 --model c6f2_relux --data cifar10 --batch_size 32 --sniter 2
+            bench_json mnist_b64 --model relux --data mnist --batch_size 64 --sniter 5
+            bench_json c6f2_b256 --model c6f2_relux --data cifar10 --batch_size 256 --sniter 2 --profile 5
+            bench_json mnist_b256 --model relux --data mnist --batch_size 256 --sniter 5
+            bench_json c6f2_b256_tf32off --model c6f2_relux --data cifar10 --batch_size 256 --sniter 2 --tf32 off
+            bench_json mnist_b256_tf32off --model relux --data mnist --batch_size 256 --sniter 5 --tf32 off
+            bench_json c6f2_b256_store --model c6f2_relux --data cifar10 --batch_size 256 --sniter 2 --vectors store --profile 5
+            bench_json mnist_b256_store --model relux --data mnist --batch_size 256 --sniter 5 --vectors store --profile 5
             for s in "" --batch_stop; do
-                b "eval${s}" --mode eval --data fashionmnist --model relux --saved_model \
+                bench_json "eval${s}" --mode eval --data fashionmnist --model relux --saved_model \
                     pretrained/fashionmnist/local_relux --eps 0.5 --test_batch_size 256 \
                     --test_sniter 2000 --steps 5 --tf32 off $s
             done
@@ -295,9 +295,9 @@ case "$job" in
         if [ "$what" = compile ] || [ "$what" = all ]; then
             # --compile (CUDA graphs through torch.compile 'reduce-overhead'): the step times
             # and GPU-busy share against the eager rows above, then one compiled epoch
-            b c6f2_b256_store_compiled --model c6f2_relux --data cifar10 --batch_size 256 \
+            bench_json c6f2_b256_store_compiled --model c6f2_relux --data cifar10 --batch_size 256 \
                 --sniter 2 --vectors store --compile --warmup 5 --profile 5
-            b mnist_b256_store_compiled --model relux --data mnist --batch_size 256 --sniter 5 \
+            bench_json mnist_b256_store_compiled --model relux --data mnist --batch_size 256 --sniter 5 \
                 --vectors store --compile --warmup 5 --profile 5
             grep -h "profile summary" "$O"/bench_*compiled.log || true
             rm -rf /tmp/gpu_compiled

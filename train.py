@@ -686,16 +686,17 @@ def one_epoch(run: Run, epoch: int):
     run.train_loader.sampler.set_epoch(epoch)
     run.stores[0].epoch = run.stores[1].epoch = epoch
     lr = run.opt.param_groups[0]['lr']
-    tr = train_epoch(run, epoch, first=(epoch == run.start))
+    train_means = train_epoch(run, epoch, first=(epoch == run.start))
     run.sched.step()
     eps_next, _ = epoch_eps_kappa(args, epoch + 1)
-    te = certify_loader(run.model, run.test_loader, eps_next, run.device, store=run.stores[1],
-                        global_vectors=run.global_vectors, desc=f'epoch {epoch} test',
-                        heartbeat=run.rank == 0 and bool(args.verbose), sniter=args.test_sniter,
-                        opt_iter=args.test_opt_iter, bound=args.bound, estimate=args.estimate)
+    test_cert = certify_loader(
+        run.model, run.test_loader, eps_next, run.device, store=run.stores[1],
+        global_vectors=run.global_vectors, desc=f'epoch {epoch} test',
+        heartbeat=run.rank == 0 and bool(args.verbose), sniter=args.test_sniter,
+        opt_iter=args.test_opt_iter, bound=args.bound, estimate=args.estimate)
     n_te, correct, certified = all_reduce_sum(
-        [len(te.correct), te.correct.sum().item(), te.certified.sum().item()], run.device,
-        run.world)
+        [len(test_cert.correct), test_cert.correct.sum().item(),
+         test_cert.certified.sum().item()], run.device, run.world)
     clean_err, cert_err = 1 - correct / max(n_te, 1), 1 - certified / max(n_te, 1)
     ramp_over = epoch >= args.warmup + args.rampup      # the epoch after the ramp's last
     is_best = ramp_over and cert_err < run.best_err
@@ -704,7 +705,7 @@ def one_epoch(run: Run, epoch: int):
         if args.no_save:
             run.best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
     if run.writer is not None:
-        for k, v in tr.items():
+        for k, v in train_means.items():
             run.writer.add_scalar(f"train/{k}_epoch", v, epoch)
         for k, v in (('test/clean_err', clean_err), ('test/certified_err', cert_err),
                      ('test/eps', eps_next), ('lr', lr)):
@@ -712,9 +713,9 @@ def one_epoch(run: Run, epoch: int):
         run.writer.flush()
     if not args.no_save:
         _save(run, epoch, cert_err, is_best)
-    run.say(f"epoch {epoch} | lr {lr:.2e} | train loss {tr['loss']:.4f} clean err "
-            f"{100 * tr['clean_err']:.2f}% cert err {100 * tr['robust_err']:.2f}% | test @eps "
-            f"{eps_next:.4f}: clean err {100 * clean_err:.2f}% cert err {100 * cert_err:.2f}%"
+    run.say(f"epoch {epoch} | lr {lr:.2e} | train loss {train_means['loss']:.4f} clean err "
+            f"{100 * train_means['clean_err']:.2f}% cert err "
+            f"{100 * train_means['robust_err']:.2f}% | test @eps {eps_next:.4f}: clean err {100 * clean_err:.2f}% cert err {100 * cert_err:.2f}%"
             f"{' (best)' if is_best else ''} | {time.time() - t0:.1f}s", flush=True)
 
 

@@ -134,197 +134,201 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description="Local-Lip: certified training and evaluation "
                                 "with local Lipschitz bounds (L2).")
-    a = p.add_argument
+    flag = p.add_argument     # one line per flag below
     # data and model
-    a('--data', default=d['data'], help="dataset: mnist, fashionmnist, cifar10, tinyimagenet")
-    a('--data_dir', default=None, help="where datasets live / are downloaded (default data/; "
-      "--data fashionmnist without --data_dir also reads the Debian package "
-      "dataset-fashion-mnist). A given folder must hold the dataset or get it by download: "
-      "'system' names the package's copy. The start-up line names the folder read")
-    a('--no_download', action='store_true', help="never try to download a missing dataset")
-    a('--model', default=d['model'], help="architecture, e.g. relux, standrelu, c6f2_relux, "
-      "c6f2_clmaxmin (see models.MODELS), or an import path module.path:function to a "
-      "function returning one's own nn.Sequential (checkpoints are then named after the "
-      "function)")
-    a('--init', type=float, default=d['init'], help="initial ReLU_x threshold for c6f2_relux "
-      "and tinyimagenet_relux (the 4C3F relux models start at 1.0, as in the reference)")
-    a('--no_augmentation', action='store_true', default=not d['augmentation'],
-      help="disable data augmentation (CIFAR-10: random crop 32 pad 4 + flip; TinyImageNet: "
-      "crop 64 pad 4 + flip; MNIST is never augmented, as in the reference)")
-    a('--normalization', action='store_true', help="normalise inputs in the loader, as the "
-      "reference: CIFAR-10 and TinyImageNet mean (0.485, 0.456, 0.406), std 0.225 (MNIST: no "
-      "effect). eps, the certificates and PGD are then in the normalised input space")
-    a('--drop_last', action='store_true', help="drop the last incomplete training batch")
-    a('--no_shuffle', action='store_true', help="do not shuffle the training set")
-    a('--n_train', type=int, default=d['n_train'], help="use the first N training images (0 = all)")
-    a('--n_test', type=int, default=d['n_test'], help="use the first N test images (0 = all)")
-    a('--workers', type=int, default=d['workers'], help="DataLoader worker processes")
+    flag('--data', default=d['data'], help="dataset: mnist, fashionmnist, cifar10, tinyimagenet")
+    flag('--data_dir', default=None, help="where datasets live / are downloaded (default data/; "
+         "--data fashionmnist without --data_dir also reads the Debian package "
+         "dataset-fashion-mnist). A given folder must hold the dataset or get it by download: "
+         "'system' names the package's copy. The start-up line names the folder read")
+    flag('--no_download', action='store_true', help="never try to download a missing dataset")
+    flag('--model', default=d['model'], help="architecture, e.g. relux, standrelu, c6f2_relux, "
+         "c6f2_clmaxmin (see models.MODELS), or an import path module.path:function to a "
+         "function returning one's own nn.Sequential (checkpoints are then named after the "
+         "function)")
+    flag('--init', type=float, default=d['init'], help="initial ReLU_x threshold for c6f2_relux "
+         "and tinyimagenet_relux (the 4C3F relux models start at 1.0, as in the reference)")
+    flag('--no_augmentation', action='store_true', default=not d['augmentation'],
+         help="disable data augmentation (CIFAR-10: random crop 32 pad 4 + flip; TinyImageNet: "
+         "crop 64 pad 4 + flip; MNIST is never augmented, as in the reference)")
+    flag('--normalization', action='store_true', help="normalise inputs in the loader, as the "
+         "reference: CIFAR-10 and TinyImageNet mean (0.485, 0.456, 0.406), std 0.225 (MNIST: no "
+         "effect). eps, the certificates and PGD are then in the normalised input space")
+    flag('--drop_last', action='store_true', help="drop the last incomplete training batch")
+    flag('--no_shuffle', action='store_true', help="do not shuffle the training set")
+    flag('--n_train', type=int, default=d['n_train'],
+         help="use the first N training images (0 = all)")
+    flag('--n_test', type=int, default=d['n_test'], help="use the first N test images (0 = all)")
+    flag('--workers', type=int, default=d['workers'], help="DataLoader worker processes")
     # optimisation and schedule
-    a('--batch_size', type=int, default=d['batch_size'], help="training batch size")
-    a('--test_batch_size', type=int, default=d['test_batch_size'], help="evaluation batch size")
-    a('--epochs', type=int, default=d['epochs'], help="number of training epochs")
-    a('--lr', type=float, default=d['lr'], help="learning rate")
-    a('--opt', choices=('adam', 'sgd'), default='adam', help="optimiser: Adam, or SGD with "
-      "--momentum and --weight_decay (reference)")
-    a('--momentum', type=float, default=0.9, help="SGD momentum (--opt sgd)")
-    a('--weight_decay', type=float, default=0.0, help="SGD weight decay (--opt sgd)")
-    a('--lr_scheduler', choices=('exp', 'step', 'multistep'), default='exp', help="exp: lr "
-      "constant until epoch epochs//2 + more, then exponential to --end_lr at the last epoch; "
-      "step: x --gamma every --step_size epochs counted from the ramp's last epoch; multistep: "
-      "x --gamma at each epoch of --wd_list, counted the same way (reference)")
-    a('--step_size', type=int, default=10, help="epochs per lr step (--lr_scheduler step)")
-    a('--gamma', type=float, default=0.5, help="lr factor per step (step, multistep)")
-    a('--wd_list', type=int, nargs='+', default=None, help="milestones (epochs after the "
-      "ramp) of --lr_scheduler multistep")
-    a('--end_lr', type=float, default=d['end_lr'], help="learning rate reached at the last "
-      "epoch by exponential decay starting at epoch epochs//2 + more")
-    a('--more', type=int, default=d['more'], help="lr decay starts at epoch epochs//2 + more")
-    a('--warmup', type=int, default=d['warmup'], help="epochs of clean training first")
-    a('--rampup', type=int, default=d['rampup'], help="epochs over which eps and kappa ramp")
-    a('--epsilon', type=float, nargs='+', default=[d['epsilon']], help="L2 radius for "
-      "evaluation (and the within-epoch eps increment, as in the reference); evaluate.py "
-      "takes several radii, the first is the primary one (PGD, margins, sparsity)")
-    a('--epsilon_train', type=float, default=d['epsilon_train'], help="L2 radius reached by "
-      "the training ramp")
-    a('--starting_epsilon', type=float, default=d['starting_epsilon'], help="eps at ramp start")
-    a('--schedule_length', type=int, default=None, help="eps ramp length in epoch (default and "
-      "whenever --rampup is non-zero: --rampup, as the reference)")
-    a('--kappa', type=float, default=0.0, help="final weight of the clean loss (BCP loss)")
-    a('--starting_kappa', type=float, default=1.0, help="weight of the clean loss at ramp start")
-    a('--kappa_schedule_length', type=int, default=None, help="kappa ramp length (default and "
-      "whenever --rampup is non-zero: --rampup)")
-    a('--epsilon_pgd', type=float, default=None, help="accepted for the reference's command "
-      "line, which parses it but attacks at --epsilon; so does this code (ignored)")
-    a('--seed', type=int, default=d['seed'], help="random seed")
+    flag('--batch_size', type=int, default=d['batch_size'], help="training batch size")
+    flag('--test_batch_size', type=int, default=d['test_batch_size'], help="evaluation batch size")
+    flag('--epochs', type=int, default=d['epochs'], help="number of training epochs")
+    flag('--lr', type=float, default=d['lr'], help="learning rate")
+    flag('--opt', choices=('adam', 'sgd'), default='adam', help="optimiser: Adam, or SGD with "
+         "--momentum and --weight_decay (reference)")
+    flag('--momentum', type=float, default=0.9, help="SGD momentum (--opt sgd)")
+    flag('--weight_decay', type=float, default=0.0, help="SGD weight decay (--opt sgd)")
+    flag('--lr_scheduler', choices=('exp', 'step', 'multistep'), default='exp', help="exp: lr "
+         "constant until epoch epochs//2 + more, then exponential to --end_lr at the last epoch; "
+         "step: x --gamma every --step_size epochs counted from the ramp's last epoch; multistep: "
+         "x --gamma at each epoch of --wd_list, counted the same way (reference)")
+    flag('--step_size', type=int, default=10, help="epochs per lr step (--lr_scheduler step)")
+    flag('--gamma', type=float, default=0.5, help="lr factor per step (step, multistep)")
+    flag('--wd_list', type=int, nargs='+', default=None, help="milestones (epochs after the "
+         "ramp) of --lr_scheduler multistep")
+    flag('--end_lr', type=float, default=d['end_lr'], help="learning rate reached at the last "
+         "epoch by exponential decay starting at epoch epochs//2 + more")
+    flag('--more', type=int, default=d['more'], help="lr decay starts at epoch epochs//2 + more")
+    flag('--warmup', type=int, default=d['warmup'], help="epochs of clean training first")
+    flag('--rampup', type=int, default=d['rampup'], help="epochs over which eps and kappa ramp")
+    flag('--epsilon', type=float, nargs='+', default=[d['epsilon']], help="L2 radius for "
+         "evaluation (and the within-epoch eps increment, as in the reference); evaluate.py "
+         "takes several radii, the first is the primary one (PGD, margins, sparsity)")
+    flag('--epsilon_train', type=float, default=d['epsilon_train'], help="L2 radius reached by "
+         "the training ramp")
+    flag('--starting_epsilon', type=float, default=d['starting_epsilon'], help="eps at ramp start")
+    flag('--schedule_length', type=int, default=None, help="eps ramp length in epoch (default and "
+         "whenever --rampup is non-zero: --rampup, as the reference)")
+    flag('--kappa', type=float, default=0.0, help="final weight of the clean loss (BCP loss)")
+    flag('--starting_kappa', type=float, default=1.0, help="weight of the clean loss at ramp start")
+    flag('--kappa_schedule_length', type=int, default=None, help="kappa ramp length (default and "
+         "whenever --rampup is non-zero: --rampup)")
+    flag('--epsilon_pgd', type=float, default=None, help="accepted for the reference's command "
+         "line, which parses it but attacks at --epsilon; so does this code (ignored)")
+    flag('--seed', type=int, default=d['seed'], help="random seed")
     # the bound
-    a('--bound', choices=('local', 'global'), default='local', help="'local': varying-neuron "
-      "indicators from the boxes (Local-Lip); 'global': every indicator 1, the product of "
-      "spectral norms (BCP-style baseline) through the same code")
-    a('--sniter', type=int, default=d['sniter'], help="power iterations per training step")
-    a('--pi_grad', choices=('all', 'last'), default='all', help="'all' (faithful): "
-      "differentiate through every per-sample power iteration; 'last' (DEVIATION, faster, "
-      "opt-in): iterate without gradient and differentiate only the final estimate "
-      "v^T D W D u with v and u held fixed, as torch.nn.utils.spectral_norm does; changes the "
-      "training gradients, not the bound")
-    a('--estimate', choices=('bilinear', 'forward'), default='bilinear', help="spectral-norm "
-      "estimate of every power iteration, in training and certification: 'bilinear' "
-      "(reference, v^T A u = ||A^T v|| with the last v and u); 'forward' (DEVIATION, opt-in: "
-      "||A u|| after the last half-step, this project's estimate before the reference was "
-      "matched; about 11%% larger certified loss with fresh vectors at CIFAR-10 settings)")
-    a('--compile', action='store_true', help="(not in the reference, opt-in) torch.compile "
-      "the certified training step (bound and loss; on CUDA with mode 'reduce-overhead', i.e. "
-      "CUDA graphs): its loops then run their full counts with the iterations after each "
-      "early stop discarded on the device, the same values without host synchronisation; the "
-      "first steps compile (minutes)")
-    a('--test_sniter', type=int, default=d['test_sniter'], help="max power iterations at test "
-      "(each sample stops at tolerance 1e-3)")
-    a('--opt_iter', type=int, default=d['opt_iter'], help="worst-case-logit rounds in training")
-    a('--test_opt_iter', type=int, default=d['test_opt_iter'], help="worst-case-logit rounds "
-      "at test")
-    a('--gloro', action='store_true', help="GloRo loss (extra 'bottom' logit) instead of BCP")
-    a('--sparse', type=float, default=d['sparse'], help="weight of the sparsity loss")
-    a('--sp_thres', type=float, default=d['sp_thres'], help="weight of the ReLU_x threshold "
-      "term of the sparsity loss")
-    a('--indices', default='', help="comma list of module indices whose per-sample vectors "
-      "are stored across epochs (default: all affine layers but the last)")
-    a('--store_backing', choices=('auto', 'device', 'ram', 'disk'), default='auto', help="where "
-      "the per-sample vectors live: 'device' in the GPU's memory (no host-device copies), RAM, "
-      "or a disk file next to the checkpoint shared by all processes of a node; auto: the GPU "
-      "when training on one and the store fits in half its free memory, else RAM unless even "
-      "float16 does not fit in half the RAM, else disk")
-    a('--store_dtype', choices=('auto', 'float32', 'float16'), default=d['store_dtype'],
-      help="dtype of the stored per-sample vectors; auto: float32 when it fits in half the "
-      "available RAM, else float16, else a disk-backed float16 file")
+    flag('--bound', choices=('local', 'global'), default='local', help="'local': varying-neuron "
+         "indicators from the boxes (Local-Lip); 'global': every indicator 1, the product of "
+         "spectral norms (BCP-style baseline) through the same code")
+    flag('--sniter', type=int, default=d['sniter'], help="power iterations per training step")
+    flag('--pi_grad', choices=('all', 'last'), default='all', help="'all' (faithful): "
+         "differentiate through every per-sample power iteration; 'last' (DEVIATION, faster, "
+         "opt-in): iterate without gradient and differentiate only the final estimate "
+         "v^T D W D u with v and u held fixed, as torch.nn.utils.spectral_norm does; changes the "
+         "training gradients, not the bound")
+    flag('--estimate', choices=('bilinear', 'forward'), default='bilinear', help="spectral-norm "
+         "estimate of every power iteration, in training and certification: 'bilinear' "
+         "(reference, v^T A u = ||A^T v|| with the last v and u); 'forward' (DEVIATION, opt-in: "
+         "||A u|| after the last half-step, this project's estimate before the reference was "
+         "matched; about 11%% larger certified loss with fresh vectors at CIFAR-10 settings)")
+    flag('--compile', action='store_true', help="(not in the reference, opt-in) torch.compile "
+         "the certified training step (bound and loss; on CUDA with mode 'reduce-overhead', i.e. "
+         "CUDA graphs): its loops then run their full counts with the iterations after each "
+         "early stop discarded on the device, the same values without host synchronisation; the "
+         "first steps compile (minutes)")
+    flag('--test_sniter', type=int, default=d['test_sniter'], help="max power iterations at test "
+         "(each sample stops at tolerance 1e-3)")
+    flag('--opt_iter', type=int, default=d['opt_iter'], help="worst-case-logit rounds in training")
+    flag('--test_opt_iter', type=int, default=d['test_opt_iter'], help="worst-case-logit rounds "
+         "at test")
+    flag('--gloro', action='store_true', help="GloRo loss (extra 'bottom' logit) instead of BCP")
+    flag('--sparse', type=float, default=d['sparse'], help="weight of the sparsity loss")
+    flag('--sp_thres', type=float, default=d['sp_thres'], help="weight of the ReLU_x threshold "
+         "term of the sparsity loss")
+    flag('--indices', default='', help="comma list of module indices whose per-sample vectors "
+         "are stored across epochs (default: all affine layers but the last)")
+    flag('--store_backing', choices=('auto', 'device', 'ram', 'disk'), default='auto', help="where "
+         "the per-sample vectors live: 'device' in the GPU's memory (no host-device copies), RAM, "
+         "or a disk file next to the checkpoint shared by all processes of a node; auto: the GPU "
+         "when training on one and the store fits in half its free memory, else RAM unless even "
+         "float16 does not fit in half the RAM, else disk")
+    flag('--store_dtype', choices=('auto', 'float32', 'float16'), default=d['store_dtype'],
+         help="dtype of the stored per-sample vectors; auto: float32 when it fits in half the "
+         "available RAM, else float16, else a disk-backed float16 file")
     # PGD
-    a('--niter', type=int, default=d['niter'], help="PGD-L2 steps (the reference's attack: advertorch L2PGDAttack, summed "
-      "cross-entropy, random start, inputs clipped to [0, 1])")
-    a('--alpha', type=float, default=d['alpha'], help="PGD-L2 step size (default epsilon/4)")
+    flag('--niter', type=int, default=d['niter'],
+         help="PGD-L2 steps (the reference's attack: advertorch L2PGDAttack, summed "
+         "cross-entropy, random start, inputs clipped to [0, 1])")
+    flag('--alpha', type=float, default=d['alpha'], help="PGD-L2 step size (default epsilon/4)")
     # files and devices
-    a('--prefix', default=None, help="checkpoints go to pretrained/<prefix>_<model>_{best,"
-      "checkpoint}.pth (default: the dataset name); an absolute path is used as is")
-    a('--saved_model', default=None, help="evaluate.py: load <saved_model>_best.pth (the "
-      "reference's prefix), or the checkpoint file <saved_model> itself")
-    a('--results', default=None, help="evaluate.py: write a JSON summary here")
-    a('--out', default=None, help="evaluate.py: write one tab-separated row per test point "
-      "here, flushed as it goes")
-    a('--audit', action='store_true', help="evaluate.py: attack every certified point inside "
-      "its ball (PGD-L2 on the margin, --audit_restarts x --audit_steps, no clipping) and "
-      "stop with exit status 3 if any certified prediction flips")
-    a('--audit_restarts', type=int, default=2, help="random restarts of the audit attack "
-      "(2 x 100 steps: a 1000-point, 2-radius MNIST-size audit in minutes, see README)")
-    a('--audit_steps', type=int, default=100, help="steps of each audit attack")
-    a('--certificate', choices=('reference', 'guaranteed'), default='reference',
-      help="evaluate.py: 'reference': certificates from power-iteration norm estimates "
-      "(approached from below, as the reference); 'guaranteed': ALSO certificates whose every "
-      "spectral norm is a Lanczos upper bound false with probability <= --delta (per point "
-      "and radius, over the random starts; lanczos.py), columns certified_guaranteed@<eps>")
-    a('--radius', action='store_true', help="(not in the reference) evaluate.py: also the "
-      "certified radius of every point, the largest eps at which it is certified (a search "
-      "over eps to --radius_rtol; with --certificate guaranteed also the guaranteed radius): "
-      "TSV columns radius / radius_upper, the median in the summary, a continuous curve in "
-      "the plots")
-    a('--radius_rtol', type=float, default=1e-3, help="evaluate.py --radius: relative "
-      "tolerance of the search (the point is certified at radius and not at radius_upper <= "
-      "radius * (1 + rtol))")
-    a('--radius_steps', type=int, default=256, help="evaluate.py --radius --certificate "
-      "guaranteed: Lanczos steps of each masked-norm upper bound of the guaranteed radius "
-      "(fewer: faster and looser; on the bundled Fashion-MNIST model the median radius is "
-      "0.5%% below the estimate search's with 256 steps, 6%% below with 32)")
-    a('--delta', type=float, default=1e-4, help="evaluate.py --certificate guaranteed: "
-      "failure probability of each certificate (split over its norm bounds)")
-    a('--plot_dir', default=None, help="evaluate.py: write the analysis PNGs here")
-    a('--plots', action='store_true', help="evaluate.py: write the PNGs to <out>_plots/ (the "
-      "--out TSV's name without its extension)")
-    a('--overwrite', action='store_true', help="(not in the reference) evaluate.py: replace "
-      "existing --results, --record, --out (without --resume) files and a non-empty plot "
-      "folder; without it an existing one stops the run before any work (so a bundled result "
-      "is never overwritten by accident)")
-    a('--markdown', action='store_true', help="evaluate.py: end with a markdown table")
-    a('--resume', action='store_true', help="training: continue from "
-      "<prefix>_<model>_checkpoint.pth; evaluate.py: continue the --out TSV of an interrupted "
-      "run (its finished batches are kept)")
-    a('--expect', default=None, help="evaluate.py: JSON of recorded clean / certified "
-      "accuracies (written by --record); exit status 4 if a number differs by more than its "
-      "tolerance_pp (0.5 percentage points)")
-    a('--compare', nargs='+', default=None, metavar='NAME=JSON', help="evaluate.py: only "
-      "print a markdown table comparing --results files (e.g. local=a.json global=b.json)")
-    a('--record', default=None, help="evaluate.py: write the clean / certified accuracies of "
-      "this evaluation as a JSON for --expect")
-    a('--cuda_ids', default='0', help="GPU to use when CUDA is available (first of a comma list)")
-    a('--cpu', action='store_true', help="run on the CPU even when CUDA is available")
-    a('--verbose', type=int, default=200, help="print a progress line every N batches when "
-      "stderr is not a terminal (0: never)")
-    a('--time_limit', type=float, default=0.0, help="(not in the reference) training: stop "
-      "cleanly before an epoch that would end more than this many minutes after the start "
-      "(judged by the longest epoch so far), with exit status 0, so that --resume continues; "
-      "for wall-clock-limited jobs. 0 = no limit")
-    a('--deterministic', action='store_true', help="(not in the reference) training: "
-      "deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic without "
-      "benchmarking, CUBLAS_WORKSPACE_CONFIG=:4096:8) so that CUDA runs of one --seed end on "
-      "the same weights; slower on GPUs. CPU training is reproducible without it at a fixed "
-      "thread count")
-    a('--no_save_vectors', action='store_true', help="training: do not write the per-sample "
-      "vector store <prefix>_<model>_vectors.pt each epoch (it can be large: 677 MB for the "
-      "quickstart); --resume then restarts the vectors from random")
-    a('--no_save', action='store_true', help="training: write no checkpoint, vector store or "
-      "TensorBoard file (the final evaluation uses the best model kept in memory)")
+    flag('--prefix', default=None, help="checkpoints go to pretrained/<prefix>_<model>_{best,"
+         "checkpoint}.pth (default: the dataset name); an absolute path is used as is")
+    flag('--saved_model', default=None, help="evaluate.py: load <saved_model>_best.pth (the "
+         "reference's prefix), or the checkpoint file <saved_model> itself")
+    flag('--results', default=None, help="evaluate.py: write a JSON summary here")
+    flag('--out', default=None, help="evaluate.py: write one tab-separated row per test point "
+         "here, flushed as it goes")
+    flag('--audit', action='store_true', help="evaluate.py: attack every certified point inside "
+         "its ball (PGD-L2 on the margin, --audit_restarts x --audit_steps, no clipping) and "
+         "stop with exit status 3 if any certified prediction flips")
+    flag('--audit_restarts', type=int, default=2, help="random restarts of the audit attack "
+         "(2 x 100 steps: a 1000-point, 2-radius MNIST-size audit in minutes, see README)")
+    flag('--audit_steps', type=int, default=100, help="steps of each audit attack")
+    flag('--certificate', choices=('reference', 'guaranteed'), default='reference',
+         help="evaluate.py: 'reference': certificates from power-iteration norm estimates "
+         "(approached from below, as the reference); 'guaranteed': ALSO certificates whose every "
+         "spectral norm is a Lanczos upper bound false with probability <= --delta (per point "
+         "and radius, over the random starts; lanczos.py), columns certified_guaranteed@<eps>")
+    flag('--radius', action='store_true', help="(not in the reference) evaluate.py: also the "
+         "certified radius of every point, the largest eps at which it is certified (a search "
+         "over eps to --radius_rtol; with --certificate guaranteed also the guaranteed radius): "
+         "TSV columns radius / radius_upper, the median in the summary, a continuous curve in "
+         "the plots")
+    flag('--radius_rtol', type=float, default=1e-3, help="evaluate.py --radius: relative "
+         "tolerance of the search (the point is certified at radius and not at radius_upper <= "
+         "radius * (1 + rtol))")
+    flag('--radius_steps', type=int, default=256, help="evaluate.py --radius --certificate "
+         "guaranteed: Lanczos steps of each masked-norm upper bound of the guaranteed radius "
+         "(fewer: faster and looser; on the bundled Fashion-MNIST model the median radius is "
+         "0.5%% below the estimate search's with 256 steps, 6%% below with 32)")
+    flag('--delta', type=float, default=1e-4, help="evaluate.py --certificate guaranteed: "
+         "failure probability of each certificate (split over its norm bounds)")
+    flag('--plot_dir', default=None, help="evaluate.py: write the analysis PNGs here")
+    flag('--plots', action='store_true', help="evaluate.py: write the PNGs to <out>_plots/ (the "
+         "--out TSV's name without its extension)")
+    flag('--overwrite', action='store_true', help="(not in the reference) evaluate.py: replace "
+         "existing --results, --record, --out (without --resume) files and a non-empty plot "
+         "folder; without it an existing one stops the run before any work (so a bundled result "
+         "is never overwritten by accident)")
+    flag('--markdown', action='store_true', help="evaluate.py: end with a markdown table")
+    flag('--resume', action='store_true', help="training: continue from "
+         "<prefix>_<model>_checkpoint.pth; evaluate.py: continue the --out TSV of an interrupted "
+         "run (its finished batches are kept)")
+    flag('--expect', default=None, help="evaluate.py: JSON of recorded clean / certified "
+         "accuracies (written by --record); exit status 4 if a number differs by more than its "
+         "tolerance_pp (0.5 percentage points)")
+    flag('--compare', nargs='+', default=None, metavar='NAME=JSON', help="evaluate.py: only "
+         "print a markdown table comparing --results files (e.g. local=a.json global=b.json)")
+    flag('--record', default=None, help="evaluate.py: write the clean / certified accuracies of "
+         "this evaluation as a JSON for --expect")
+    flag('--cuda_ids', default='0',
+         help="GPU to use when CUDA is available (first of a comma list)")
+    flag('--cpu', action='store_true', help="run on the CPU even when CUDA is available")
+    flag('--verbose', type=int, default=200, help="print a progress line every N batches when "
+         "stderr is not a terminal (0: never)")
+    flag('--time_limit', type=float, default=0.0, help="(not in the reference) training: stop "
+         "cleanly before an epoch that would end more than this many minutes after the start "
+         "(judged by the longest epoch so far), with exit status 0, so that --resume continues; "
+         "for wall-clock-limited jobs. 0 = no limit")
+    flag('--deterministic', action='store_true', help="(not in the reference) training: "
+         "deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic without "
+         "benchmarking, CUBLAS_WORKSPACE_CONFIG=:4096:8) so that CUDA runs of one --seed end on "
+         "the same weights; slower on GPUs. CPU training is reproducible without it at a fixed "
+         "thread count")
+    flag('--no_save_vectors', action='store_true', help="training: do not write the per-sample "
+         "vector store <prefix>_<model>_vectors.pt each epoch (it can be large: 677 MB for the "
+         "quickstart); --resume then restarts the vectors from random")
+    flag('--no_save', action='store_true', help="training: write no checkpoint, vector store or "
+         "TensorBoard file (the final evaluation uses the best model kept in memory)")
     # parsed by the reference and never used: accepted so that its scripts run, ignored
-    a('--project', default='debug_bcp', help="ignored (the reference's experiment-tracking name)")
-    a('--test_pth', default=None, help="ignored (parsed, unused by the reference)")
-    a('--print', action='store_true', help="ignored (parsed, unused by the reference)")
-    a('--real_time', action='store_true', help="ignored (parsed, unused by the reference)")
+    flag('--project', default='debug_bcp',
+         help="ignored (the reference's experiment-tracking name)")
+    flag('--test_pth', default=None, help="ignored (parsed, unused by the reference)")
+    flag('--print', action='store_true', help="ignored (parsed, unused by the reference)")
+    flag('--real_time', action='store_true', help="ignored (parsed, unused by the reference)")
     # torch.distributed.launch / the reference's distributed flags: torchrun's environment
     # (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) wins; these are accepted for old scripts
-    a('--local_rank', '--local-rank', dest='local_rank', type=int, default=-1, help="set by "
-      "the old torch.distributed.launch; LOCAL_RANK from the environment wins")
-    a('--world-size', dest='world_size', type=int, default=-1, help="accepted; WORLD_SIZE "
-      "from torchrun's environment wins")
-    a('--node-rank', dest='node_rank', type=int, default=0, help="accepted; torchrun's "
-      "--node_rank / RANK wins")
-    a('--dist-url', dest='dist_url', default='tcp://127.0.0.1:23456', help="accepted; "
-      "torchrun's MASTER_ADDR / MASTER_PORT win")
-    a('--dist-backend', dest='dist_backend', default='nccl', help="process-group backend on "
-      "GPUs (nccl); CPU processes use gloo")
+    flag('--local_rank', '--local-rank', dest='local_rank', type=int, default=-1, help="set by "
+         "the old torch.distributed.launch; LOCAL_RANK from the environment wins")
+    flag('--world-size', dest='world_size', type=int, default=-1, help="accepted; WORLD_SIZE "
+         "from torchrun's environment wins")
+    flag('--node-rank', dest='node_rank', type=int, default=0, help="accepted; torchrun's "
+         "--node_rank / RANK wins")
+    flag('--dist-url', dest='dist_url', default='tcp://127.0.0.1:23456', help="accepted; "
+         "torchrun's MASTER_ADDR / MASTER_PORT win")
+    flag('--dist-backend', dest='dist_backend', default='nccl', help="process-group backend on "
+         "GPUs (nccl); CPU processes use gloo")
     return p
 
 
