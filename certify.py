@@ -72,20 +72,14 @@ def certify_loader(model, loader, eps, device, *, store=None, global_vectors=Non
     global_vectors = {} if global_vectors is None else global_vectors
     parts = []
     bar = tqdm(loader, desc=desc, leave=False, disable=None)
-    beat = progress.Heartbeat(progress.PROGRESS_EVERY_S if bar.disable and heartbeat else None)
-    try:
-        with progress.watching(None if bar.disable else progress.bar_follower(bar)):
-            for bi, (x, y, idx) in enumerate(bar):
-                beat.status = f"  {desc}: batch {bi + 1}/{len(loader)} running"
-                progress.task(f"certifying at eps {eps:g}")
-                x, y = x.to(device), y.to(device)
-                vecs = (RandomVectors(x.shape[0], device) if store is None
-                        else store.batch(idx, device))
-                r = certify_batch(model, x, y, eps, vecs, global_vectors, **switches)
-                parts.append((idx, y.cpu(), r.pred, r.correct, r.certified, r.margin,
-                              r.converged))
-    finally:
-        beat.stop()
+    with progress.shown(bar, heartbeat) as beat:
+        for bi, (x, y, idx) in enumerate(bar):
+            beat.status = f"  {desc}: batch {bi + 1}/{len(loader)} running"
+            progress.task(f"certifying at eps {eps:g}")
+            x, y = x.to(device), y.to(device)
+            vecs = RandomVectors(x.shape[0], device) if store is None else store.batch(idx, device)
+            r = certify_batch(model, x, y, eps, vecs, global_vectors, **switches)
+            parts.append((idx, y.cpu(), r.pred, r.correct, r.certified, r.margin, r.converged))
     return LoaderCertificate(*(torch.cat(column) for column in zip(*parts)))
 
 

@@ -2,7 +2,6 @@
 certified at every radius (local and global bound, optionally guaranteed), attacked with
 PGD, optionally audited and searched for its certified radius; per-sample rows written to a
 TSV as they are made; the summary from report.py. The command line is evaluate.py."""
-import contextlib
 import glob
 import os
 import sys
@@ -20,7 +19,6 @@ from errors import UserError
 from lanczos import GuaranteedNorms, guaranteed_certify
 from local_bound import TEST_OPT_ITER, TEST_SNITER
 import progress
-from progress import Heartbeat
 from radius import RADIUS_RTOL, RADIUS_STEPS, RadiusSearch, radius_batch
 from report import (BatchOutcome, TsvWriter, batch_rows, resume_rows, summarize, tsv_columns,
                     write_tsv)
@@ -93,14 +91,17 @@ def full_evaluation(model, loader, settings: EvalSettings, device, tsv_path=None
         writer = TsvWriter(tsv_path if world == 1 else f"{tsv_path}.rank{rank}",
                            *((work.header, work.rows) if world == 1 else (None, [])))
     try:
-        with _Display(lead, settings.heartbeat, len(loader.dataset), len(work.rows)) as show:
-            show.beat.status = "  evaluate: preparing"
+        # the whole evaluation's progress in process 0: a bar, or heartbeat lines in a log
+        bar = tqdm(total=len(loader.dataset), initial=len(work.rows), desc='evaluate',
+                   unit='pt', leave=False, disable=None if lead else True, file=sys.stderr)
+        with progress.shown(bar, lead and settings.heartbeat) as beat:
+            beat.status = "  evaluate: preparing"
             run = _BatchRun(model, settings, device,
                             converged_global_vectors(model, in_shape, settings.test_sniter,
                                                      settings.seed, device),
                             _guaranteed_norms(model, in_shape, settings, say))
             new_rows, header, audit_seconds = _evaluate_mine(run, loader, work, writer, rank,
-                                                             world, show)
+                                                             world, (bar, beat))
     finally:
         if writer is not None:
             writer.close()
@@ -151,33 +152,11 @@ def _guaranteed_norms(model, in_shape, settings: EvalSettings, say):
     return norms
 
 
-class _Display:
-    """The progress of the whole evaluation in process 0 (``lead``): a bar on a terminal,
-    else heartbeat lines in a log (unless not ``heartbeat``: --verbose 0); both say, inside
-    a batch, the stage it is in (``progress``). In the other processes, nothing."""
-
-    def __init__(self, lead: bool, heartbeat: bool, n_total: int, done: int):
-        self.bar = tqdm(total=n_total, initial=done, desc='evaluate', unit='pt', leave=False,
-                        disable=None if lead else True, file=sys.stderr)
-        every = progress.PROGRESS_EVERY_S if lead and heartbeat and self.bar.disable else None
-        self.beat = Heartbeat(every)
-        follower = None if self.bar.disable else progress.bar_follower(self.bar)
-        self.watch = progress.watching(follower) if lead else contextlib.nullcontext()
-
-    def __enter__(self):
-        self.watch.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self.beat.stop()
-        self.bar.close()
-        return self.watch.__exit__(*exc)
-
-
-def _evaluate_mine(run, loader, work: _Batches, writer, rank, world, show: _Display):
+def _evaluate_mine(run, loader, work: _Batches, writer, rank, world, shown):
     """Evaluate this process's share of ``work.todo`` (every world-th batch), in rounds of
-    one batch per process, showing the whole evaluation's progress on ``show``. Returns
-    (new rows, TSV columns or None, audit seconds)."""
+    one batch per process, showing the whole evaluation's progress on ``shown`` (its bar and
+    heartbeat). Returns (new rows, TSV columns or None, audit seconds)."""
+    bar, beat = shown
     n_total, n_batches = len(loader.dataset), len(work.indices)
     positions = list(loader.batch_sampler)
     mine = work.todo[rank::world]
@@ -191,8 +170,8 @@ def _evaluate_mine(run, loader, work: _Batches, writer, rank, world, show: _Disp
         bi = mine[r] if r < len(mine) else None
         count, t0 = 0, time.time()
         if bi is not None:
-            show.beat.status = (f"  evaluate: batch {bi + 1}/{n_batches} running, {done} of "
-                                f"{n_total} points done")
+            beat.status = (f"  evaluate: batch {bi + 1}/{n_batches} running, {done} of "
+                           f"{n_total} points done")
             rows, header, a_sec = run.batch(*next(batches), bi)
             audit_seconds += a_sec
             if writer is not None:
@@ -202,11 +181,11 @@ def _evaluate_mine(run, loader, work: _Batches, writer, rank, world, show: _Disp
         if world > 1:                                # the whole evaluation's progress
             count = int(all_reduce_sum([count], run.device, world)[0])
         done += count
-        show.bar.update(count)
+        bar.update(count)
         what = f"batch {bi + 1}/{n_batches}" if world == 1 else \
             f"round {r + 1}/{rounds} ({world} batches)"
-        show.beat.say(f"  evaluate: {what} done, {done} of {n_total} points, "
-                      f"{time.time() - t0:.0f}s")
+        beat.say(f"  evaluate: {what} done, {done} of {n_total} points, "
+                 f"{time.time() - t0:.0f}s")
     return new_rows, header, audit_seconds
 
 

@@ -78,6 +78,20 @@ def bar_follower(bar):
     return follow
 
 
+@contextlib.contextmanager
+def shown(bar, heartbeat: bool):
+    """Show progress while the block runs: on a terminal in ``bar`` (a tqdm bar; its postfix
+    follows the stage), else, with ``heartbeat``, as heartbeat lines. Yields the Heartbeat
+    (silent on a terminal or without ``heartbeat``); stops it and closes the bar at the end."""
+    beat = Heartbeat(PROGRESS_EVERY_S if bar.disable and heartbeat else None)
+    try:
+        with watching(None if bar.disable else bar_follower(bar)):
+            yield beat
+    finally:
+        beat.stop()
+        bar.close()
+
+
 class Heartbeat:
     """Progress lines for a log file (no terminal): ``say`` prints a line, and while a batch
     runs longer than ``every`` seconds a background thread prints ``status`` with the stage
