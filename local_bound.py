@@ -463,7 +463,9 @@ def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
             with torch.no_grad():
                 change = _norm(new - u).max()
             u = new
-            progress.stage(f"global power iteration on {type(layer).__name__}", k + 1, n_iter)
+            if progress.watched():      # no string built per iteration otherwise
+                progress.stage(f"global power iteration on {type(layer).__name__}", k + 1,
+                               n_iter)
             if change.item() < tol:
                 break
     sigma = _bilinear(tn)[0] if estimate == 'bilinear' else _norm(first(u))[0]
@@ -557,7 +559,8 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
                 change = _norm(new - prev)
             u = prev = new
             iters += 1
-            progress.stage(f"power iteration on {type(layer).__name__}", k + 1, n_iter)
+            if progress.watched():      # (training runs this loop every step)
+                progress.stage(f"power iteration on {type(layer).__name__}", k + 1, n_iter)
             if change.max().item() < tol:
                 break
         if n_iter > 0:
@@ -608,7 +611,9 @@ def _iterate_per_sample(step, u, masks, n_iter, tol, counters, keep_v=False, sta
         iters[active] += 1
         converged[active[done]] = True
         active = active[~done]
-        progress.stage(name, k + 1, n_iter, f"{active.numel()} of {u.shape[0]} points iterating")
+        if progress.watched():
+            progress.stage(name, k + 1, n_iter,
+                           f"{active.numel()} of {u.shape[0]} points iterating")
         if active.numel() == 0:
             break
     return u, (tn if n_iter > 0 else None), v

@@ -4,8 +4,9 @@ The long loops (power iteration, worst-case-logit rounds, Lanczos, the radius se
 call ``stage``; the evaluation names the task around them with ``task``. Whoever shows
 progress reads ``current()``: the heartbeat lines of a run without a terminal (a thread,
 every PROGRESS_EVERY_S seconds) and the progress bar of a terminal (``bar_follower``). While
-nobody ``watching()``, ``stage`` returns at once: no string is built, nothing is
-synchronised.
+nobody ``watching()``, ``stage`` and ``task`` return at once; a caller whose message costs
+something to build (a string per iteration, a number read from the device) asks
+``watched()`` first.
 """
 import contextlib
 import threading
