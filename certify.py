@@ -9,7 +9,7 @@ from tqdm import tqdm
 
 import progress
 from local_bound import (FLOOR, compute_bound, exact_float32, global_power_iteration,
-                         global_vector_shape, layer_input_shapes)
+                         global_vector_shape, layer_input_shapes, layer_list)
 from utils import GLOBAL_STREAM, derived_seed
 from vectors import RandomVectors
 
@@ -97,14 +97,14 @@ def converged_global_vectors(model, input_shape, sniter, seed, device):
     shapes = layer_input_shapes(model, tuple(input_shape))
     gen = torch.Generator(device=device).manual_seed(derived_seed(seed, GLOBAL_STREAM))
     dtype = next(model.parameters()).dtype
-    out = {}
+    out, layers = {}, layer_list(model)
     with torch.no_grad(), exact_float32():
         for i, shape in shapes.items():
             progress.task(f"global vectors of layer {i} (once per evaluation)")
-            u = torch.randn((1, *global_vector_shape(model[i], shape)), generator=gen,
+            u = torch.randn((1, *global_vector_shape(layers[i], shape)), generator=gen,
                             device=device, dtype=dtype)
             for _ in range(GLOBAL_ROUNDS):
-                _, u, converged = global_power_iteration(model[i], u, sniter)
+                _, u, converged = global_power_iteration(layers[i], u, sniter)
                 if converged:
                     break
             out[i] = u

@@ -33,7 +33,7 @@ from evaluation import EvalSettings, full_evaluation
 from data_load import get_loaders
 from local_bound import check_supported, fold_batchnorm
 from report import (check_expected, comparison_table, expected_results, markdown_table,
-                    radius_line, radius_lines, summary_line)
+                    lower_line, radius_line, radius_lines, summary_line)
 from checkpoints import load_checkpoint, saved_model_path
 from errors import UserError
 from models import select_model
@@ -152,6 +152,8 @@ def evaluate(args, plot_dir, rank, world, device):
     print('\n'.join(radius_lines(res)))
     if args.radius:
         print(radius_line(res))
+    if args.lower_bound:
+        print(lower_line(res))
     if args.markdown:
         print(markdown_table(res))
     print(summary_line(res))

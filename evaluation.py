@@ -20,9 +20,11 @@ from lanczos import GuaranteedNorms, guaranteed_certify
 from local_bound import TEST_OPT_ITER, TEST_SNITER
 import progress
 from radius import RADIUS_RTOL, RADIUS_STEPS, RadiusSearch, radius_batch
+from tightness import LowerSearch, lipschitz_lower_bound
 from report import (BatchOutcome, TsvWriter, batch_rows, resume_rows, summarize, tsv_columns,
                     write_tsv)
-from utils import (BATCH_STREAM, GUARANTEED_STREAM, NORMS_STREAM, RADIUS_STREAM, all_reduce_sum,
+from utils import (BATCH_STREAM, GUARANTEED_STREAM, LOWER_STREAM, NORMS_STREAM, RADIUS_STREAM,
+                   all_reduce_sum,
                    derived_seed)
 from vectors import KeptVectors
 
@@ -41,6 +43,7 @@ class EvalSettings:
     certificate: str = 'reference'     # 'reference' or 'guaranteed' (also Lanczos bounds)
     delta: float = 1e-4                # a guaranteed certificate's failure probability
     radius: bool = False               # also each point's certified radius
+    lower_bound: bool = False          # also an empirical lower bound of the local constant
     radius_rtol: float = RADIUS_RTOL   # its relative tolerance
     radius_steps: int = RADIUS_STEPS   # Lanczos steps of the guaranteed radius
     audit: bool = False                # attack every certificate inside its ball
@@ -125,7 +128,8 @@ def _batches_to_do(loader, settings: EvalSettings, resume_tsv, lead, world, say)
     indices = [list(map(int, ids)) for ids in batch_indices(loader)]
     work = _Batches(indices, list(range(len(indices))))
     if resume_tsv:
-        keys = (settings.radii, indices, settings.certificate, settings.radius)
+        keys = (settings.radii, indices, settings.certificate, settings.radius,
+                settings.lower_bound)
         if lead:
             fold_part_files(resume_tsv, *keys)
         barrier(world)
@@ -247,8 +251,13 @@ class _BatchRun:
             out.seconds_guaranteed = self._guaranteed(x, y, bi, by_eps)
         if s.radius:
             out.radius, out.seconds_radius = self._radius(x, y, bi, vectors)
+        if s.lower_bound:
+            t3 = time.time()
+            search = LowerSearch(seed=derived_seed(s.seed, LOWER_STREAM, bi))
+            out.lower = lipschitz_lower_bound(self.model, x, s.radii[0], search).cpu()
+            out.seconds_lower = (time.time() - t3) / x.shape[0]
         columns = tsv_columns(s.radii, list(by_eps[s.radii[0]].varying), self.norms is not None,
-                              s.radius)
+                              s.radius, s.lower_bound)
         return batch_rows(out, s.radii), columns, audit_seconds
 
     def _audit(self, x, y, idx, by_eps):
@@ -311,7 +320,7 @@ def _audit_certified(model, x, y, idx, eps, certified, settings: EvalSettings):
     return sel.cpu(), broken_all
 
 
-def fold_part_files(tsv_path, radii, indices, certificate, radius):
+def fold_part_files(tsv_path, radii, indices, certificate, radius, lower=False):
     """The per-process part files ``<tsv_path>.rank<r>`` left by an interrupted distributed
     evaluation, folded into ``tsv_path`` (whole batches only; atomically), then removed."""
     parts = sorted(glob.glob(glob.escape(tsv_path) + '.rank*'))
@@ -322,7 +331,7 @@ def fold_part_files(tsv_path, radii, indices, certificate, radius):
         with open(path) as f:
             if '\n' not in f.readline():
                 continue        # killed before its header line was written: nothing in it
-        h, kept, _ = resume_rows(path, radii, indices, certificate, radius)
+        h, kept, _ = resume_rows(path, radii, indices, certificate, radius, lower)
         header = header or h
         rows.update({row['idx']: row for row in kept})
     write_tsv(tsv_path, header, sorted(rows.values(), key=lambda q: q['idx']))

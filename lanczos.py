@@ -48,6 +48,7 @@ import torch.nn as nn
 
 import progress
 from local_bound import (FLOOR, BoundError, BoundResult, apply_W, apply_WT, check_supported,
+                         layer_list,
                          compute_bound, exact_float32, layer_input_shapes, masked_products,
                          worst_case_margins)
 
@@ -190,8 +191,8 @@ def n_operators(model: nn.Sequential) -> int:
     """How many norm bounds one certificate uses: the per-sample bound of every affine layer
     but the last, plus the global (Lanczos) bound of every one among them that is not a
     Linear layer (convolutions, pooling)."""
-    affine = check_supported(model)[:-1]
-    return len(affine) + sum(not isinstance(model[i], nn.Linear) for i in affine)
+    affine, layers = check_supported(model)[:-1], layer_list(model)
+    return len(affine) + sum(not isinstance(layers[i], nn.Linear) for i in affine)
 
 
 class GuaranteedNorms:
@@ -209,7 +210,7 @@ class GuaranteedNorms:
         self.upper: Dict[int, torch.Tensor] = {}
         self.lower: Dict[int, torch.Tensor] = {}
         shapes = layer_input_shapes(model, tuple(input_shape))
-        last = check_supported(model)[-1]
+        last, layers = check_supported(model)[-1], layer_list(model)
         state = torch.random.get_rng_state()
         cuda_state = torch.cuda.get_rng_state_all() if p.is_cuda else None
         torch.manual_seed(generator_seed)
@@ -218,7 +219,7 @@ class GuaranteedNorms:
                 for i, shape in shapes.items():
                     if i == last:
                         continue
-                    m = model[i]
+                    m = layers[i]
                     if isinstance(m, nn.Linear):      # exact, deterministic
                         s = torch.linalg.matrix_norm(m.weight.detach().double(), 2)
                         lo, up = s, s * math.sqrt(1 + ROUNDOFF)
@@ -274,7 +275,7 @@ def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
         res = compute_bound(model, x, y, eps, None, None, sniter=0, opt_iter=opt_iter,
                             bound=bound, check=True, global_sigmas=norms.upper,
                             local_norms=record)
-        final = model[check_supported(model)[-1]]
+        final = layer_list(model)[check_supported(model)[-1]]
         correct = res.logits.argmax(1) == y
         certified = res.certified(y)
         margin = res.margin(y)
@@ -313,8 +314,8 @@ def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
                 lo[i][idx] = torch.maximum(lo[i][idx], xi.clamp_min(0).sqrt())
                 steps[idx] = k
             a = active
-            prod_up = torch.stack([up[i][a] for i in up]).prod(0).to(x.dtype)
-            prod_lo = torch.stack([lo[i][a] for i in lo]).prod(0).to(x.dtype)
+            prod_up = res.lipschitz({i: up[i][a] for i in up}, a).to(x.dtype)
+            prod_lo = res.lipschitz({i: lo[i][a] for i in lo}, a).to(x.dtype)
             w_up = worst_case_margins(final.weight, y[a], eps_b[a] * prod_up, lo_box[a],
                                       hi_box[a], opt_iter)
             w_lo = worst_case_margins(final.weight, y[a], eps_b[a] * prod_lo, lo_box[a],

@@ -28,7 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import progress
-from models import ClampGroupSort, Flatten, ReLU_x
+from errors import UnsupportedModel
+from models import ClampGroupSort, Flatten, ReLU_x, Residual
+from tracing import check_view, derived, sequential_view
 from vectors import RandomVectors
 
 TOL = 1e-3          # power iteration stops when the largest per-sample change is below this
@@ -58,20 +60,8 @@ SUPPORTED = (f"{', '.join(layer_names(AFFINE + FLATTEN + ACTIVATIONS))}, "
              f"{', '.join(layer_names(BATCHNORM))} in eval mode (folded by fold_batchnorm)")
 
 
-class UnsupportedModel(ValueError):
-    """The model cannot be bounded: not an nn.Sequential, a layer of an unsupported type,
-    BatchNorm / Dropout in training mode, or no Linear logit layer at the end. The message
-    names the module and what is accepted (``SUPPORTED``)."""
-
-
 class BoundError(RuntimeError):
     """A bound that violates its own invariants (lb > ub, non-finite values)."""
-
-
-def _not_sequential(model) -> UnsupportedModel:
-    return UnsupportedModel(
-        f"the bound walks an nn.Sequential; got {type(model).__name__} (a module with its own "
-        f"forward): write the network as nn.Sequential(...) of the supported layers: {SUPPORTED}")
 
 
 @contextlib.contextmanager
@@ -91,45 +81,109 @@ def exact_float32():
 # ----------------------------------------------------------------------------------------
 # Supported models; BatchNorm folded into affine layers
 # ----------------------------------------------------------------------------------------
-def check_supported(model: nn.Sequential) -> List[int]:
-    """Validate ``model`` for the bound; return the module indices of its affine layers
-    (Conv2d, Linear, AvgPool2d), the last of which is the logit layer.
+def _mods(m: nn.Module) -> list:
+    """The chain of modules ``m`` stands for: a Sequential's children, else ``m`` alone."""
+    return list(m) if isinstance(m, nn.Sequential) else [m]
 
-    Raises UnsupportedModel (a ValueError) naming the first unsupported module, a Dropout
-    in training mode, or a BatchNorm (``fold_batchnorm`` turns it into affine layers at the
-    same indices).
+
+def _arms(block: Residual):
+    """(branch modules, shortcut modules) of a residual block; the identity has none."""
+    return _mods(block.branch), ([] if block.shortcut is None else _mods(block.shortcut))
+
+
+def layer_list(model: nn.Module) -> List[nn.Module]:
+    """The layers of the network in key order: the key of a layer (the index in this list,
+    which keys its vectors, norms and indicators) is its module index in a plain
+    nn.Sequential; nested Sequentials are read in order, and a Residual block's layers
+    follow one another, its branch's then its shortcut's."""
+    out = []
+
+    def walk(mods):
+        for m in mods:
+            if isinstance(m, nn.Sequential):
+                walk(m)
+            elif isinstance(m, Residual):
+                branch, short = _arms(m)
+                walk(branch)
+                walk(short)
+            else:
+                out.append(m)
+    walk(_mods(sequential_view(model)))
+    return out
+
+
+def _top_level(view: nn.Sequential) -> list:
+    """The view's modules with nested Sequentials flattened (blocks stay whole)."""
+    out = []
+    for m in view:
+        out += _top_level(m) if isinstance(m, nn.Sequential) else [m]
+    return out
+
+
+def features(model: nn.Module) -> nn.Sequential:
+    """The network up to its penultimate layer (the logit layer's input): the map whose
+    local Lipschitz constant the bound bounds (``BoundResult.r_local`` / eps). Shares the
+    model's layers."""
+    check_supported(model)
+    top = _top_level(sequential_view(model))
+    last = max(k for k, m in enumerate(top) if isinstance(m, nn.Linear))
+    return nn.Sequential(*top[:last])
+
+
+def _layer_name(i: int, m: nn.Module, names: Dict[int, str]) -> str:
+    name = names.get(id(m))
+    return f"layer {i} ({type(m).__name__})" if name in (None, str(i)) else \
+        f"layer {i} ({name}: {type(m).__name__})"
+
+
+def _check_layer(i: int, m: nn.Module, where: str) -> bool:
+    """Validate one layer; True for an affine one. Raises UnsupportedModel."""
+    if isinstance(m, nn.Conv2d):
+        if m.padding_mode != 'zeros' or isinstance(m.padding, str):
+            raise UnsupportedModel(f"{where}: only zero padding given as numbers is supported")
+        return True
+    if isinstance(m, nn.AvgPool2d):
+        if isinstance(m.padding, str):
+            raise UnsupportedModel(f"{where}: padding must be given as numbers")
+        return True
+    if isinstance(m, BATCHNORM):
+        raise UnsupportedModel(f"{where}: fold it first with local_bound.fold_batchnorm(model) "
+                               f"(a per-channel affine map in eval mode; locallip and "
+                               f"evaluate.py do this)")
+    if isinstance(m, NOOPS):
+        if m.training and not isinstance(m, nn.Identity):
+            raise UnsupportedModel(f"{where} is in training mode, where it is not a fixed "
+                                   f"map: call model.eval() first")
+        return False
+    if not isinstance(m, (nn.Linear,) + ACTIVATIONS + FLATTEN):
+        raise UnsupportedModel(f"{where} is not supported by the bound; supported: "
+                               f"{SUPPORTED}, and residual blocks of them")
+    return isinstance(m, nn.Linear)
+
+
+def check_supported(model: nn.Module) -> List[int]:
+    """Validate ``model`` for the bound; return the keys (``layer_list`` indices; module
+    indices of a plain nn.Sequential) of its affine layers (Conv2d, Linear, AvgPool2d), the
+    last of which is the logit layer.
+
+    ``model``: an nn.Sequential of the supported layers and ``models.Residual`` blocks, or
+    any module whose forward torch.fx reads as such (``tracing``). Raises UnsupportedModel
+    (a ValueError) naming the first unsupported module or graph node, a Dropout in
+    training mode, or a BatchNorm (``fold_batchnorm`` turns it into affine layers at the
+    same keys).
     """
-    if not isinstance(model, nn.Sequential):
-        raise _not_sequential(model)
-    affine, last_real = [], None
-    for i, m in enumerate(model):
-        if isinstance(m, nn.Conv2d):
-            if m.padding_mode != 'zeros' or isinstance(m.padding, str):
-                raise UnsupportedModel(f"layer {i} ({m}): only zero padding given as numbers "
-                                       f"is supported")
-            affine.append(i)
-        elif isinstance(m, nn.Linear):
-            affine.append(i)
-        elif isinstance(m, nn.AvgPool2d):
-            if isinstance(m.padding, str):
-                raise UnsupportedModel(f"layer {i} ({m}): padding must be given as numbers")
-            affine.append(i)
-        elif isinstance(m, BATCHNORM):
-            raise UnsupportedModel(f"layer {i} ({type(m).__name__}): fold it first with "
-                                   f"local_bound.fold_batchnorm(model) (a per-channel affine "
-                                   f"map in eval mode; locallip and evaluate.py do this)")
-        elif isinstance(m, NOOPS):
-            if m.training and not isinstance(m, nn.Identity):
-                raise UnsupportedModel(f"layer {i} ({type(m).__name__}) is in training mode, "
-                                       f"where it is not a fixed map: call model.eval() first")
-            continue
-        elif not isinstance(m, ACTIVATIONS + FLATTEN):
-            raise UnsupportedModel(f"layer {i} ({type(m).__name__}) is not supported by the "
-                                   f"bound; supported: {SUPPORTED}")
-        last_real = i
-    if not affine or last_real is None or not isinstance(model[last_real], nn.Linear):
+    try:
+        view = sequential_view(model)
+    except UnsupportedModel as e:
+        raise UnsupportedModel(f"{e}, of the layers {SUPPORTED}") from None
+    names = {} if view is model else {id(m): n for n, m in model.named_modules() if n}
+    affine = [i for i, m in enumerate(layer_list(view))
+              if _check_layer(i, m, _layer_name(i, m, names))]
+    real = [m for m in _top_level(view) if not isinstance(m, NOOPS)]
+    if not affine or not real or not isinstance(real[-1], nn.Linear):
         raise UnsupportedModel("the last module of the model (after any Identity / Dropout) "
-                               "must be nn.Linear (the logit layer)")
+                               "must be nn.Linear (the logit layer), outside any residual "
+                               "block")
     return affine
 
 
@@ -152,63 +206,81 @@ def _bn_scale_shift(bn: nn.Module):
     return s.detach(), t.detach()
 
 
-def fold_batchnorm(model: nn.Sequential) -> nn.Sequential:
-    """An equivalent model (a copy; the same module indices) without BatchNorm, for
-    evaluation: an eval-mode BatchNorm1d/2d right after a Conv2d or Linear (Identity and
+def _bn_as_layer(m: nn.Module, s: torch.Tensor, t: torch.Tensor) -> nn.Module:
+    """A BatchNorm with nothing to fold into, as its own affine layer of the same map: a
+    depthwise 1x1 Conv2d (BatchNorm2d) or a diagonal Linear (BatchNorm1d)."""
+    c = s.numel()
+    if isinstance(m, nn.BatchNorm2d):
+        a = nn.Conv2d(c, c, 1, groups=c)
+        with torch.no_grad():
+            a.weight.copy_(s.view(c, 1, 1, 1))
+            a.bias.copy_(t)
+    else:
+        a = nn.Linear(c, c)
+        with torch.no_grad():
+            a.weight.copy_(torch.diag(s))
+            a.bias.copy_(t)
+    return a.to(s.device, s.dtype)
+
+
+def _fold_into(a: nn.Module, m: nn.Module, s, t, where: str) -> None:
+    """W' = s W, b' = s b + t per output channel of the (copied) affine layer ``a``."""
+    if a.weight.shape[0] != s.numel():
+        raise UnsupportedModel(f"{where} ({type(m).__name__}) has {s.numel()} channels, the "
+                               f"layer before it has {a.weight.shape[0]} outputs")
+    shape = (-1,) + (1,) * (a.weight.dim() - 1)
+    with torch.no_grad():
+        a.weight.mul_(s.view(shape))
+        bias = t.clone() if a.bias is None else a.bias * s + t
+        a.bias = nn.Parameter(bias)
+
+
+def _fold_chain(mods: list, key: int):
+    """(folded modules, next key) of one chain (see fold_batchnorm); blocks recursively."""
+    out, prev = [], None       # prev: position in out of an affine layer not yet folded into
+    for m in mods:
+        if isinstance(m, (nn.Sequential, Residual)):
+            arms = [_mods(m)] if isinstance(m, nn.Sequential) else list(_arms(m))
+            folded = []
+            for arm in arms:
+                f, key = _fold_chain(arm, key)
+                folded.append(nn.Sequential(*f))
+            out.append(folded[0] if isinstance(m, nn.Sequential) else
+                       Residual(folded[0], folded[1] if m.shortcut is not None else None))
+            prev = None
+            continue
+        if isinstance(m, BATCHNORM):
+            s, t = _bn_scale_shift(m)
+            if prev is not None:
+                _fold_into(out[prev], m, s, t, f"layer {key}")
+                m = nn.Identity()
+            else:
+                m = _bn_as_layer(m, s, t)
+            prev = None
+        elif isinstance(m, (nn.Conv2d, nn.Linear)):
+            m, prev = copy.deepcopy(m), len(out)
+        elif not isinstance(m, NOOPS):
+            prev = None                  # folding looks through Identity / Dropout
+        out.append(m)
+        key += 1
+    return out, key
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """An equivalent model (a copy; the same layer keys) without BatchNorm, for evaluation:
+    an eval-mode BatchNorm1d/2d right after a Conv2d or Linear of its chain (Identity and
     Dropout may sit between) is folded into it (W' = s W, b' = s b + t per output channel,
     exact) and replaced by nn.Identity; any other BatchNorm becomes its own affine layer of
     the same map: a depthwise 1x1 Conv2d (BatchNorm2d) or a diagonal Linear (BatchNorm1d on
-    [batch, features]). Refuses BatchNorm in training mode or without running statistics.
-    A model without BatchNorm is returned as is (not copied)."""
-    if not isinstance(model, nn.Sequential):
-        raise _not_sequential(model)
-    if not any(isinstance(m, BATCHNORM) for m in model):
+    [batch, features]). Residual blocks are folded arm by arm; a traced model
+    (``tracing``) is returned as the nn.Sequential the bound reads. Refuses BatchNorm in
+    training mode or without running statistics. A model without BatchNorm is returned as
+    is (not copied)."""
+    if not any(isinstance(m, BATCHNORM) for m in model.modules()):
         return model
-    mods = list(model)
-    prev = None                       # index of the last affine layer not yet folded into
-    out = []
-    for i, m in enumerate(mods):
-        if isinstance(m, BATCHNORM):
-            s, t = _bn_scale_shift(m)
-            if prev is not None and isinstance(out[prev], (nn.Conv2d, nn.Linear)):
-                a = out[prev]
-                if a.weight.shape[0] != s.numel():
-                    raise UnsupportedModel(f"layer {i} ({type(m).__name__}) has {s.numel()} "
-                                           f"channels, layer {prev} has {a.weight.shape[0]} "
-                                           f"outputs")
-                shape = (-1,) + (1,) * (a.weight.dim() - 1)
-                with torch.no_grad():
-                    a.weight.mul_(s.view(shape))
-                    bias = t.clone() if a.bias is None else a.bias * s + t
-                    a.bias = nn.Parameter(bias)
-                out.append(nn.Identity())
-                prev = None
-                continue
-            c = s.numel()
-            if isinstance(m, nn.BatchNorm2d):
-                a = nn.Conv2d(c, c, 1, groups=c)
-                with torch.no_grad():
-                    a.weight.copy_(s.view(c, 1, 1, 1))
-                    a.bias.copy_(t)
-            else:
-                a = nn.Linear(c, c)
-                with torch.no_grad():
-                    a.weight.copy_(torch.diag(s))
-                    a.bias.copy_(t)
-            out.append(a.to(s.device, s.dtype))
-            prev = None
-            continue
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            m = copy.deepcopy(m)
-            prev = i
-        elif isinstance(m, NOOPS):
-            pass                         # folding looks through Identity / Dropout
-        else:
-            prev = None
-        out.append(m)
-    folded = nn.Sequential(*out)
+    folded = nn.Sequential(*_fold_chain(_mods(sequential_view(model)), 0)[0])
     folded.train(model.training)
-    return folded
+    return derived(folded, model)
 
 
 # ----------------------------------------------------------------------------------------
@@ -736,6 +808,14 @@ class BoundResult:
     global_converged: object = True      # 0-dim bool tensor: every global iteration converged
     worst_global: Optional[torch.Tensor] = None   # [batch, classes] a_iy with r_global
     box: Optional[tuple] = None          # (lo, hi) [batch, hidden]: penultimate box - centre
+    terms: list = field(default_factory=list)   # the Lipschitz bound's terms (lipschitz_of)
+
+    def lipschitz(self, norms: Dict[int, torch.Tensor], rows=None) -> torch.Tensor:
+        """The local Lipschitz bound [batch] (or [len(rows)]) that per-layer norms
+        {key: [batch]} give through this result's terms (its blocks and identity overlaps):
+        their product for a chain of layers."""
+        some = next(iter(norms.values()))
+        return lipschitz_of(self.terms, norms, torch.ones_like(some), rows, log=False)
 
     def worst_logits(self, y: torch.Tensor, worst: Optional[torch.Tensor] = None) -> torch.Tensor:
         """z_i = logit_i + a_iy (i != y), z_y = logit_y.  [batch, classes]"""
@@ -827,24 +907,159 @@ def _checked_inputs(x, y, eps, sync_free: bool) -> torch.Tensor:
     return eps
 
 
+@dataclass
+class Sum:
+    """A residual block's factor in the Lipschitz bound: the product of its branch's terms
+    plus that of its shortcut's (``overlap``: for the identity shortcut, ||D_out D_in||_2
+    per sample [batch], 1 where an input and an output indicator share a varying neuron,
+    else 0; None when the shortcut has layers)."""
+    branch: list
+    shortcut: list
+    overlap: Optional[torch.Tensor] = None
+
+
+def lipschitz_of(terms: list, norms: Dict[int, torch.Tensor], start: torch.Tensor,
+                 rows: Optional[torch.Tensor] = None, log: bool = True) -> torch.Tensor:
+    """The Lipschitz bound of a chain: the product of its terms (a layer key: its norm
+    ``norms[key]`` [batch]; a ``Sum``: branch + shortcut), as a log (``log=True``, from
+    ``start`` = zeros) or a value (from ``start`` = ones). ``rows``: the samples of the
+    norms among those the identity overlaps were recorded for. [batch]"""
+    total = start
+    for t in terms:
+        if isinstance(t, Sum):
+            b = lipschitz_of(t.branch, norms, start, rows, log)
+            if t.overlap is None:
+                o = lipschitz_of(t.shortcut, norms, start, rows, log)
+            else:
+                o = t.overlap if rows is None else t.overlap[rows]
+                o = torch.log(o.clamp_min(FLOOR)).to(b) if log else o.to(b)
+            f = torch.logaddexp(b, o) if log else b + o
+        else:
+            n = norms[t]
+            f = torch.log(n.clamp_min(FLOOR)) if log else n
+        total = total + f if log else total * f
+    return total
+
+
+def structure_terms(model: nn.Module) -> list:
+    """The Lipschitz terms of the network up to its penultimate layer without indicators
+    (every neuron varying: the identity overlaps are 1), for global bounds."""
+    last = check_supported(model)[-1]
+
+    def chain(mods, key):
+        terms = []
+        for m in mods:
+            if isinstance(m, nn.Sequential):
+                sub, key = chain(_mods(m), key)
+                terms += sub
+            elif isinstance(m, Residual):
+                branch, short = _arms(m)
+                tb, key = chain(branch, key)
+                ts, key = chain(short, key)
+                one = None if m.shortcut is not None else torch.ones(1)
+                terms.append(Sum(tb, ts, one))
+            else:
+                if isinstance(m, AFFINE) and key != last:
+                    terms.append(key)
+                key += 1
+        return terms, key
+    return chain(_mods(sequential_view(model)), 0)[0]
+
+
+def _overlap(d_in, d_out, like: torch.Tensor) -> torch.Tensor:
+    """||D_out D_in||_2 per sample [batch]: 1 if some neuron varies in both, else 0."""
+    if d_in is None and d_out is None:
+        return torch.ones(like.shape[0], dtype=like.dtype, device=like.device)
+    d = d_in if d_out is None else d_out if d_in is None else d_in * d_out
+    return d.flatten(1).amax(1)
+
+
+@dataclass
+class _Arm:
+    """The state at the end of one arm of a residual block (see _Walk)."""
+    mu: torch.Tensor
+    lb: torch.Tensor
+    ub: torch.Tensor
+    r: torch.Tensor
+    r_global: torch.Tensor
+    terms: list
+    pending: list
+
+
+@dataclass
+class _PendingBlock:
+    """A residual block whose output indicator is not known yet."""
+    branch: _Arm
+    shortcut: Optional[_Arm]      # None: the identity
+    d_in: Optional[torch.Tensor]  # the indicator feeding the block
+
+
 class _Walk:
     """One propagation of the bound through the layers of ``model`` (compute_bound): the
     ball (centre ``mu`` [batch, *shape], radius ``r`` [batch]), the box [lb, ub], the
-    indicator feeding the next affine layer, and the affine layers whose output indicator
-    (D_out) is not known yet. One method per kind of layer; ``result`` ends the walk."""
+    indicator feeding the next affine layer, the terms of the Lipschitz bound so far, and
+    the affine layers and blocks whose output indicator (D_out) is not known yet. One
+    method per kind of layer and one for a residual block; ``result`` ends the walk."""
 
-    def __init__(self, model, x, eps, vectors, global_vectors, opts: BoundOptions,
+    def __init__(self, model, last: int, x, eps, vectors, global_vectors, opts: BoundOptions,
                  global_sigmas=None, local_norms=None):
-        self.model, self.opts, self.b = model, opts, x.shape[0]
+        self.model, self.last, self.opts, self.b = model, last, opts, x.shape[0]
+        self.terms = []           # keys and Sums of the finished factors, in order
         self.vectors, self.global_vectors = vectors, global_vectors
         self.global_sigmas, self.local_norms = global_sigmas, local_norms
         self.eps, self.mu, self.r, self.r_global = eps, x, eps, eps
         self.lb, self.ub = x - _bcast(eps, x), x + _bcast(eps, x)
         self.res = BoundResult(logits=None, worst=None, r_local=eps, r_global=eps)
         self.mask = None          # indicator of the activation feeding the next affine layer
-        self.pending = []         # (module index, d_in, in_shape) of layers awaiting d_out
-        self.log_lip = torch.zeros(self.b, dtype=x.dtype, device=x.device)
+        self.pending = []         # (key, layer, d_in, in_shape) / _PendingBlock awaiting d_out
         self.converged = torch.ones(self.b, dtype=torch.bool, device=x.device)
+
+    def walk(self, mods: list, key: int) -> int:
+        """Propagate through the chain ``mods`` whose first layer has key ``key``, up to
+        the logit layer; returns the key after the chain."""
+        for m in mods:
+            if key == self.last:           # the logit layer: the worst-case margins instead
+                break
+            if isinstance(m, nn.Sequential):
+                key = self.walk(_mods(m), key)
+                continue
+            if isinstance(m, Residual):
+                key = self.block(m, key)
+                where = f"residual block ending before layer {key}"
+            else:
+                if isinstance(m, FLATTEN):
+                    self.flatten()
+                elif isinstance(m, AFFINE):
+                    self.affine(key, m)
+                elif isinstance(m, ACTIVATIONS):
+                    self.activation(key, m)
+                where, key = f"layer {key} ({type(m).__name__})", key + 1
+            if self.opts.check:
+                _check_box(self.lb, self.ub, where)
+        return key
+
+    def block(self, blk: Residual, key: int) -> int:
+        """y = shortcut(x) + branch(x): each arm walked from the block's input; the box is
+        the sum of the arms' boxes within the ball of radius r_branch + r_shortcut; the
+        Lipschitz factor, branch + shortcut, waits for the indicator after the block."""
+        self._finish_pending(None)
+        start = (self.mu, self.lb, self.ub, self.r, self.r_global)
+        d_in, outer = self.mask, self.terms
+        arms = []
+        for mods in _arms(blk):
+            self.mu, self.lb, self.ub, self.r, self.r_global = start
+            self.mask, self.terms, self.pending = d_in, [], []
+            key = self.walk(mods, key)
+            arms.append(_Arm(self.mu, self.lb, self.ub, self.r, self.r_global, self.terms,
+                             self.pending))
+        b, s = arms
+        self.mu, self.r, self.r_global = b.mu + s.mu, b.r + s.r, b.r_global + s.r_global
+        rr = _bcast(self.r, self.mu)
+        self.lb = box_max(b.lb + s.lb, self.mu - rr)
+        self.ub = box_min(b.ub + s.ub, self.mu + rr)
+        self.mask, self.terms = None, outer
+        self.pending = [_PendingBlock(b, None if blk.shortcut is None else s, d_in)]
+        return key
 
     def flatten(self):
         self.mu, self.lb, self.ub = self.mu.flatten(1), self.lb.flatten(1), self.ub.flatten(1)
@@ -866,7 +1081,7 @@ class _Walk:
         self.r = self.r * sigma_g
         self.r_global = self.r_global * sigma_g.detach()
         d_in = None if self.opts.bound == 'global' else self.mask
-        self.pending = [(i, d_in, in_shape)]
+        self.pending = [(i, m, d_in, in_shape)]
         self.mask = None
 
     def activation(self, i: int, m: nn.Module):
@@ -905,30 +1120,52 @@ class _Walk:
         return sigma
 
     def _finish_pending(self, d_out):
-        """sigma_i = ||D_out W_i D_in||_2 per sample for every pending affine layer."""
-        for i, d_in, in_shape in self.pending:
-            if self.local_norms is not None:
-                sigma = self.local_norms(i, self.model[i], d_in, d_out, in_shape)
-            else:
-                o = self.opts
-                u0 = self.vectors.get(i, in_shape).to(self.mu.dtype)
-                pi = masked_power_iteration(self.model[i], u0, o.sniter, d_in, d_out, o.tol,
-                                            grad_through=(o.pi_grad == 'all'),
-                                            per_sample_stop=o.per_sample_stop,
-                                            estimate=o.estimate, sync_free=o.sync_free)
-                self.vectors.put(i, pi.u)
-                sigma, self.res.iters[i] = pi.sigma, pi.iters
-                self.converged = self.converged & pi.converged
-            self.res.sigmas[i] = sigma
-            self.log_lip = self.log_lip + torch.log(sigma.clamp_min(FLOOR))
+        """Every pending layer's and block's factor, with ``d_out`` as their D_out."""
+        self.terms.extend(self._finish(self.pending, d_out))
         self.pending = []
+
+    def _finish(self, pending: list, d_out) -> list:
+        """The terms of ``pending``: a block's arms finished with the same d_out (the
+        identity's overlap of d_in and d_out), a layer's norm (``_norm_of``)."""
+        out = []
+        for p in pending:
+            if isinstance(p, _PendingBlock):
+                branch = p.branch.terms + self._finish(p.branch.pending, d_out)
+                if p.shortcut is None:
+                    out.append(Sum(branch, [], _overlap(p.d_in, d_out, self.mu)))
+                else:
+                    short = p.shortcut.terms + self._finish(p.shortcut.pending, d_out)
+                    out.append(Sum(branch, short))
+            else:
+                self._norm_of(*p, d_out)
+                out.append(p[0])
+        return out
+
+    def _norm_of(self, i: int, layer: nn.Module, d_in, in_shape, d_out):
+        """sigma_i = ||D_out W_i D_in||_2 per sample (given, or by power iteration)."""
+        if self.local_norms is not None:
+            sigma = self.local_norms(i, layer, d_in, d_out, in_shape)
+        else:
+            o = self.opts
+            u0 = self.vectors.get(i, in_shape).to(self.mu.dtype)
+            pi = masked_power_iteration(layer, u0, o.sniter, d_in, d_out, o.tol,
+                                        grad_through=(o.pi_grad == 'all'),
+                                        per_sample_stop=o.per_sample_stop,
+                                        estimate=o.estimate, sync_free=o.sync_free)
+            self.vectors.put(i, pi.u)
+            sigma, self.res.iters[i] = pi.sigma, pi.iters
+            self.converged = self.converged & pi.converged
+        self.res.sigmas[i] = sigma
 
     def result(self, final: nn.Linear, y: torch.Tensor) -> BoundResult:
         """The logits, the radii and the worst-case margins of the last (logit) layer."""
         self._finish_pending(None)
         res, o, mu = self.res, self.opts, self.mu
         res.logits = final(mu)
-        res.r_local = self.eps * torch.exp(self.log_lip)
+        res.terms = self.terms
+        log_lip = lipschitz_of(self.terms, res.sigmas,
+                               torch.zeros(self.b, dtype=mu.dtype, device=mu.device))
+        res.r_local = self.eps * torch.exp(log_lip)
         res.r_global = self.r_global
         res.converged = self.converged
         lo = torch.minimum(self.lb - mu, torch.zeros_like(mu))   # 0 stays inside the box
@@ -971,21 +1208,14 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
     opts = options if options is not None else BoundOptions(**switches)
     affine = check_supported(model)
     eps = _checked_inputs(x, y, eps, opts.sync_free)
+    if not opts.sync_free:
+        check_view(model, x)
+    view = sequential_view(model)
     vectors = RandomVectors(x.shape[0], x.device) if vectors is None else vectors
-    walk = _Walk(model, x, eps, vectors, {} if global_vectors is None else global_vectors, opts,
+    walk = _Walk(view, affine[-1], x, eps, vectors, {} if global_vectors is None else global_vectors, opts,
                  global_sigmas, local_norms)
-    for i, m in enumerate(model):
-        if i == affine[-1]:            # the logit layer: the worst-case margins instead
-            break
-        if isinstance(m, FLATTEN):
-            walk.flatten()
-        elif isinstance(m, AFFINE):
-            walk.affine(i, m)
-        elif isinstance(m, ACTIVATIONS):
-            walk.activation(i, m)
-        if opts.check:
-            _check_box(walk.lb, walk.ub, f"layer {i} ({type(m).__name__})")
-    return walk.result(model[affine[-1]], y)
+    walk.walk(_mods(view), 0)
+    return walk.result(layer_list(view)[affine[-1]], y)
 
 
 def robust_loss(res: BoundResult, y: torch.Tensor, gloro: bool = False) -> torch.Tensor:
@@ -1028,8 +1258,9 @@ def sparsity_loss(model: nn.Sequential, res: BoundResult, sp_thres: float) -> to
     activations.
     """
     total = 0.0
+    layers = layer_list(model)
     for i, (lb, ub) in res.pre_boxes.items():
-        m = model[i]
+        m = layers[i]
         if isinstance(m, ReLU_x):
             total = total + F.relu(ub).mean() + sp_thres * F.relu(m.threshold - lb).mean()
         elif isinstance(m, ClampGroupSort):
@@ -1042,16 +1273,29 @@ def sparsity_loss(model: nn.Sequential, res: BoundResult, sp_thres: float) -> to
 # ----------------------------------------------------------------------------------------
 # Shapes of the per-sample vectors (what a vector store holds per sample)
 # ----------------------------------------------------------------------------------------
-def layer_input_shapes(model: nn.Sequential, input_shape) -> Dict[int, tuple]:
+def layer_input_shapes(model: nn.Module, input_shape) -> Dict[int, tuple]:
     """Per-sample input shape of every affine layer except the last (the layers whose
-    per-sample power-iteration vectors are stored), keyed by module index."""
+    per-sample power-iteration vectors are stored), keyed by layer key (``layer_list``)."""
     last = check_supported(model)[-1]
     shapes = {}
+
+    def run(mods, x, key):
+        for m in mods:
+            if isinstance(m, (nn.Sequential, Residual)):
+                arms = [_mods(m)] if isinstance(m, nn.Sequential) else list(_arms(m))
+                outs = []
+                for arm in arms:
+                    y, key = run(arm, x, key)
+                    outs.append(y)
+                x = outs[0] if isinstance(m, nn.Sequential) else outs[0] + outs[1]
+                continue
+            if isinstance(m, AFFINE) and key != last:
+                shapes[key] = tuple(x.shape[1:])
+            x, key = m(x), key + 1
+        return x, key
+
     with torch.no_grad():
         p = next(model.parameters())
-        x = torch.zeros((1, *input_shape), device=p.device, dtype=p.dtype)
-        for i, m in enumerate(model):
-            if isinstance(m, AFFINE) and i != last:
-                shapes[i] = tuple(x.shape[1:])
-            x = m(x)
+        run(_mods(sequential_view(model)), torch.zeros((1, *input_shape), device=p.device,
+                                                       dtype=p.dtype), 0)
     return shapes

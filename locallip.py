@@ -33,9 +33,10 @@ from certify import converged_global_vectors
 from radius import RADIUS_RTOL, RADIUS_STEPS, RadiusSearch, radius_batch
 from lanczos import GuaranteedNorms, guaranteed_certify
 from checkpoints import load_checkpoint
+from tightness import LowerSearch, lipschitz_lower_bound
 from local_bound import (CONVERGED_SNITER, FLOOR, NOOPS, SUPPORTED, TEST_OPT_ITER, TOL,
                          UnsupportedModel, check_supported, compute_bound, exact_float32,
-                         fold_batchnorm)
+                         fold_batchnorm, layer_list)
 from vectors import KeptVectors, RandomVectors
 
 SNITER = CONVERGED_SNITER   # per-sample power iterations at most (each stops at ``tol``)
@@ -59,6 +60,9 @@ class LipschitzBound:
     #                              [batch] fraction of its neurons that can vary in the ball
     logits: Optional[torch.Tensor] = None    # [batch, classes] clean logits
     labels: Optional[torch.Tensor] = None    # [batch] the labels certified
+    lower: Optional[torch.Tensor] = None     # [batch] an empirical LOWER bound of the local
+    #                              constant that ``local`` bounds (tightness.py): the truth
+    #                              lies in [lower, local]; None with lower=False
 
 
 @dataclass
@@ -102,7 +106,7 @@ def _batched(model: nn.Sequential, x) -> torch.Tensor:
     """x on the model's device and dtype with a batch axis: [batch, *input_shape]."""
     p = next(model.parameters())
     x = torch.as_tensor(x).to(device=p.device, dtype=p.dtype)
-    first = next((m for m in model if not isinstance(m, NOOPS)), None)
+    first = next((m for m in layer_list(model) if not isinstance(m, NOOPS)), None)
     if isinstance(first, (nn.Conv2d, nn.AvgPool2d)) and x.dim() == 3:
         x = x.unsqueeze(0)
     elif isinstance(first, nn.Linear) and x.dim() == 1:
@@ -140,13 +144,15 @@ def _global_vectors(model, x, sniter, seed):
 
 def lipschitz_bound(model: nn.Module, x, eps: float, y=None, *, sniter: int = SNITER,
                     tol: float = TOL, opt_iter: int = OPT_ITER, bound: str = 'local',
-                    seed: int = 0) -> LipschitzBound:
+                    seed: int = 0, lower: bool = True) -> LipschitzBound:
     """The local Lipschitz bound of ``model`` on the L2 eps-ball around every input.
 
     x: [batch, *input_shape] (or one input without the batch axis); y: [batch] labels or
     None (the predictions). Per-sample power iterations start from seeded Gaussian vectors
     and stop at relative change ``tol`` (at most ``sniter``); the global norms are
     iterated to convergence once per call. bound='global' sets every indicator to 1.
+    ``lower``: also the empirical lower bound of the local constant (``tightness``, seeded
+    by ``seed``; about 2 x 20 forward-backward passes per input).
     Returns a LipschitzBound (per-sample tensors on the model's device)."""
     net = prepare(model)
     x = _batched(net, x)
@@ -160,7 +166,8 @@ def lipschitz_bound(model: nn.Module, x, eps: float, y=None, *, sniter: int = SN
                             sniter=sniter, tol=tol, opt_iter=opt_iter, bound=bound,
                             check=True)
     safe = max(float(eps), FLOOR)
-    return LipschitzBound(local=res.r_local / safe, global_=res.r_global / safe,
+    low = lipschitz_lower_bound(net, x, float(eps), LowerSearch(seed=seed)) if lower else None
+    return LipschitzBound(local=res.r_local / safe, global_=res.r_global / safe, lower=low,
                           margin=res.margin(y), certified=res.certified(y),
                           converged=res.converged, global_converged=bool(res.global_converged),
                           sigmas=dict(res.sigmas),

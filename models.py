@@ -91,6 +91,21 @@ class ClampGroupSort(nn.Module):
                           _max_ties_to_other(_min_ties_to_other(a, b), self.min)], dim=1)
 
 
+class Residual(nn.Module):
+    """A residual block y = shortcut(x) + branch(x); ``shortcut=None`` is the identity
+    (y = x + branch(x)). ``branch`` and ``shortcut`` are chains of the supported layers (an
+    nn.Sequential or one layer; blocks may nest); both give outputs of one shape. The bound
+    reads it as the sum of its two arms (docs/method.md, "Residual blocks")."""
+
+    def __init__(self, branch: nn.Module, shortcut: nn.Module = None):
+        super().__init__()
+        self.branch = branch
+        self.shortcut = shortcut
+
+    def forward(self, x):
+        return (x if self.shortcut is None else self.shortcut(x)) + self.branch(x)
+
+
 def clamp_thresholds(model):
     """After every optimiser step: ReLU_x thresholds >= 0 (reference)."""
     with torch.no_grad():
@@ -161,6 +176,24 @@ def c8f2(act):
                   [(9216, 256), (256, 200)], act)
 
 
+def res4c3f(in_ch, hw, act):
+    """4C3F's layers with its two downsampling stages made residual blocks: block 1 is
+    ResNet's basic block (He et al., CVPR 2016: two convolutions in the branch, a 1x1
+    stride-2 projection shortcut, ResNet's option B, the activation after the addition);
+    block 2 is a one-convolution residual block as in LiResNet (Hu et al., NeurIPS 2023),
+    downsampling with a 2x2 average-pooling shortcut. The four convolutions and three
+    linear layers are 4C3F's, in its order and shapes; the shortcuts add a 1x1 convolution
+    and a pooling. MNIST (in_ch=1, hw=28) and CIFAR-10 (in_ch=3, hw=32)."""
+    h2, h4 = hw // 2, hw // 4
+    block1 = Residual(nn.Sequential(_conv(32, 32, 4, 2, 1), act((32, h2, h2), 1),
+                                    _conv(32, 64, 3, 1, 1)), _conv(32, 64, 1, 2, 0))
+    block2 = Residual(_conv(64, 64, 4, 2, 1), nn.AvgPool2d(2))
+    return nn.Sequential(_conv(in_ch, 32, 3, 1, 1), act((32, hw, hw), 0),
+                         block1, act((64, h2, h2), 2), block2, act((64, h4, h4), 3),
+                         Flatten(), nn.Linear(64 * h4 * h4, 512), act((512,), 4),
+                         nn.Linear(512, 512), act((512,), 5), nn.Linear(512, 10))
+
+
 CIFAR_MAXMIN = [(0.1, -0.1), (0.1, -0.15), (0.15, -0.15), (0.15, -0.15), (0.2, -0.2),
                 (0.3, -0.3), (1.2, -1.2)]
 TINY_MAXMIN = [(v, -v) for v in (0.8, 1.0, 1.4, 1.4, 1.4, 1.6, 2.0, 3.0, 1.6)]
@@ -169,6 +202,8 @@ MODELS = {
     # (data family, model name) -> builder(init)
     ('mnist', 'relux'): lambda init: c4f3(1, 28, _relux(1.0)),   # reference builder: 1.0
     ('mnist', 'standrelu'): lambda init: c4f3(1, 28, _relu()),
+    ('mnist', 'res4c3f'): lambda init: res4c3f(1, 28, _relux(1.0)),     # as relux's
+    ('cifar10', 'res4c3f'): lambda init: res4c3f(3, 32, _relux(1.0)),
     ('cifar10', 'relux'): lambda init: c4f3(3, 32, _relux(1.0)),  # reference builder: 1.0
     ('cifar10', 'c6f2_relux'): lambda init: c6f2(_relux(init)),
     ('cifar10', 'standrelu'): lambda init: c6f2(_relu()),
@@ -185,8 +220,10 @@ def model_names(data):
 
 
 def user_model(spec):
-    """The nn.Sequential returned by calling ``module.path:function`` (imported from the
-    current directory or the Python path; the function takes no arguments)."""
+    """The nn.Module returned by calling ``module.path:function`` (imported from the
+    current directory or the Python path; the function takes no arguments): an
+    nn.Sequential, or a module whose forward chains layers with residual additions (read
+    by torch.fx, see tracing.py)."""
     mod_name, _, fn_name = spec.partition(':')
     if not mod_name or not fn_name:
         raise UserError(f"--model {spec!r}: an import path is module.path:function")
@@ -200,9 +237,9 @@ def user_model(spec):
     if not callable(fn):
         raise UserError(f"--model {spec}: {mod_name} has no function {fn_name}")
     net = fn()
-    if not isinstance(net, nn.Sequential):
-        raise UserError(f"--model {spec}: {fn_name}() returned a {type(net).__name__}, the "
-                        f"bound needs an nn.Sequential")
+    if not isinstance(net, nn.Module):
+        raise UserError(f"--model {spec}: {fn_name}() returned a {type(net).__name__}, not "
+                        f"an nn.Module")
     return net
 
 

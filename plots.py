@@ -66,6 +66,30 @@ def tightness_data(rows):
             if r['global_bound'] > 0 and r['local_bound'] == r['local_bound']]
 
 
+def lower_data(rows):
+    """local_bound / lower_bound of every point with a positive lower bound (>= 1)."""
+    return [r['local_bound'] / r['lower_bound'] for r in rows if r['lower_bound'] > 0]
+
+
+def _lower_figure(rows, eps0, out_dir, title):
+    """Histogram of bound / lower bound (log axis): how far the bound can be from the truth."""
+    import matplotlib.pyplot as plt
+    ratio = lower_data(rows)
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    if ratio:
+        lo, hi = min(ratio), max(ratio)
+        edges = [lo * (hi / lo) ** (k / 40) for k in range(41)] if hi > lo else 10
+        ax.hist(ratio, bins=edges, color='tab:orange', edgecolor='white')
+        ax.set_xscale('log')
+        med = sorted(ratio)[len(ratio) // 2]
+        ax.axvline(med, color='black', ls=':', label=f"median {med:.3g}")
+        ax.legend()
+    ax.set_xlabel(f"local bound / empirical lower bound of the local constant at eps {eps0}")
+    ax.set_ylabel('test points')
+    ax.set_title(f"Bound over lower bound{' - ' + title if title else ''} (n = {len(ratio)})")
+    return _save(fig, out_dir, 'bound_over_lower.png')
+
+
 def sparsity_data(header, rows):
     """(activation module indices, mean fraction of varying neurons)."""
     layers = [h for h in header if h.startswith('varying@')]
@@ -83,7 +107,8 @@ def _save(fig, out_dir, name):
 
 
 def make_plots(tsv_path, out_dir, title=''):
-    """Draw the three PNGs from ``tsv_path`` into ``out_dir``; returns their paths."""
+    """Draw the PNGs from ``tsv_path`` into ``out_dir`` (three; a fourth, bound / lower
+    bound, when the rows have --lower_bound's column); returns their paths."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -132,13 +157,16 @@ def make_plots(tsv_path, out_dir, title=''):
     ax.set_title(f"Tightness of the local bound{' - ' + title if title else ''} (n = {len(ratio)})")
     paths.append(_save(fig, out_dir, 'tightness.png'))
 
+    if 'lower_bound' in header:
+        paths.append(_lower_figure(rows, eps0, out_dir, title))
+
     layers, frac = sparsity_data(header, rows)
     fig, ax = plt.subplots(figsize=(6, 4.2))
     names = [f"{k + 1}\n[{i}]" for k, i in enumerate(layers)]
     bars = ax.bar(names, [100 * f for f in frac], color='tab:green')
     for b_, f in zip(bars, frac):
         ax.text(b_.get_x() + b_.get_width() / 2, 100 * f + 1, f"{100 * f:.1f}", ha='center', fontsize=8)
-    ax.set_xlabel('activation layer [module index in the nn.Sequential]')
+    ax.set_xlabel('activation layer [layer key: the module index in a plain nn.Sequential]')
     ax.set_ylabel('varying neurons (% of the layer)')
     ax.set_ylim(0, 105)
     ax.set_title(f"Varying neurons per activation at eps {eps0}{' - ' + title if title else ''} "

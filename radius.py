@@ -10,6 +10,7 @@ import torch
 import progress
 from lanczos import STAGES, masked_norm_bounds
 from local_bound import (CONVERGED_SNITER, FLOOR, TEST_OPT_ITER, check_supported, compute_bound,
+                         layer_list, lipschitz_of, structure_terms,
                          exact_float32, global_power_iteration)
 from vectors import SubsetVectors
 
@@ -149,15 +150,17 @@ def global_lipschitz_guess(model, y, m0, global_vectors, sniter, sigmas=None):
     """[batch] radii certified by the global bound alone, ignoring the box: the clean margin
     m0 [batch] over prod ||W_i||_2 * max_i ||w_i - w_y|| (the first radius the search tries).
     The norms: power iterations from ``global_vectors``, or ``sigmas`` {affine index: 0-dim}."""
-    affine = check_supported(model)
-    prod = torch.ones((), dtype=torch.float64, device=m0.device)
+    affine, layers = check_supported(model), layer_list(model)
+    norms = {}
     for i in affine[:-1]:
         if sigmas is not None:
             sigma = sigmas[i]
         else:
-            sigma, _, _ = global_power_iteration(model[i], global_vectors[i].clone(), sniter)
-        prod = prod * sigma.double()
-    w = model[affine[-1]].weight.double()
+            sigma, _, _ = global_power_iteration(layers[i], global_vectors[i].clone(), sniter)
+        norms[i] = sigma.double().reshape(1)
+    one = torch.ones(1, dtype=torch.float64, device=m0.device)
+    prod = lipschitz_of(structure_terms(model), norms, one, log=False)[0]
+    w = layers[affine[-1]].weight.double()
     diff = (w.unsqueeze(0) - w[y].unsqueeze(1)).norm(dim=2).max(1).values      # [batch]
     return m0.double().clamp_min(0) / (prod * diff).clamp_min(FLOOR)
 

@@ -18,7 +18,7 @@ RADIUS_GUARANTEED_COLUMNS = ('radius_guaranteed', 'radius_guaranteed_upper',
                              'radius_guaranteed_evals')
 
 
-def tsv_columns(radii, act_layers, guaranteed=False, radius=False):
+def tsv_columns(radii, act_layers, guaranteed=False, radius=False, lower=False):
     g = ([f"certified_guaranteed@{e:g}" for e in radii] + ['guaranteed_bound', 'seconds_guaranteed']
          if guaranteed else [])
     rad = (list(RADIUS_COLUMNS) + (list(RADIUS_GUARANTEED_COLUMNS) if guaranteed else [])
@@ -26,7 +26,8 @@ def tsv_columns(radii, act_layers, guaranteed=False, radius=False):
     return (['idx', 'label', 'pred', 'correct', 'pgd_correct', 'local_bound', 'global_bound',
              'margin'] + [f"certified@{e:g}" for e in radii]
             + [f"certified_global@{e:g}" for e in radii] + g + [f"varying@{i}" for i in act_layers]
-            + ['converged', 'global_converged', 'audited', 'broken', 'seconds'] + rad)
+            + ['converged', 'global_converged', 'audited', 'broken', 'seconds'] + rad
+            + (['lower_bound', 'seconds_lower'] if lower else []))
 
 
 INT_COLUMNS = ('idx', 'label', 'pred')
@@ -121,6 +122,8 @@ class BatchOutcome:
     seconds_guaranteed: Optional[float] = None   # per point; set: guaranteed columns
     radius: Any = None                   # radius.RadiusResult; set: radius columns
     seconds_radius: Optional[float] = None
+    lower: Optional[torch.Tensor] = None     # lower bound of the local constant at radii[0]
+    seconds_lower: Optional[float] = None
 
 
 def batch_rows(out: BatchOutcome, radii) -> List[dict]:
@@ -152,6 +155,8 @@ def batch_rows(out: BatchOutcome, radii) -> List[dict]:
                    audited=int(audited[k]), broken=int(broken[k]), seconds=out.seconds)
         if out.radius is not None:
             row.update(_radius_cells(out.radius, k, out.seconds_radius))
+        if out.lower is not None:
+            row.update(lower_bound=float(out.lower[k]), seconds_lower=out.seconds_lower)
         # floats as the TSV holds them, so a summary of read-back rows is the same
         rows.append({c: float(cell(c, v)) if isinstance(v, float) else v for c, v in row.items()})
     return rows
@@ -214,6 +219,8 @@ def summarize(rows, settings):
     }
     if rows and 'radius' in rows[0]:
         out['certified_radius'] = radius_summary(rows, settings.radius_rtol)
+    if rows and 'lower_bound' in rows[0]:
+        out['lower_bound'] = lower_summary(rows)
     if rows and 'seconds_guaranteed' in rows[0]:
         out['certificate'] = {'mode': 'guaranteed', 'delta': settings.delta,
                               'seconds_guaranteed': sum(r['seconds_guaranteed'] for r in rows)}
@@ -222,6 +229,18 @@ def summarize(rows, settings):
                         'broken': int(sum(r['broken'] for r in rows)),
                         'restarts': settings.audit_restarts, 'steps': settings.audit_steps}
     return out
+
+
+def lower_summary(rows) -> dict:
+    """The local bound over the empirical lower bound of the local constant (>= 1 for a
+    sound bound): median, 90th percentile and the smallest, over the points with a
+    positive lower bound; and the seconds the lower bounds took."""
+    ratio = sorted(r['local_bound'] / r['lower_bound'] for r in rows if r['lower_bound'] > 0)
+    pick = (lambda q: ratio[min(int(q * len(ratio)), len(ratio) - 1)]) if ratio else \
+        (lambda q: math.nan)
+    return {'median_bound_over_lower': pick(0.5), 'p90_bound_over_lower': pick(0.9),
+            'min_bound_over_lower': ratio[0] if ratio else math.nan, 'points': len(ratio),
+            'seconds_lower': sum(r['seconds_lower'] for r in rows)}
 
 
 def median(values):
@@ -264,7 +283,19 @@ def radius_line(r):
     return s
 
 
-def resume_rows(tsv_path, radii, loader_indices, certificate='reference', radius=False):
+def lower_line(r):
+    """One line on the local bound over its empirical lower bound (--lower_bound)."""
+    c = r.get('lower_bound')
+    if not c:
+        return ''
+    return (f"local bound / lower bound of the local constant at eps {r['epsilon']:g}: median "
+            f"{c['median_bound_over_lower']:.3g}, 90th percentile {c['p90_bound_over_lower']:.3g}, "
+            f"smallest {c['min_bound_over_lower']:.3g} ({c['points']} points; >= 1 for a sound "
+            f"bound) [{c['seconds_lower']:.0f}s]")
+
+
+def resume_rows(tsv_path, radii, loader_indices, certificate='reference', radius=False,
+                lower=False):
     """Rows of an interrupted --out TSV that can be kept: whole batches only (a batch cut
     off in the middle is certified again). Returns (header, rows, set of done batches)."""
     header, rows = read_tsv(tsv_path)
@@ -272,9 +303,10 @@ def resume_rows(tsv_path, radii, loader_indices, certificate='reference', radius
     have = [h for h in header if h.startswith('certified@')]
     if have != want or 'audited' not in header or (
             ('seconds_guaranteed' in header) != (certificate == 'guaranteed')) or (
-            ('radius' in header) != bool(radius)):
+            ('radius' in header) != bool(radius)) or ('lower_bound' in header) != bool(lower):
         raise UserError(f"--resume: {tsv_path} was written with other radii, another "
-                        f"--certificate, with{'out' if radius else ''} --radius or by an older "
+                        f"--certificate, with{'out' if radius else ''} --radius, "
+                        f"with{'out' if lower else ''} --lower_bound or by an older "
                         f"version ({', '.join(have)}); remove it or choose another --out")
     done = {r['idx'] for r in rows}
     batches = {b for b, ids in enumerate(loader_indices) if all(i in done for i in ids)}

@@ -14,7 +14,8 @@
 #                ("0.5 1.0 1.58"), N_TEST (500), TEST_SNITER (2000), REPORT_DIR (runs/report)
 #   fashion_train [local|global]   the local-vs-global comparison on the full Fashion-MNIST:
 #                4C3F relux trained with each bound, otherwise identical (about an hour each on
-#                2 CPU cores); PARALLEL=1 runs both side by side, one thread each
+#                2 CPU cores); PARALLEL=1 runs both side by side, one thread each. Env: MODEL
+#                (another zoo model, e.g. res4c3f), RUN (pretrained/ folder, fashionmnist)
 #   fashion_long [local|global]    the longer comparison (12k images, 50 epochs, ramp 30;
 #                6.5-10.5 min per epoch at one thread: 5.5-9 h; PARALLEL=1 runs both side by
 #                side; --resume continues)
@@ -24,8 +25,13 @@
 #   fashion_report [local|global]  evaluate pretrained/$RUN/* on the full test set
 #                (radii 0.5 1.0 1.58, test_sniter 2000, 2 x 100-step audit, plots), resumable:
 #                rerun to continue; then the combined markdown table. Env: N_TEST (0 = all),
-#                RUN (fashionmnist; fashionmnist_long for the long comparison); PARALLEL=1
+#                RUN (fashionmnist; fashionmnist_long for the long comparison), MODEL (relux);
+#                PARALLEL=1
 #                evaluates the bounds side by side (logs in pretrained/$RUN/<bound>_relux_report.log)
+#   fashion_tightness  local bound / empirical lower bound of the local constant (evaluate.py
+#                --lower_bound) at eps 0.5 on the first 1000 test images for the 4C3F
+#                (pretrained/fashionmnist) and residual (pretrained/fashionmnist_residual)
+#                models trained with each bound; resumable
 #   fashion_curves     the training figures (clean/robust loss, local/global ratio, varying
 #                neurons, test error per epoch) of pretrained/$RUN/{local,global}_relux_tb,
 #                PNGs in pretrained/$RUN/figures/. Env: RUN (fashionmnist_long)
@@ -65,13 +71,13 @@ setup() {
 fashion_bounds() {
     # fashion_bounds DIR "BOUNDS" FLAGS...: the paper's MNIST recipe (4C3F relux, GloRo,
     # sniter 5, opt_iter 10, init 2.0, eps 1.0) on Fashion-MNIST once per --bound in BOUNDS,
-    # saved as pretrained/DIR/<bound>_relux_*; PARALLEL=1 runs them side by side, one thread
-    # each, appending to pretrained/DIR_<bound>.log
+    # saved as pretrained/DIR/<bound>_<model>_* (env MODEL: the zoo model, relux unless set);
+    # PARALLEL=1 runs them side by side, one thread each, appending to pretrained/DIR_<bound>.log
     local dir=$1 bounds=$2 b pids=()
     shift 2
     declare -gA LOGS=()
     for b in $bounds; do
-        local cmd=("$PY" train_mnist.py --data fashionmnist --model relux --bound "$b" --gloro
+        local cmd=("$PY" train_mnist.py --data fashionmnist --model "${MODEL:-relux}" --bound "$b" --gloro
                    --sniter 5 --opt_iter 10 --init 2.0 --epsilon_train 1.0 --epsilon 1.0
                    --prefix "$dir/$b" "$@")
         if [ "${PARALLEL:-0}" = 1 ]; then
@@ -159,7 +165,7 @@ case "$job" in
         # best epoch chosen on the first 1000 test images (as the reference does on its test set)
         bounds_arg "$@"
         shift "$nshift"
-        fashion_bounds fashionmnist "$bounds" --epochs 4 --rampup 3 --more 0 --end_lr 1e-4 \
+        fashion_bounds "${RUN:-fashionmnist}" "$bounds" --epochs 4 --rampup 3 --more 0 --end_lr 1e-4 \
             --n_test 1000 --seed 0 --store_dtype float16 "$@" ;;
     fashion_long)
         setup
@@ -194,8 +200,8 @@ case "$job" in
         pids=()
         declare -gA LOGS=()
         for b in $bounds; do
-            P=$R/${b}_relux
-            cmd=(pyrun evaluate.py --data fashionmnist --model relux \
+            P=$R/${b}_${MODEL:-relux}
+            cmd=(pyrun evaluate.py --data fashionmnist --model "${MODEL:-relux}" \
                 --epsilon 0.5 1.0 1.58 --n_test "${N_TEST:-0}" --test_sniter 2000 \
                 --saved_model "$P" --out "${P}_report.tsv" --results "${P}_report.json" \
                 --audit --audit_restarts 2 --audit_steps 100 --plot_dir "${P}_plots" --markdown \
@@ -209,8 +215,18 @@ case "$job" in
             fi
         done
         wait_all "${pids[@]}"
-        "$PY" evaluate.py --compare local=$R/local_relux_report.json \
-            global=$R/global_relux_report.json ;;
+        "$PY" evaluate.py --compare local=$R/local_${MODEL:-relux}_report.json \
+            global=$R/global_${MODEL:-relux}_report.json ;;
+    fashion_tightness)
+        setup
+        # the local bound over its empirical lower bound (--lower_bound) at eps 0.5 on the
+        # first 1000 test images, for the 4C3F and the residual models of both bounds
+        for P in pretrained/fashionmnist/{local,global}_relux \
+                 pretrained/fashionmnist_residual/{local,global}_res4c3f; do
+            pyrun evaluate.py --data fashionmnist --model "${P##*_}" --epsilon 0.5 \
+                --n_test 1000 --test_sniter 2000 --niter 0 --lower_bound --saved_model "$P" \
+                --out "${P}_tightness.tsv" --results "${P}_tightness.json" --resume "$@"
+        done ;;
     fashion_curves)
         setup
         R=pretrained/${RUN:-fashionmnist_long}

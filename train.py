@@ -34,7 +34,8 @@ from evaluation import full_evaluation
 from progress import PROGRESS_EVERY_S
 from report import summary_line
 from local_bound import (BATCHNORM, FLOOR, NOOPS, NORM_EPS, certified_loss, check_supported,
-                         compute_bound, global_vector_shape, layer_input_shapes, sparsity_loss)
+                         compute_bound, global_vector_shape, layer_input_shapes, layer_list,
+                         sparsity_loss)
 from vectors import GivenVectors, VectorStore
 from checkpoints import atomic_save, checkpoint_base, load_checkpoint, safe_load
 from errors import UserError
@@ -273,9 +274,10 @@ def start_global_vectors(global_vectors, model, shapes, x):
     """Draw the missing global power-iteration vectors [1, *global_vector_shape] as
     compute_bound would on first use (same order, same generator), but outside compiled
     code, whose random numbers differ from eager ones."""
+    layers = layer_list(model)
     for k, s in shapes.items():
         if k not in global_vectors:
-            global_vectors[k] = torch.randn((1, *global_vector_shape(model[k], s)),
+            global_vectors[k] = torch.randn((1, *global_vector_shape(layers[k], s)),
                                             device=x.device, dtype=x.dtype)
 
 
@@ -290,17 +292,17 @@ def resumed_global_vectors(saved, model, shapes, device, say, linear_space='outp
     so the warm start is kept. A shape that does not fit is refused, both shapes named."""
     if linear_space not in ('input', 'output'):
         raise UserError(f"checkpoint's global vectors: unknown space {linear_space!r}")
-    out = {}
+    out, layers = {}, layer_list(model)
     for k, v in saved.items():
         k, v = int(k), v.to(device)
-        convert = isinstance(model[k], torch.nn.Linear) and linear_space == 'input'
-        want = (1, *(shapes[k] if convert else global_vector_shape(model[k], shapes[k])))
+        convert = isinstance(layers[k], torch.nn.Linear) and linear_space == 'input'
+        want = (1, *(shapes[k] if convert else global_vector_shape(layers[k], shapes[k])))
         if tuple(v.shape) != want:
             raise UserError(f"checkpoint's global vector of layer {k} has shape "
                             f"{tuple(v.shape)}, the model needs {want}")
         if convert:
             with torch.no_grad():
-                w = model[k].weight
+                w = layers[k].weight
                 v = v.to(w.dtype) @ w.t()
                 v = v / (v.norm() + NORM_EPS)
             say(f"layer {k}: global vector carried from the input to the output space")
@@ -560,7 +562,11 @@ def check_trainable(model, name):
     """UserError unless the bound can follow ``model`` through training: no BatchNorm or
     Dropout (in training mode neither is a fixed map, so no bound computed for the step
     would hold), every layer supported."""
-    bad = [f"{i} ({type(m).__name__})" for i, m in enumerate(model)
+    try:
+        layers = layer_list(model)
+    except ValueError as e:
+        raise UserError(f"--model {name}: {e}") from None
+    bad = [f"{i} ({type(m).__name__})" for i, m in enumerate(layers)
            if isinstance(m, BATCHNORM + NOOPS) and not isinstance(m, torch.nn.Identity)]
     if bad:
         raise UserError(f"--model {name}: training does not support layers {', '.join(bad)}: "

@@ -143,9 +143,11 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
          "'system' names the package's copy. The start-up line names the folder read")
     flag('--no_download', action='store_true', help="never try to download a missing dataset")
     flag('--model', default=d['model'], help="architecture, e.g. relux, standrelu, c6f2_relux, "
-         "c6f2_clmaxmin (see models.MODELS), or an import path module.path:function to a "
-         "function returning one's own nn.Sequential (checkpoints are then named after the "
-         "function)")
+         "c6f2_clmaxmin, res4c3f (not in the reference: 4C3F's layers in two residual blocks; "
+         "see models.MODELS), or an import path module.path:function to a function returning "
+         "one's own network: an nn.Sequential, or an nn.Module with residual additions read "
+         "by torch.fx (checkpoints are then named after the function and hold the module's "
+         "own state_dict keys)")
     flag('--init', type=float, default=d['init'], help="initial ReLU_x threshold for c6f2_relux "
          "and tinyimagenet_relux (the 4C3F relux models start at 1.0, as in the reference)")
     flag('--no_augmentation', action='store_true', default=not d['augmentation'],
@@ -226,8 +228,9 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
     flag('--sparse', type=float, default=d['sparse'], help="weight of the sparsity loss")
     flag('--sp_thres', type=float, default=d['sp_thres'], help="weight of the ReLU_x threshold "
          "term of the sparsity loss")
-    flag('--indices', default='', help="comma list of module indices whose per-sample vectors "
-         "are stored across epochs (default: all affine layers but the last)")
+    flag('--indices', default='', help="comma list of layer keys whose per-sample vectors "
+         "are stored across epochs (the module indices of a plain nn.Sequential; with residual "
+         "blocks, indices into local_bound.layer_list; default: all affine layers but the last)")
     flag('--store_backing', choices=('auto', 'device', 'ram', 'disk'), default='auto', help="where "
          "the per-sample vectors live: 'device' in the GPU's memory (no host-device copies), RAM, "
          "or a disk file next to the checkpoint shared by all processes of a node; auto: the GPU "
@@ -265,6 +268,12 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
          "over eps to --radius_rtol; with --certificate guaranteed also the guaranteed radius): "
          "TSV columns radius / radius_upper, the median in the summary, a continuous curve in "
          "the plots")
+    flag('--lower_bound', action='store_true', help="(not in the reference) evaluate.py: "
+         "also an empirical LOWER bound of every point's local Lipschitz constant at the first "
+         "--epsilon (secant ratios raised by gradient ascent over pairs of points of the ball, "
+         "and Jacobian spectral norms at its final points; tightness.py): TSV columns "
+         "lower_bound / seconds_lower, the median local_bound / lower_bound in the summary, "
+         "a figure of the ratio with --plots")
     flag('--radius_rtol', type=float, default=1e-3, help="evaluate.py --radius: relative "
          "tolerance of the search (the point is certified at radius and not at radius_upper <= "
          "radius * (1 + rtol))")
@@ -411,6 +420,7 @@ SEED_STRIDE = 1000003          # a prime above any offset + batch count
 BATCH_STREAM = 0               # a batch's power-iteration starts and PGD
 GUARANTEED_STREAM = 500009     # a batch's Lanczos starts (guaranteed certificates)
 RADIUS_STREAM = 700001         # a batch's certified-radius search
+LOWER_STREAM = 800011          # a batch's lower-bound ascent (--lower_bound)
 NORMS_STREAM = 999979          # the global Lanczos norm bounds, once per evaluation
 GLOBAL_STREAM = 999983         # the global power-iteration vectors, once per evaluation
 

@@ -12,7 +12,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
-from models import ClampGroupSort, ReLU_x, _build  # noqa: E402
+from models import ClampGroupSort, ReLU_x, Residual, _build  # noqa: E402
 
 # The device of every device-capable test: `pytest --device cuda` or LOCALLIP_TEST_DEVICE=cuda.
 # Tests build their seeded inputs on the CPU and move them with ``dev``, so CPU and CUDA runs
@@ -103,9 +103,69 @@ def make_cifar_like(root, n_per_batch=20, seed=0):
     return root
 
 
+def tiny_residual(classes=3):
+    """Conv(1,4,3) A; Residual(Conv A Conv) A; Residual(Conv(4,4,4,s2), AvgPool 2) A; Flatten;
+    Linear(64,16) A; Linear(16,classes) (8x8 inputs, A = ReLU_x)."""
+    import torch.nn as nn
+    conv = lambda cin, cout, k, s=1: nn.Conv2d(cin, cout, k, stride=s, padding=1)
+    return nn.Sequential(conv(1, 4, 3), ReLU_x((4, 8, 8)),
+                         Residual(nn.Sequential(conv(4, 4, 3), ReLU_x((4, 8, 8)), conv(4, 4, 3))),
+                         ReLU_x((4, 8, 8)), Residual(conv(4, 4, 4, 2), nn.AvgPool2d(2)),
+                         ReLU_x((4, 4, 4)), nn.Flatten(), nn.Linear(64, 16), ReLU_x((16,)),
+                         nn.Linear(16, classes))
+
+
+# a user's residual network: a plain nn.Module with skips (identity and 1x1 projection), as
+# a module's source (the command-line tests write it to a file) for 28x28 inputs
+USER_RESNET = """import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class Block(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c, c, 3, padding=1)
+        self.conv2 = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(x + self.conv2(F.relu(self.conv1(x))))
+
+
+class Net(nn.Module):
+    def __init__(self, hw=28, classes=10):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 4, stride=2, padding=1)
+        self.block = Block(4)
+        self.down = nn.Conv2d(4, 8, 4, stride=2, padding=1)
+        self.proj = nn.Conv2d(4, 8, 1, stride=2)
+        self.fc = nn.Linear(8 * (hw // 4) ** 2, classes)
+
+    def forward(self, x):
+        x = self.block(F.relu(self.stem(x)))
+        x = F.relu(self.proj(x) + self.down(x))
+        x = x.view(x.size(0), -1)
+        return self.fc(x)
+
+
+def net():
+    return Net()
+"""
+
+
+def user_resnet(**kw):
+    """An instance of USER_RESNET's Net (its module executed here)."""
+    space = {}
+    exec(compile(USER_RESNET, 'user_resnet', 'exec'), space)
+    return space['Net'](**kw)
+
+
 def tiny_net(kind='relux', seed=0, classes=3, in_ch=1, hw=8):
-    """Conv(in,4,3,1,1) A; Conv(4,8,4,2,1) A; Flatten; Linear(8*(hw/2)^2,16) A; Linear(16,classes)."""
+    """Conv(in,4,3,1,1) A; Conv(4,8,4,2,1) A; Flatten; Linear(8*(hw/2)^2,16) A; Linear(16,classes);
+    kind 'residual': tiny_residual."""
     torch.manual_seed(seed)
+    if kind == 'residual':
+        return tiny_residual(classes)
     if kind == 'relux':
         act = lambda shape, j: ReLU_x(shape, 1.0)
     elif kind == 'relu':

@@ -289,6 +289,16 @@ class Skip(nn.Module):
         return x + self.conv(x)
 
 
+class Concat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 1, 3, padding=1)
+        self.fc = nn.Linear(128, 2)
+
+    def forward(self, x):
+        return self.fc(torch.cat([x, self.conv(x)], 1).flatten(1))
+
+
 def test_refusals_are_one_documented_exception():
     """Every refusal of the API is a locallip.UnsupportedModel (a ValueError) raised from
     the API call itself (no frames inside the bound), naming the module and the accepted
@@ -296,9 +306,11 @@ def test_refusals_are_one_documented_exception():
     import traceback
     x = torch.rand(2, 1, 8, 8)
     pool = nn.Sequential(nn.Conv2d(1, 2, 3), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(18, 2))
-    cases = ((Skip(), "got Skip (a module with its own forward)"),
+    cases = ((Skip(), "must be nn.Linear (the logit layer), outside any residual block"),
              (pool, "layer 1 (MaxPool2d) is not supported"),
-             (nn.Sequential(Skip(), nn.Flatten(), nn.Linear(64, 2)), "layer 0 (Skip)"),
+             (Concat(), "Concat: graph node 'cat' (call_function cat) is not a layer"),
+             (nn.Sequential(Skip(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(16, 2)),
+              "layer 1 (MaxPool2d)"),
              (nn.Sequential(nn.Flatten(), nn.Linear(64, 2), nn.ReLU()), "must be nn.Linear"))
     for net, message in cases:
         for call in (lambda: locallip.lipschitz_bound(net, x, 0.1),
@@ -336,11 +348,11 @@ def test_model_import_path(tmp_path, monkeypatch):
         "def small():\n"
         "    return nn.Sequential(nn.Flatten(), nn.Linear(784, 10))\n"
         "def notseq():\n"
-        "    return nn.Linear(2, 2)\n")
+        "    return 3\n")
     monkeypatch.chdir(tmp_path)
     assert isinstance(select_model('mnist', 'mynets:small')[1], nn.Linear)
     for spec, message in (('mynets:nosuch', 'no function nosuch'), ('nomod:f', 'cannot import'),
-                          ('mynets:notseq', 'needs an nn.Sequential')):
+                          ('mynets:notseq', 'returned a int, not an nn.Module')):
         with pytest.raises(UserError, match=message):
             select_model('mnist', spec)
 

@@ -13,7 +13,7 @@ import torch
 
 from plots import ramp_end_epoch, read_scalars, series, varying_data
 
-from conftest import DEVICE, ROOT, device_flags
+from conftest import DEVICE, ROOT, USER_RESNET, device_flags
 
 FAST = ['--data_dir', None, '--no_download', '--batch_size', '64', '--test_batch_size', '64',
         '--n_train', '128', '--n_test', '64', '--rampup', '1', '--sniter', '1',
@@ -475,3 +475,51 @@ def test_run_job_names_an_unknown_job():
                            text=True, timeout=60)
         assert p.returncode == 2 and "unknown job 'frobnicate'" in p.stderr, p.stderr
         assert 'quickstart' in p.stderr or 'train_relu' in p.stderr     # then the job list
+
+
+def test_user_residual_module_trains_resumes_and_evaluates(tmp_path, mnist_dir, monkeypatch):
+    """A user's plain nn.Module with skips, from the command line: trained (one process and
+    two under torchrun agree on the first step), resumed (1 + 1 epochs = 2 epochs, the same
+    weights), then evaluated with guaranteed certificates, radii, the lower bound and the
+    audit; the checkpoint holds the user's own state_dict keys."""
+    (tmp_path / 'myres.py').write_text(USER_RESNET)
+    monkeypatch.setenv('PYTHONPATH', str(tmp_path))
+    args = [*FAST, '--model', 'myres:net', '--epsilon', '0.05', '--epsilon_train', '0.05',
+            '--sniter', '2']
+    straight, cut = str(tmp_path / 'straight'), str(tmp_path / 'cut')
+    p = run('train_mnist.py', *args, '--epochs', '2', '--prefix', straight, data_dir=mnist_dir)
+    loss1 = re.search(r"first step: loss ([0-9.]+)", p.stdout).group(1)
+    run('train_mnist.py', *args, '--epochs', '1', '--prefix', cut, data_dir=mnist_dir)
+    p = run('train_mnist.py', *args, '--epochs', '2', '--prefix', cut, '--resume',
+            data_dir=mnist_dir)
+    assert 'at epoch 1' in p.stdout
+    a = torch.load(straight + '_net_checkpoint.pth', weights_only=True)['state_dict']
+    b = torch.load(cut + '_net_checkpoint.pth', weights_only=True)['state_dict']
+    assert 'block.conv1.weight' in a and 'proj.weight' in a
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    env = dict(os.environ, PYTHONUNBUFFERED='1', OMP_NUM_THREADS='1')
+    ddp = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node=2',
+                          '--master_port', '29541', *cmd('train_mnist.py', *args, '--epochs', '1',
+                                                         '--batch_size', '32', '--prefix',
+                                                         str(tmp_path / 'ddp'),
+                                                         data_dir=mnist_dir)[1:]],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert ddp.returncode == 0, ddp.stdout + ddp.stderr
+    m = re.search(r"first step: loss ([0-9.]+) \(global batch 64\)", ddp.stdout)
+    assert m and float(m.group(1)) == pytest.approx(float(loss1), rel=1e-5)
+    out, tsv = str(tmp_path / 'res.json'), str(tmp_path / 'rows.tsv')
+    p = run('evaluate.py', '--data', 'mnist', '--model', 'myres:net', '--data_dir', mnist_dir,
+            '--no_download', '--epsilon', '0.05', '0.1', '--n_test', '32', '--test_sniter', '50',
+            '--niter', '3', '--saved_model', straight + '_net_checkpoint.pth',
+            '--certificate', 'guaranteed', '--radius', '--radius_steps', '32', '--lower_bound',
+            '--audit', '--audit_restarts', '1', '--audit_steps', '20', '--results', out,
+            '--out', tsv, '--plots')
+    r = json.load(open(out))
+    assert r['audit']['broken'] == 0 and r['n'] == 32
+    assert r['lower_bound']['min_bound_over_lower'] >= 1.0 and r['lower_bound']['points'] > 0
+    assert 'bound / lower bound' in p.stdout
+    assert os.path.getsize(str(tmp_path / 'rows_plots' / 'bound_over_lower.png')) > 5000
+    from report import read_tsv
+    header, rows = read_tsv(tsv)
+    assert 'lower_bound' in header and 'radius_guaranteed' in header
+    assert all(row['radius_guaranteed'] <= row['radius'] * (1 + 1e-3) + 1e-12 for row in rows)

@@ -139,7 +139,7 @@ PROSE = {'Any', 'CPU', 'GPU', 'CUDA', 'MaxMin', 'ValueError', 'SUPPORTED'}  # ca
 
 
 @pytest.mark.parametrize('doc, start, end', [
-    ('README.md', "Any `nn.Sequential` of ", "is refused"),
+    ('README.md', "Any `nn.Sequential` of ", "and so do **residual blocks**"),
     (os.path.join('docs', 'api.md'), "works on any `nn.Sequential` of ", "says the same")])
 def test_layer_lists_are_the_codes(doc, start, end):
     """The README and docs/api.md name exactly the layer types the bound accepts."""

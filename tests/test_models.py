@@ -57,8 +57,37 @@ EXPECTED = {
 }
 
 
+# the project's residual model (not the reference's): 4C3F's layers, two blocks
+RES4C3F = {
+    '0.weight': (32, 1, 3, 3), '0.bias': (32,), '1.threshold': (1, 32, 28, 28),
+    '2.branch.0.weight': (32, 32, 4, 4), '2.branch.0.bias': (32,),
+    '2.branch.1.threshold': (1, 32, 14, 14), '2.branch.2.weight': (64, 32, 3, 3),
+    '2.branch.2.bias': (64,), '2.shortcut.weight': (64, 32, 1, 1), '2.shortcut.bias': (64,),
+    '3.threshold': (1, 64, 14, 14), '4.branch.weight': (64, 64, 4, 4), '4.branch.bias': (64,),
+    '5.threshold': (1, 64, 7, 7), '7.weight': (512, 3136), '7.bias': (512,),
+    '8.threshold': (1, 512), '9.weight': (512, 512), '9.bias': (512,),
+    '10.threshold': (1, 512), '11.weight': (10, 512), '11.bias': (10,)}
+RESIDUAL = {('mnist', 'res4c3f'), ('cifar10', 'res4c3f')}
+
+
 def test_every_model_is_covered():
-    assert set(EXPECTED) == set(MODELS)
+    assert set(EXPECTED) | RESIDUAL == set(MODELS)
+
+
+def test_residual_model_keys_and_forward():
+    """res4c3f: 4C3F's convolutions and linear layers (shapes as 4C3F's), plus a 1x1
+    projection and an average-pooling shortcut; its forward is the blocks' sums."""
+    model = select_model('mnist', 'res4c3f')
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == RES4C3F
+    x = torch.rand(2, 1, 28, 28)
+    b1, b2 = model[2], model[4]
+    h = model[1](model[0](x))
+    h = model[3](b1.shortcut(h) + b1.branch(h))
+    h = model[5](torch.nn.functional.avg_pool2d(h, 2) + b2.branch(h))
+    with torch.no_grad():
+        assert torch.equal(model(x), model[7:](h.flatten(1)))
+    cifar = select_model('cifar10', 'res4c3f')
+    assert cifar(torch.rand(2, 3, 32, 32)).shape == (2, 10)
 
 
 @pytest.mark.parametrize('data,name', sorted(EXPECTED))

@@ -12,7 +12,7 @@ from local_bound import compute_bound
 from vectors import RandomVectors
 
 
-@pytest.mark.parametrize('kind', ['relux', 'relu', 'maxmin'])
+@pytest.mark.parametrize('kind', ['relux', 'relu', 'maxmin', 'residual'])
 def test_certified_points_cannot_be_flipped(kind):
     eps = 0.3
     net = copy.deepcopy(trained_tiny(kind, eps))
