@@ -81,7 +81,8 @@ def jacobian_norm(h: nn.Module, p: torch.Tensor, u: torch.Tensor, iters: int) ->
         w = torch.zeros_like(out, requires_grad=True)
         jtw, = torch.autograd.grad(out, p, w, create_graph=True)          # J^T w, linear in w
         best = torch.zeros(p.shape[0], dtype=p.dtype, device=p.device)
-        for _ in range(iters):
+        for k in range(iters):
+            progress.stage("lower bound: Jacobian power iteration", k + 1, iters)
             u = u / _bc(_norms(u).clamp_min(NORM_FLOOR), u)
             ju, = torch.autograd.grad(jtw, w, u, retain_graph=True)       # J u
             best = torch.maximum(best, _norms(ju).detach())
@@ -109,6 +110,8 @@ def lipschitz_lower_bound(model: nn.Module, x: torch.Tensor, eps, search: LowerS
     with torch.enable_grad():
         best, a, b = _secant_ascent(h, x0, e0, search, gen)
         direction = a - b
-        for p in (a, b, x0):
+        for where, p in (('first ascent points', a), ('second ascent points', b),
+                         ('centres', x0)):
+            progress.task(f"lower bound: Jacobian norms at the {where}")
             best = torch.maximum(best, jacobian_norm(h, p, direction, search.power_iters))
     return best.view(n, k).amax(1)
