@@ -1,8 +1,8 @@
 """Local Lipschitz bound and certified loss of Local-Lip (Huang et al., NeurIPS 2021).
 
 Everything here is about the L2 ball ``{x : ||x - x0||_2 <= eps}`` around each input.
-The bound works on any ``nn.Sequential`` built from Conv2d, Linear, AvgPool2d, Flatten,
-ReLU_x, nn.ReLU, ClampGroupSort, Identity and Dropout (eval mode) whose last module is a
+The bound works on any ``nn.Sequential`` built from Conv2d, Linear, AvgPool2d,
+AdaptiveAvgPool2d, Flatten, ReLU_x, nn.ReLU, ClampGroupSort, Identity and Dropout (eval mode) whose last module is a
 Linear layer (eval-mode BatchNorm is folded into affine layers by ``fold_batchnorm``); it
 dispatches on layer types, never on model names.
 
@@ -20,6 +20,7 @@ worst-case-logit algorithm of BCP (docs/method.md).
 """
 import contextlib
 import copy
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -40,7 +41,8 @@ CONVERGED_SNITER = 2000   # enough for the estimates to meet TOL (the README's c
 TEST_OPT_ITER = 1000      # worst-case-logit rounds at test time (exact once they finish)
 NORM_FLOOR = 1e-12  # guards divisions by norms that can be exactly zero
 FLOOR = 1e-30       # floor of a norm or radius before a log or a division
-AFFINE = (nn.Conv2d, nn.Linear, nn.AvgPool2d)      # linear maps (plus bias): one norm each
+POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)       # averages: linear, weights >= 0, no bias
+AFFINE = (nn.Conv2d, nn.Linear) + POOLS             # linear maps (plus bias): one norm each
 ACTIVATIONS = (ReLU_x, nn.ReLU, ClampGroupSort)
 FLATTEN = (Flatten, nn.Flatten)
 NOOPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)   # identities in eval mode
@@ -146,6 +148,8 @@ def _check_layer(i: int, m: nn.Module, where: str) -> bool:
         if isinstance(m.padding, str):
             raise UnsupportedModel(f"{where}: padding must be given as numbers")
         return True
+    if isinstance(m, nn.AdaptiveAvgPool2d):
+        return True
     if isinstance(m, BATCHNORM):
         raise UnsupportedModel(f"{where}: fold it first with local_bound.fold_batchnorm(model) "
                                f"(a per-channel affine map in eval mode; locallip and "
@@ -163,7 +167,7 @@ def _check_layer(i: int, m: nn.Module, where: str) -> bool:
 
 def check_supported(model: nn.Module) -> List[int]:
     """Validate ``model`` for the bound; return the keys (``layer_list`` indices; module
-    indices of a plain nn.Sequential) of its affine layers (Conv2d, Linear, AvgPool2d), the
+    indices of a plain nn.Sequential) of its affine layers (Conv2d, Linear, the average pools), the
     last of which is the logit layer.
 
     ``model``: an nn.Sequential of the supported layers and ``models.Residual`` blocks, or
@@ -179,12 +183,34 @@ def check_supported(model: nn.Module) -> List[int]:
     names = {} if view is model else {id(m): n for n, m in model.named_modules() if n}
     affine = [i for i, m in enumerate(layer_list(view))
               if _check_layer(i, m, _layer_name(i, m, names))]
+    _check_in_place(view)
     real = [m for m in _top_level(view) if not isinstance(m, NOOPS)]
     if not affine or not real or not isinstance(real[-1], nn.Linear):
         raise UnsupportedModel("the last module of the model (after any Identity / Dropout) "
                                "must be nn.Linear (the logit layer), outside any residual "
                                "block")
     return affine
+
+
+def _first_leaf(mods: list) -> Optional[nn.Module]:
+    for m in mods:
+        if isinstance(m, nn.Sequential):
+            m = _first_leaf(_mods(m))
+        if m is not None:
+            return m
+    return None
+
+
+def _check_in_place(view: nn.Module):
+    """Refuse an in-place ReLU that starts an arm of a residual block: it would overwrite
+    the block's input, which the other arm still reads (y = x + f(x) would not be computed)."""
+    for blk in (m for m in view.modules() if isinstance(m, Residual)):
+        for arm in _arms(blk):
+            first = _first_leaf(arm)
+            if isinstance(first, nn.ReLU) and first.inplace:
+                raise UnsupportedModel("a residual block's arm starts with ReLU(inplace=True), "
+                                       "which overwrites the block's input that the other arm "
+                                       "reads: use ReLU() there")
 
 
 def _bn_scale_shift(bn: nn.Module):
@@ -197,70 +223,84 @@ def _bn_scale_shift(bn: nn.Module):
         raise UnsupportedModel(f"{type(bn).__name__} without running statistics "
                                f"(track_running_stats=False) normalises by the batch at every "
                                f"call: not a fixed map, not supported")
-    s = torch.rsqrt(bn.running_var + bn.eps)
+    s, t = _batch_scale_shift(bn, bn.running_mean, bn.running_var)
+    return s.detach(), t.detach()
+
+
+def _batch_scale_shift(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor):
+    """(s, t) [channels] of BatchNorm normalising by ``mean`` and ``var``: s x + t."""
+    s = torch.rsqrt(var + bn.eps)
     if bn.weight is not None:
         s = s * bn.weight
-    t = -bn.running_mean * s
+    t = -mean * s
     if bn.bias is not None:
         t = t + bn.bias
-    return s.detach(), t.detach()
+    return s, t
+
+
+def _with_weights(a: nn.Module, weight: torch.Tensor, bias: torch.Tensor,
+                  live: bool) -> nn.Module:
+    """A new module computing as ``a`` with the given weight and bias: new Parameters, or
+    with ``live`` the tensors themselves (a training step's fold, through which gradients
+    reach the original parameters and the batch statistics)."""
+    b = copy.copy(a)
+    b._parameters, b._buffers, b._modules = {}, dict(a._buffers), {}
+    if live:
+        b.weight, b.bias = weight, bias
+    else:
+        b.weight, b.bias = nn.Parameter(weight.detach().clone()), nn.Parameter(bias.detach().clone())
+    return b
 
 
 def _bn_as_layer(m: nn.Module, s: torch.Tensor, t: torch.Tensor) -> nn.Module:
     """A BatchNorm with nothing to fold into, as its own affine layer of the same map: a
     depthwise 1x1 Conv2d (BatchNorm2d) or a diagonal Linear (BatchNorm1d)."""
-    c = s.numel()
+    c, live = s.numel(), s.requires_grad
     if isinstance(m, nn.BatchNorm2d):
-        a = nn.Conv2d(c, c, 1, groups=c)
-        with torch.no_grad():
-            a.weight.copy_(s.view(c, 1, 1, 1))
-            a.bias.copy_(t)
-    else:
-        a = nn.Linear(c, c)
-        with torch.no_grad():
-            a.weight.copy_(torch.diag(s))
-            a.bias.copy_(t)
-    return a.to(s.device, s.dtype)
+        return _with_weights(nn.Conv2d(c, c, 1, groups=c, device='meta'), s.view(c, 1, 1, 1), t,
+                             live)
+    return _with_weights(nn.Linear(c, c, device='meta'), torch.diag(s), t, live)
 
 
-def _fold_into(a: nn.Module, m: nn.Module, s, t, where: str) -> None:
-    """W' = s W, b' = s b + t per output channel of the (copied) affine layer ``a``."""
+def _fold_into(a: nn.Module, m: nn.Module, s, t, where: str) -> nn.Module:
+    """The affine layer ``a`` with W' = s W, b' = s b + t per output channel (a new module)."""
     if a.weight.shape[0] != s.numel():
         raise UnsupportedModel(f"{where} ({type(m).__name__}) has {s.numel()} channels, the "
                                f"layer before it has {a.weight.shape[0]} outputs")
-    shape = (-1,) + (1,) * (a.weight.dim() - 1)
-    with torch.no_grad():
-        a.weight.mul_(s.view(shape))
-        bias = t.clone() if a.bias is None else a.bias * s + t
-        a.bias = nn.Parameter(bias)
+    w = a.weight * s.view((-1,) + (1,) * (a.weight.dim() - 1))
+    return _with_weights(a, w, t if a.bias is None else a.bias * s + t, s.requires_grad)
 
 
-def _fold_chain(mods: list, key: int):
-    """(folded modules, next key) of one chain (see fold_batchnorm); blocks recursively."""
+def _fold_chain(mods: list, key: int, stats: Optional[dict] = None):
+    """(folded modules, next key) of one chain (see fold_batchnorm); blocks recursively.
+    ``stats``: {id(BatchNorm): (mean, var)} of a training batch (``training_view``): fold
+    with them, differentiably, and drop Dropout; None: the running statistics."""
     out, prev = [], None       # prev: position in out of an affine layer not yet folded into
     for m in mods:
         if isinstance(m, (nn.Sequential, Residual)):
             arms = [_mods(m)] if isinstance(m, nn.Sequential) else list(_arms(m))
             folded = []
             for arm in arms:
-                f, key = _fold_chain(arm, key)
+                f, key = _fold_chain(arm, key, stats)
                 folded.append(nn.Sequential(*f))
             out.append(folded[0] if isinstance(m, nn.Sequential) else
                        Residual(folded[0], folded[1] if m.shortcut is not None else None))
             prev = None
             continue
         if isinstance(m, BATCHNORM):
-            s, t = _bn_scale_shift(m)
+            s, t = _bn_scale_shift(m) if stats is None else _batch_scale_shift(m, *stats[id(m)])
             if prev is not None:
-                _fold_into(out[prev], m, s, t, f"layer {key}")
+                out[prev] = _fold_into(out[prev], m, s, t, f"layer {key}")
                 m = nn.Identity()
             else:
                 m = _bn_as_layer(m, s, t)
             prev = None
         elif isinstance(m, (nn.Conv2d, nn.Linear)):
-            m, prev = copy.deepcopy(m), len(out)
-        elif not isinstance(m, NOOPS):
-            prev = None                  # folding looks through Identity / Dropout
+            prev = len(out)
+        elif isinstance(m, NOOPS):       # folding looks through Identity / Dropout
+            m = m if stats is None else nn.Identity()
+        else:
+            prev = None
         out.append(m)
         key += 1
     return out, key
@@ -283,12 +323,82 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return derived(folded, model)
 
 
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+TRAIN_VIEW_TOL = 1e-4     # the training view's logits against the model's own, relative
+_TRAIN_CHECKED = weakref.WeakSet()
+
+
+def _in_training(model: nn.Module) -> List[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, BATCHNORM + DROPOUTS) and m.training]
+
+
+def bound_structure(model: nn.Module) -> nn.Module:
+    """The network as the bound reads it, for its layer keys and shapes: ``model`` itself,
+    or, with BatchNorm, ``fold_batchnorm`` of it (of an eval-mode copy when a BatchNorm is
+    in training mode; Dropout too is read as in eval mode). Raises UnsupportedModel as
+    ``check_supported``."""
+    if _in_training(model):
+        model = copy.deepcopy(model).eval()
+    return fold_batchnorm(model)
+
+
+def _batch_statistics(model: nn.Module, x: torch.Tensor) -> tuple:
+    """(model's logits, {id(BatchNorm): (mean, var) [channels]}) from its own forward on the
+    training batch ``x`` [batch, ...] with Dropout off: the statistics each training-mode
+    BatchNorm normalises by (biased variance; differentiable), its running ones updated."""
+    stats, hooks = {}, []
+    drops = [m for m in model.modules() if isinstance(m, DROPOUTS) and m.training]
+
+    def keep(bn, inputs, _):
+        z = inputs[0]
+        dims = [0] + list(range(2, z.dim()))
+        stats[id(bn)] = (z.mean(dims), z.var(dims, unbiased=False))
+    for m in model.modules():
+        if isinstance(m, BATCHNORM) and m.training:
+            hooks.append(m.register_forward_hook(keep))
+    try:
+        for m in drops:
+            m.eval()
+        logits = model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in drops:
+            m.train()
+    return logits, stats
+
+
+def training_view(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """The network a training step bounds: ``model`` itself, or when it holds BatchNorm or
+    Dropout in training mode, a fold made for the batch ``x`` [batch, ...]: each BatchNorm
+    folded with the batch's own statistics (as training-mode BatchNorm normalises; its
+    running statistics are updated once), differentiably, so gradients reach the weights,
+    the BatchNorm's affine parameters and, through the statistics, the layers before it;
+    Dropout left out (the step bounds, and its clean loss uses, the network without it).
+    Evaluation folds the running statistics instead (``fold_batchnorm``). On the first call
+    for a model its logits are compared with the view's (``TRAIN_VIEW_TOL``)."""
+    if not _in_training(model):
+        return model
+    logits, stats = _batch_statistics(model, x)
+    view = nn.Sequential(*_fold_chain(_mods(sequential_view(model)), 0, stats)[0])
+    if model not in _TRAIN_CHECKED:
+        with torch.no_grad():
+            got = view(x)
+            err = ((got - logits).abs().max() / logits.abs().max().clamp_min(1e-12)).item()
+        if not err <= TRAIN_VIEW_TOL:
+            raise UnsupportedModel(f"{type(model).__name__}: the network with BatchNorm folded "
+                                   f"by the batch's statistics differs from the model's own "
+                                   f"training-mode forward by {err:.3g} (relative)")
+        _TRAIN_CHECKED.add(model)
+    return view
+
+
 # ----------------------------------------------------------------------------------------
 # Linear operators: W x (no bias), W^T y, row norms, |W| x
 # ----------------------------------------------------------------------------------------
 def apply_W(layer: nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
     """W x without bias. x: [batch, *in_shape] -> [batch, *out_shape]."""
-    if isinstance(layer, nn.AvgPool2d):
+    if isinstance(layer, POOLS):
         return layer(x)                  # linear, no bias
     w = layer.weight if weight is None else weight
     if isinstance(layer, nn.Conv2d):
@@ -299,7 +409,7 @@ def apply_W(layer: nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor] = 
 def apply_absW(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """|W| x (elementwise absolute weights, no bias): the half-width map of interval
     arithmetic. x: [batch, *in_shape] -> [batch, *out_shape]."""
-    if isinstance(layer, nn.AvgPool2d):
+    if isinstance(layer, POOLS):
         return layer(x)                  # nonnegative weights: |W| = W
     return apply_W(layer, x, layer.weight.abs())
 
@@ -334,12 +444,28 @@ def apply_WT(layer: nn.Module, y: torch.Tensor, in_shape) -> torch.Tensor:
     return vjp_transpose(layer, y, in_shape)
 
 
+def adaptive_window_sizes(output_size, in_hw) -> torch.Tensor:
+    """Inputs averaged by each output of ``nn.AdaptiveAvgPool2d(output_size)`` on an input of
+    spatial size ``in_hw``: [out_h, out_w]. Output i of a side of n inputs and k outputs
+    averages inputs floor(i n / k) .. ceil((i + 1) n / k) - 1 (PyTorch's windows)."""
+    sizes = output_size if isinstance(output_size, (tuple, list)) else (output_size,) * 2
+    counts = []
+    for k, n in zip(sizes, in_hw):
+        k = n if k is None else k
+        i = torch.arange(k)
+        counts.append(((i + 1) * n + k - 1) // k - (i * n) // k)
+    return torch.outer(counts[0], counts[1]).double()
+
+
 def row_norms(layer: nn.Module, in_shape=None) -> torch.Tensor:
     """L2 norm of each output unit's weights, shaped to broadcast over [batch, *out_shape].
 
     For a convolution it is the norm of the whole filter (an upper bound at the borders,
-    where zero padding hides part of it). For AvgPool2d (``in_shape`` needed) it is exact
-    per output: 1/c over the window's n real inputs gives sqrt(n) / c."""
+    where zero padding hides part of it). For the average pools (``in_shape`` needed) it is
+    exact per output: 1/c over the window's n real inputs gives sqrt(n) / c (AdaptiveAvgPool2d:
+    c = n, 1 / sqrt(n))."""
+    if isinstance(layer, nn.AdaptiveAvgPool2d):
+        return adaptive_window_sizes(layer.output_size, in_shape[-2:]).rsqrt()[None, None]
     if isinstance(layer, nn.AvgPool2d):
         ones = torch.ones((1, *in_shape))
         mean = layer(ones)                                     # n / c
@@ -1095,9 +1221,10 @@ class _Walk:
             lb_out, ub_out = torch.maximum(g_lb, g_lo), torch.minimum(g_ub, g_hi)
             self.res.post_boxes[i] = (lb_out, ub_out)
         else:   # elementwise and monotone: max(g(a), g(b)) = g(max(a, b)), exactly
-            lb_out = m(box_max(self.lb, self.mu - rr))
-            ub_out = m(box_min(self.ub, self.mu + rr))
-            mu_out = m(self.mu)
+            g = F.relu if isinstance(m, nn.ReLU) else m     # never in place (mu is kept)
+            lb_out = g(box_max(self.lb, self.mu - rr))
+            ub_out = g(box_min(self.ub, self.mu + rr))
+            mu_out = g(self.mu)
         with torch.no_grad():
             d = _varying(m, self.lb, self.ub, lb_out, ub_out)
         self.res.masks[i], self.res.pre_boxes[i] = d, (self.lb, self.ub)

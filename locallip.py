@@ -34,7 +34,7 @@ from radius import RADIUS_RTOL, RADIUS_STEPS, RadiusSearch, radius_batch
 from lanczos import GuaranteedNorms, guaranteed_certify
 from checkpoints import load_checkpoint
 from tightness import LowerSearch, lipschitz_lower_bound
-from local_bound import (CONVERGED_SNITER, FLOOR, NOOPS, SUPPORTED, TEST_OPT_ITER, TOL,
+from local_bound import (CONVERGED_SNITER, FLOOR, NOOPS, POOLS, SUPPORTED, TEST_OPT_ITER, TOL,
                          UnsupportedModel, check_supported, compute_bound, exact_float32,
                          fold_batchnorm, layer_list)
 from vectors import KeptVectors, RandomVectors
@@ -107,7 +107,7 @@ def _batched(model: nn.Sequential, x) -> torch.Tensor:
     p = next(model.parameters())
     x = torch.as_tensor(x).to(device=p.device, dtype=p.dtype)
     first = next((m for m in layer_list(model) if not isinstance(m, NOOPS)), None)
-    if isinstance(first, (nn.Conv2d, nn.AvgPool2d)) and x.dim() == 3:
+    if isinstance(first, (nn.Conv2d,) + POOLS) and x.dim() == 3:
         x = x.unsqueeze(0)
     elif isinstance(first, nn.Linear) and x.dim() == 1:
         x = x.unsqueeze(0)

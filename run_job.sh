@@ -57,7 +57,7 @@ setup() {
         base=$(command -v python3.11 || command -v python3)
         "$base" -m venv .venv
     fi
-    if ! "$PY" -c 'import torch, torchvision, tqdm, tensorboard, matplotlib, pytest, setuptools' 2>/dev/null; then
+    if ! "$PY" -c 'import torch, torchvision, tqdm, tensorboard, matplotlib, pytest, setuptools, torchattacks' 2>/dev/null; then
         "$PY" -m pip install -q --upgrade pip
         "$PY" -m pip install -q -r requirements.txt
     fi

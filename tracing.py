@@ -8,10 +8,11 @@ What a traced graph may contain: one input; calls of layers (the torch.nn ones a
 project's ``ReLU_x``, ``ClampGroupSort``, ``Flatten``, ``Residual``; whether the bound supports
 a layer's type is ``local_bound.check_supported``'s question); ``relu``; flattening to
 [batch, features] (``torch.flatten(x, 1)``, ``x.flatten(1)``, ``x.view(x.size(0), -1)``,
-``x.reshape(n, -1)``, ``x.view(-1, features)``); ``F.avg_pool2d``; and additions ``a + b`` that merge the two arms of a fork (y = x +
-f(x), y = s(x) + f(x)). Anything else (a concatenation, a product of branches, a constant
-added, a value used by three operations, data-dependent control flow) is refused with one
-line naming the graph node. The rewritten network is compared with the model's own
+``x.reshape(n, -1)``, ``x.view(-1, features)``); ``F.avg_pool2d``, ``F.adaptive_avg_pool2d``;
+and additions ``a + b`` that merge the two arms of a fork (y = x + f(x), y = s(x) + f(x)).
+Anything else (a concatenation, a product of branches, a constant added, a value used by
+three operations, data-dependent control flow) is refused with one line naming the graph
+node. The rewritten network is compared with the model's own
 forward on the first input it is used with (``check_view``).
 """
 import operator
@@ -133,6 +134,8 @@ class _Reader:
             layer = nn.Flatten()
         elif node.target is F.avg_pool2d:
             layer = nn.AvgPool2d(*node.args[1:], **node.kwargs)
+        elif node.target is F.adaptive_avg_pool2d:
+            layer = nn.AdaptiveAvgPool2d(*node.args[1:], **node.kwargs)
         else:
             raise _refuse(self.model, node, "is not a layer the bound reads")
         others = list(node.args[1:]) + list(node.kwargs.values())

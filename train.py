@@ -33,9 +33,9 @@ from evaluate import eval_settings
 from evaluation import full_evaluation
 from progress import PROGRESS_EVERY_S
 from report import summary_line
-from local_bound import (BATCHNORM, FLOOR, NOOPS, NORM_EPS, certified_loss, check_supported,
-                         compute_bound, global_vector_shape, layer_input_shapes, layer_list,
-                         sparsity_loss)
+from local_bound import (BATCHNORM, DROPOUTS, FLOOR, NORM_EPS, bound_structure, certified_loss,
+                         check_supported, compute_bound, fold_batchnorm, global_vector_shape,
+                         layer_input_shapes, layer_list, sparsity_loss, training_view)
 from vectors import GivenVectors, VectorStore
 from checkpoints import atomic_save, checkpoint_base, load_checkpoint, safe_load
 from errors import UserError
@@ -142,7 +142,7 @@ def make_stores(args, model, input_shape, n_train, n_test, base, say=print, rank
     store lives in GPU memory when it fits in half the free memory (auto) or when asked
     (device). A disk store is one file per split shared by all processes of a node (rank 0
     creates it)."""
-    shapes = layer_input_shapes(model, input_shape)
+    shapes = layer_input_shapes(bound_structure(model), input_shape)
     keys = None
     if getattr(args, 'indices', None):
         keys = [int(k) for k in str(args.indices).split(',') if k != '']
@@ -315,6 +315,7 @@ def stored_step(step_fn, model, x, y, eps, kappa, vectors, shapes, global_vector
     """``step_fn`` (certified_step, maybe compiled) with its starting vectors read from
     ``vectors`` (a vector store's batch, or RandomVectors) for the layers of ``shapes``
     {affine index: in_shape}, and the final ones written back."""
+    model = training_view(model, x)       # BatchNorm folded by the batch's statistics
     start_global_vectors(global_vectors, model, shapes, x)
     given = {k: vectors.get(k, s) for k, s in shapes.items()}
     out = step_fn(model, x, y, eps, kappa, given, global_vectors, settings)
@@ -414,7 +415,7 @@ def train_epoch(run: Run, epoch: int, first: bool = False) -> dict:
         eps, kappa = batch_eps_kappa(args, epoch, i, len(loader))
         if epoch >= args.warmup:
             if shapes is None:
-                shapes = layer_input_shapes(model, tuple(x.shape[1:]))
+                shapes = layer_input_shapes(bound_structure(model), tuple(x.shape[1:]))
             out = stored_step(step_fn, model, x, y, eps, kappa, run.stores[0].batch(idx, device),
                               shapes, run.global_vectors, settings)
             for k, v in out.varying.items():
@@ -558,25 +559,20 @@ def resume_vectors(path: str, epoch: int, stores) -> bool:
 # ----------------------------------------------------------------------------------------
 # Main
 # ----------------------------------------------------------------------------------------
-def check_trainable(model, name):
-    """UserError unless the bound can follow ``model`` through training: no BatchNorm or
-    Dropout (in training mode neither is a fixed map, so no bound computed for the step
-    would hold), every layer supported."""
+def check_trainable(model, name, compiled=False):
+    """UserError unless the bound can follow ``model`` through training: every layer
+    supported (BatchNorm with running statistics: each step folds the batch's own,
+    ``local_bound.training_view``); with ``compiled`` (--compile), no BatchNorm or Dropout
+    (the step's fold is a new network every step)."""
     try:
-        layers = layer_list(model)
+        check_supported(bound_structure(model))
     except ValueError as e:
         raise UserError(f"--model {name}: {e}") from None
-    bad = [f"{i} ({type(m).__name__})" for i, m in enumerate(layers)
-           if isinstance(m, BATCHNORM + NOOPS) and not isinstance(m, torch.nn.Identity)]
-    if bad:
-        raise UserError(f"--model {name}: training does not support layers {', '.join(bad)}: "
-                        f"in training mode they are not fixed maps, so no certified bound of "
-                        f"the step would hold (evaluation folds eval-mode BatchNorm and skips "
-                        f"Dropout)")
-    try:
-        check_supported(model)
-    except ValueError as e:
-        raise UserError(f"--model {name}: {e}") from None
+    bad = [f"{i} ({type(m).__name__})" for i, m in enumerate(layer_list(model))
+           if isinstance(m, BATCHNORM + DROPOUTS)]
+    if compiled and bad:
+        raise UserError(f"--model {name}: --compile does not take layers {', '.join(bad)} "
+                        f"(each step folds them anew); train without --compile")
 
 
 RESUME_KEYS = ('optimizer', 'scheduler', 'global_vectors', 'epoch', 'best_err')
@@ -613,7 +609,7 @@ def start_run(args) -> Run:
     base = checkpoint_base(args.prefix, args.model)
     seed_all(args.seed)
     model = select_model(args.data, args.model, args.init).to(device)
-    check_trainable(model, args.model)
+    check_trainable(model, args.model, args.compile)
     train_loader, test_loader = get_loaders(args, rank=rank, world=world)
     opt = make_optimizer(args, model)
     stores = make_stores(args, model, tuple(train_loader.dataset[0][0].shape),
@@ -641,7 +637,8 @@ def resume_run(run: Run):
                         f"(a best-model or reference-format file holds weights only)")
     run.opt.load_state_dict(ckpt['optimizer'])
     run.sched.load_state_dict(ckpt['scheduler'])
-    shapes = layer_input_shapes(run.model, tuple(run.train_loader.dataset[0][0].shape))
+    shapes = layer_input_shapes(bound_structure(run.model),
+                                tuple(run.train_loader.dataset[0][0].shape))
     run.global_vectors.update(resumed_global_vectors(
         ckpt['global_vectors'], run.model, shapes, run.device, run.say,
         ckpt.get('global_linear_space', 'input')))
@@ -695,8 +692,9 @@ def one_epoch(run: Run, epoch: int):
     train_means = train_epoch(run, epoch, first=(epoch == run.start))
     run.sched.step()
     eps_next, _ = epoch_eps_kappa(args, epoch + 1)
+    run.model.eval()                     # BatchNorm by its running statistics
     test_cert = certify_loader(
-        run.model, run.test_loader, eps_next, run.device, store=run.stores[1],
+        fold_batchnorm(run.model), run.test_loader, eps_next, run.device, store=run.stores[1],
         global_vectors=run.global_vectors, desc=f'epoch {epoch} test',
         heartbeat=run.rank == 0 and bool(args.verbose), sniter=args.test_sniter,
         opt_iter=args.test_opt_iter, bound=args.bound, estimate=args.estimate)
@@ -767,7 +765,8 @@ def final_evaluation(run: Run) -> dict:
     test_loader = run.test_loader
     if run.world > 1:   # the final evaluation runs on the whole test set, in this process
         _, test_loader = get_loaders(args, train=False)
-    res = full_evaluation(model, test_loader, eval_settings(args, audit=False), run.device)
+    res = full_evaluation(fold_batchnorm(model.eval()), test_loader,
+                          eval_settings(args, audit=False), run.device)
     res['normalization'] = bool(args.normalization)
     print(f"final ({os.path.basename(final)}): " + summary_line(res), flush=True)
     if not args.no_save:

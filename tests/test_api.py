@@ -10,8 +10,8 @@ import torch.nn as nn
 
 from conftest import ROOT, make_mnist_like
 import locallip
-from local_bound import (apply_W, apply_WT, check_supported,
-                         compute_bound, fold_batchnorm, masked_products, vjp_transpose)
+from local_bound import (apply_W, apply_WT, check_supported, compute_bound, fold_batchnorm,
+                         masked_products, row_norms, vjp_transpose)
 from checkpoints import load_checkpoint
 from errors import UserError
 from models import select_model
@@ -246,12 +246,30 @@ def test_user_model_is_sound_on_sampled_points():
     assert set(b.sigmas) == {0, 3, 4, 8} and set(b.varying) == {2, 5, 10}
 
 
+@pytest.mark.parametrize('pool,shape', [
+    (nn.AdaptiveAvgPool2d((3, 3)), (2, 7, 7)), (nn.AdaptiveAvgPool2d(2), (1, 6, 5)),
+    (nn.AdaptiveAvgPool2d((None, 3)), (1, 4, 4)), (nn.AdaptiveAvgPool2d(1), (3, 5, 5)),
+    (nn.AvgPool2d(3, stride=2, padding=1), (1, 6, 6)),
+    (nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (1, 6, 6))],
+    ids=['adaptive-overlap', 'adaptive-uneven', 'adaptive-none', 'global', 'avg', 'avg-nopad'])
+def test_pool_row_norms_equal_the_explicit_matrix(pool, shape):
+    """The per-output weight norm (the box's half-width per unit of radius) of the average
+    pools equals the row norms of their explicit matrices."""
+    n = math.prod(shape)
+    basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
+    out = apply_W(pool, basis)
+    want = out.reshape(n, -1).t().norm(dim=1).reshape(out.shape[1:])
+    got = row_norms(pool, shape)[0].expand_as(want).to(torch.float64)
+    assert torch.allclose(got, want, rtol=1e-6), (got - want).abs().max()
+
+
 def test_vjp_transpose_equals_the_explicit_one():
     torch.manual_seed(2)
     conv = nn.Conv2d(3, 5, 3, stride=2, padding=1).double()
     pool = nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False)
     lin = nn.Linear(7, 4).double()
-    for layer, shape in ((conv, (3, 7, 7)), (pool, (2, 6, 6)), (lin, (7,))):
+    for layer, shape in ((conv, (3, 7, 7)), (pool, (2, 6, 6)), (lin, (7,)),
+                         (nn.AdaptiveAvgPool2d((3, 2)), (2, 7, 5))):
         n = int(torch.tensor(shape).prod())
         basis = torch.eye(n, dtype=torch.float64).reshape(n, *shape)
         W = apply_W(layer, basis).reshape(n, -1).t()            # explicit matrix [out, in]

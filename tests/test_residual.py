@@ -79,12 +79,36 @@ def jacobian_norm_exact(h, p):
     return torch.linalg.matrix_norm(j.reshape(j.shape[0], -1), 2)
 
 
+class TorchvisionStyle(nn.Module):
+    """The torchvision BasicBlock idiom: one ReLU(inplace=True) called twice, a 1x1
+    ``downsample`` shortcut, ``out += identity``, AdaptiveAvgPool2d with overlapping windows
+    (4x4 -> 3x3) and ``torch.flatten(x, 1)`` (8x8 inputs, 3 classes)."""
+
+    def __init__(self, seed=0):
+        torch.manual_seed(seed)
+        super().__init__()
+        self.conv1, self.relu = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(4, 6, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(6, 6, 3, padding=1)
+        self.downsample = nn.Conv2d(4, 6, 1, stride=2)
+        self.pool, self.fc = nn.AdaptiveAvgPool2d((3, 3)), nn.Linear(6 * 9, 3)
+
+    def forward(self, x):
+        x = self.relu(self.conv1(x))
+        identity = self.downsample(x)
+        out = self.conv3(self.relu(self.conv2(x)))
+        out += identity
+        out = self.relu(out)
+        return self.fc(torch.flatten(self.pool(out), 1))
+
+
 @pytest.mark.parametrize('eps', [0.05, 0.4])
-def test_bound_holds_at_sampled_points_exact_norms(eps):
+@pytest.mark.parametrize('build', [conv_net, TorchvisionStyle], ids=['blocks', 'torchvision'])
+def test_bound_holds_at_sampled_points_exact_norms(eps, build):
     """With exact masked norms the local bound is at least ||J_h(p)||_2 at every sampled
     point p of the ball, the points' features stay in the penultimate ball and box, and
     their logits never beat the worst-case margins."""
-    net = dev(conv_net().double().eval())
+    net = dev(build().double().eval())
     x = dev(torch.rand(4, 1, 8, 8, dtype=torch.float64))
     y = net(x).argmax(1)
     glob, local = exact_norms(net, (1, 8, 8))
@@ -287,6 +311,23 @@ def test_other_graphs_are_refused_in_one_line(net, message):
     with pytest.raises(UnsupportedModel) as e:
         check_supported(net)
     assert message in str(e.value) and '\n' not in str(e.value)
+
+
+class InPlaceArm(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.relu, self.a, self.b = nn.ReLU(inplace=True), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(x + self.a(self.relu(x)))
+
+
+def test_an_in_place_relu_starting_an_arm_is_refused():
+    """It would overwrite the block's input, which the identity arm reads."""
+    for net in (InPlaceArm(), nn.Sequential(nn.Linear(4, 4), Residual(nn.Sequential(
+            nn.ReLU(inplace=True), nn.Linear(4, 4))), nn.Linear(4, 2))):
+        with pytest.raises(UnsupportedModel, match=r"starts with ReLU\(inplace=True\)"):
+            check_supported(net)
 
 
 def test_batchnorm_in_a_block_folds_with_the_same_keys():
