@@ -2,8 +2,9 @@
 
 Everything here is about the L2 ball ``{x : ||x - x0||_2 <= eps}`` around each input.
 The bound works on any ``nn.Sequential`` built from Conv2d, Linear, AvgPool2d,
-AdaptiveAvgPool2d, Flatten, ReLU_x, nn.ReLU, ClampGroupSort, Identity and Dropout (eval mode) whose last module is a
-Linear layer (eval-mode BatchNorm is folded into affine layers by ``fold_batchnorm``); it
+AdaptiveAvgPool2d, Flatten, ReLU_x, nn.ReLU, ClampGroupSort, Identity and Dropout (eval
+mode) whose last module is a Linear layer (eval-mode BatchNorm is folded into affine layers
+by ``fold_batchnorm``; in training, by the batch's statistics: ``training_view``); it
 dispatches on layer types, never on model names.
 
 Per sample, the network is walked once, carrying
@@ -167,8 +168,8 @@ def _check_layer(i: int, m: nn.Module, where: str) -> bool:
 
 def check_supported(model: nn.Module) -> List[int]:
     """Validate ``model`` for the bound; return the keys (``layer_list`` indices; module
-    indices of a plain nn.Sequential) of its affine layers (Conv2d, Linear, the average pools), the
-    last of which is the logit layer.
+    indices of a plain nn.Sequential) of its affine layers (Conv2d, Linear, the average
+    pools), the last of which is the logit layer.
 
     ``model``: an nn.Sequential of the supported layers and ``models.Residual`` blocks, or
     any module whose forward torch.fx reads as such (``tracing``). Raises UnsupportedModel
@@ -248,7 +249,8 @@ def _with_weights(a: nn.Module, weight: torch.Tensor, bias: torch.Tensor,
     if live:
         b.weight, b.bias = weight, bias
     else:
-        b.weight, b.bias = nn.Parameter(weight.detach().clone()), nn.Parameter(bias.detach().clone())
+        b.weight = nn.Parameter(weight.detach().clone())
+        b.bias = nn.Parameter(bias.detach().clone())
     return b
 
 
