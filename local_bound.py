@@ -46,7 +46,8 @@ POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)       # averages: linear, weights >
 AFFINE = (nn.Conv2d, nn.Linear) + POOLS             # linear maps (plus bias): one norm each
 ACTIVATIONS = (ReLU_x, nn.ReLU, ClampGroupSort)
 FLATTEN = (Flatten, nn.Flatten)
-NOOPS = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d)   # identities in eval mode
+DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
+NOOPS = (nn.Identity,) + DROPOUTS                # identities in eval mode
 BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
 
 
@@ -325,7 +326,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return derived(folded, model)
 
 
-DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
 TRAIN_VIEW_TOL = 1e-4     # the training view's logits against the model's own, relative
 _TRAIN_CHECKED = weakref.WeakSet()
 
