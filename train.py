@@ -38,7 +38,7 @@ from local_bound import (BATCHNORM, DROPOUTS, FLOOR, NORM_EPS, bound_structure, 
                          layer_input_shapes, layer_list, sparsity_loss, training_view)
 from vectors import GivenVectors, VectorStore
 from checkpoints import atomic_save, checkpoint_base, load_checkpoint, safe_load
-from errors import UserError
+from errors import UnsupportedModel, UserError
 from models import clamp_thresholds, select_model
 from utils import (all_reduce_sum, argparser, distributed, init_distributed, run_main, seed_all,
                    use_deterministic_kernels)
@@ -315,7 +315,10 @@ def stored_step(step_fn, model, x, y, eps, kappa, vectors, shapes, global_vector
     """``step_fn`` (certified_step, maybe compiled) with its starting vectors read from
     ``vectors`` (a vector store's batch, or RandomVectors) for the layers of ``shapes``
     {affine index: in_shape}, and the final ones written back."""
-    model = training_view(model, x)       # BatchNorm folded by the batch's statistics
+    try:                                  # BatchNorm folded by the batch's statistics
+        model = training_view(model, x)
+    except UnsupportedModel as e:
+        raise UserError(str(e)) from None
     start_global_vectors(global_vectors, model, shapes, x)
     given = {k: vectors.get(k, s) for k, s in shapes.items()}
     out = step_fn(model, x, y, eps, kappa, given, global_vectors, settings)

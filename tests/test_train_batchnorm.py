@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import DEVICE, ROOT, dev
-from errors import UserError
+from errors import UnsupportedModel, UserError
 from local_bound import bound_structure, compute_bound, layer_input_shapes, training_view
 from train import check_trainable
 from test_cli import FAST, run
@@ -81,6 +81,28 @@ def test_the_bound_of_a_training_step_reaches_every_parameter():
     for name, p in net.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert training_view(net.eval(), x) is net                    # eval mode: the model itself
+
+
+class SharedBN(nn.Module):
+    """One BatchNorm called on two different tensors: a fold by one batch's statistics per
+    module cannot match, and the first step says so."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.bn = nn.Conv2d(1, 4, 3), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 3)
+
+    def forward(self, x):
+        x = F.relu(self.bn(self.c1(x)))
+        return self.fc(F.relu(self.bn(self.c2(x))).flatten(1))
+
+
+def test_a_batchnorm_called_twice_is_refused_on_the_first_step():
+    torch.manual_seed(0)
+    net = dev(SharedBN())
+    with pytest.raises(UnsupportedModel, match="SharedBN: the network with BatchNorm folded by "
+                                               "the batch's statistics differs"):
+        training_view(net, dev(torch.rand(8, 1, 8, 8)))
 
 
 def test_compile_refuses_batchnorm_and_dropout():
