@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import progress
 from errors import UnsupportedModel
 from models import ClampGroupSort, Flatten, ReLU_x, Residual
-from tracing import check_view, derived, sequential_view
+from tracing import check_view, derived, relative_error, sequential_view
 from vectors import RandomVectors
 
 TOL = 1e-3          # power iteration stops when the largest per-sample change is below this
@@ -385,8 +385,7 @@ def training_view(model: nn.Module, x: torch.Tensor) -> nn.Module:
     view = nn.Sequential(*_fold_chain(_mods(sequential_view(model)), 0, stats)[0])
     if model not in _TRAIN_CHECKED:
         with torch.no_grad():
-            got = view(x)
-            err = ((got - logits).abs().max() / logits.abs().max().clamp_min(1e-12)).item()
+            err = relative_error(view(x), logits)
         if not err <= TRAIN_VIEW_TOL:
             raise UnsupportedModel(f"{type(model).__name__}: the network with BatchNorm folded "
                                    f"by the batch's statistics differs from the model's own "

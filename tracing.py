@@ -12,8 +12,8 @@ a layer's type is ``local_bound.check_supported``'s question); ``relu``; flatten
 and additions ``a + b`` that merge the two arms of a fork (y = x + f(x), y = s(x) + f(x)).
 Anything else (a concatenation, a product of branches, a constant added, a value used by
 three operations, data-dependent control flow) is refused with one line naming the graph
-node. The rewritten network is compared with the model's own
-forward on the first input it is used with (``check_view``).
+node. The rewritten network is compared with the model's own forward on the first input it
+is used with (``check_view``).
 """
 import operator
 import weakref
@@ -241,6 +241,11 @@ def sequential_view(model: nn.Module) -> nn.Sequential:
     return view
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """max |got - want| / max |want| (the comparison of a rewritten network's outputs)."""
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+
+
 def check_view(model: nn.Module, x: torch.Tensor) -> Optional[float]:
     """Compare a rewritten model's forward with its own on ``x`` [batch, ...] (once per
     rewrite); raise UnsupportedModel when they differ by more than VIEW_TOL (relative).
@@ -261,7 +266,7 @@ def check_view(model: nn.Module, x: torch.Tensor) -> Optional[float]:
         if want.shape != got.shape:
             raise UnsupportedModel(f"{type(model).__name__}: the network read from its forward "
                                    f"gives shape {tuple(got.shape)}, the model {tuple(want.shape)}")
-        err = ((want - got).abs().max() / want.abs().max().clamp_min(1e-12)).item()
+        err = relative_error(got, want)
     if not err <= VIEW_TOL:
         raise UnsupportedModel(f"{type(model).__name__}: the network read from its forward "
                                f"differs from it by {err:.3g} (relative) on the first input: "
