@@ -679,13 +679,32 @@ class PowerIterationResult:
     converged: torch.Tensor  # [batch] bool, last change < tol
 
 
+@dataclass(frozen=True)
+class PowerOptions:
+    """How ``masked_power_iteration`` iterates; the defaults are certification's."""
+    tol: float = TOL                # stop when the vector's change ||u_new - u|| < tol
+    grad_through: bool = True       # with gradient: differentiate every iteration (training)
+    per_sample_stop: bool = True    # without it: each sample stops at its own convergence
+    estimate: str = 'bilinear'      # 'bilinear' v^T A u (the reference's) or 'forward' ||A u||
+    sync_free: bool = False         # exactly n_iter iterations, the stop applied on the device
+
+
+@dataclass
+class _Iterated:
+    """Where a power iteration loop ended: u [batch, *in_shape], tn = ||A^T v|| [batch] of
+    the last iteration (None without iterations), v [batch, *out_shape] the last unit
+    v (kept only for --pi_grad last), iters [batch] long and converged [batch] bool."""
+    u: torch.Tensor
+    tn: Optional[torch.Tensor]
+    v: Optional[torch.Tensor]
+    iters: torch.Tensor
+    converged: torch.Tensor
+
+
 def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
                            d_in: Optional[torch.Tensor] = None,
                            d_out: Optional[torch.Tensor] = None,
-                           tol: float = TOL, grad_through: bool = True,
-                           per_sample_stop: bool = True,
-                           estimate: str = 'bilinear',
-                           sync_free: bool = False) -> PowerIterationResult:
+                           opts: PowerOptions = PowerOptions()) -> PowerIterationResult:
     """Per-sample spectral norm of A = D_out W D_in by power iteration (conv or linear).
 
     u:     [batch, *in_shape] starting vectors (stored from earlier epochs or random).
@@ -694,105 +713,119 @@ def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
 
     Each iteration (the reference's): u <- D_in u; v = normalize(D_out W u);
     u = normalize(D_in W^T v), its change measured against u as it was before the mask (as
-    the reference: a stored vector's mass where the mask is now 0 counts); the estimate is the bilinear v^T A u = ||A^T v|| with the
-    last v and u (``estimate='forward'``: ||A u||, opt-in, one more product, a slightly
-    larger value). With gradient enabled and ``grad_through`` (faithful training) the whole
-    batch iterates together, differentiating through every iteration, and stops when the
-    largest per-sample change ||u_new - u|| drops below ``tol``. Otherwise (certification,
-    or --pi_grad last) the iterations run without gradient, each sample stopping as soon as
-    its own vector has converged; only the estimate from the last iterate is
-    differentiated. ``per_sample_stop=False`` keeps the whole-batch loop there too.
-    A start vector that the mask zeroes entirely restarts from D_in (no random draw).
-    ``sync_free``: exactly ``n_iter`` iterations, those after the stop discarded on the
-    device (same values, no host synchronisation: for CUDA graphs and torch.compile); the
-    per-sample stop then freezes each sample instead of shrinking the batch.
+    the reference: a stored vector's mass where the mask is now 0 counts); the estimate is
+    the bilinear v^T A u = ||A^T v|| with the last v and u (``estimate='forward'``: ||A u||,
+    opt-in, one more product, a slightly larger value). With gradient enabled and
+    ``grad_through`` (faithful training) the whole batch iterates together, differentiating
+    through every iteration, and stops when the largest per-sample change ||u_new - u||
+    drops below ``tol``. Otherwise (certification, or --pi_grad last) the iterations run
+    without gradient, each sample stopping as soon as its own vector has converged; only
+    the estimate from the last iterate is differentiated. ``per_sample_stop=False`` keeps
+    the whole-batch loop there too. A start vector that the mask zeroes entirely restarts
+    from D_in (no random draw). ``sync_free``: exactly ``n_iter`` iterations, those after
+    the stop discarded on the device (same values, no host synchronisation: for CUDA graphs
+    and torch.compile); the per-sample stop then freezes each sample instead of shrinking
+    the batch.
     """
-    _check_estimate(estimate)
+    _check_estimate(opts.estimate)
+    start = u.detach()      # the reference measures the first change against the unmasked start
+    u = _live_start(start, d_in)
     in_shape = u.shape[1:]
-
-    def op(x, do):
-        z = apply_W(layer, x)
-        return z if do is None else z * do
+    differentiate_all = torch.is_grad_enabled() and opts.grad_through
+    keep_v = torch.is_grad_enabled() and not differentiate_all     # --pi_grad last
+    whole = differentiate_all or not opts.per_sample_stop
+    name = f"power iteration on {type(layer).__name__}"
 
     def step(x, di, do):
         return _power_step(layer, x, in_shape, di, do)
 
-    batch = u.shape[0]
-    u = u.detach()
-    start = u       # the reference measures the first change against the unmasked start
+    with contextlib.nullcontext() if differentiate_all else torch.no_grad():
+        if opts.sync_free and n_iter > 0:
+            it = _sync_free_loop(step, u, start, (d_in, d_out), n_iter, opts.tol, whole, keep_v)
+        elif whole:
+            it = _whole_batch_loop(step, u, start, (d_in, d_out), n_iter, opts.tol, keep_v, name)
+        else:
+            it = _per_sample_loop(step, u, start, (d_in, d_out), n_iter, opts.tol, keep_v, name)
+    sigma = _masked_estimate(layer, it, d_out, opts.estimate, differentiate_all)
+    return PowerIterationResult(sigma, it.u.detach(), it.iters, it.converged)
+
+
+def _live_start(u: torch.Tensor, d_in) -> torch.Tensor:
+    """D_in u [batch, *in_shape]; a vector the mask zeroes (a stored vector killed by a new
+    mask) would never recover: it restarts from the mask itself (all ones without a mask),
+    without a host synchronisation."""
     if d_in is not None:
         u = u * d_in
-    # a zero vector (a stored vector killed by a new mask) would never recover: restart
-    # from the mask itself (from all ones without a mask); no host synchronisation
     dead = _bcast(torch.linalg.vector_norm(u.flatten(1), dim=1) <= NORM_FLOOR, u)
-    u = torch.where(dead, torch.ones_like(u) if d_in is None else d_in, u)
-    iters = torch.zeros(batch, dtype=torch.long, device=u.device)
-    converged = torch.zeros(batch, dtype=torch.bool, device=u.device)
-    tn = v = None
-    differentiate_all = torch.is_grad_enabled() and grad_through
+    return torch.where(dead, torch.ones_like(u) if d_in is None else d_in, u)
 
-    if sync_free and n_iter > 0:
-        whole = differentiate_all or not per_sample_stop
-        calls = [0]
 
-        def body(state):
-            new, tn_, z, zn = step(state[0], d_in, d_out)
-            with torch.no_grad():
-                change = _norm(new - (start if calls[0] == 0 else state[0]))
-            calls[0] += 1
-            return (new, tn_, z, zn, change), (change.max() < tol if whole else change < tol)
-        with contextlib.nullcontext() if differentiate_all else torch.no_grad():
-            (u, tn, z, zn, change), iters = _frozen_loop(body, (u,), n_iter,
-                                                         per_sample=not whole)
-        iters = iters.expand(batch).clone() if whole else iters
-        converged = change < tol
-        if not differentiate_all and torch.is_grad_enabled():
-            v = z / _bcast(zn, z)           # --pi_grad last
-    elif differentiate_all or not per_sample_stop:
-        # (a device-side stop flag instead of this host sync was measured on an H100: the
-        # extra select operations cost more CPU dispatch time than the syncs, see README)
-        prev = start
-        for k in range(n_iter):
-            new, tn, z, zn = step(u, d_in, d_out)
-            with torch.no_grad():
-                change = _norm(new - prev)
-            u = prev = new
-            iters += 1
-            if progress.watched():      # (training runs this loop every step)
-                progress.stage(f"power iteration on {type(layer).__name__}", k + 1, n_iter)
-            if change.max().item() < tol:
-                break
-        if n_iter > 0:
-            converged = change < tol
-            if not differentiate_all and torch.is_grad_enabled():
-                v = z / _bcast(zn, z)         # --pi_grad last with the whole-batch loop
-    else:
-        keep_v = torch.is_grad_enabled()        # read before no_grad turns it off
+def _masked_estimate(layer, it: _Iterated, d_out, estimate: str, differentiate_all: bool):
+    """sigma [batch] from the loop's end: the bilinear ||A^T v|| (differentiated through
+    every iteration, or without gradient), ||D_out W u|| (``'forward'``, or no iteration
+    ran), or v^T D_out W u with v and u detached (--pi_grad last: gradient through W only)."""
+    def op(x):
+        z = apply_W(layer, x)
+        return z if d_out is None else z * d_out
+    if estimate == 'forward' or it.tn is None:
+        return _norm(op(it.u))
+    if differentiate_all or not torch.is_grad_enabled():
+        return _bilinear(it.tn)
+    return (it.v.detach() * op(it.u.detach())).flatten(1).sum(1)
+
+
+def _sync_free_loop(step, u, start, masks, n_iter, tol, whole, keep_v) -> _Iterated:
+    """Exactly ``n_iter`` iterations (n_iter >= 1) through ``_frozen_loop``: the whole batch
+    stops together (``whole``) or each sample freezes at its own convergence."""
+    d_in, d_out = masks
+    calls = [0]
+
+    def body(state):
+        new, tn, z, zn = step(state[0], d_in, d_out)
         with torch.no_grad():
-            u, tn, v = _iterate_per_sample(step, u, (d_in, d_out), n_iter, tol,
-                                           (iters, converged), keep_v=keep_v, start=start,
-                                           name=f"power iteration on {type(layer).__name__}")
-    if estimate == 'forward' or tn is None:
-        sigma = _norm(op(u, d_out))
-    elif differentiate_all or not torch.is_grad_enabled():
-        sigma = _bilinear(tn)
-    else:   # --pi_grad last: the same value v^T A u, differentiated through W only
-        sigma = (v.detach() * op(u.detach(), d_out)).flatten(1).sum(1)
-    return PowerIterationResult(sigma, u.detach(), iters, converged)
+            change = _norm(new - (start if calls[0] == 0 else state[0]))
+        calls[0] += 1
+        return (new, tn, z, zn, change), (change.max() < tol if whole else change < tol)
+    (u, tn, z, zn, change), iters = _frozen_loop(body, (u,), n_iter, per_sample=not whole)
+    iters = iters.expand(u.shape[0]).clone() if whole else iters
+    return _Iterated(u, tn, z / _bcast(zn, z) if keep_v else None, iters, change < tol)
 
 
-def _iterate_per_sample(step, u, masks, n_iter, tol, counters, keep_v=False, start=None,
-                        name='power iteration'):
-    """Power iteration on u [batch, ...] with masks (d_in, d_out), each sample stopping at
-    its own convergence: only the samples still active are computed; the first change is
-    measured against ``start`` (default u). Updates counters (iters, converged) in place;
-    returns (u, ||A^T v|| and v of each sample's last iteration; None, None without
-    iterations). ``name``: the progress stage."""
-    (d_in, d_out), (iters, converged) = masks, counters
-    first = u if start is None else start      # every sample is active in the first round
+def _whole_batch_loop(step, u, start, masks, n_iter, tol, keep_v, name) -> _Iterated:
+    """The batch iterates together until its largest change drops below ``tol`` (one host
+    synchronisation per iteration: a device-side stop flag was measured slower on an H100,
+    its extra select operations cost more CPU dispatch time than the syncs, see README)."""
+    d_in, d_out = masks
+    iters = torch.zeros(u.shape[0], dtype=torch.long, device=u.device)
+    converged = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
+    tn = v = None
+    prev = start
+    for k in range(n_iter):
+        u, tn, z, zn = step(u, d_in, d_out)
+        with torch.no_grad():
+            change = _norm(u - prev)
+        prev = u
+        iters += 1
+        if progress.watched():      # (training runs this loop every step)
+            progress.stage(name, k + 1, n_iter)
+        if change.max().item() < tol:
+            break
+    if n_iter > 0:
+        converged = change < tol
+        v = z / _bcast(zn, z) if keep_v else None
+    return _Iterated(u, tn, v, iters, converged)
+
+
+def _per_sample_loop(step, u, start, masks, n_iter, tol, keep_v, name) -> _Iterated:
+    """Each sample stops at its own convergence; only the samples still active are computed
+    (no gradient). The first change is measured against ``start``."""
+    d_in, d_out = masks
+    first = start                   # every sample is active in the first round
     u = u.clone()
     tn = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
     v = None
+    iters = torch.zeros(u.shape[0], dtype=torch.long, device=u.device)
+    converged = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
     active = torch.arange(u.shape[0], device=u.device)
     for k in range(n_iter):
         di = None if d_in is None else d_in[active]
@@ -803,8 +836,7 @@ def _iterate_per_sample(step, u, masks, n_iter, tol, counters, keep_v=False, sta
             v = torch.zeros((u.shape[0], *za.shape[1:]), dtype=u.dtype, device=u.device)
         done = _norm(new - (ua if first is None else first)) < tol
         first = None
-        u[active] = new
-        tn[active] = tna
+        u[active], tn[active] = new, tna
         if keep_v:
             v[active] = za / _bcast(zna, za)
         iters[active] += 1
@@ -815,7 +847,7 @@ def _iterate_per_sample(step, u, masks, n_iter, tol, counters, keep_v=False, sta
                            f"{active.numel()} of {u.shape[0]} points iterating")
         if active.numel() == 0:
             break
-    return u, (tn if n_iter > 0 else None), v
+    return _Iterated(u, tn if n_iter > 0 else None, v, iters, converged)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1012,6 +1044,13 @@ class BoundOptions:
             raise ValueError(f"pi_grad must be 'all' or 'last', got {self.pi_grad!r}")
         if self.bound not in ('local', 'global'):
             raise ValueError(f"bound must be 'local' or 'global', got {self.bound!r}")
+
+    @property
+    def power(self) -> PowerOptions:
+        """The per-sample power iteration's options."""
+        return PowerOptions(self.tol, grad_through=(self.pi_grad == 'all'),
+                            per_sample_stop=self.per_sample_stop, estimate=self.estimate,
+                            sync_free=self.sync_free)
 
 
 def _checked_inputs(x, y, eps, sync_free: bool) -> torch.Tensor:
@@ -1276,10 +1315,7 @@ class _Walk:
         else:
             o = self.opts
             u0 = self.vectors.get(i, in_shape).to(self.mu.dtype)
-            pi = masked_power_iteration(layer, u0, o.sniter, d_in, d_out, o.tol,
-                                        grad_through=(o.pi_grad == 'all'),
-                                        per_sample_stop=o.per_sample_stop,
-                                        estimate=o.estimate, sync_free=o.sync_free)
+            pi = masked_power_iteration(layer, u0, o.sniter, d_in, d_out, o.power)
             self.vectors.put(i, pi.u)
             sigma, self.res.iters[i] = pi.sigma, pi.iters
             self.converged = self.converged & pi.converged

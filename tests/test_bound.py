@@ -7,10 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import DEVICE, dev, tiny_net
-from local_bound import (BoundError, apply_W, apply_WT, compute_bound, certified_loss,
-                         global_power_iteration, global_vector_shape, masked_power_iteration,
-                         worst_case_margins, worst_case_margins_all_pairs, check_supported,
-                         robust_loss)
+from local_bound import (BoundError, PowerOptions, apply_W, apply_WT, compute_bound,
+                         certified_loss, global_power_iteration, global_vector_shape,
+                         masked_power_iteration, worst_case_margins,
+                         worst_case_margins_all_pairs, check_supported, robust_loss)
 from vectors import KeptVectors, RandomVectors, VectorStore
 from models import ClampGroupSort, ReLU_x
 
@@ -56,7 +56,7 @@ def test_masked_power_iteration_equals_exact_svd(name, make, in_shape):
     u0 = dev(torch.randn(b, *in_shape, dtype=torch.float64))
     for grad in (False, True):
         with torch.set_grad_enabled(grad):
-            pi = masked_power_iteration(layer, u0, 3000, d_in, d_out, tol=1e-10)
+            pi = masked_power_iteration(layer, u0, 3000, d_in, d_out, PowerOptions(tol=1e-10))
         for k in range(b):
             masked = d_out[k].reshape(-1, 1) * M * d_in[k].reshape(1, -1)
             exact = torch.linalg.matrix_norm(masked, ord=2)
@@ -64,7 +64,7 @@ def test_masked_power_iteration_equals_exact_svd(name, make, in_shape):
             assert pi.sigma[k].item() <= exact.item() * (1 + 1e-9)   # from below
     # without masks: the global spectral norm, also via the global iteration
     exact = torch.linalg.matrix_norm(M, ord=2).item()
-    pi = masked_power_iteration(layer, u0, 3000, None, None, tol=1e-10)
+    pi = masked_power_iteration(layer, u0, 3000, opts=PowerOptions(tol=1e-10))
     assert pi.sigma.min().item() == pytest.approx(exact, rel=1e-6)
     g0 = dev(torch.randn(1, *global_vector_shape(layer, in_shape), dtype=torch.float64))
     assert tuple(g0.shape[1:]) == ((M.shape[0],) if isinstance(layer, nn.Linear) else in_shape)
@@ -107,8 +107,8 @@ def test_power_iteration_reports_convergence():
     layer = dev(nn.Conv2d(2, 3, 3, padding=1).double())
     u0 = dev(torch.randn(5, 2, 6, 6, dtype=torch.float64))
     with torch.no_grad():
-        short = masked_power_iteration(layer, u0, 1, tol=1e-3)
-        long = masked_power_iteration(layer, u0, 5000, tol=1e-3)
+        short = masked_power_iteration(layer, u0, 1, opts=PowerOptions(tol=1e-3))
+        long = masked_power_iteration(layer, u0, 5000, opts=PowerOptions(tol=1e-3))
     assert not short.converged.any() and (short.iters == 1).all()
     assert long.converged.all() and (long.iters > 1).all()
 

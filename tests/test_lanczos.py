@@ -11,7 +11,7 @@ import torch.nn as nn
 from conftest import DEVICE, blob_loader, blobs, dev, trained_tiny
 from lanczos import (GuaranteedNorms, Lanczos, guaranteed_certify, kw_inflation,
                      lanczos_norm_bounds, n_operators)
-from local_bound import masked_power_iteration
+from local_bound import PowerOptions, masked_power_iteration
 
 
 def explicit(layer, d_in, d_out, in_shape):
@@ -128,7 +128,7 @@ def test_stalled_power_iteration_is_caught():
     _, _, vh = torch.linalg.svd(w)
     u0 = (vh[1] + 1e-7 * vh[0]).float().view(1, -1)
     with torch.no_grad():
-        pi = masked_power_iteration(layer, u0, 2000, tol=1e-3)
+        pi = masked_power_iteration(layer, u0, 2000, opts=PowerOptions(tol=1e-3))
     assert bool(pi.converged[0])
     assert pi.sigma[0].item() < exact - 5e-4            # stalled well below the norm
     for seed in range(50):
