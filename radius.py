@@ -198,82 +198,117 @@ def guaranteed_radius(model, x, y, m0, norms, search: RadiusSearch, top=None,
     smaller than top's, and it may run other step counts). Returns a Bracket: lo (the
     radius), hi (inf: certified at the last top or max_radius), evals (box-only
     evaluations, all searches)."""
-    b, dtype, dev = x.shape[0], x.dtype, x.device
-    opt_iter, bound, max_radius = search.opt_iter, search.bound, search.max_radius
-    f64 = dict(dtype=torch.float64, device=dev)
-    cap = torch.full((b,), math.inf, **f64)
-    if max_radius is not None:
-        cap = torch.minimum(cap, torch.as_tensor(max_radius, **f64).expand(b))
-    evals = torch.zeros(b, dtype=torch.long, device=dev)
-
-    def run(sel, bounds, first, tol, limit, hint=None):
-        """bracket_search of the points ``sel`` with per-point norms bounds {i: [len(sel)]}."""
-        def evaluate(eps, rows):
-            r = sel[rows]
-            res = compute_bound(model, x[r], y[r], eps.to(dtype), None, None, sniter=0,
-                                opt_iter=opt_iter, bound=bound, check=True,
-                                global_sigmas=norms.upper,
-                                local_norms=lambda i, *_: bounds[i][rows])
-            return (res.certified(y[r]), res.margin(y[r]),
-                    torch.ones(r.numel(), dtype=torch.bool, device=dev))
-        out = bracket_search(evaluate, m0[sel], first, tol, search.max_evals, limit, hint=hint,
-                             dtype=dtype)
-        evals[sel] += out.evals
-        return out
-
-    def placed(sel, lower, first):
-        """(top, est_lo, est_hi): a coarse search of the points sel with the Ritz values
-        ``lower`` (estimates of the masked norms): the radius it certified, the one where it
-        failed, and top = that failing radius widened by RADIUS_COARSE (at least (1 +
-        RADIUS_COARSE) first)."""
-        est = run(sel, lower, first, RADIUS_COARSE, cap[sel])
-        est_hi = torch.where(torch.isfinite(est.hi), est.hi, est.lo)
-        t = torch.minimum(torch.maximum(est_hi, first) * (1 + RADIUS_COARSE), cap[sel])
-        return t, est.lo, est_hi
-
+    gs = _GuaranteedSearch(model, x, y, m0, norms, search)
     with torch.no_grad(), exact_float32():
         sel = (m0 > 0).nonzero().flatten()
-        lo = torch.zeros(b, **f64)
-        hi = torch.full((b,), math.inf, **f64)
-        hi[m0 <= 0] = 0.0
-        done = torch.ones(b, dtype=torch.bool, device=dev)
-        if sel.numel() == 0:
-            return Bracket(lo, hi, evals, done)
-        if top is None:
-            guess = global_lipschitz_guess(model, y[sel], m0[sel], None, 0, norms.upper)
-            glob = {i: u.expand(sel.numel()) for i, u in norms.upper.items()}
-            g = run(sel, glob, guess, GLOBAL_COARSE, cap[sel])
-            first = torch.where(g.lo > 0, g.lo, guess)
-            at = torch.where(torch.isfinite(g.hi), g.hi, first)
-            lower, _ = masked_norm_bounds(model, x[sel], y[sel], at.to(dtype), norms,
-                                          steps=RITZ_STEPS, bound=bound)
-            t, est_lo, est_hi = placed(sel, lower, first)
-        else:
-            first = start.to(**f64)[sel]
-            t = torch.minimum(top.to(**f64)[sel], cap[sel])
-            est_lo, est_hi = first, t
+        if sel.numel() > 0:
+            tops = gs.placed_tops(sel) if top is None else gs.given_tops(sel, top, start)
+            gs.search_below(sel, tops)
+    return Bracket(gs.lo, gs.hi, gs.evals, torch.ones_like(m0, dtype=torch.bool))
+
+
+@dataclass
+class _Tops:
+    """Per selected point [len(sel)]: the radius the Lanczos bounds are drawn at (t), a
+    radius the searches start from (first) and the estimate's certified and failing radii
+    (est_lo, est_hi)."""
+    t: torch.Tensor
+    first: torch.Tensor
+    est_lo: torch.Tensor
+    est_hi: torch.Tensor
+
+
+class _GuaranteedSearch:
+    """The state of ``guaranteed_radius``: the batch, its results lo/hi [batch] (float64)
+    and box-only evaluations [batch], and the radius cap."""
+
+    def __init__(self, model, x, y, m0, norms, search: RadiusSearch):
+        self.model, self.x, self.y, self.m0 = model, x, y, m0
+        self.norms, self.search = norms, search
+        f64 = dict(dtype=torch.float64, device=x.device)
+        b = x.shape[0]
+        self.cap = torch.full((b,), math.inf, **f64)
+        if search.max_radius is not None:
+            self.cap = torch.minimum(self.cap,
+                                     torch.as_tensor(search.max_radius, **f64).expand(b))
+        self.evals = torch.zeros(b, dtype=torch.long, device=x.device)
+        self.lo = torch.zeros(b, **f64)
+        self.hi = torch.where(m0 > 0, math.inf, 0.0).to(**f64)
+
+    def run(self, sel, bounds, first, tol, limit, hint=None):
+        """bracket_search of the points ``sel`` with per-point norm bounds {i: [len(sel)]}."""
+        x, y, s = self.x, self.y, self.search
+
+        def evaluate(eps, rows):
+            r = sel[rows]
+            res = compute_bound(self.model, x[r], y[r], eps.to(x.dtype), None, None, sniter=0,
+                                opt_iter=s.opt_iter, bound=s.bound, check=True,
+                                global_sigmas=self.norms.upper,
+                                local_norms=lambda i, *_: bounds[i][rows])
+            return (res.certified(y[r]), res.margin(y[r]),
+                    torch.ones(r.numel(), dtype=torch.bool, device=x.device))
+        out = bracket_search(evaluate, self.m0[sel], first, tol, s.max_evals, limit,
+                             hint=hint, dtype=x.dtype)
+        self.evals[sel] += out.evals
+        return out
+
+    def placed(self, sel, lower, first) -> _Tops:
+        """A coarse search of the points sel with the Ritz values ``lower`` (estimates of
+        the masked norms): the radius it certified, the one where it failed, and top = that
+        failing radius widened by RADIUS_COARSE (at least (1 + RADIUS_COARSE) first)."""
+        est = self.run(sel, lower, first, RADIUS_COARSE, self.cap[sel])
+        est_hi = torch.where(torch.isfinite(est.hi), est.hi, est.lo)
+        t = torch.minimum(torch.maximum(est_hi, first) * (1 + RADIUS_COARSE), self.cap[sel])
+        return _Tops(t, first, est.lo, est_hi)
+
+    def placed_tops(self, sel) -> _Tops:
+        """Tops from a coarse search with the global upper bounds, then one with the Ritz
+        values at the varying sets of its failing radius."""
+        x, y, m0, upper = self.x, self.y, self.m0, self.norms.upper
+        guess = global_lipschitz_guess(self.model, y[sel], m0[sel], None, 0, upper)
+        glob = {i: u.expand(sel.numel()) for i, u in upper.items()}
+        g = self.run(sel, glob, guess, GLOBAL_COARSE, self.cap[sel])
+        first = torch.where(g.lo > 0, g.lo, guess)
+        at = torch.where(torch.isfinite(g.hi), g.hi, first)
+        lower, _ = masked_norm_bounds(self.model, x[sel], y[sel], at.to(x.dtype), self.norms,
+                                      steps=RITZ_STEPS, bound=self.search.bound)
+        return self.placed(sel, lower, first)
+
+    def given_tops(self, sel, top, start) -> _Tops:
+        """Tops given by the caller (the estimate search's failing radii ``top`` and
+        certified radii ``start``, [batch])."""
+        first = start.to(self.lo)[sel]
+        t = torch.minimum(top.to(self.lo)[sel], self.cap[sel])
+        return _Tops(t, first, first, t)
+
+    def search_below(self, sel, tops: _Tops):
+        """Up to RADIUS_ROUNDS Lanczos runs at the tops, each followed by a box-only search
+        below its top; a point certified at its top gets a higher one."""
+        x, y, s = self.x, self.y, self.search
         for rnd in range(RADIUS_ROUNDS):
-            lower, upper = masked_norm_bounds(model, x[sel], y[sel], t.to(dtype), norms,
-                                              steps=search.steps, bound=bound)
-            # where to look: the estimate's radius scaled by how much the upper bounds
-            # exceed the Ritz values (a radius scales at most inversely with the norms),
-            # less 2 RADIUS_COARSE (certified, as a rule), then the estimate's failing
-            # radius (failing, as a rule), then regula falsi between the two
-            ratio = torch.stack([(lower[i] / upper[i].clamp_min(FLOOR)).double()
-                                 for i in upper]).prod(0)
-            guess = est_lo * ratio * (1 - 2 * RADIUS_COARSE)
-            guess = torch.minimum(torch.maximum(guess, torch.minimum(first, t)), t)
-            g = run(sel, upper, guess, search.rtol, t, torch.minimum(est_hi, t))
-            lo[sel], hi[sel] = g.lo, g.hi
-            again = torch.isinf(g.hi) & (g.lo >= t) & (t < cap[sel])
+            lower, upper = masked_norm_bounds(self.model, x[sel], y[sel], tops.t.to(x.dtype),
+                                              self.norms, steps=s.steps, bound=s.bound)
+            g = self.run(sel, upper, _first_guess(tops, lower, upper), s.rtol, tops.t,
+                         torch.minimum(tops.est_hi, tops.t))
+            self.lo[sel], self.hi[sel] = g.lo, g.hi
+            again = torch.isinf(g.hi) & (g.lo >= tops.t) & (tops.t < self.cap[sel])
             if rnd == RADIUS_ROUNDS - 1 or not again.any():
-                break
+                return
             keep = again.nonzero().flatten()
             sel, first = sel[keep], g.lo[keep]
-            lower = {i: v[keep] for i, v in lower.items()}
-            t, est_lo, est_hi = placed(sel, lower, first)
-            t = torch.minimum(torch.maximum(t, first * 1.5), cap[sel])
-    return Bracket(lo, hi, evals, done)
+            tops = self.placed(sel, {i: v[keep] for i, v in lower.items()}, first)
+            tops.t = torch.minimum(torch.maximum(tops.t, first * 1.5), self.cap[sel])
+
+
+def _first_guess(tops: _Tops, lower, upper) -> torch.Tensor:
+    """Where the search below a top starts: the estimate's radius scaled by how much the
+    upper bounds exceed the Ritz values (a radius scales at most inversely with the norms),
+    less 2 RADIUS_COARSE (certified, as a rule), within [min(first, t), t]; it then tries
+    the estimate's failing radius (failing, as a rule) and regula falsi between the two."""
+    ratio = torch.stack([(lower[i] / upper[i].clamp_min(FLOOR)).double()
+                         for i in upper]).prod(0)
+    guess = tops.est_lo * ratio * (1 - 2 * RADIUS_COARSE)
+    return torch.minimum(torch.maximum(guess, torch.minimum(tops.first, tops.t)), tops.t)
 
 
 def radius_batch(model, x, y, global_vectors, search: RadiusSearch, *, norms=None,
