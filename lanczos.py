@@ -261,9 +261,15 @@ def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
                        norms: GuaranteedNorms, *, opt_iter: int, bound: str = 'local',
                        stages: Sequence[int] = STAGES) -> GuaranteedCertificate:
     """Certificates of the local bound on the L2 eps-balls around x [batch, ...] (labels y
-    [batch]; eps a number or [batch] radii) whose spectral norms are all upper bounds (each false with probability
-    <= norms.delta_op; a certificate with probability <= norms.delta).
-"""
+    [batch]; eps a number or [batch] radii) whose spectral norms are all upper bounds (each
+    false with probability <= norms.delta_op; a certificate with probability <=
+    norms.delta).
+
+    Every point starts from the global upper bounds (norms.upper). A correctly classified
+    point they do not certify runs Lanczos on each of its masked operators that is not the
+    full one, in ``stages`` (cumulative step counts), each stage's upper bounds at
+    delta_op / len(stages); after each stage a point is decided when the upper bounds
+    certify it, or when the Ritz values (lower bounds) already fail to."""
     b = x.shape[0]
     ops = []          # (i, layer, d_in, d_out, in_shape) of every per-sample operator
 
@@ -275,65 +281,92 @@ def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
         res = compute_bound(model, x, y, eps, None, None, sniter=0, opt_iter=opt_iter,
                             bound=bound, check=True, global_sigmas=norms.upper,
                             local_norms=record)
-        final = layer_list(model)[check_supported(model)[-1]]
-        correct = res.logits.argmax(1) == y
-        certified = res.certified(y)
-        margin = res.margin(y)
         eps_b = torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(b)
-        lip = res.r_local / eps_b.clamp_min(FLOOR)
-        steps = torch.zeros(b, dtype=torch.long, device=x.device)
+        cert = GuaranteedCertificate(res.certified(y), res.r_local / eps_b.clamp_min(FLOOR),
+                                     torch.zeros(b, dtype=torch.long, device=x.device),
+                                     res.margin(y))
         if not ops:
-            return GuaranteedCertificate(certified, lip, steps, margin)
-        active = (correct & ~certified & (eps_b > 0)).nonzero().flatten()
-        # per operator: upper / lower bound of every sample (global ones to start with)
-        up = {i: norms.upper[i].double().expand(b).clone() for i, *_ in ops}
-        lo = {i: norms.lower[i].double().expand(b).clone() for i, *_ in ops}
-        need = {}     # operator -> (sample indices it runs on, Lanczos state)
-        for i, layer, d_in, d_out, in_shape in ops:
-            if active.numel() == 0:
+            return cert
+        undecided = (res.logits.argmax(1) == y) & ~cert.certified & (eps_b > 0)
+        staged = _StagedNorms(ops, undecided.nonzero().flatten(), norms, x)
+        decide = _Decision(res, layer_list(model)[check_supported(model)[-1]], y, eps_b,
+                           opt_iter)
+        for k in stages:
+            if staged.active.numel() == 0:
                 break
+            staged.run(k, norms.delta_op / len(stages), cert.steps)
+            staged.keep(decide(staged, cert))
+    return cert
+
+
+class _StagedNorms:
+    """Per operator i: upper and lower bounds up[i], lo[i] [batch] (float64; the global
+    ones to start with) and the Lanczos state of the still undecided points ``active``
+    whose operator is not the full one (need[i] = [their indices, Lanczos])."""
+
+    def __init__(self, ops, active, norms: GuaranteedNorms, x):
+        b = x.shape[0]
+        self.active = active
+        self.up = {i: norms.upper[i].double().expand(b).clone() for i, *_ in ops}
+        self.lo = {i: norms.lower[i].double().expand(b).clone() for i, *_ in ops}
+        self.need = {}
+        if active.numel() == 0:
+            return
+        for i, layer, d_in, d_out, in_shape in ops:
             full = _is_full(d_in, b, x.device) & _is_full(d_out, b, x.device)
             idx = active[~full[active]]
             if idx.numel():
-                lo[i][idx] = 0.0     # the global lower bound holds for the full operator only
-                need[i] = [idx, Lanczos(layer, None if d_in is None else d_in[idx],
-                                        None if d_out is None else d_out[idx], in_shape,
-                                        idx.numel(), x.device, x.dtype)]
-        delta_stage = norms.delta_op / len(stages)
-        lo_box, hi_box = res.box
-        for k in stages:
-            if active.numel() == 0:
-                break
-            for i, (idx, lz) in need.items():
-                if idx.numel() == 0:
-                    continue
-                lz.run(k)
-                xi = lz.ritz_max()
-                up[i][idx] = torch.minimum(up[i][idx], upper_from_ritz(
-                    xi, lz.n.to(xi.device), k, delta_stage))
-                lo[i][idx] = torch.maximum(lo[i][idx], xi.clamp_min(0).sqrt())
-                steps[idx] = k
-            a = active
-            prod_up = res.lipschitz({i: up[i][a] for i in up}, a).to(x.dtype)
-            prod_lo = res.lipschitz({i: lo[i][a] for i in lo}, a).to(x.dtype)
-            w_up = worst_case_margins(final.weight, y[a], eps_b[a] * prod_up, lo_box[a],
-                                      hi_box[a], opt_iter)
-            w_lo = worst_case_margins(final.weight, y[a], eps_b[a] * prod_lo, lo_box[a],
-                                      hi_box[a], opt_iter)
-            sub = BoundResult(logits=res.logits[a], worst=w_up, r_local=eps_b[a] * prod_up,
-                              r_global=eps_b[a] * prod_up)
-            cert_up, cert_lo = sub.certified(y[a]), sub.certified(y[a], w_lo)
-            certified[a] = cert_up
-            margin[a] = sub.margin(y[a])
-            lip[a] = prod_up
-            decided = cert_up | ~cert_lo
-            active = a[~decided]
-            for i in need:    # drop the decided samples from every Lanczos state
-                idx, lz = need[i]
-                keep = torch.isin(idx, active).nonzero().flatten()
-                lz.select(keep)
-                need[i][0] = idx[keep]
-    return GuaranteedCertificate(certified, lip, steps, margin)
+                self.lo[i][idx] = 0.0  # the global lower bound holds for the full operator only
+                self.need[i] = [idx, Lanczos(layer, None if d_in is None else d_in[idx],
+                                             None if d_out is None else d_out[idx], in_shape,
+                                             idx.numel(), x.device, x.dtype)]
+
+    def run(self, k: int, delta: float, steps: torch.Tensor):
+        """Lanczos to ``k`` steps on every operator; bounds tightened (upper at ``delta``),
+        ``steps`` [batch] set to k where a point ran."""
+        for i, (idx, lz) in self.need.items():
+            if idx.numel() == 0:
+                continue
+            lz.run(k)
+            xi = lz.ritz_max()
+            up = upper_from_ritz(xi, lz.n.to(xi.device), k, delta)
+            self.up[i][idx] = torch.minimum(self.up[i][idx], up)
+            self.lo[i][idx] = torch.maximum(self.lo[i][idx], xi.clamp_min(0).sqrt())
+            steps[idx] = k
+
+    def keep(self, active):
+        """Only the points ``active`` go on: the others leave every Lanczos state."""
+        self.active = active
+        for i, (idx, lz) in self.need.items():
+            keep = torch.isin(idx, active).nonzero().flatten()
+            lz.select(keep)
+            self.need[i][0] = idx[keep]
+
+
+@dataclass
+class _Decision:
+    """The certificate of the active points with a stage's bounds: the bound's result
+    ``res``, the logit layer, labels y and radii eps_b [batch]."""
+    res: BoundResult
+    final: nn.Linear
+    y: torch.Tensor
+    eps_b: torch.Tensor
+    opt_iter: int
+
+    def __call__(self, staged: _StagedNorms, cert: GuaranteedCertificate) -> torch.Tensor:
+        """Writes the active points' certificate with the upper bounds into ``cert``;
+        returns those still undecided (not certified, not refuted by the lower bounds)."""
+        a, res, y = staged.active, self.res, self.y
+        lip_up = res.lipschitz({i: u[a] for i, u in staged.up.items()}, a).to(self.eps_b.dtype)
+        lip_lo = res.lipschitz({i: v[a] for i, v in staged.lo.items()}, a).to(self.eps_b.dtype)
+        lo_box, hi_box = res.box[0][a], res.box[1][a]
+        w_up, w_lo = (worst_case_margins(self.final.weight, y[a], self.eps_b[a] * lip, lo_box,
+                                         hi_box, self.opt_iter) for lip in (lip_up, lip_lo))
+        sub = BoundResult(logits=res.logits[a], worst=w_up, r_local=self.eps_b[a] * lip_up,
+                          r_global=self.eps_b[a] * lip_up)
+        cert_up, cert_lo = sub.certified(y[a]), sub.certified(y[a], w_lo)
+        cert.certified[a], cert.margin[a], cert.lip[a] = cert_up, sub.margin(y[a]), lip_up
+        return a[~(cert_up | ~cert_lo)]
 
 
 def masked_norm_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
