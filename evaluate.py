@@ -102,11 +102,31 @@ def eval_settings(args, **changes) -> EvalSettings:
 def evaluate(args, plot_dir, rank, world, device):
     """The evaluation of ``main`` in process ``rank`` of ``world`` (torchrun; 0 of 1 without):
     every process certifies its share of the batches, process 0 writes and prints."""
-    lead = rank == 0
     if not args.overwrite:
         refuse_overwrite(args, plot_dir)
     if world > 1:
         dist.barrier()        # every process has checked before process 0 writes anything
+    model, path, epoch = load_for_evaluation(args, device)
+    _, test_loader = get_loaders(args, train=False)
+    torch.manual_seed(args.seed)
+    if rank == 0:
+        print(header_line(args, path, epoch, test_loader, world, device), flush=True)
+    t0 = time.time()
+    res = full_evaluation(model, test_loader, eval_settings(args), device, tsv_path=args.out,
+                          resume=args.resume, rank=rank, world=world)
+    if rank != 0:
+        return None
+    res.update(wall_seconds=time.time() - t0, checkpoint=path,
+               normalization=bool(getattr(args, 'normalization', False)))
+    write_outputs(args, res, plot_dir)
+    print_summary(args, res)
+    check_and_record(args, res)
+    return res
+
+
+def load_for_evaluation(args, device):
+    """(model in eval mode with BatchNorm folded, on ``device``; checkpoint path; its epoch
+    or '?'), every layer checked (one UserError line otherwise)."""
     model = select_model(args.data, args.model, args.init)
     path = saved_model_path(args.saved_model)
     ckpt = load_checkpoint(path, model, 'cpu')
@@ -116,28 +136,24 @@ def evaluate(args, plot_dir, rank, world, device):
         check_supported(model)
     except ValueError as err:
         raise UserError(f"--model {args.model}: {err}") from None
-    model.to(device)
-    _, test_loader = get_loaders(args, train=False)
-    torch.manual_seed(args.seed)
-    n = len(test_loader.dataset)
-    if lead:
-        print(f"evaluate: {path} (epoch {ckpt.get('epoch', '?')}), {n} test points from "
-              f"{test_loader.source} in "
-              f"{len(test_loader)} batches, radii {' '.join(f'{e:g}' for e in args.radii)}, "
-              f"{args.certificate} certificates"
-              f"{f' (delta {args.delta:g})' if args.certificate == 'guaranteed' else ''}"
-              f"{', certified radius' if args.radius else ''}, test_sniter {args.test_sniter}, "
-              f"PGD {args.niter} steps{', audit' if args.audit else ''}, on "
-              f"{f'{world} x ' if world > 1 else ''}{device}"
-              f"{f' ({dist.get_backend()})' if distributed() else ''}", flush=True)
-    t0 = time.time()
-    res = full_evaluation(model, test_loader, eval_settings(args), device, tsv_path=args.out,
-                          resume=args.resume, rank=rank, world=world)
-    if not lead:
-        return None
-    res['wall_seconds'] = time.time() - t0
-    res['checkpoint'] = path
-    res['normalization'] = bool(getattr(args, 'normalization', False))
+    return model.to(device), path, ckpt.get('epoch', '?')
+
+
+def header_line(args, path, epoch, test_loader, world, device) -> str:
+    """The first line: what is evaluated, on which points, how and where."""
+    radii = ' '.join(f'{e:g}' for e in args.radii)
+    delta = f' (delta {args.delta:g})' if args.certificate == 'guaranteed' else ''
+    where = f"{f'{world} x ' if world > 1 else ''}{device}"
+    backend = f' ({dist.get_backend()})' if distributed() else ''
+    return (f"evaluate: {path} (epoch {epoch}), {len(test_loader.dataset)} test points from "
+            f"{test_loader.source} in {len(test_loader)} batches, radii {radii}, "
+            f"{args.certificate} certificates{delta}"
+            f"{', certified radius' if args.radius else ''}, test_sniter {args.test_sniter}, "
+            f"PGD {args.niter} steps{', audit' if args.audit else ''}, on {where}{backend}")
+
+
+def write_outputs(args, res, plot_dir):
+    """The results JSON (--results), the TSV's note (--out) and the plots (--plot_dir)."""
     if args.results:
         os.makedirs(os.path.dirname(args.results) or '.', exist_ok=True)
         with open(args.results, 'w') as f:
@@ -149,6 +165,10 @@ def evaluate(args, plot_dir, rank, world, device):
         from plots import make_plots
         for p in make_plots(args.out, plot_dir, title=os.path.basename(args.saved_model)):
             print(f"wrote {p}")
+
+
+def print_summary(args, res):
+    """Per radius lines, the radius and lower-bound lines, the markdown table, the summary."""
     print('\n'.join(radius_lines(res)))
     if args.radius:
         print(radius_line(res))
@@ -157,16 +177,22 @@ def evaluate(args, plot_dir, rank, world, device):
     if args.markdown:
         print(markdown_table(res))
     print(summary_line(res))
+
+
+def check_and_record(args, res):
+    """--expect (exit EXPECT_FAILED when the results differ), --record, and the audit
+    (exit AUDIT_FAILED when it broke a certificate)."""
     if args.expect:
         with open(args.expect) as f:
             expected = json.load(f)
-        bad = check_expected(res, expected, expected.get('tolerance_pp', 0.5))
+        tol = expected.get('tolerance_pp', 0.5)
+        bad = check_expected(res, expected, tol)
         for line in bad:
             print(f"error: {line}", file=sys.stderr)
         if bad:
             print(f"error: the results differ from {args.expect}", file=sys.stderr)
             sys.exit(EXPECT_FAILED)
-        print(f"results agree with {args.expect} (within {expected.get('tolerance_pp', 0.5)} pp)")
+        print(f"results agree with {args.expect} (within {tol} pp)")
     if args.record:
         rec = dict(expected_results(res), tolerance_pp=0.5, checkpoint=res['checkpoint'],
                    test_sniter=args.test_sniter, test_opt_iter=args.test_opt_iter)
@@ -176,7 +202,6 @@ def evaluate(args, plot_dir, rank, world, device):
     if args.audit and res['audit']['broken']:
         print(f"error: the audit broke {res['audit']['broken']} certified points", file=sys.stderr)
         sys.exit(AUDIT_FAILED)
-    return res
 
 
 if __name__ == '__main__':
