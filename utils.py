@@ -134,8 +134,18 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(description="Local-Lip: certified training and evaluation "
                                 "with local Lipschitz bounds (L2).")
-    flag = p.add_argument     # one line per flag below
-    # data and model
+    _data_flags(p.add_argument_group('data and model').add_argument, d)
+    _schedule_flags(p.add_argument_group('optimisation and schedule').add_argument, d)
+    _bound_flags(p.add_argument_group('the bound and PGD').add_argument, d)
+    _evaluation_flags(p.add_argument_group('evaluate.py').add_argument)
+    _output_flags(p.add_argument_group('evaluate.py outputs').add_argument)
+    _run_flags(p.add_argument_group('files, devices and runs').add_argument)
+    _reference_flags(p.add_argument_group("the reference's other flags").add_argument)
+    return p
+
+
+def _data_flags(flag, d):
+    """The dataset, its loading and the architecture."""
     flag('--data', default=d['data'], help="dataset: mnist, fashionmnist, cifar10, tinyimagenet")
     flag('--data_dir', default=None, help="where datasets live / are downloaded (default data/; "
          "--data fashionmnist without --data_dir also reads the Debian package "
@@ -162,7 +172,10 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
          help="use the first N training images (0 = all)")
     flag('--n_test', type=int, default=d['n_test'], help="use the first N test images (0 = all)")
     flag('--workers', type=int, default=d['workers'], help="DataLoader worker processes")
-    # optimisation and schedule
+
+
+def _schedule_flags(flag, d):
+    """Optimiser, learning rate, eps and kappa ramps, seed."""
     flag('--batch_size', type=int, default=d['batch_size'], help="training batch size")
     flag('--test_batch_size', type=int, default=d['test_batch_size'], help="evaluation batch size")
     flag('--epochs', type=int, default=d['epochs'], help="number of training epochs")
@@ -199,7 +212,10 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
     flag('--epsilon_pgd', type=float, default=None, help="accepted for the reference's command "
          "line, which parses it but attacks at --epsilon; so does this code (ignored)")
     flag('--seed', type=int, default=d['seed'], help="random seed")
-    # the bound
+
+
+def _bound_flags(flag, d):
+    """The bound, its power iterations, the loss terms, the vector store and PGD."""
     flag('--bound', choices=('local', 'global'), default='local', help="'local': varying-neuron "
          "indicators from the boxes (Local-Lip); 'global': every indicator 1, the product of "
          "spectral norms (BCP-style baseline) through the same code")
@@ -239,41 +255,28 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
     flag('--store_dtype', choices=('auto', 'float32', 'float16'), default=d['store_dtype'],
          help="dtype of the stored per-sample vectors; auto: float32 when it fits in half the "
          "available RAM, else float16, else a disk-backed float16 file")
-    # PGD
     flag('--niter', type=int, default=d['niter'],
          help="PGD-L2 steps (the reference's attack: advertorch L2PGDAttack, summed "
          "cross-entropy, random start, inputs clipped to [0, 1])")
     flag('--alpha', type=float, default=d['alpha'], help="PGD-L2 step size (default epsilon/4)")
-    # files and devices
-    flag('--prefix', default=None, help="checkpoints go to pretrained/<prefix>_<model>_{best,"
-         "checkpoint}.pth (default: the dataset name); an absolute path is used as is")
+
+
+def _evaluation_flags(flag):
+    """What evaluate.py certifies and attacks."""
     flag('--saved_model', default=None, help="evaluate.py: load <saved_model>_best.pth (the "
          "reference's prefix), or the checkpoint file <saved_model> itself")
-    flag('--results', default=None, help="evaluate.py: write a JSON summary here")
-    flag('--out', default=None, help="evaluate.py: write one tab-separated row per test point "
-         "here, flushed as it goes")
-    flag('--audit', action='store_true', help="evaluate.py: attack every certified point inside "
-         "its ball (PGD-L2 on the margin, --audit_restarts x --audit_steps, no clipping) and "
-         "stop with exit status 3 if any certified prediction flips")
-    flag('--audit_restarts', type=int, default=2, help="random restarts of the audit attack "
-         "(2 x 100 steps: a 1000-point, 2-radius MNIST-size audit in minutes, see README)")
-    flag('--audit_steps', type=int, default=100, help="steps of each audit attack")
     flag('--certificate', choices=('reference', 'guaranteed'), default='reference',
          help="evaluate.py: 'reference': certificates from power-iteration norm estimates "
          "(approached from below, as the reference); 'guaranteed': ALSO certificates whose every "
          "spectral norm is a Lanczos upper bound false with probability <= --delta (per point "
          "and radius, over the random starts; lanczos.py), columns certified_guaranteed@<eps>")
+    flag('--delta', type=float, default=1e-4, help="evaluate.py --certificate guaranteed: "
+         "failure probability of each certificate (split over its norm bounds)")
     flag('--radius', action='store_true', help="(not in the reference) evaluate.py: also the "
          "certified radius of every point, the largest eps at which it is certified (a search "
          "over eps to --radius_rtol; with --certificate guaranteed also the guaranteed radius): "
          "TSV columns radius / radius_upper, the median in the summary, a continuous curve in "
          "the plots")
-    flag('--lower_bound', action='store_true', help="(not in the reference) evaluate.py: "
-         "also an empirical LOWER bound of every point's local Lipschitz constant at the first "
-         "--epsilon (secant ratios raised by gradient ascent over pairs of points of the ball, "
-         "and Jacobian spectral norms at its final points; tightness.py): TSV columns "
-         "lower_bound / seconds_lower, the median local_bound / lower_bound in the summary, "
-         "a figure of the ratio with --plots")
     flag('--radius_rtol', type=float, default=1e-3, help="evaluate.py --radius: relative "
          "tolerance of the search (the point is certified at radius and not at radius_upper <= "
          "radius * (1 + rtol))")
@@ -281,8 +284,25 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
          "guaranteed: Lanczos steps of each masked-norm upper bound of the guaranteed radius "
          "(fewer: faster and looser; on the bundled Fashion-MNIST model the median radius is "
          "0.5%% below the estimate search's with 256 steps, 6%% below with 32)")
-    flag('--delta', type=float, default=1e-4, help="evaluate.py --certificate guaranteed: "
-         "failure probability of each certificate (split over its norm bounds)")
+    flag('--lower_bound', action='store_true', help="(not in the reference) evaluate.py: "
+         "also an empirical LOWER bound of every point's local Lipschitz constant at the first "
+         "--epsilon (secant ratios raised by gradient ascent over pairs of points of the ball, "
+         "and Jacobian spectral norms at its final points; tightness.py): TSV columns "
+         "lower_bound / seconds_lower, the median local_bound / lower_bound in the summary, "
+         "a figure of the ratio with --plots")
+    flag('--audit', action='store_true', help="evaluate.py: attack every certified point inside "
+         "its ball (PGD-L2 on the margin, --audit_restarts x --audit_steps, no clipping) and "
+         "stop with exit status 3 if any certified prediction flips")
+    flag('--audit_restarts', type=int, default=2, help="random restarts of the audit attack "
+         "(2 x 100 steps: a 1000-point, 2-radius MNIST-size audit in minutes, see README)")
+    flag('--audit_steps', type=int, default=100, help="steps of each audit attack")
+
+
+def _output_flags(flag):
+    """What evaluate.py writes and checks."""
+    flag('--results', default=None, help="evaluate.py: write a JSON summary here")
+    flag('--out', default=None, help="evaluate.py: write one tab-separated row per test point "
+         "here, flushed as it goes")
     flag('--plot_dir', default=None, help="evaluate.py: write the analysis PNGs here")
     flag('--plots', action='store_true', help="evaluate.py: write the PNGs to <out>_plots/ (the "
          "--out TSV's name without its extension)")
@@ -291,9 +311,6 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
          "folder; without it an existing one stops the run before any work (so a bundled result "
          "is never overwritten by accident)")
     flag('--markdown', action='store_true', help="evaluate.py: end with a markdown table")
-    flag('--resume', action='store_true', help="training: continue from "
-         "<prefix>_<model>_checkpoint.pth; evaluate.py: continue the --out TSV of an interrupted "
-         "run (its finished batches are kept)")
     flag('--expect', default=None, help="evaluate.py: JSON of recorded clean / certified "
          "accuracies (written by --record); exit status 4 if a number differs by more than its "
          "tolerance_pp (0.5 percentage points)")
@@ -301,6 +318,15 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
          "print a markdown table comparing --results files (e.g. local=a.json global=b.json)")
     flag('--record', default=None, help="evaluate.py: write the clean / certified accuracies of "
          "this evaluation as a JSON for --expect")
+
+
+def _run_flags(flag):
+    """Checkpoints, devices, progress and run control."""
+    flag('--prefix', default=None, help="checkpoints go to pretrained/<prefix>_<model>_{best,"
+         "checkpoint}.pth (default: the dataset name); an absolute path is used as is")
+    flag('--resume', action='store_true', help="training: continue from "
+         "<prefix>_<model>_checkpoint.pth; evaluate.py: continue the --out TSV of an interrupted "
+         "run (its finished batches are kept)")
     flag('--cuda_ids', default='0',
          help="GPU to use when CUDA is available (first of a comma list)")
     flag('--cpu', action='store_true', help="run on the CPU even when CUDA is available")
@@ -320,14 +346,17 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
          "quickstart); --resume then restarts the vectors from random")
     flag('--no_save', action='store_true', help="training: write no checkpoint, vector store or "
          "TensorBoard file (the final evaluation uses the best model kept in memory)")
-    # parsed by the reference and never used: accepted so that its scripts run, ignored
+
+
+def _reference_flags(flag):
+    """Flags the reference parses and never uses (ignored), and its distributed flags
+    (torchrun's environment RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR wins): accepted so
+    that its scripts run."""
     flag('--project', default='debug_bcp',
          help="ignored (the reference's experiment-tracking name)")
     flag('--test_pth', default=None, help="ignored (parsed, unused by the reference)")
     flag('--print', action='store_true', help="ignored (parsed, unused by the reference)")
     flag('--real_time', action='store_true', help="ignored (parsed, unused by the reference)")
-    # torch.distributed.launch / the reference's distributed flags: torchrun's environment
-    # (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR) wins; these are accepted for old scripts
     flag('--local_rank', '--local-rank', dest='local_rank', type=int, default=-1, help="set by "
          "the old torch.distributed.launch; LOCAL_RANK from the environment wins")
     flag('--world-size', dest='world_size', type=int, default=-1, help="accepted; WORLD_SIZE "
@@ -338,7 +367,6 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
          "torchrun's MASTER_ADDR / MASTER_PORT win")
     flag('--dist-backend', dest='dist_backend', default='nccl', help="process-group backend on "
          "GPUs (nccl); CPU processes use gloo")
-    return p
 
 
 def parse(p: argparse.ArgumentParser, argv=None):
