@@ -143,58 +143,84 @@ def make_stores(args, model, input_shape, n_train, n_test, base, say=print, rank
     (device). A disk store is one file per split shared by all processes of a node (rank 0
     creates it)."""
     shapes = layer_input_shapes(bound_structure(model), input_shape)
-    keys = None
-    if getattr(args, 'indices', None):
-        keys = [int(k) for k in str(args.indices).split(',') if k != '']
-        bad = [k for k in keys if k not in shapes]
-        if bad:
-            raise UserError(f"--indices {bad} are not affine layers with stored vectors; "
-                            f"choose from {sorted(shapes)}")
-    n = n_train + n_test
+    keys = store_keys(getattr(args, 'indices', None), shapes)
     per32 = VectorStore.bytes_per_sample(shapes, keys, torch.float32)
-    budget = available_ram() // 2
-    backing = args.store_backing
-    on_gpu = device.type == 'cuda'
-    if backing == 'device' and not on_gpu:
-        raise UserError("--store_backing device needs a CUDA device (training runs on the CPU)")
-    gpu_budget = torch.cuda.mem_get_info(device)[0] // 2 if on_gpu else 0
-    dtype, on_disk = choose_store(per32, n, budget, args.store_dtype)
-    place = {'auto': 'disk' if on_disk else 'ram', 'ram': 'ram', 'disk': 'disk',
-             'device': 'device'}[backing]
-    if on_gpu and backing in ('auto', 'device'):
-        wanted = ([getattr(torch, args.store_dtype)] if args.store_dtype != 'auto'
-                  else [torch.float32, torch.float16])
-        fitting = [t for t in wanted if n * per32 // (4 // torch.empty((), dtype=t).element_size())
-                   <= gpu_budget]
-        if fitting or backing == 'device':
-            dtype, place = (fitting or wanted)[0], 'device'
-    total = n * per32 // (1 if dtype == torch.float32 else 2)
-    path = base + '_store' if place == 'disk' else None
+    plan = plan_store(per32, n_train + n_test, args.store_dtype, args.store_backing, device)
+    path = base + '_store' if plan.place == 'disk' else None
     where = {'disk': f"disk files {path}_{{train,test}}.bin", 'ram': "RAM",
-             'device': f"{device} memory"}[place]
-    room = (f"half the free GPU memory is {gpu_budget / 2 ** 30:.1f} GiB" if place == 'device'
-            else f"half the available RAM is {budget / 2 ** 30:.1f} GiB")
-    say(f"vector store: {per32 // 4} floats per sample x {n} samples, "
-        f"{str(dtype).replace('torch.', '')} in {where}: {total / 2 ** 30:.2f} GiB ({room})",
-        flush=True)
-    if place == 'device':
-        if total > 2 * gpu_budget:
-            raise UserError(f"the vector store needs {total / 2 ** 30:.1f} GiB of GPU memory but "
-                            f"only {2 * gpu_budget / 2 ** 30:.1f} GiB are free; use --store_dtype "
-                            f"float16, --store_backing ram or fewer --indices")
+             'device': f"{device} memory"}[plan.place]
+    say(f"vector store: {per32 // 4} floats per sample x {n_train + n_test} samples, "
+        f"{str(plan.dtype).replace('torch.', '')} in {where}: {plan.total / 2 ** 30:.2f} GiB "
+        f"({plan.room})", flush=True)
+    if plan.place == 'device':
+        if plan.total > 2 * plan.budget:
+            raise UserError(f"the vector store needs {plan.total / 2 ** 30:.1f} GiB of GPU "
+                            f"memory but only {2 * plan.budget / 2 ** 30:.1f} GiB are free; use "
+                            f"--store_dtype float16, --store_backing ram or fewer --indices")
     else:
-        check_store_fits(total, path, budget * 2 // world)
-    store_device = device if place == 'device' else torch.device('cpu')
+        check_store_fits(plan.total, path, plan.budget * 2 // world)
+    store_device = device if plan.place == 'device' else torch.device('cpu')
 
     def build():
-        return (VectorStore(shapes, n_train, dtype, path and path + '_train.bin', keys, store_device),
-                VectorStore(shapes, n_test, dtype, path and path + '_test.bin', keys, store_device))
+        return tuple(VectorStore(shapes, n, plan.dtype, path and f"{path}_{split}.bin", keys,
+                                 store_device)
+                     for n, split in ((n_train, 'train'), (n_test, 'test')))
 
     if path is None or world == 1:
         return build()
     stores = build() if rank == 0 else None     # rank 0 creates the shared files,
     dist.barrier()                               # the others open them once they exist
     return stores if rank == 0 else build()
+
+
+def store_keys(indices, shapes) -> Optional[list]:
+    """The layer keys of --indices (a comma list; None when empty: every stored layer),
+    each checked against ``shapes`` (the layers with stored vectors)."""
+    if not indices:
+        return None
+    keys = [int(k) for k in str(indices).split(',') if k != '']
+    bad = [k for k in keys if k not in shapes]
+    if bad:
+        raise UserError(f"--indices {bad} are not affine layers with stored vectors; "
+                        f"choose from {sorted(shapes)}")
+    return keys
+
+
+@dataclass
+class StorePlan:
+    """Where and how the vector store lives."""
+    dtype: torch.dtype
+    place: str          # 'ram', 'disk' or 'device' (the GPU's memory)
+    total: int          # bytes of both splits
+    budget: int         # half the available RAM, or half the free GPU memory ('device')
+    room: str           # that budget, in words
+
+
+def plan_store(per32: int, n: int, store_dtype: str, backing: str, device) -> StorePlan:
+    """The plan for n samples of ``per32`` float32 bytes each: --store_dtype / --store_backing
+    (auto: the GPU's memory when training on one and it fits in half the free memory, else
+    choose_store's RAM or disk)."""
+    budget = available_ram() // 2
+    on_gpu = device.type == 'cuda'
+    if backing == 'device' and not on_gpu:
+        raise UserError("--store_backing device needs a CUDA device (training runs on the CPU)")
+    gpu_budget = torch.cuda.mem_get_info(device)[0] // 2 if on_gpu else 0
+    dtype, on_disk = choose_store(per32, n, budget, store_dtype)
+    place = {'auto': 'disk' if on_disk else 'ram', 'ram': 'ram', 'disk': 'disk',
+             'device': 'device'}[backing]
+    if on_gpu and backing in ('auto', 'device'):
+        wanted = ([getattr(torch, store_dtype)] if store_dtype != 'auto'
+                  else [torch.float32, torch.float16])
+        fitting = [t for t in wanted if n * per32 // (4 // torch.empty((), dtype=t).element_size())
+                   <= gpu_budget]
+        if fitting or backing == 'device':
+            dtype, place = (fitting or wanted)[0], 'device'
+    total = n * per32 // (1 if dtype == torch.float32 else 2)
+    if place == 'device':
+        return StorePlan(dtype, place, total, gpu_budget,
+                         f"half the free GPU memory is {gpu_budget / 2 ** 30:.1f} GiB")
+    return StorePlan(dtype, place, total, budget,
+                     f"half the available RAM is {budget / 2 ** 30:.1f} GiB")
 
 
 def check_store_fits(total, path, ram_available):

@@ -48,3 +48,30 @@ def test_store_choice_at_real_sizes():
     assert choose_store(113664 * 4, 60000, budget) == (torch.float16, True)    # 13.6 GB on disk
     assert choose_store(48336 * 4, 3500, budget) == (torch.float32, False)     # quickstart
     assert choose_store(48336 * 4, 70000, budget, 'float32') == (torch.float32, False)
+
+
+def test_make_stores_places_sizes_and_refuses(tmp_path):
+    """make_stores on a tiny net: RAM float32 by default (floats per sample = the stored
+    layers' input sizes), a disk file pair when asked, and one-line refusals for an
+    --indices key that is not a stored layer and for --store_backing device on the CPU."""
+    import torch
+    from conftest import tiny_net
+    from errors import UserError
+    from train import make_stores
+    net, said = tiny_net('relux'), []
+    say = lambda *a, **k: said.append(a[0])              # noqa: E731
+    args = argparser(['--store_dtype', 'auto', '--store_backing', 'auto'])
+    train, test = make_stores(args, net, (1, 8, 8), 5, 3, str(tmp_path / 'r'), say)
+    # stored layers: the two convolutions (inputs 1x8x8, 4x8x8) and the first linear (128)
+    assert said[-1].startswith(f"vector store: {64 + 256 + 128} floats per sample x 8 samples, "
+                               f"float32 in RAM")
+    assert (train.n, test.n) == (5, 3)
+    args = argparser(['--store_backing', 'disk', '--store_dtype', 'float16', '--indices', '0'])
+    make_stores(args, net, (1, 8, 8), 5, 3, str(tmp_path / 'd'), say)
+    assert "float16 in disk files" in said[-1] and f"{64} floats per sample" in said[-1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['d_store_test.bin', 'd_store_train.bin']
+    with pytest.raises(UserError, match=r"--indices \[3\] are not affine layers"):
+        make_stores(argparser(['--indices', '0,3']), net, (1, 8, 8), 5, 3, 'x', say)
+    with pytest.raises(UserError, match="needs a CUDA device"):
+        make_stores(argparser(['--store_backing', 'device']), net, (1, 8, 8), 5, 3, 'x', say,
+                    device=torch.device('cpu'))
