@@ -111,14 +111,23 @@ def make_plots(tsv_path, out_dir, title=''):
     bound, when the rows have --lower_bound's column); returns their paths."""
     import matplotlib
     matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
 
     header, rows = read_tsv(tsv_path)
     os.makedirs(out_dir, exist_ok=True)
     eps0 = next(h.split('@')[1] for h in header if h.startswith('certified@'))
-    paths = []
-    n = len(rows)
+    suffix = f" - {title}" if title else ''
+    paths = [_certified_figure(header, rows, out_dir, suffix),
+             _tightness_figure(rows, eps0, out_dir, suffix)]
+    if 'lower_bound' in header:
+        paths.append(_lower_figure(rows, eps0, out_dir, title))
+    paths.append(_sparsity_figure(header, rows, eps0, out_dir, suffix))
+    return paths
 
+
+def _certified_figure(header, rows, out_dir, suffix) -> str:
+    """Certified accuracy against the radius: local (and strict), global, and the
+    continuous certified-radius curves when the rows have them."""
+    import matplotlib.pyplot as plt
     radii, local, strict, glob = radius_data(header, rows)
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.plot(radii, local, 'o-', color='tab:blue', lw=3, ms=9, label='local bound (Local-Lip)')
@@ -141,9 +150,13 @@ def make_plots(tsv_path, out_dir, title=''):
     ax.set_xlim(0, max(radii) * 1.05 if radii and max(radii) > 0 else 1)
     ax.grid(alpha=0.3)
     ax.legend()
-    ax.set_title(f"Certified accuracy vs radius{' - ' + title if title else ''} (n = {n})")
-    paths.append(_save(fig, out_dir, 'certified_vs_radius.png'))
+    ax.set_title(f"Certified accuracy vs radius{suffix} (n = {len(rows)})")
+    return _save(fig, out_dir, 'certified_vs_radius.png')
 
+
+def _tightness_figure(rows, eps0, out_dir, suffix) -> str:
+    """Histogram of local / global Lipschitz bound at the first radius."""
+    import matplotlib.pyplot as plt
     ratio = tightness_data(rows)
     fig, ax = plt.subplots(figsize=(6, 4.2))
     ax.hist(ratio, bins=40, range=(0, 1.0001), color='tab:blue', edgecolor='white')
@@ -154,25 +167,25 @@ def make_plots(tsv_path, out_dir, title=''):
     ax.set_xlabel(f"local / global Lipschitz bound at eps {eps0} (lower = tighter)")
     ax.set_ylabel('test points')
     ax.legend()
-    ax.set_title(f"Tightness of the local bound{' - ' + title if title else ''} (n = {len(ratio)})")
-    paths.append(_save(fig, out_dir, 'tightness.png'))
+    ax.set_title(f"Tightness of the local bound{suffix} (n = {len(ratio)})")
+    return _save(fig, out_dir, 'tightness.png')
 
-    if 'lower_bound' in header:
-        paths.append(_lower_figure(rows, eps0, out_dir, title))
 
+def _sparsity_figure(header, rows, eps0, out_dir, suffix) -> str:
+    """Bars of the varying neurons per activation layer at the first radius."""
+    import matplotlib.pyplot as plt
     layers, frac = sparsity_data(header, rows)
     fig, ax = plt.subplots(figsize=(6, 4.2))
     names = [f"{k + 1}\n[{i}]" for k, i in enumerate(layers)]
     bars = ax.bar(names, [100 * f for f in frac], color='tab:green')
     for b_, f in zip(bars, frac):
-        ax.text(b_.get_x() + b_.get_width() / 2, 100 * f + 1, f"{100 * f:.1f}", ha='center', fontsize=8)
+        ax.text(b_.get_x() + b_.get_width() / 2, 100 * f + 1, f"{100 * f:.1f}", ha='center',
+                fontsize=8)
     ax.set_xlabel('activation layer [layer key: the module index in a plain nn.Sequential]')
     ax.set_ylabel('varying neurons (% of the layer)')
     ax.set_ylim(0, 105)
-    ax.set_title(f"Varying neurons per activation at eps {eps0}{' - ' + title if title else ''} "
-                 f"(n = {n})")
-    paths.append(_save(fig, out_dir, 'sparsity.png'))
-    return paths
+    ax.set_title(f"Varying neurons per activation at eps {eps0}{suffix} (n = {len(rows)})")
+    return _save(fig, out_dir, 'sparsity.png')
 
 
 # ----------------------------------------------------------------------------------------
@@ -238,76 +251,93 @@ def varying_data(scalars):
     return dict(sorted(out.items()))
 
 
+COLORS = ['tab:blue', 'tab:red', 'tab:green', 'tab:purple']   # one per run
+STYLES = ['-', '--', ':', '-.']                               # one per run (varying.png)
+
+
 def make_training_plots(runs, out_dir, title=''):
     """Draw the training figures (see the module docstring) of ``runs`` {label: tb_dir}
     into ``out_dir``; returns their paths."""
     import matplotlib
     matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
     data = {label: read_scalars(d) for label, d in runs.items()}
     os.makedirs(out_dir, exist_ok=True)
-    colors = ['tab:blue', 'tab:red', 'tab:green', 'tab:purple']
-    styles = ['-', '--', ':', '-.']
     suffix = f" - {title}" if title else ''
-    paths = []
+    paths = [_series_figure(data, name, tag, ylabel, out_dir, suffix)
+             for name, tag, ylabel in TRAINING_FIGURES]
+    paths.append(_varying_figure(data, out_dir, suffix))
+    paths.append(_test_error_figure(data, out_dir, suffix))
+    return paths
 
-    def mark_ramp(ax):
-        from matplotlib.ticker import MaxNLocator
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ends = {ramp_end_epoch(sc) for sc in data.values()} - {None}
-        for e in ends:
-            ax.axvline(e, color='gray', ls=':', lw=1)
-        if ends:
-            ax.text(min(ends), ax.get_ylim()[1], ' radius at its final value', color='gray',
-                    fontsize=8, va='top')
 
-    for name, tag, ylabel in TRAINING_FIGURES:
-        fig, ax = plt.subplots(figsize=(6, 4.2))
-        for k, (label, sc) in enumerate(data.items()):
-            x, y = series(sc, tag)
-            ax.plot(x, y, 'o-', ms=3, color=colors[k % 4], label=label)
-        ax.set_xlabel('epoch')
-        ax.set_ylabel(ylabel)
-        if name == 'lip_ratio.png':
-            ax.set_ylim(0, 1.05)
-        ax.grid(alpha=0.3)
-        ax.legend()
-        mark_ramp(ax)
-        ax.set_title(ylabel.split(' (')[0] + suffix)
-        paths.append(_save(fig, out_dir, name))
+def _mark_ramp(ax, data):
+    """Integer epochs, and a dotted line where each run's radius reached its final value."""
+    from matplotlib.ticker import MaxNLocator
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ends = {ramp_end_epoch(sc) for sc in data.values()} - {None}
+    for e in ends:
+        ax.axvline(e, color='gray', ls=':', lw=1)
+    if ends:
+        ax.text(min(ends), ax.get_ylim()[1], ' radius at its final value', color='gray',
+                fontsize=8, va='top')
 
+
+def _series_figure(data, name, tag, ylabel, out_dir, suffix) -> str:
+    """One TensorBoard scalar ``tag`` per epoch, a line per run."""
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    for k, (label, sc) in enumerate(data.items()):
+        x, y = series(sc, tag)
+        ax.plot(x, y, 'o-', ms=3, color=COLORS[k % 4], label=label)
+    ax.set_xlabel('epoch')
+    ax.set_ylabel(ylabel)
+    if name == 'lip_ratio.png':
+        ax.set_ylim(0, 1.05)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _mark_ramp(ax, data)
+    ax.set_title(ylabel.split(' (')[0] + suffix)
+    return _save(fig, out_dir, name)
+
+
+def _varying_figure(data, out_dir, suffix) -> str:
+    """Varying neurons per activation layer during training, a line per run and layer."""
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.6))
     cmap = plt.get_cmap('viridis')
     for k, (label, sc) in enumerate(data.items()):
         layers = varying_data(sc)
         for j, (idx, (x, y)) in enumerate(layers.items()):
-            ax.plot(x, [100 * v for v in y], styles[k % 4], color=cmap(j / max(len(layers) - 1, 1)),
+            ax.plot(x, [100 * v for v in y], STYLES[k % 4], color=cmap(j / max(len(layers) - 1, 1)),
                     label=f"{label}: activation {j + 1} [{idx}]")
     ax.set_xlabel('epoch')
     ax.set_ylabel('varying neurons (% of the layer, training)')
     ax.set_ylim(0, 105)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, ncol=2)
-    mark_ramp(ax)
+    _mark_ramp(ax, data)
     ax.set_title('Varying neurons per activation' + suffix)
-    paths.append(_save(fig, out_dir, 'varying.png'))
+    return _save(fig, out_dir, 'varying.png')
 
+
+def _test_error_figure(data, out_dir, suffix) -> str:
+    """Clean and certified test error per epoch, two lines per run."""
+    import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4.2))
     for k, (label, sc) in enumerate(data.items()):
         for tag, st, what in (('test/clean_err', 'o-', 'clean'),
                               ('test/certified_err', 's--', 'certified')):
             x, y = series(sc, tag)
-            ax.plot(x, [100 * v for v in y], st, ms=3, color=colors[k % 4],
+            ax.plot(x, [100 * v for v in y], st, ms=3, color=COLORS[k % 4],
                     label=f"{label}: {what}")
     ax.set_xlabel('epoch')
     ax.set_ylabel("test error (%), certified at that epoch's radius")
     ax.set_ylim(0, 100)
     ax.grid(alpha=0.3)
     ax.legend()
-    mark_ramp(ax)
+    _mark_ramp(ax, data)
     ax.set_title('Test error during training' + suffix)
-    paths.append(_save(fig, out_dir, 'test_error.png'))
-    return paths
+    return _save(fig, out_dir, 'test_error.png')
 
 
 def main(argv=None):
