@@ -39,6 +39,7 @@ import resource
 import statistics
 import sys
 import time
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -238,73 +239,25 @@ def eval_methods(a, model, dev, shape, classes, timed):
     """eval mode: certify the same points with every method of --methods (see the module
     docstring); returns {'methods': {name: {seconds, points_per_s, certified_acc {radius: acc}}},
     ...} and prints one line per method."""
-    from lanczos import GuaranteedNorms, guaranteed_certify
-    from certify import converged_global_vectors
-    from radius import RadiusSearch, radius_batch
-    from vectors import KeptVectors
     methods = a.methods or (['reference'] if a.batch_stop else ['early'])
     radii = sorted(a.radii or [a.eps])
-    n = a.n_test or a.test_batch_size
-    g = torch.Generator().manual_seed(a.seed)
-    if a.saved_model:
-        ds = get_dataset(a.data, a.data_dir, train=False, augment=False, download=False)
-        items = [ds[k] for k in range(min(n, len(ds)))]
-        xs = torch.stack([t[0] for t in items])
-        ys = torch.tensor([int(t[1]) for t in items])
-    else:
-        xs, ys = torch.rand(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
-    batches = [(xs[k:k + a.test_batch_size].to(dev), ys[k:k + a.test_batch_size].to(dev))
-               for k in range(0, len(xs), a.test_batch_size)]
+    batches, n = eval_batches(a, shape, classes, dev)
     model.eval()
-    res = {'radii': radii, 'n': len(xs), 'test_sniter': a.test_sniter,
+    res = {'radii': radii, 'n': n, 'test_sniter': a.test_sniter,
            'test_opt_iter': a.test_opt_iter, 'delta': a.delta, 'methods': {}}
     for name in methods:
-        certified = {e: 0 for e in radii}
         torch.manual_seed(a.seed)
-
-        radii_found, iters = [], {}
-
-        def run():
-            if name in ('guaranteed', 'radius_guaranteed'):
-                norms = GuaranteedNorms(model, shape, a.delta, generator_seed=a.seed)
-            if 'guaranteed' not in name:   # the global vectors, converged once, as evaluate.py does
-                gv0 = converged_global_vectors(model, shape, a.test_sniter, a.seed, dev)
-            for x, y in batches:
-                if name.startswith('radius'):     # the certified radius of every point
-                    g = name == 'radius_guaranteed'
-                    search = RadiusSearch(sniter=a.test_sniter, opt_iter=a.test_opt_iter,
-                                          steps=a.radius_steps)
-                    r = radius_batch(model, x, y, None if g else gv0, search,
-                                     norms=norms if g else None, reference=not g)
-                    found = r.radius_guaranteed if g else r.radius
-                    radii_found.append(found)
-                    for e in radii:
-                        certified[e] += int((found >= e).sum())
-                    continue
-                if name == 'guaranteed':
-                    for e in radii:
-                        certified[e] += int(guaranteed_certify(
-                            model, x, y, e, norms, opt_iter=a.test_opt_iter).certified.sum())
-                    continue
-                vec, gv = KeptVectors(x.shape[0], dev), {k: v.clone() for k, v in gv0.items()}
-                for e in radii:
-                    with torch.no_grad(), exact_float32():
-                        r = compute_bound(model, x, y, e, vec, gv, sniter=a.test_sniter,
-                                          opt_iter=a.test_opt_iter, check=True,
-                                          per_sample_stop=(name == 'early'))
-                    certified[e] += int(r.certified(y).sum())
-                    for k, it in r.iters.items():       # per-sample iterations, each layer
-                        iters.setdefault(k, []).append(it.cpu())
-        sec = timed(run)
-        res['methods'][name] = {'seconds': sec, 'points_per_s': len(xs) / sec,
-                                'certified_acc': {f"{e:g}": certified[e] / len(xs) for e in radii}}
-        if radii_found:
-            res['methods'][name]['median_radius'] = float(torch.cat(radii_found).median())
-        if iters:
-            res['methods'][name]['iterations'] = iteration_stats(iters, a.test_sniter)
-        accs = ', '.join(f"{100 * certified[e] / len(xs):.2f}% @{e:g}" for e in radii)
-        print(f"{a.model} eval {name:<10} n {len(xs)} radii {' '.join(f'{e:g}' for e in radii)} "
-              f"test_sniter {a.test_sniter}: {sec:.1f}s, {len(xs) / sec:.2f} points/s "
+        tally = Tally({e: 0 for e in radii})
+        sec = timed(lambda: certify_all(name, a, model, batches, shape, tally))
+        m = res['methods'][name] = {'seconds': sec, 'points_per_s': n / sec, 'certified_acc':
+                                    {f"{e:g}": tally.certified[e] / n for e in radii}}
+        if tally.radii_found:
+            m['median_radius'] = float(torch.cat(tally.radii_found).median())
+        if tally.iters:
+            m['iterations'] = iteration_stats(tally.iters, a.test_sniter)
+        accs = ', '.join(f"{100 * tally.certified[e] / n:.2f}% @{e:g}" for e in radii)
+        print(f"{a.model} eval {name:<10} n {n} radii {' '.join(f'{e:g}' for e in radii)} "
+              f"test_sniter {a.test_sniter}: {sec:.1f}s, {n / sec:.2f} points/s "
               f"(all radii), certified {accs}", flush=True)
     m = res['methods']
     for slow in ('early', 'reference'):
@@ -312,6 +265,85 @@ def eval_methods(a, model, dev, shape, classes, timed):
             res[f'speedup_vs_{slow}'] = m[slow]['seconds'] / m['guaranteed']['seconds']
             print(f"guaranteed is {res[f'speedup_vs_{slow}']:.1f}x faster than {slow}")
     return res
+
+
+def eval_batches(a, shape, classes, dev):
+    """([(x, y)] batches of --test_batch_size on ``dev``, number of points): the first
+    --n_test test points of --saved_model's dataset, or seeded random inputs and labels."""
+    n = a.n_test or a.test_batch_size
+    if a.saved_model:
+        ds = get_dataset(a.data, a.data_dir, train=False, augment=False, download=False)
+        items = [ds[k] for k in range(min(n, len(ds)))]
+        xs = torch.stack([t[0] for t in items])
+        ys = torch.tensor([int(t[1]) for t in items])
+    else:
+        g = torch.Generator().manual_seed(a.seed)
+        xs, ys = torch.rand(n, *shape, generator=g), torch.randint(0, classes, (n,), generator=g)
+    batches = [(xs[k:k + a.test_batch_size].to(dev), ys[k:k + a.test_batch_size].to(dev))
+               for k in range(0, len(xs), a.test_batch_size)]
+    return batches, len(xs)
+
+
+@dataclass
+class Tally:
+    """What one method found: certified points per radius, the certified radii ([batch]
+    tensors, radius methods) and the per-sample iterations of every layer."""
+    certified: dict
+    radii_found: list = field(default_factory=list)
+    iters: dict = field(default_factory=dict)
+
+
+def certify_all(name, a, model, batches, shape, tally: Tally):
+    """Certify every batch with method ``name`` at every radius of ``tally``, counting into
+    it (the timed part: the global vectors and norms are set up here, as evaluate.py does)."""
+    from certify import converged_global_vectors
+    from lanczos import GuaranteedNorms
+    dev = batches[0][0].device
+    norms = gv0 = None
+    if name in ('guaranteed', 'radius_guaranteed'):
+        norms = GuaranteedNorms(model, shape, a.delta, generator_seed=a.seed)
+    if 'guaranteed' not in name:   # the global vectors, converged once, as evaluate.py does
+        gv0 = converged_global_vectors(model, shape, a.test_sniter, a.seed, dev)
+    for x, y in batches:
+        if name.startswith('radius'):
+            _radius_tally(a, model, x, y, gv0, norms, tally)
+        elif name == 'guaranteed':
+            _guaranteed_tally(a, model, x, y, norms, tally)
+        else:
+            _estimate_tally(a, model, x, y, gv0, name == 'early', tally)
+
+
+def _radius_tally(a, model, x, y, gv0, norms, tally: Tally):
+    """The certified radius of every point (guaranteed with ``norms``, else the estimate's)."""
+    from radius import RadiusSearch, radius_batch
+    search = RadiusSearch(sniter=a.test_sniter, opt_iter=a.test_opt_iter, steps=a.radius_steps)
+    r = radius_batch(model, x, y, gv0, search, norms=norms, reference=norms is None)
+    found = r.radius if norms is None else r.radius_guaranteed
+    tally.radii_found.append(found)
+    for e in tally.certified:
+        tally.certified[e] += int((found >= e).sum())
+
+
+def _guaranteed_tally(a, model, x, y, norms, tally: Tally):
+    """Guaranteed certificates (Lanczos upper bounds) at every radius."""
+    from lanczos import guaranteed_certify
+    for e in tally.certified:
+        tally.certified[e] += int(guaranteed_certify(model, x, y, e, norms,
+                                                     opt_iter=a.test_opt_iter).certified.sum())
+
+
+def _estimate_tally(a, model, x, y, gv0, early: bool, tally: Tally):
+    """Power-iteration certificates at the radii in increasing order, each starting from the
+    previous radius's vectors; each point stops on its own (``early``) or with the batch."""
+    from vectors import KeptVectors
+    vec, gv = KeptVectors(x.shape[0], x.device), {k: v.clone() for k, v in gv0.items()}
+    for e in tally.certified:
+        with torch.no_grad(), exact_float32():
+            r = compute_bound(model, x, y, e, vec, gv, sniter=a.test_sniter,
+                              opt_iter=a.test_opt_iter, check=True, per_sample_stop=early)
+        tally.certified[e] += int(r.certified(y).sum())
+        for k, it in r.iters.items():       # per-sample iterations, each layer
+            tally.iters.setdefault(k, []).append(it.cpu())
 
 
 def iteration_stats(iters, sniter):

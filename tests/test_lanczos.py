@@ -241,7 +241,7 @@ def test_bench_eval_compares_the_three_methods(tmp_path):
     threads = torch.get_num_threads()
     try:
         bench.main(['--mode', 'eval', '--data', 'mnist', '--model', 'relux', '--methods',
-                    'reference', 'early', 'guaranteed', '--radii', '0.2', '0.05', '--n_test', '6',
+                    'reference', 'early', 'guaranteed', 'radius', '--radii', '0.2', '0.05', '--n_test', '6',
                     '--test_batch_size', '4', '--test_sniter', '5', '--test_opt_iter', '5',
                     '--threads', '1', '--json', str(out)])
     finally:
@@ -253,6 +253,9 @@ def test_bench_eval_compares_the_three_methods(tmp_path):
         assert v['seconds'] > 0 and v['points_per_s'] == pytest.approx(6 / v['seconds'])
         assert set(v['certified_acc']) == {'0.05', '0.2'}
     assert r['speedup_vs_early'] > 0 and r['speedup_vs_reference'] > 0
+    # the radius search: a point counts at eps when its radius is at least eps
+    v = r['methods']['radius']
+    assert v['median_radius'] >= 0 and v['certified_acc']['0.05'] >= v['certified_acc']['0.2']
     # per layer, the power iterations per point (2 radii x 6 points each): the reference's
     # batch loop runs every point as long as the batch's slowest; early stops each point
     for m in ('reference', 'early'):
