@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import progress
 from errors import UnsupportedModel
 from models import ClampGroupSort, Flatten, ReLU_x, Residual
-from tracing import check_view, derived, relative_error, sequential_view
+from tracing import check_view, derived, relative_error, sequential_view, view_output
 from vectors import RandomVectors
 
 TOL = 1e-3          # power iteration stops when the largest per-sample change is below this
@@ -161,6 +161,10 @@ def _check_layer(i: int, m: nn.Module, where: str) -> bool:
             raise UnsupportedModel(f"{where} is in training mode, where it is not a fixed "
                                    f"map: call model.eval() first")
         return False
+    if isinstance(m, nn.LogSoftmax):
+        raise UnsupportedModel(f"{where}: a log_softmax is read only as the network's last "
+                               f"operation, over the class axis (dim=1), where the bound "
+                               f"leaves it out (it shifts every logit of a point equally)")
     if not isinstance(m, (nn.Linear,) + ACTIVATIONS + FLATTEN):
         raise UnsupportedModel(f"{where} is not supported by the bound; supported: "
                                f"{SUPPORTED}, and residual blocks of them")
@@ -382,10 +386,11 @@ def training_view(model: nn.Module, x: torch.Tensor) -> nn.Module:
     if not _in_training(model):
         return model
     logits, stats = _batch_statistics(model, x)
-    view = nn.Sequential(*_fold_chain(_mods(sequential_view(model)), 0, stats)[0])
+    source = sequential_view(model)
+    view = nn.Sequential(*_fold_chain(_mods(source), 0, stats)[0])
     if model not in _TRAIN_CHECKED:
         with torch.no_grad():
-            err = relative_error(view(x), logits)
+            err = relative_error(view_output(source, view(x)), logits)
         if not err <= TRAIN_VIEW_TOL:
             raise UnsupportedModel(f"{type(model).__name__}: the network with BatchNorm folded "
                                    f"by the batch's statistics differs from the model's own "

@@ -9,7 +9,10 @@ project's ``ReLU_x``, ``ClampGroupSort``, ``Flatten``, ``Residual``; whether the
 a layer's type is ``local_bound.check_supported``'s question); ``relu``; flattening to
 [batch, features] (``torch.flatten(x, 1)``, ``x.flatten(1)``, ``x.view(x.size(0), -1)``,
 ``x.reshape(n, -1)``, ``x.view(-1, features)``); ``F.avg_pool2d``, ``F.adaptive_avg_pool2d``;
-and additions ``a + b`` that merge the two arms of a fork (y = x + f(x), y = s(x) + f(x)).
+additions ``a + b`` that merge the two arms of a fork (y = x + f(x), y = s(x) + f(x)); and a
+final ``log_softmax`` over the class axis, which the view leaves out (it shifts every logit
+of a point equally: margins, certificates and radii are the logits'; ``view_output`` puts
+it back where the view's output is compared with the model's).
 Anything else (a concatenation, a product of branches, a constant added, a value used by
 three operations, data-dependent control flow) is refused with one line naming the graph
 node. The rewritten network is compared with the model's own forward on the first input it
@@ -30,6 +33,7 @@ from models import ClampGroupSort, Flatten, ReLU_x, Residual
 PROJECT_LEAVES = (ReLU_x, ClampGroupSort, Flatten, Residual)
 ADDS = (operator.add, operator.iadd, torch.add)
 RELUS = (F.relu, torch.relu)
+LOG_SOFTMAXES = (F.log_softmax, torch.log_softmax)
 SHAPE_QUERIES = ('size', 'dim')
 VIEW_TOL = 1e-4      # relative difference allowed between the rewritten and the model's forward
 
@@ -136,6 +140,9 @@ class _Reader:
             layer = nn.AvgPool2d(*node.args[1:], **node.kwargs)
         elif node.target is F.adaptive_avg_pool2d:
             layer = nn.AdaptiveAvgPool2d(*node.args[1:], **node.kwargs)
+        elif node.target in LOG_SOFTMAXES or (node.op == 'call_method'
+                                               and node.target == 'log_softmax'):
+            layer = nn.LogSoftmax(node.args[1] if len(node.args) > 1 else node.kwargs.get('dim'))
         else:
             raise _refuse(self.model, node, "is not a layer the bound reads")
         others = list(node.args[1:]) + list(node.kwargs.values())
@@ -216,6 +223,7 @@ def _rewrite(m: nn.Module) -> nn.Module:
 
 _VIEWS = weakref.WeakKeyDictionary()     # model -> (its modules' ids, view, checked)
 _SOURCES = weakref.WeakKeyDictionary()   # a rewritten model's derived copy -> the model
+_LOG_SOFTMAX_DROPPED = weakref.WeakSet()  # views made without the model's final log_softmax
 
 
 def derived(copy: nn.Module, source: nn.Module) -> nn.Module:
@@ -230,15 +238,48 @@ def sequential_view(model: nn.Module) -> nn.Sequential:
     """The network as the bound reads it: ``model`` itself when it is an nn.Sequential of
     layers and Residual blocks (nested Sequentials allowed), else its rewrite (cached per
     model; rebuilt when its modules change)."""
-    if isinstance(model, nn.Sequential) and _plain(model):
+    if isinstance(model, nn.Sequential) and _plain(model) and not _last_is_log_softmax(model):
         return model
     ids = tuple(id(m) for m in model.modules())
     hit = _VIEWS.get(model)
     if hit is not None and hit[0] == ids:
         return hit[1]
     view = _rewrite(model)
+    if _last_is_log_softmax(view):
+        view = _without_last(view)
+        _LOG_SOFTMAX_DROPPED.add(view)
     _VIEWS[model] = (ids, view, False)
     return view
+
+
+def _last_layer(m: nn.Module) -> nn.Module:
+    """The module a network's output comes from (the last of nested Sequentials)."""
+    while isinstance(m, nn.Sequential) and len(m):
+        m = m[-1]
+    return m
+
+
+def _last_is_log_softmax(m: nn.Module) -> bool:
+    """The network ends in a LogSoftmax over the class axis (dim 1 or -1 of [batch,
+    classes]): a per-sample shift of every logit, which the bound leaves out."""
+    last = _last_layer(m)
+    return isinstance(last, nn.LogSoftmax) and last.dim in (1, -1)
+
+
+def _without_last(seq: nn.Sequential) -> nn.Sequential:
+    """``seq`` (a rewrite, containers copied) without its innermost last module."""
+    mods = list(seq)
+    if isinstance(mods[-1], nn.Sequential) and len(mods[-1]):
+        mods[-1] = _without_last(mods[-1])
+    else:
+        mods.pop()
+    return nn.Sequential(*mods)
+
+
+def view_output(view: nn.Module, out: torch.Tensor) -> torch.Tensor:
+    """The model's own output from its view's ``out`` [batch, classes]: log_softmax applied
+    again where the view left the model's trailing one out."""
+    return F.log_softmax(out, dim=1) if view in _LOG_SOFTMAX_DROPPED else out
 
 
 def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -258,7 +299,7 @@ def check_view(model: nn.Module, x: torch.Tensor) -> Optional[float]:
     with torch.no_grad():
         want = model(x)
         try:
-            got = view(x)
+            got = view_output(view, view(x))
         except RuntimeError as e:       # e.g. a view(-1, k) that was not a flattening
             raise UnsupportedModel(f"{type(model).__name__}: the network read from its forward "
                                    f"fails on the first input ({str(e).splitlines()[0]}): its "

@@ -133,8 +133,9 @@ class Block(nn.Module):
 
 
 class Net(nn.Module):
-    def __init__(self, hw=28, classes=10):
+    def __init__(self, hw=28, classes=10, log_softmax=False):
         super().__init__()
+        self.log_softmax = log_softmax
         self.stem = nn.Conv2d(1, 4, 4, stride=2, padding=1)
         self.block = Block(4)
         self.down = nn.Conv2d(4, 8, 4, stride=2, padding=1)
@@ -145,11 +146,17 @@ class Net(nn.Module):
         x = self.block(F.relu(self.stem(x)))
         x = F.relu(self.proj(x) + self.down(x))
         x = x.view(x.size(0), -1)
+        if self.log_softmax:
+            return F.log_softmax(self.fc(x), dim=1)
         return self.fc(x)
 
 
 def net():
     return Net()
+
+
+def net_log_softmax():
+    return Net(log_softmax=True)
 """
 
 

@@ -523,3 +523,37 @@ def test_user_residual_module_trains_resumes_and_evaluates(tmp_path, mnist_dir, 
     header, rows = read_tsv(tsv)
     assert 'lower_bound' in header and 'radius_guaranteed' in header
     assert all(row['radius_guaranteed'] <= row['radius'] * (1 + 1e-3) + 1e-12 for row in rows)
+
+
+def test_a_user_module_ending_in_log_softmax_trains_and_certifies_as_its_logits(tmp_path,
+                                                                                  mnist_dir,
+                                                                                  monkeypatch):
+    """The same user module with and without a final F.log_softmax, trained from the same
+    seed and evaluated with guaranteed certificates, radii and the audit: the same weights
+    (the certified loss reads the logits either way) and the same accuracies."""
+    (tmp_path / 'myres.py').write_text(USER_RESNET)
+    monkeypatch.setenv('PYTHONPATH', str(tmp_path))
+    results = {}
+    for fn in ('net', 'net_log_softmax'):
+        prefix = str(tmp_path / fn)
+        run('train_mnist.py', *FAST, '--model', f'myres:{fn}', '--epsilon', '0.05',
+            '--epsilon_train', '0.05', '--sniter', '2', '--epochs', '1', '--prefix', prefix,
+            data_dir=mnist_dir)
+        out = str(tmp_path / f'{fn}.json')
+        run('evaluate.py', '--data', 'mnist', '--model', f'myres:{fn}', '--data_dir', mnist_dir,
+            '--no_download', '--epsilon', '0.05', '--n_test', '32', '--test_sniter', '50',
+            '--niter', '3', '--saved_model', f'{prefix}_{fn}_checkpoint.pth',
+            '--certificate', 'guaranteed', '--radius', '--radius_steps', '32', '--audit',
+            '--audit_restarts', '1', '--audit_steps', '20', '--results', out)
+        results[fn] = (json.load(open(out)),
+                       torch.load(f'{prefix}_{fn}_checkpoint.pth', weights_only=True)['state_dict'])
+    (a, wa), (b, wb) = results['net'], results['net_log_softmax']
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+    assert a['audit']['broken'] == b['audit']['broken'] == 0
+    assert (a['clean_acc'], a['certified_acc']) == (b['clean_acc'], b['certified_acc'])
+    rows = list(zip(a['per_sample'], b['per_sample']))
+    assert all(p['pred'] == q['pred'] and p['certified_guaranteed'] == q['certified_guaranteed']
+               for p, q in rows)
+    for col in ('radius', 'radius_guaranteed'):
+        assert all(p[col] == pytest.approx(q[col], rel=1e-4, abs=1e-7) for p, q in rows), col
+    assert any(p['radius_guaranteed'] > 0 for p, _ in rows)

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import DEVICE, blobs, dev, trained_tiny, user_resnet
+import locallip
 from attacks import pgd_l2
 from lanczos import GuaranteedNorms, guaranteed_certify
 from local_bound import (UnsupportedModel, apply_W, check_supported, compute_bound, features,
@@ -389,3 +390,38 @@ def test_lower_bound_never_exceeds_a_sound_bound():
         assert (low <= res.r_local / eps * (1 + 1e-9)).all(), (low, res.r_local / eps)
         centre = torch.stack([jacobian_norm_exact(features(net), x[k:k + 1]) for k in range(8)])
         assert (low >= centre * (1 - 1e-6)).all()
+
+
+def test_a_final_log_softmax_is_left_out_of_the_bound():
+    """log_softmax over the classes shifts every logit of a point by the same amount, so
+    margins, certificates and radii are those of the logits: the bound reads the network
+    without it (same layer keys), and the view's output gets it back where it is compared
+    with the model's own. Over another axis, or inside the network, it is refused."""
+    torch.manual_seed(0)
+    plain = dev(user_resnet(hw=8, classes=3))
+    logsm = dev(user_resnet(hw=8, classes=3, log_softmax=True))
+    logsm.load_state_dict(plain.state_dict())
+    x = dev(torch.rand(6, 1, 8, 8))
+    y = plain(x).argmax(1)
+    assert [type(m) for m in sequential_view(logsm)] == [type(m) for m in sequential_view(plain)]
+    assert check_supported(logsm) == check_supported(plain)
+    for eps in (0.02, 0.2):
+        torch.manual_seed(1)
+        a = compute_bound(plain, x, y, eps)
+        torch.manual_seed(1)
+        b = compute_bound(logsm, x, y, eps)    # (its first call compares the view: passes)
+        assert torch.equal(a.worst, b.worst) and torch.equal(a.margin(y), b.margin(y))
+    ra = locallip.certified_radius(plain, x, y)
+    rb = locallip.certified_radius(logsm, x, y)
+    assert torch.allclose(ra.radius, rb.radius, rtol=1e-5) and (ra.radius > 0).any()
+    seq = nn.Sequential(nn.Flatten(), nn.Linear(64, 8), nn.ReLU(), nn.Linear(8, 3))
+    with_lsm = nn.Sequential(*seq, nn.LogSoftmax(dim=1))
+    assert check_supported(with_lsm) == check_supported(seq) == [1, 3]
+    torch.manual_seed(2)
+    c = compute_bound(dev(with_lsm), x, y, 0.1)
+    torch.manual_seed(2)
+    assert torch.equal(c.worst, compute_bound(dev(seq), x, y, 0.1).worst)
+    for bad in (nn.Sequential(*seq, nn.LogSoftmax(dim=0)),
+                nn.Sequential(nn.Flatten(), nn.LogSoftmax(dim=1), nn.Linear(64, 3))):
+        with pytest.raises(UnsupportedModel, match="read only as the network's last operation"):
+            check_supported(bad)
