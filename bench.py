@@ -44,8 +44,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from local_bound import (compute_bound, exact_float32, layer_input_shapes, worst_case_margins,
+from local_bound import (compute_bound, exact_float32, worst_case_margins,
                          worst_case_margins_all_pairs)
+from networks import layer_input_shapes
 from vectors import RandomVectors, VectorStore
 from data_load import get_dataset
 from train import StepSettings, step_function, stored_step

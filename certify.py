@@ -8,8 +8,9 @@ import torch
 from tqdm import tqdm
 
 import progress
-from local_bound import (FLOOR, compute_bound, exact_float32, global_power_iteration,
-                         global_vector_shape, layer_input_shapes, layer_list)
+from local_bound import FLOOR, compute_bound, exact_float32
+from networks import layer_input_shapes, layer_list
+from operators import global_power_iteration, global_vector_shape
 from utils import GLOBAL_STREAM, derived_seed
 from vectors import RandomVectors
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from evaluation import EvalSettings, full_evaluation
 from data_load import get_loaders
-from local_bound import check_supported, fold_batchnorm
+from networks import check_supported, fold_batchnorm
 from report import (check_expected, comparison_table, expected_results, markdown_table,
                     lower_line, radius_line, radius_lines, summary_line)
 from checkpoints import load_checkpoint, saved_model_path

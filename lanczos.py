@@ -47,10 +47,10 @@ import torch
 import torch.nn as nn
 
 import progress
-from local_bound import (FLOOR, BoundError, BoundResult, apply_W, apply_WT, check_supported,
-                         layer_list,
-                         compute_bound, exact_float32, layer_input_shapes, masked_products,
+from local_bound import (FLOOR, BoundError, BoundResult, compute_bound, exact_float32,
                          worst_case_margins)
+from networks import check_supported, layer_list, layer_input_shapes
+from operators import apply_W, apply_WT, masked_products
 
 KW_CONST = 1.648        # Kuczynski & Wozniakowski's constant for the Lanczos algorithm
 ROUNDOFF = 1e-4         # relative allowance added to every eigenvalue bound (float32 arithmetic)

@@ -3,9 +3,9 @@
 Everything here is about the L2 ball ``{x : ||x - x0||_2 <= eps}`` around each input.
 The bound works on any ``nn.Sequential`` built from Conv2d, Linear, AvgPool2d,
 AdaptiveAvgPool2d, Flatten, ReLU_x, nn.ReLU, ClampGroupSort, Identity and Dropout (eval
-mode) whose last module is a Linear layer (eval-mode BatchNorm is folded into affine layers
-by ``fold_batchnorm``; in training, by the batch's statistics: ``training_view``); it
-dispatches on layer types, never on model names.
+mode) whose last module is a Linear layer, and residual blocks of them (which networks it
+reads, and BatchNorm folded into affine layers: ``networks.py``); it dispatches on layer
+types, never on model names.
 
 Per sample, the network is walked once, carrying
   * ``mu``      : the image of the input, i.e. the ordinary forward pass  [batch, *shape]
@@ -16,52 +16,33 @@ Per sample, the network is walked once, carrying
 From the pre-activation boxes come the varying-neuron indicators D (1 = the neuron can
 change inside the ball, 0 = it is stuck), and the local Lipschitz constant of the network
 up to its penultimate layer is bounded by prod_i ||D_out W_i D_in||_2 (docs/method.md),
-computed by per-sample power iteration.  The last Linear layer is handled exactly by the
-worst-case-logit algorithm of BCP (docs/method.md).
+computed by per-sample power iteration (``operators.py``). The last Linear layer is handled
+exactly by the worst-case-logit algorithm of BCP (docs/method.md).
 """
 import contextlib
-import copy
-import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import progress
-from errors import UnsupportedModel
-from models import ClampGroupSort, Flatten, ReLU_x, Residual
-from tracing import check_view, derived, relative_error, sequential_view, view_output
+from errors import UnsupportedModel  # noqa: F401  (importable from here too)
+from models import ClampGroupSort, ReLU_x, Residual
+from networks import (ACTIVATIONS, AFFINE, FLATTEN, arms_of, check_supported, layer_list,
+                      modules_of)
+from operators import (GLOBAL_TOL, NORM_FLOOR, TOL, PowerOptions, apply_absW, bcast, box_max,
+                       box_min, global_power_iteration, global_vector_shape,
+                       masked_power_iteration, row_norms)
+from tracing import check_view, sequential_view
 from vectors import RandomVectors
 
-TOL = 1e-3          # power iteration stops when the largest per-sample change is below this
 # iteration counts, one name per meaning (the command line's own defaults are utils.DEFAULTS)
 TEST_SNITER = 100         # the reference's per-sample power iterations at test time
 CONVERGED_SNITER = 2000   # enough for the estimates to meet TOL (the README's certification)
 TEST_OPT_ITER = 1000      # worst-case-logit rounds at test time (exact once they finish)
-NORM_FLOOR = 1e-12  # guards divisions by norms that can be exactly zero
 FLOOR = 1e-30       # floor of a norm or radius before a log or a division
-POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)       # averages: linear, weights >= 0, no bias
-AFFINE = (nn.Conv2d, nn.Linear) + POOLS             # linear maps (plus bias): one norm each
-ACTIVATIONS = (ReLU_x, nn.ReLU, ClampGroupSort)
-FLATTEN = (Flatten, nn.Flatten)
-DROPOUTS = (nn.Dropout, nn.Dropout1d, nn.Dropout2d)
-NOOPS = (nn.Identity,) + DROPOUTS                # identities in eval mode
-BATCHNORM = (nn.BatchNorm1d, nn.BatchNorm2d)
-
-
-def layer_names(types) -> List[str]:
-    """Class names of ``types``, in order, each once."""
-    return list(dict.fromkeys(t.__name__ for t in types))
-
-
-# the layer types the bound accepts, by class name (the README and docs/api.md list the same
-# names; tests/test_docs.py checks)
-SUPPORTED_NAMES = layer_names(AFFINE + FLATTEN + ACTIVATIONS + NOOPS + BATCHNORM)
-SUPPORTED = (f"{', '.join(layer_names(AFFINE + FLATTEN + ACTIVATIONS))}, "
-             f"{', '.join(layer_names(NOOPS))} (eval mode); "
-             f"{', '.join(layer_names(BATCHNORM))} in eval mode (folded by fold_batchnorm)")
 
 
 class BoundError(RuntimeError):
@@ -80,779 +61,6 @@ def exact_float32():
         yield
     finally:
         cudnn.allow_tf32, matmul.allow_tf32 = old
-
-
-# ----------------------------------------------------------------------------------------
-# Supported models; BatchNorm folded into affine layers
-# ----------------------------------------------------------------------------------------
-def _mods(m: nn.Module) -> list:
-    """The chain of modules ``m`` stands for: a Sequential's children, else ``m`` alone."""
-    return list(m) if isinstance(m, nn.Sequential) else [m]
-
-
-def _arms(block: Residual):
-    """(branch modules, shortcut modules) of a residual block; the identity has none."""
-    return _mods(block.branch), ([] if block.shortcut is None else _mods(block.shortcut))
-
-
-def layer_list(model: nn.Module) -> List[nn.Module]:
-    """The layers of the network in key order: the key of a layer (the index in this list,
-    which keys its vectors, norms and indicators) is its module index in a plain
-    nn.Sequential; nested Sequentials are read in order, and a Residual block's layers
-    follow one another, its branch's then its shortcut's."""
-    out = []
-
-    def walk(mods):
-        for m in mods:
-            if isinstance(m, nn.Sequential):
-                walk(m)
-            elif isinstance(m, Residual):
-                branch, short = _arms(m)
-                walk(branch)
-                walk(short)
-            else:
-                out.append(m)
-    walk(_mods(sequential_view(model)))
-    return out
-
-
-def _top_level(view: nn.Sequential) -> list:
-    """The view's modules with nested Sequentials flattened (blocks stay whole)."""
-    out = []
-    for m in view:
-        out += _top_level(m) if isinstance(m, nn.Sequential) else [m]
-    return out
-
-
-def features(model: nn.Module) -> nn.Sequential:
-    """The network up to its penultimate layer (the logit layer's input): the map whose
-    local Lipschitz constant the bound bounds (``BoundResult.r_local`` / eps). Shares the
-    model's layers."""
-    check_supported(model)
-    top = _top_level(sequential_view(model))
-    last = max(k for k, m in enumerate(top) if isinstance(m, nn.Linear))
-    return nn.Sequential(*top[:last])
-
-
-def _layer_name(i: int, m: nn.Module, names: Dict[int, str]) -> str:
-    name = names.get(id(m))
-    return f"layer {i} ({type(m).__name__})" if name in (None, str(i)) else \
-        f"layer {i} ({name}: {type(m).__name__})"
-
-
-def _check_layer(i: int, m: nn.Module, where: str) -> bool:
-    """Validate one layer; True for an affine one. Raises UnsupportedModel."""
-    if isinstance(m, nn.Conv2d):
-        if m.padding_mode != 'zeros' or isinstance(m.padding, str):
-            raise UnsupportedModel(f"{where}: only zero padding given as numbers is supported")
-        return True
-    if isinstance(m, nn.AvgPool2d):
-        if isinstance(m.padding, str):
-            raise UnsupportedModel(f"{where}: padding must be given as numbers")
-        return True
-    if isinstance(m, nn.AdaptiveAvgPool2d):
-        return True
-    if isinstance(m, BATCHNORM):
-        raise UnsupportedModel(f"{where}: fold it first with local_bound.fold_batchnorm(model) "
-                               f"(a per-channel affine map in eval mode; locallip and "
-                               f"evaluate.py do this)")
-    if isinstance(m, NOOPS):
-        if m.training and not isinstance(m, nn.Identity):
-            raise UnsupportedModel(f"{where} is in training mode, where it is not a fixed "
-                                   f"map: call model.eval() first")
-        return False
-    if isinstance(m, nn.LogSoftmax):
-        raise UnsupportedModel(f"{where}: a log_softmax is read only as the network's last "
-                               f"operation, over the class axis (dim=1), where the bound "
-                               f"leaves it out (it shifts every logit of a point equally)")
-    if not isinstance(m, (nn.Linear,) + ACTIVATIONS + FLATTEN):
-        raise UnsupportedModel(f"{where} is not supported by the bound; supported: "
-                               f"{SUPPORTED}, and residual blocks of them")
-    return isinstance(m, nn.Linear)
-
-
-def check_supported(model: nn.Module) -> List[int]:
-    """Validate ``model`` for the bound; return the keys (``layer_list`` indices; module
-    indices of a plain nn.Sequential) of its affine layers (Conv2d, Linear, the average
-    pools), the last of which is the logit layer.
-
-    ``model``: an nn.Sequential of the supported layers and ``models.Residual`` blocks, or
-    any module whose forward torch.fx reads as such (``tracing``). Raises UnsupportedModel
-    (a ValueError) naming the first unsupported module or graph node, a Dropout in
-    training mode, or a BatchNorm (``fold_batchnorm`` turns it into affine layers at the
-    same keys).
-    """
-    try:
-        view = sequential_view(model)
-    except UnsupportedModel as e:
-        raise UnsupportedModel(f"{e}, of the layers {SUPPORTED}") from None
-    names = {} if view is model else {id(m): n for n, m in model.named_modules() if n}
-    affine = [i for i, m in enumerate(layer_list(view))
-              if _check_layer(i, m, _layer_name(i, m, names))]
-    _check_in_place(view)
-    real = [m for m in _top_level(view) if not isinstance(m, NOOPS)]
-    if not affine or not real or not isinstance(real[-1], nn.Linear):
-        raise UnsupportedModel("the last module of the model (after any Identity / Dropout) "
-                               "must be nn.Linear (the logit layer), outside any residual "
-                               "block")
-    return affine
-
-
-def _first_leaf(mods: list) -> Optional[nn.Module]:
-    for m in mods:
-        if isinstance(m, nn.Sequential):
-            m = _first_leaf(_mods(m))
-        if m is not None:
-            return m
-    return None
-
-
-def _check_in_place(view: nn.Module):
-    """Refuse an in-place ReLU that starts an arm of a residual block: it would overwrite
-    the block's input, which the other arm still reads (y = x + f(x) would not be computed)."""
-    for blk in (m for m in view.modules() if isinstance(m, Residual)):
-        for arm in _arms(blk):
-            first = _first_leaf(arm)
-            if isinstance(first, nn.ReLU) and first.inplace:
-                raise UnsupportedModel("a residual block's arm starts with ReLU(inplace=True), "
-                                       "which overwrites the block's input that the other arm "
-                                       "reads: use ReLU() there")
-
-
-def _bn_scale_shift(bn: nn.Module):
-    """(s, t) [channels] of an eval-mode BatchNorm: bn(x) = s x + t per channel."""
-    if bn.training:
-        raise UnsupportedModel(f"{type(bn).__name__} is in training mode, where it is not a "
-                               f"fixed map (it normalises by the batch's statistics): call "
-                               f"model.eval() first")
-    if bn.running_mean is None or bn.running_var is None:
-        raise UnsupportedModel(f"{type(bn).__name__} without running statistics "
-                               f"(track_running_stats=False) normalises by the batch at every "
-                               f"call: not a fixed map, not supported")
-    s, t = _batch_scale_shift(bn, bn.running_mean, bn.running_var)
-    return s.detach(), t.detach()
-
-
-def _batch_scale_shift(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor):
-    """(s, t) [channels] of BatchNorm normalising by ``mean`` and ``var``: s x + t."""
-    s = torch.rsqrt(var + bn.eps)
-    if bn.weight is not None:
-        s = s * bn.weight
-    t = -mean * s
-    if bn.bias is not None:
-        t = t + bn.bias
-    return s, t
-
-
-def _with_weights(a: nn.Module, weight: torch.Tensor, bias: torch.Tensor,
-                  live: bool) -> nn.Module:
-    """A new module computing as ``a`` with the given weight and bias: new Parameters, or
-    with ``live`` the tensors themselves (a training step's fold, through which gradients
-    reach the original parameters and the batch statistics)."""
-    b = copy.copy(a)
-    b._parameters, b._buffers, b._modules = {}, dict(a._buffers), {}
-    if live:
-        b.weight, b.bias = weight, bias
-    else:
-        b.weight = nn.Parameter(weight.detach().clone())
-        b.bias = nn.Parameter(bias.detach().clone())
-    return b
-
-
-def _bn_as_layer(m: nn.Module, s: torch.Tensor, t: torch.Tensor) -> nn.Module:
-    """A BatchNorm with nothing to fold into, as its own affine layer of the same map: a
-    depthwise 1x1 Conv2d (BatchNorm2d) or a diagonal Linear (BatchNorm1d)."""
-    c, live = s.numel(), s.requires_grad
-    if isinstance(m, nn.BatchNorm2d):
-        return _with_weights(nn.Conv2d(c, c, 1, groups=c, device='meta'), s.view(c, 1, 1, 1), t,
-                             live)
-    return _with_weights(nn.Linear(c, c, device='meta'), torch.diag(s), t, live)
-
-
-def _fold_into(a: nn.Module, m: nn.Module, s, t, where: str) -> nn.Module:
-    """The affine layer ``a`` with W' = s W, b' = s b + t per output channel (a new module)."""
-    if a.weight.shape[0] != s.numel():
-        raise UnsupportedModel(f"{where} ({type(m).__name__}) has {s.numel()} channels, the "
-                               f"layer before it has {a.weight.shape[0]} outputs")
-    w = a.weight * s.view((-1,) + (1,) * (a.weight.dim() - 1))
-    return _with_weights(a, w, t if a.bias is None else a.bias * s + t, s.requires_grad)
-
-
-def _fold_chain(mods: list, key: int, stats: Optional[dict] = None):
-    """(folded modules, next key) of one chain (see fold_batchnorm); blocks recursively.
-    ``stats``: {id(BatchNorm): (mean, var)} of a training batch (``training_view``): fold
-    with them, differentiably, and drop Dropout; None: the running statistics."""
-    out, prev = [], None       # prev: position in out of an affine layer not yet folded into
-    for m in mods:
-        if isinstance(m, (nn.Sequential, Residual)):
-            arms = [_mods(m)] if isinstance(m, nn.Sequential) else list(_arms(m))
-            folded = []
-            for arm in arms:
-                f, key = _fold_chain(arm, key, stats)
-                folded.append(nn.Sequential(*f))
-            out.append(folded[0] if isinstance(m, nn.Sequential) else
-                       Residual(folded[0], folded[1] if m.shortcut is not None else None))
-            prev = None
-            continue
-        if isinstance(m, BATCHNORM):
-            s, t = _bn_scale_shift(m) if stats is None else _batch_scale_shift(m, *stats[id(m)])
-            if prev is not None:
-                out[prev] = _fold_into(out[prev], m, s, t, f"layer {key}")
-                m = nn.Identity()
-            else:
-                m = _bn_as_layer(m, s, t)
-            prev = None
-        elif isinstance(m, (nn.Conv2d, nn.Linear)):
-            prev = len(out)
-        elif isinstance(m, NOOPS):       # folding looks through Identity / Dropout
-            m = m if stats is None else nn.Identity()
-        else:
-            prev = None
-        out.append(m)
-        key += 1
-    return out, key
-
-
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An equivalent model (a copy; the same layer keys) without BatchNorm, for evaluation:
-    an eval-mode BatchNorm1d/2d right after a Conv2d or Linear of its chain (Identity and
-    Dropout may sit between) is folded into it (W' = s W, b' = s b + t per output channel,
-    exact) and replaced by nn.Identity; any other BatchNorm becomes its own affine layer of
-    the same map: a depthwise 1x1 Conv2d (BatchNorm2d) or a diagonal Linear (BatchNorm1d on
-    [batch, features]). Residual blocks are folded arm by arm; a traced model
-    (``tracing``) is returned as the nn.Sequential the bound reads. Refuses BatchNorm in
-    training mode or without running statistics. A model without BatchNorm is returned as
-    is (not copied)."""
-    if not any(isinstance(m, BATCHNORM) for m in model.modules()):
-        return model
-    folded = nn.Sequential(*_fold_chain(_mods(sequential_view(model)), 0)[0])
-    folded.train(model.training)
-    return derived(folded, model)
-
-
-TRAIN_VIEW_TOL = 1e-4     # the training view's logits against the model's own, relative
-_TRAIN_CHECKED = weakref.WeakSet()
-
-
-def _in_training(model: nn.Module) -> List[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, BATCHNORM + DROPOUTS) and m.training]
-
-
-def bound_structure(model: nn.Module) -> nn.Module:
-    """The network as the bound reads it, for its layer keys and shapes: ``model`` itself,
-    or, with BatchNorm, ``fold_batchnorm`` of it (of an eval-mode copy when a BatchNorm is
-    in training mode; Dropout too is read as in eval mode). Raises UnsupportedModel as
-    ``check_supported``."""
-    if _in_training(model):
-        model = copy.deepcopy(model).eval()
-    return fold_batchnorm(model)
-
-
-def _batch_statistics(model: nn.Module, x: torch.Tensor) -> tuple:
-    """(model's logits, {id(BatchNorm): (mean, var) [channels]}) from its own forward on the
-    training batch ``x`` [batch, ...] with Dropout off: the statistics each training-mode
-    BatchNorm normalises by (biased variance; differentiable), its running ones updated."""
-    stats, hooks = {}, []
-    drops = [m for m in model.modules() if isinstance(m, DROPOUTS) and m.training]
-
-    def keep(bn, inputs, _):
-        z = inputs[0]
-        dims = [0] + list(range(2, z.dim()))
-        stats[id(bn)] = (z.mean(dims), z.var(dims, unbiased=False))
-    for m in model.modules():
-        if isinstance(m, BATCHNORM) and m.training:
-            hooks.append(m.register_forward_hook(keep))
-    try:
-        for m in drops:
-            m.eval()
-        logits = model(x)
-    finally:
-        for h in hooks:
-            h.remove()
-        for m in drops:
-            m.train()
-    return logits, stats
-
-
-def training_view(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """The network a training step bounds: ``model`` itself, or when it holds BatchNorm or
-    Dropout in training mode, a fold made for the batch ``x`` [batch, ...]: each BatchNorm
-    folded with the batch's own statistics (as training-mode BatchNorm normalises; its
-    running statistics are updated once), differentiably, so gradients reach the weights,
-    the BatchNorm's affine parameters and, through the statistics, the layers before it;
-    Dropout left out (the step bounds, and its clean loss uses, the network without it).
-    Evaluation folds the running statistics instead (``fold_batchnorm``). On the first call
-    for a model its logits are compared with the view's (``TRAIN_VIEW_TOL``)."""
-    if not _in_training(model):
-        return model
-    logits, stats = _batch_statistics(model, x)
-    source = sequential_view(model)
-    view = nn.Sequential(*_fold_chain(_mods(source), 0, stats)[0])
-    if model not in _TRAIN_CHECKED:
-        with torch.no_grad():
-            err = relative_error(view_output(source, view(x)), logits)
-        if not err <= TRAIN_VIEW_TOL:
-            raise UnsupportedModel(f"{type(model).__name__}: the network with BatchNorm folded "
-                                   f"by the batch's statistics differs from the model's own "
-                                   f"training-mode forward by {err:.3g} (relative)")
-        _TRAIN_CHECKED.add(model)
-    return view
-
-
-# ----------------------------------------------------------------------------------------
-# Linear operators: W x (no bias), W^T y, row norms, |W| x
-# ----------------------------------------------------------------------------------------
-def apply_W(layer: nn.Module, x: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """W x without bias. x: [batch, *in_shape] -> [batch, *out_shape]."""
-    if isinstance(layer, POOLS):
-        return layer(x)                  # linear, no bias
-    w = layer.weight if weight is None else weight
-    if isinstance(layer, nn.Conv2d):
-        return F.conv2d(x, w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
-    return F.linear(x, w)
-
-
-def apply_absW(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """|W| x (elementwise absolute weights, no bias): the half-width map of interval
-    arithmetic. x: [batch, *in_shape] -> [batch, *out_shape]."""
-    if isinstance(layer, POOLS):
-        return layer(x)                  # nonnegative weights: |W| = W
-    return apply_W(layer, x, layer.weight.abs())
-
-
-def vjp_transpose(layer: nn.Module, y: torch.Tensor, in_shape) -> torch.Tensor:
-    """W^T y from the vector-Jacobian product of x -> W x (``apply_W``) at x = 0: the
-    transpose of any linear layer without a hand-written one (differentiable in y and in
-    the layer's parameters). y: [batch, *out_shape] -> [batch, *in_shape]."""
-    x0 = torch.zeros((y.shape[0], *in_shape), dtype=y.dtype, device=y.device)
-    _, pullback = torch.func.vjp(lambda x: apply_W(layer, x), x0)
-    return pullback(y)[0]
-
-
-def apply_WT(layer: nn.Module, y: torch.Tensor, in_shape) -> torch.Tensor:
-    """W^T y, the adjoint of ``apply_W``. y: [batch, *out_shape] -> [batch, *in_shape].
-
-    Conv2d and Linear have hand-written transposes (a transposed convolution, whose output
-    padding is computed from ``in_shape`` since a strided convolution's can come out one
-    pixel short; faster than the vjp, see the README); any other linear layer uses
-    ``vjp_transpose``.
-    """
-    if isinstance(layer, nn.Conv2d):
-        pad = []
-        for d in range(2):
-            full = ((y.shape[2 + d] - 1) * layer.stride[d] - 2 * layer.padding[d]
-                    + layer.dilation[d] * (layer.kernel_size[d] - 1) + 1)
-            pad.append(in_shape[1 + d] - full)
-        return F.conv_transpose2d(y, layer.weight, None, layer.stride, layer.padding,
-                                  tuple(pad), layer.groups, layer.dilation)
-    if isinstance(layer, nn.Linear):
-        return F.linear(y, layer.weight.t())
-    return vjp_transpose(layer, y, in_shape)
-
-
-def adaptive_window_sizes(output_size, in_hw) -> torch.Tensor:
-    """Inputs averaged by each output of ``nn.AdaptiveAvgPool2d(output_size)`` on an input of
-    spatial size ``in_hw``: [out_h, out_w]. Output i of a side of n inputs and k outputs
-    averages inputs floor(i n / k) .. ceil((i + 1) n / k) - 1 (PyTorch's windows)."""
-    sizes = output_size if isinstance(output_size, (tuple, list)) else (output_size,) * 2
-    counts = []
-    for k, n in zip(sizes, in_hw):
-        k = n if k is None else k
-        i = torch.arange(k)
-        counts.append(((i + 1) * n + k - 1) // k - (i * n) // k)
-    return torch.outer(counts[0], counts[1]).double()
-
-
-def row_norms(layer: nn.Module, in_shape=None) -> torch.Tensor:
-    """L2 norm of each output unit's weights, shaped to broadcast over [batch, *out_shape].
-
-    For a convolution it is the norm of the whole filter (an upper bound at the borders,
-    where zero padding hides part of it). For the average pools (``in_shape`` needed) it is
-    exact per output: 1/c over the window's n real inputs gives sqrt(n) / c (AdaptiveAvgPool2d:
-    c = n, 1 / sqrt(n))."""
-    if isinstance(layer, nn.AdaptiveAvgPool2d):
-        return adaptive_window_sizes(layer.output_size, in_shape[-2:]).rsqrt()[None, None]
-    if isinstance(layer, nn.AvgPool2d):
-        ones = torch.ones((1, *in_shape))
-        mean = layer(ones)                                     # n / c
-        n = F.avg_pool2d(ones, layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode,
-                         True, 1)                              # n (divisor 1: the sum)
-        return mean / n.clamp_min(1).sqrt()
-    w = layer.weight
-    n = w.flatten(1).pow(2).sum(1).clamp_min(NORM_FLOOR).sqrt()
-    return n.view(1, -1, 1, 1) if isinstance(layer, nn.Conv2d) else n.view(1, -1)
-
-
-def _bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Per-sample scalars [batch] -> [batch, 1, ...] broadcasting against ``like``."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
-def _norm(x: torch.Tensor) -> torch.Tensor:
-    """Per-sample L2 norm of [batch, ...] -> [batch], at least NORM_FLOOR (zero-safe gradient)."""
-    return torch.linalg.vector_norm(x.flatten(1), dim=1).clamp_min(NORM_FLOOR)
-
-
-class _Extremum(torch.autograd.Function):
-    """torch.maximum / torch.minimum with the same values and the same gradients (the
-    gradient goes to the larger / smaller input, split in halves on ties), in fewer passes
-    over memory than autograd's generic formula. a and b have the same shape."""
-
-    @staticmethod
-    def forward(ctx, a, b, is_max):
-        w = torch.sign(a - b) if is_max else torch.sign(b - a)
-        w.add_(1).mul_(0.5)                  # weight of a: 1, 1/2 on ties, 0
-        ctx.save_for_backward(w)
-        return torch.maximum(a, b) if is_max else torch.minimum(a, b)
-
-    @staticmethod
-    def backward(ctx, g):
-        w, = ctx.saved_tensors
-        ga = g * w
-        return ga, g - ga, None
-
-
-def _needs_grad(a, b) -> bool:
-    return torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-
-
-def box_max(a, b):
-    """Elementwise max of two same-shaped tensors (see _Extremum; without a gradient to
-    record, torch.maximum itself)."""
-    return _Extremum.apply(a, b, True) if _needs_grad(a, b) else torch.maximum(a, b)
-
-
-def box_min(a, b):
-    """Elementwise min of two same-shaped tensors (see _Extremum; without a gradient to
-    record, torch.minimum itself)."""
-    return _Extremum.apply(a, b, False) if _needs_grad(a, b) else torch.minimum(a, b)
-
-
-# ----------------------------------------------------------------------------------------
-# Power iteration (the reference's iteration and its bilinear estimate, docs/method.md)
-# ----------------------------------------------------------------------------------------
-GLOBAL_TOL = 1e-4   # the global (whole-operator) iteration stops at a change below this
-NORM_EPS = 1e-12    # normalize(t) = t / (||t|| + NORM_EPS), as the reference
-ESTIMATES = ('bilinear', 'forward')
-
-
-def masked_products(layer: nn.Module, x: torch.Tensor, in_shape, d_in=None, d_out=None):
-    """(z, t) for A = D_out W D_in and an already masked x [batch, *in_shape]: z = A x
-    [batch, *out_shape] and t = A^T z = D_in W^T D_out z [batch, *in_shape] (d_in / d_out:
-    0/1 indicators, None = all vary). The operator of the power iteration and of Lanczos."""
-    z = apply_W(layer, x)
-    if d_out is not None:
-        z = z * d_out
-    t = apply_WT(layer, z, in_shape)
-    if d_in is not None:
-        t = t * d_in
-    return z, t
-
-
-def _power_step(layer: nn.Module, x: torch.Tensor, in_shape, d_in=None, d_out=None):
-    """One power iteration on A = D_out W D_in from an already masked x [batch, *in_shape]
-    (the reference's: v = normalize(D_out W x); u = normalize(D_in W^T v), normalize(t) =
-    t / (||t|| + 1e-12)). Returns (new unit u, ||A^T v|| [batch], z = A x, ||z|| + 1e-12).
-    v = z / (||z|| + 1e-12) is never divided out: A^T v = (A^T z) / that scale, so u and
-    ||A^T v|| are the reference's (to 1e-12 relative) with one full-size division less;
-    callers form v only where they need it (--pi_grad last)."""
-    z, t = masked_products(layer, x, in_shape, d_in, d_out)
-    u, tn, zn = _unit_and_ratio(z, t)
-    return u, tn, z, zn
-
-
-def _unit_and_ratio(z: torch.Tensor, t: torch.Tensor):
-    """The normalisations of one power iteration from z = F x [batch, ...] and t = G z
-    [batch, ...] (G the second product): v = z / (||z|| + 1e-12) is never divided out, so
-    u = normalize(G v) = t / (||t|| + 1e-12 (||z|| + 1e-12)) and ||G v|| = ||t|| / (||z||
-    + 1e-12). Returns (u [shape of t], ||G v|| [batch], ||z|| + 1e-12 [batch])."""
-    zn = torch.linalg.vector_norm(z.flatten(1), dim=1) + NORM_EPS
-    tzn = torch.linalg.vector_norm(t.flatten(1), dim=1)
-    return t / _bcast(tzn + NORM_EPS * zn, t), tzn / zn, zn
-
-
-def _bilinear(tn: torch.Tensor) -> torch.Tensor:
-    """v^T A u for u = A^T v / (||A^T v|| + 1e-12), from tn = ||A^T v||: the reference's
-    estimate without the extra product (same value, same gradient)."""
-    return tn * tn / (tn + NORM_EPS)
-
-
-def _check_estimate(estimate):
-    if estimate not in ESTIMATES:
-        raise ValueError(f"estimate must be one of {ESTIMATES}, got {estimate!r}")
-
-
-def _frozen_loop(body, state, n_iter: int, per_sample: bool = False):
-    """Run ``body`` exactly ``n_iter`` times without reading any tensor on the host, with
-    the values of a loop that stops early. ``body(state) -> (new_state, stop)``; the first
-    call gets ``state`` and every new_state is a tuple of tensors, the stop flag a 0-dim
-    bool tensor (or [batch] with ``per_sample``, each sample freezing on its own, its
-    tensors' first axis the batch). After the call that raises the flag, every later
-    call's results are discarded by torch.where, so the returned state equals that of the
-    ``break`` after the same call (the values bitwise; gradients route only through the
-    kept iterations, the discarded ones add exact zeros). Returns (state, iterations run
-    [batch] or 0-dim long)."""
-    stopped, iters = None, None
-    for _ in range(n_iter):
-        new, stop = body(state)
-        if stopped is None:
-            state, stopped = new, stop
-            iters = torch.ones_like(stop, dtype=torch.long)
-            continue
-        state = tuple(torch.where(_bcast(stopped, n) if per_sample and n.dim() > 1 else stopped,
-                                  o, n) for o, n in zip(state, new))
-        iters = iters + (~stopped).long()
-        stopped = stopped | stop
-    return state, iters
-
-
-def global_vector_shape(layer: nn.Module, in_shape) -> tuple:
-    """Shape (no batch axis) of the persistent global power-iteration vector of ``layer``
-    whose per-sample input shape is ``in_shape``: the reference iterates a convolution in
-    its input space and a linear layer in its OUTPUT space (u in R^out, v = W^T u / ||.||,
-    u = W v / ||.||), so a linear layer's vector is [out_features]."""
-    if isinstance(layer, nn.Linear):
-        return (layer.out_features,)
-    return tuple(in_shape)
-
-
-def _global_ops(layer: nn.Module, shape):
-    """(first, second) products of one global power iteration on a vector [1, *shape]:
-    conv: W then W^T (input space); linear: W^T then W (output space, as the reference)."""
-    if isinstance(layer, nn.Linear):
-        w = layer.weight
-        if tuple(shape) != (w.shape[0],):
-            raise ValueError(f"a linear layer's global vector is [1, {w.shape[0]}] (its output "
-                             f"space, as the reference's), got [1, {', '.join(map(str, shape))}]")
-        return (lambda u: u @ w), (lambda v: v @ w.t())
-    return (lambda u: apply_W(layer, u)), (lambda v: apply_WT(layer, v, shape))
-
-
-def global_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
-                           tol: float = GLOBAL_TOL, estimate: str = 'bilinear',
-                           sync_free: bool = False):
-    """Spectral norm ||W||_2 of the whole operator of ``layer`` (conv or linear).
-
-    u: persistent vector [1, *global_vector_shape(layer, in_shape)] (a conv's input space,
-    a linear layer's output space, as the reference), warm-started across calls (detached
-    here). Each iteration, with (F, G) = (W, W^T) for a conv and (W^T, W) for a linear
-    layer: v = normalize(F u); u = normalize(G v); stop after ``n_iter`` or when
-    ||u_new - u|| < tol. The estimate is the bilinear v^T F^T u (= ||G v||) with the last v
-    and u, differentiable in W through every iteration of this call (the reference's global
-    norm); ``estimate='forward'`` returns ||F u|| instead (one more product).
-    ``sync_free``: the same values without a host synchronisation (see _frozen_loop).
-    Returns (sigma: scalar tensor, u: updated detached vector of u's shape,
-    converged: 0-dim bool tensor, the last change was below tol).
-    """
-    _check_estimate(estimate)
-    if n_iter < 1:
-        raise ValueError(f"the global power iteration needs n_iter >= 1, got {n_iter}")
-    first, second = _global_ops(layer, u.shape[1:])
-
-    def step(x):
-        z = first(x)
-        return _unit_and_ratio(z, second(z))[:2]
-
-    u = u.detach()
-    if sync_free:
-        def body(state):
-            new, tn = step(state[0])
-            with torch.no_grad():
-                change = _norm(new - state[0]).max()
-            return (new, tn, change), change < tol
-        (u, tn, change), _ = _frozen_loop(body, (u,), n_iter)
-    else:
-        for k in range(n_iter):
-            new, tn = step(u)
-            with torch.no_grad():
-                change = _norm(new - u).max()
-            u = new
-            if progress.watched():      # no string built per iteration otherwise
-                progress.stage(f"global power iteration on {type(layer).__name__}", k + 1,
-                               n_iter)
-            if change.item() < tol:
-                break
-    sigma = _bilinear(tn)[0] if estimate == 'bilinear' else _norm(first(u))[0]
-    return sigma, u.detach(), change < tol
-
-
-@dataclass
-class PowerIterationResult:
-    sigma: torch.Tensor      # [batch] estimate of ||D_out W D_in||_2 (from below)
-    u: torch.Tensor          # [batch, *in_shape] final unit vectors, detached
-    iters: torch.Tensor      # [batch] iterations run for each sample (int)
-    converged: torch.Tensor  # [batch] bool, last change < tol
-
-
-@dataclass(frozen=True)
-class PowerOptions:
-    """How ``masked_power_iteration`` iterates; the defaults are certification's."""
-    tol: float = TOL                # stop when the vector's change ||u_new - u|| < tol
-    grad_through: bool = True       # with gradient: differentiate every iteration (training)
-    per_sample_stop: bool = True    # without it: each sample stops at its own convergence
-    estimate: str = 'bilinear'      # 'bilinear' v^T A u (the reference's) or 'forward' ||A u||
-    sync_free: bool = False         # exactly n_iter iterations, the stop applied on the device
-
-
-@dataclass
-class _Iterated:
-    """Where a power iteration loop ended: u [batch, *in_shape], tn = ||A^T v|| [batch] of
-    the last iteration (None without iterations), v [batch, *out_shape] the last unit
-    v (kept only for --pi_grad last), iters [batch] long and converged [batch] bool."""
-    u: torch.Tensor
-    tn: Optional[torch.Tensor]
-    v: Optional[torch.Tensor]
-    iters: torch.Tensor
-    converged: torch.Tensor
-
-
-def masked_power_iteration(layer: nn.Module, u: torch.Tensor, n_iter: int,
-                           d_in: Optional[torch.Tensor] = None,
-                           d_out: Optional[torch.Tensor] = None,
-                           opts: PowerOptions = PowerOptions()) -> PowerIterationResult:
-    """Per-sample spectral norm of A = D_out W D_in by power iteration (conv or linear).
-
-    u:     [batch, *in_shape] starting vectors (stored from earlier epochs or random).
-    d_in:  [batch, *in_shape] 0/1 indicator of the varying inputs, or None (all vary).
-    d_out: [batch, *out_shape] 0/1 indicator of the varying outputs, or None.
-
-    Each iteration (the reference's): u <- D_in u; v = normalize(D_out W u);
-    u = normalize(D_in W^T v), its change measured against u as it was before the mask (as
-    the reference: a stored vector's mass where the mask is now 0 counts); the estimate is
-    the bilinear v^T A u = ||A^T v|| with the last v and u (``estimate='forward'``: ||A u||,
-    opt-in, one more product, a slightly larger value). With gradient enabled and
-    ``grad_through`` (faithful training) the whole batch iterates together, differentiating
-    through every iteration, and stops when the largest per-sample change ||u_new - u||
-    drops below ``tol``. Otherwise (certification, or --pi_grad last) the iterations run
-    without gradient, each sample stopping as soon as its own vector has converged; only
-    the estimate from the last iterate is differentiated. ``per_sample_stop=False`` keeps
-    the whole-batch loop there too. A start vector that the mask zeroes entirely restarts
-    from D_in (no random draw). ``sync_free``: exactly ``n_iter`` iterations, those after
-    the stop discarded on the device (same values, no host synchronisation: for CUDA graphs
-    and torch.compile); the per-sample stop then freezes each sample instead of shrinking
-    the batch.
-    """
-    _check_estimate(opts.estimate)
-    start = u.detach()      # the reference measures the first change against the unmasked start
-    u = _live_start(start, d_in)
-    in_shape = u.shape[1:]
-    differentiate_all = torch.is_grad_enabled() and opts.grad_through
-    keep_v = torch.is_grad_enabled() and not differentiate_all     # --pi_grad last
-    whole = differentiate_all or not opts.per_sample_stop
-    name = f"power iteration on {type(layer).__name__}"
-
-    def step(x, di, do):
-        return _power_step(layer, x, in_shape, di, do)
-
-    with contextlib.nullcontext() if differentiate_all else torch.no_grad():
-        if opts.sync_free and n_iter > 0:
-            it = _sync_free_loop(step, u, start, (d_in, d_out), n_iter, opts.tol, whole, keep_v)
-        elif whole:
-            it = _whole_batch_loop(step, u, start, (d_in, d_out), n_iter, opts.tol, keep_v, name)
-        else:
-            it = _per_sample_loop(step, u, start, (d_in, d_out), n_iter, opts.tol, keep_v, name)
-    sigma = _masked_estimate(layer, it, d_out, opts.estimate, differentiate_all)
-    return PowerIterationResult(sigma, it.u.detach(), it.iters, it.converged)
-
-
-def _live_start(u: torch.Tensor, d_in) -> torch.Tensor:
-    """D_in u [batch, *in_shape]; a vector the mask zeroes (a stored vector killed by a new
-    mask) would never recover: it restarts from the mask itself (all ones without a mask),
-    without a host synchronisation."""
-    if d_in is not None:
-        u = u * d_in
-    dead = _bcast(torch.linalg.vector_norm(u.flatten(1), dim=1) <= NORM_FLOOR, u)
-    return torch.where(dead, torch.ones_like(u) if d_in is None else d_in, u)
-
-
-def _masked_estimate(layer, it: _Iterated, d_out, estimate: str, differentiate_all: bool):
-    """sigma [batch] from the loop's end: the bilinear ||A^T v|| (differentiated through
-    every iteration, or without gradient), ||D_out W u|| (``'forward'``, or no iteration
-    ran), or v^T D_out W u with v and u detached (--pi_grad last: gradient through W only)."""
-    def op(x):
-        z = apply_W(layer, x)
-        return z if d_out is None else z * d_out
-    if estimate == 'forward' or it.tn is None:
-        return _norm(op(it.u))
-    if differentiate_all or not torch.is_grad_enabled():
-        return _bilinear(it.tn)
-    return (it.v.detach() * op(it.u.detach())).flatten(1).sum(1)
-
-
-def _sync_free_loop(step, u, start, masks, n_iter, tol, whole, keep_v) -> _Iterated:
-    """Exactly ``n_iter`` iterations (n_iter >= 1) through ``_frozen_loop``: the whole batch
-    stops together (``whole``) or each sample freezes at its own convergence."""
-    d_in, d_out = masks
-    calls = [0]
-
-    def body(state):
-        new, tn, z, zn = step(state[0], d_in, d_out)
-        with torch.no_grad():
-            change = _norm(new - (start if calls[0] == 0 else state[0]))
-        calls[0] += 1
-        return (new, tn, z, zn, change), (change.max() < tol if whole else change < tol)
-    (u, tn, z, zn, change), iters = _frozen_loop(body, (u,), n_iter, per_sample=not whole)
-    iters = iters.expand(u.shape[0]).clone() if whole else iters
-    return _Iterated(u, tn, z / _bcast(zn, z) if keep_v else None, iters, change < tol)
-
-
-def _whole_batch_loop(step, u, start, masks, n_iter, tol, keep_v, name) -> _Iterated:
-    """The batch iterates together until its largest change drops below ``tol`` (one host
-    synchronisation per iteration: a device-side stop flag was measured slower on an H100,
-    its extra select operations cost more CPU dispatch time than the syncs, see README)."""
-    d_in, d_out = masks
-    iters = torch.zeros(u.shape[0], dtype=torch.long, device=u.device)
-    converged = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
-    tn = v = None
-    prev = start
-    for k in range(n_iter):
-        u, tn, z, zn = step(u, d_in, d_out)
-        with torch.no_grad():
-            change = _norm(u - prev)
-        prev = u
-        iters += 1
-        if progress.watched():      # (training runs this loop every step)
-            progress.stage(name, k + 1, n_iter)
-        if change.max().item() < tol:
-            break
-    if n_iter > 0:
-        converged = change < tol
-        v = z / _bcast(zn, z) if keep_v else None
-    return _Iterated(u, tn, v, iters, converged)
-
-
-def _per_sample_loop(step, u, start, masks, n_iter, tol, keep_v, name) -> _Iterated:
-    """Each sample stops at its own convergence; only the samples still active are computed
-    (no gradient). The first change is measured against ``start``."""
-    d_in, d_out = masks
-    first = start                   # every sample is active in the first round
-    u = u.clone()
-    tn = torch.zeros(u.shape[0], dtype=u.dtype, device=u.device)
-    v = None
-    iters = torch.zeros(u.shape[0], dtype=torch.long, device=u.device)
-    converged = torch.zeros(u.shape[0], dtype=torch.bool, device=u.device)
-    active = torch.arange(u.shape[0], device=u.device)
-    for k in range(n_iter):
-        di = None if d_in is None else d_in[active]
-        do = None if d_out is None else d_out[active]
-        ua = u[active]
-        new, tna, za, zna = step(ua, di, do)
-        if keep_v and v is None:
-            v = torch.zeros((u.shape[0], *za.shape[1:]), dtype=u.dtype, device=u.device)
-        done = _norm(new - (ua if first is None else first)) < tol
-        first = None
-        u[active], tn[active] = new, tna
-        if keep_v:
-            v[active] = za / _bcast(zna, za)
-        iters[active] += 1
-        converged[active[done]] = True
-        active = active[~done]
-        if progress.watched():
-            progress.stage(name, k + 1, n_iter,
-                           f"{active.numel()} of {u.shape[0]} points iterating")
-        if active.numel() == 0:
-            break
-    return _Iterated(u, tn if n_iter > 0 else None, v, iters, converged)
 
 
 # ----------------------------------------------------------------------------------------
@@ -896,7 +104,8 @@ def _bcp(w: torch.Tensor, r: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
         free_raw = w_free.pow(2).sum(-1)
         if reference_nan:
             nan_like = nan_like | (free_raw == 0) | (rem_raw < 0)
-        d = d_fixed + w_free * (rem.sqrt() / free_raw.clamp_min(NORM_FLOOR * NORM_FLOOR).sqrt()).unsqueeze(-1)
+        scale = rem.sqrt() / free_raw.clamp_min(NORM_FLOOR * NORM_FLOOR).sqrt()
+        d = d_fixed + w_free * scale.unsqueeze(-1)
         if sync_free:       # once done, leave is empty: fixed is unchanged without a select
             d = torch.where(done, d_old, d)
             nan_like = torch.where(done, nan_old, nan_like)
@@ -1121,10 +330,10 @@ def structure_terms(model: nn.Module) -> list:
         terms = []
         for m in mods:
             if isinstance(m, nn.Sequential):
-                sub, key = chain(_mods(m), key)
+                sub, key = chain(modules_of(m), key)
                 terms += sub
             elif isinstance(m, Residual):
-                branch, short = _arms(m)
+                branch, short = arms_of(m)
                 tb, key = chain(branch, key)
                 ts, key = chain(short, key)
                 one = None if m.shortcut is not None else torch.ones(1)
@@ -1134,7 +343,7 @@ def structure_terms(model: nn.Module) -> list:
                     terms.append(key)
                 key += 1
         return terms, key
-    return chain(_mods(sequential_view(model)), 0)[0]
+    return chain(modules_of(sequential_view(model)), 0)[0]
 
 
 def _overlap(d_in, d_out, like: torch.Tensor) -> torch.Tensor:
@@ -1179,7 +388,7 @@ class _Walk:
         self.vectors, self.global_vectors = vectors, global_vectors
         self.global_sigmas, self.local_norms = global_sigmas, local_norms
         self.eps, self.mu, self.r, self.r_global = eps, x, eps, eps
-        self.lb, self.ub = x - _bcast(eps, x), x + _bcast(eps, x)
+        self.lb, self.ub = x - bcast(eps, x), x + bcast(eps, x)
         self.res = BoundResult(logits=None, worst=None, r_local=eps, r_global=eps)
         self.mask = None          # indicator of the activation feeding the next affine layer
         self.pending = []         # (key, layer, d_in, in_shape) / _PendingBlock awaiting d_out
@@ -1192,7 +401,7 @@ class _Walk:
             if key == self.last:           # the logit layer: the worst-case margins instead
                 break
             if isinstance(m, nn.Sequential):
-                key = self.walk(_mods(m), key)
+                key = self.walk(modules_of(m), key)
                 continue
             if isinstance(m, Residual):
                 key = self.block(m, key)
@@ -1217,7 +426,7 @@ class _Walk:
         start = (self.mu, self.lb, self.ub, self.r, self.r_global)
         d_in, outer = self.mask, self.terms
         arms = []
-        for mods in _arms(blk):
+        for mods in arms_of(blk):
             self.mu, self.lb, self.ub, self.r, self.r_global = start
             self.mask, self.terms, self.pending = d_in, [], []
             key = self.walk(mods, key)
@@ -1225,7 +434,7 @@ class _Walk:
                              self.pending))
         b, s = arms
         self.mu, self.r, self.r_global = b.mu + s.mu, b.r + s.r, b.r_global + s.r_global
-        rr = _bcast(self.r, self.mu)
+        rr = bcast(self.r, self.mu)
         self.lb = box_max(b.lb + s.lb, self.mu - rr)
         self.ub = box_min(b.ub + s.ub, self.mu + rr)
         self.mask, self.terms = None, outer
@@ -1246,7 +455,7 @@ class _Walk:
         both = m(torch.cat([self.mu, centre], 0))      # the network's own forward, once
         self.mu, centre = both[:self.b], both[self.b:]
         half = apply_absW(m, half)
-        ball = _bcast(self.r, self.mu) * row_norms(m, in_shape).to(self.mu)
+        ball = bcast(self.r, self.mu) * row_norms(m, in_shape).to(self.mu)
         self.lb = box_max(centre - half, self.mu - ball)
         self.ub = box_min(centre + half, self.mu + ball)
         self.r = self.r * sigma_g
@@ -1259,7 +468,7 @@ class _Walk:
         """Box through the monotone activation, intersected with the ball's image; the
         varying-neuron indicator D; the pending layer's norm with D as its D_out (ReLU
         types; MaxMin's indicator is used on the input side only)."""
-        rr = _bcast(self.r, self.mu)
+        rr = bcast(self.r, self.mu)
         if isinstance(m, ClampGroupSort):
             out = m(torch.cat([self.lb, self.ub, self.mu - rr, self.mu + rr, self.mu], 0))
             g_lb, g_ub, g_lo, g_hi, mu_out = out.split(self.b)
@@ -1381,9 +590,10 @@ def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
         check_view(model, x)
     view = sequential_view(model)
     vectors = RandomVectors(x.shape[0], x.device) if vectors is None else vectors
-    walk = _Walk(view, affine[-1], x, eps, vectors, {} if global_vectors is None else global_vectors, opts,
-                 global_sigmas, local_norms)
-    walk.walk(_mods(view), 0)
+    walk = _Walk(view, affine[-1], x, eps, vectors,
+                 {} if global_vectors is None else global_vectors, opts, global_sigmas,
+                 local_norms)
+    walk.walk(modules_of(view), 0)
     return walk.result(layer_list(view)[affine[-1]], y)
 
 
@@ -1437,34 +647,3 @@ def sparsity_loss(model: nn.Sequential, res: BoundResult, sp_thres: float) -> to
             h = lb.shape[1] // 2
             total = total + F.relu(m.max - lb[:, :h]).mean() + F.relu(ub[:, h:] - m.min).mean()
     return total
-
-
-# ----------------------------------------------------------------------------------------
-# Shapes of the per-sample vectors (what a vector store holds per sample)
-# ----------------------------------------------------------------------------------------
-def layer_input_shapes(model: nn.Module, input_shape) -> Dict[int, tuple]:
-    """Per-sample input shape of every affine layer except the last (the layers whose
-    per-sample power-iteration vectors are stored), keyed by layer key (``layer_list``)."""
-    last = check_supported(model)[-1]
-    shapes = {}
-
-    def run(mods, x, key):
-        for m in mods:
-            if isinstance(m, (nn.Sequential, Residual)):
-                arms = [_mods(m)] if isinstance(m, nn.Sequential) else list(_arms(m))
-                outs = []
-                for arm in arms:
-                    y, key = run(arm, x, key)
-                    outs.append(y)
-                x = outs[0] if isinstance(m, nn.Sequential) else outs[0] + outs[1]
-                continue
-            if isinstance(m, AFFINE) and key != last:
-                shapes[key] = tuple(x.shape[1:])
-            x, key = m(x), key + 1
-        return x, key
-
-    with torch.no_grad():
-        p = next(model.parameters())
-        run(_mods(sequential_view(model)), torch.zeros((1, *input_shape), device=p.device,
-                                                       dtype=p.dtype), 0)
-    return shapes

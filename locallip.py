@@ -13,7 +13,7 @@ Everything is about L2 balls {x' : ||x' - x||_2 <= eps} around each input. Label
 to the model's own predictions (what is certified is then that the prediction cannot
 change inside the ball); pass ``y`` to certify against true labels (a misclassified point
 is never certified). Inputs get a batch axis added when they lack one. The model is put
-through ``local_bound.fold_batchnorm`` (eval-mode BatchNorm folded into affine layers) and
+through ``networks.fold_batchnorm`` (eval-mode BatchNorm folded into affine layers) and
 must be in eval mode when it holds BatchNorm or Dropout. Tensors follow the model's device.
 
 Certificates: ``'reference'`` uses power-iteration estimates of the masked spectral norms
@@ -34,9 +34,10 @@ from radius import RADIUS_RTOL, RADIUS_STEPS, RadiusSearch, radius_batch
 from lanczos import GuaranteedNorms, guaranteed_certify
 from checkpoints import load_checkpoint
 from tightness import LowerSearch, lipschitz_lower_bound
-from local_bound import (CONVERGED_SNITER, FLOOR, NOOPS, POOLS, SUPPORTED, TEST_OPT_ITER, TOL,
-                         UnsupportedModel, check_supported, compute_bound, exact_float32,
-                         fold_batchnorm, layer_list)
+from local_bound import (CONVERGED_SNITER, FLOOR, TEST_OPT_ITER, UnsupportedModel, compute_bound,
+                         exact_float32)
+from networks import NOOPS, POOLS, SUPPORTED, check_supported, fold_batchnorm, layer_list
+from operators import TOL
 from vectors import KeptVectors, RandomVectors
 
 SNITER = CONVERGED_SNITER   # per-sample power iterations at most (each stops at ``tol``)

@@ -9,9 +9,10 @@ import torch
 
 import progress
 from lanczos import STAGES, masked_norm_bounds
-from local_bound import (CONVERGED_SNITER, FLOOR, TEST_OPT_ITER, check_supported, compute_bound,
-                         layer_list, lipschitz_of, structure_terms,
-                         exact_float32, global_power_iteration)
+from local_bound import (CONVERGED_SNITER, FLOOR, TEST_OPT_ITER, compute_bound, lipschitz_of,
+                         structure_terms, exact_float32)
+from networks import check_supported, layer_list
+from operators import global_power_iteration
 from vectors import SubsetVectors
 
 

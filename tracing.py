@@ -6,7 +6,7 @@ and its graph rewritten as that form, sharing the model's own layer objects (so 
 
 What a traced graph may contain: one input; calls of layers (the torch.nn ones and the
 project's ``ReLU_x``, ``ClampGroupSort``, ``Flatten``, ``Residual``; whether the bound supports
-a layer's type is ``local_bound.check_supported``'s question); ``relu``; flattening to
+a layer's type is ``networks.check_supported``'s question); ``relu``; flattening to
 [batch, features] (``torch.flatten(x, 1)``, ``x.flatten(1)``, ``x.view(x.size(0), -1)``,
 ``x.reshape(n, -1)``, ``x.view(-1, features)``); ``F.avg_pool2d``, ``F.adaptive_avg_pool2d``;
 additions ``a + b`` that merge the two arms of a fork (y = x + f(x), y = s(x) + f(x)); and a

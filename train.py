@@ -33,9 +33,10 @@ from evaluate import eval_settings
 from evaluation import full_evaluation
 from progress import PROGRESS_EVERY_S
 from report import summary_line
-from local_bound import (BATCHNORM, DROPOUTS, FLOOR, NORM_EPS, bound_structure, certified_loss,
-                         check_supported, compute_bound, fold_batchnorm, global_vector_shape,
-                         layer_input_shapes, layer_list, sparsity_loss, training_view)
+from local_bound import FLOOR, certified_loss, compute_bound, sparsity_loss
+from networks import (BATCHNORM, DROPOUTS, bound_structure, check_supported, fold_batchnorm,
+                      layer_input_shapes, layer_list, training_view)
+from operators import NORM_EPS, global_vector_shape
 from vectors import GivenVectors, VectorStore
 from checkpoints import atomic_save, checkpoint_base, load_checkpoint, safe_load
 from errors import UnsupportedModel, UserError
@@ -591,7 +592,7 @@ def resume_vectors(path: str, epoch: int, stores) -> bool:
 def check_trainable(model, name, compiled=False):
     """UserError unless the bound can follow ``model`` through training: every layer
     supported (BatchNorm with running statistics: each step folds the batch's own,
-    ``local_bound.training_view``); with ``compiled`` (--compile), no BatchNorm or Dropout
+    ``networks.training_view``); with ``compiled`` (--compile), no BatchNorm or Dropout
     (the step's fold is a new network every step)."""
     try:
         check_supported(bound_structure(model))

@@ -246,7 +246,7 @@ def _bound_flags(flag, d):
          "term of the sparsity loss")
     flag('--indices', default='', help="comma list of layer keys whose per-sample vectors "
          "are stored across epochs (the module indices of a plain nn.Sequential; with residual "
-         "blocks, indices into local_bound.layer_list; default: all affine layers but the last)")
+         "blocks, indices into networks.layer_list; default: all affine layers but the last)")
     flag('--store_backing', choices=('auto', 'device', 'ram', 'disk'), default='auto', help="where "
          "the per-sample vectors live: 'device' in the GPU's memory (no host-device copies), RAM, "
          "or a disk file next to the checkpoint shared by all processes of a node; auto: the GPU "

@@ -204,7 +204,8 @@ _TRAINED = {}
 
 def trained_tiny(kind='relux', eps=0.3, steps=150):
     """tiny_net trained with the certified loss on blobs (cached per session)."""
-    from local_bound import certified_loss, compute_bound, layer_input_shapes
+    from local_bound import certified_loss, compute_bound
+    from networks import layer_input_shapes
     from vectors import VectorStore
     from models import clamp_thresholds
     key = (kind, eps, steps)

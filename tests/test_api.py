@@ -10,8 +10,9 @@ import torch.nn as nn
 
 from conftest import ROOT, make_mnist_like
 import locallip
-from local_bound import (apply_W, apply_WT, check_supported, compute_bound, fold_batchnorm,
-                         masked_products, row_norms, vjp_transpose)
+from local_bound import compute_bound
+from networks import check_supported, fold_batchnorm
+from operators import apply_W, apply_WT, masked_products, row_norms, vjp_transpose
 from checkpoints import load_checkpoint
 from errors import UserError
 from models import select_model

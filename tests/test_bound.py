@@ -7,10 +7,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from conftest import DEVICE, dev, tiny_net
-from local_bound import (BoundError, PowerOptions, apply_W, apply_WT, compute_bound,
-                         certified_loss, global_power_iteration, global_vector_shape,
-                         masked_power_iteration, worst_case_margins,
-                         worst_case_margins_all_pairs, check_supported, robust_loss)
+from local_bound import (BoundError, compute_bound, certified_loss, worst_case_margins,
+                         worst_case_margins_all_pairs, robust_loss)
+from networks import check_supported
+from operators import (PowerOptions, apply_W, apply_WT, global_power_iteration, global_vector_shape,
+                       masked_power_iteration)
 from vectors import KeptVectors, RandomVectors, VectorStore
 from models import ClampGroupSort, ReLU_x
 

@@ -328,7 +328,7 @@ def test_progress_lines_without_a_terminal(monkeypatch, capsys):
     batches)."""
     import train
     from conftest import blob_loader, tiny_net
-    from local_bound import layer_input_shapes
+    from networks import layer_input_shapes
     from vectors import VectorStore
     from utils import argparser
     args = argparser(['--verbose', '200', '--sniter', '1', '--rampup', '1', '--epsilon', '0.1',
@@ -371,7 +371,7 @@ def test_epoch_logs_the_training_figures():
     global Lipschitz ratio (<= 1) and the fraction of varying neurons per activation."""
     import train
     from conftest import blob_loader, tiny_net
-    from local_bound import layer_input_shapes
+    from networks import layer_input_shapes
     from vectors import VectorStore
     from utils import argparser
     args = argparser(['--sniter', '2', '--rampup', '1', '--epsilon', '0.2', '--epsilon_train', '0.2'])
@@ -392,7 +392,8 @@ def test_old_checkpoints_global_vectors_carry_over():
     that does not fit is refused with both shapes named."""
     import train
     from conftest import _build
-    from local_bound import global_power_iteration, global_vector_shape, layer_input_shapes
+    from networks import layer_input_shapes
+    from operators import global_power_iteration, global_vector_shape
     from errors import UserError
     from models import ReLU_x
     torch.manual_seed(3)   # conv, linear 32 -> 16, square linear 16 -> 16, logits
@@ -436,7 +437,8 @@ def test_compiled_step_equals_eager(backend):
     that they compute the same products. The GPU timing is bench.py --compile."""
     import train
     from conftest import tiny_net
-    from local_bound import exact_float32, layer_input_shapes
+    from local_bound import exact_float32
+    from networks import layer_input_shapes
     from utils import argparser
     x, y = torch.rand(8, 1, 8, 8).to(DEVICE), torch.randint(0, 3, (8,)).to(DEVICE)
     results = []

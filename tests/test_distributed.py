@@ -93,7 +93,7 @@ def test_prepare_regroups_validation(tmp_path):
 
 
 def test_tiny_store_sizes_and_refusal(tmp_path):
-    from local_bound import layer_input_shapes
+    from networks import layer_input_shapes
     from vectors import VectorStore
     from train import check_store_fits
     from errors import UserError

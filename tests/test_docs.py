@@ -143,7 +143,7 @@ PROSE = {'Any', 'CPU', 'GPU', 'CUDA', 'MaxMin', 'ValueError', 'SUPPORTED'}  # ca
     (os.path.join('docs', 'api.md'), "works on any `nn.Sequential` of ", "says the same")])
 def test_layer_lists_are_the_codes(doc, start, end):
     """The README and docs/api.md name exactly the layer types the bound accepts."""
-    from local_bound import SUPPORTED_NAMES
+    from networks import SUPPORTED_NAMES
     found = layer_list(os.path.join(ROOT, doc), start, end)
     assert found == set(SUPPORTED_NAMES), (doc, sorted(found ^ set(SUPPORTED_NAMES)))
 

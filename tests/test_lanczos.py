@@ -11,7 +11,7 @@ import torch.nn as nn
 from conftest import DEVICE, blob_loader, blobs, dev, trained_tiny
 from lanczos import (GuaranteedNorms, Lanczos, guaranteed_certify, kw_inflation,
                      lanczos_norm_bounds, n_operators)
-from local_bound import PowerOptions, masked_power_iteration
+from operators import PowerOptions, masked_power_iteration
 
 
 def explicit(layer, d_in, d_out, in_shape):

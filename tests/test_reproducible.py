@@ -7,7 +7,8 @@ adds repeated labels' rows from several threads in a varying order once the grad
 32768 elements or more (64 points x 512 hidden units, the 4C3F models)."""
 import torch
 
-from local_bound import layer_input_shapes, take_rows
+from local_bound import take_rows
+from networks import layer_input_shapes
 from train import certified_step, start_global_vectors, step_settings
 from models import select_model
 from utils import argparser

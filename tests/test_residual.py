@@ -15,8 +15,9 @@ from conftest import DEVICE, blobs, dev, trained_tiny, user_resnet
 import locallip
 from attacks import pgd_l2
 from lanczos import GuaranteedNorms, guaranteed_certify
-from local_bound import (UnsupportedModel, apply_W, check_supported, compute_bound, features,
-                         fold_batchnorm, layer_input_shapes, layer_list)
+from local_bound import UnsupportedModel, compute_bound
+from networks import check_supported, features, fold_batchnorm, layer_input_shapes, layer_list
+from operators import apply_W
 from models import Residual
 from tightness import LowerSearch, lipschitz_lower_bound
 from tracing import sequential_view

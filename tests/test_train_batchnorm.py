@@ -1,5 +1,5 @@
 """BatchNorm and Dropout in certified training: each step bounds the network with every
-BatchNorm folded by the batch's own statistics (``local_bound.training_view``), whose
+BatchNorm folded by the batch's own statistics (``networks.training_view``), whose
 logits and gradients are those of the model's own training-mode forward without Dropout;
 the README's own-model example (a residual block, BatchNorm, Dropout) trains and evaluates
 from the command line."""
@@ -15,7 +15,8 @@ import torch.nn.functional as F
 
 from conftest import DEVICE, ROOT, dev
 from errors import UnsupportedModel, UserError
-from local_bound import bound_structure, compute_bound, layer_input_shapes, training_view
+from local_bound import compute_bound
+from networks import bound_structure, layer_input_shapes, training_view
 from train import check_trainable
 from test_cli import FAST, run
 
