@@ -544,3 +544,21 @@ def test_radius_in_the_models_dtype():
     assert down.dtype == up.dtype == torch.float32
     assert (down.double() <= exact).all() and (up.double() >= exact).all()
     assert down[2] == up[2] == 0.5 and (up.double() - down.double())[:2].gt(0).all()
+
+
+def test_guaranteed_radius_of_a_nan_or_wrong_margin_is_zero():
+    """A point whose clean margin is NaN (a NaN output) or <= 0 gets the closed bracket
+    [0, 0], never an open one that reads as certified at every radius."""
+    from radius import RadiusSearch, clean_margins, guaranteed_radius
+    from lanczos import GuaranteedNorms
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 3))
+    x = torch.rand(4, 1, 4, 4)
+    with torch.no_grad():
+        y = net(x).argmax(1)
+        m0 = clean_margins(net, x, y)
+        m0[1], m0[2] = float('nan'), -0.5
+        norms = GuaranteedNorms(net, (1, 4, 4), 1e-4, generator_seed=0)
+        r = guaranteed_radius(net, x, y, m0, norms, RadiusSearch(opt_iter=100, steps=8))
+    assert r.lo[1] == r.hi[1] == 0 and r.lo[2] == r.hi[2] == 0
+    assert (r.lo[[0, 3]] > 0).all() and (r.hi[[0, 3]] >= r.lo[[0, 3]]).all()
