@@ -71,6 +71,13 @@ def lower_data(rows):
     return [r['local_bound'] / r['lower_bound'] for r in rows if r['lower_bound'] > 0]
 
 
+def _plain_log_ticks(axis):
+    """Tick labels of a log axis as plain numbers (1.2, not 1.2 x 10^0)."""
+    from matplotlib.ticker import LogFormatter
+    axis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    axis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.5)))
+
+
 def _lower_figure(rows, eps0, out_dir, title):
     """Histogram of bound / lower bound (log axis): how far the bound can be from the truth."""
     import matplotlib.pyplot as plt
@@ -81,6 +88,7 @@ def _lower_figure(rows, eps0, out_dir, title):
         edges = [lo * (hi / lo) ** (k / 40) for k in range(41)] if hi > lo else 10
         ax.hist(ratio, bins=edges, color='tab:orange', edgecolor='white')
         ax.set_xscale('log')
+        _plain_log_ticks(ax.xaxis)
         med = sorted(ratio)[len(ratio) // 2]
         ax.axvline(med, color='black', ls=':', label=f"median {med:.3g}")
         ax.legend()
@@ -101,7 +109,7 @@ def _save(fig, out_dir, name):
     import matplotlib.pyplot as plt
     fig.tight_layout()
     path = os.path.join(out_dir, name)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches='tight')   # a long title widens the image
     plt.close(fig)
     return path
 

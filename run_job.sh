@@ -31,7 +31,8 @@
 #   fashion_tightness  local bound / empirical lower bound of the local constant (evaluate.py
 #                --lower_bound) at eps 0.5 on the first 1000 test images for the 4C3F
 #                (pretrained/fashionmnist) and residual (pretrained/fashionmnist_residual)
-#                models trained with each bound; resumable
+#                models trained with each bound (figures in <model>_tightness_plots/); resumable;
+#                --overwrite replaces the bundled summaries
 #   fashion_curves     the training figures (clean/robust loss, local/global ratio, varying
 #                neurons, test error per epoch) of pretrained/$RUN/{local,global}_relux_tb,
 #                PNGs in pretrained/$RUN/figures/. Env: RUN (fashionmnist_long)
@@ -225,7 +226,8 @@ case "$job" in
                  pretrained/fashionmnist_residual/{local,global}_res4c3f; do
             pyrun evaluate.py --data fashionmnist --model "${P##*_}" --epsilon 0.5 \
                 --n_test 1000 --test_sniter 2000 --niter 0 --lower_bound --saved_model "$P" \
-                --out "${P}_tightness.tsv" --results "${P}_tightness.json" --resume "$@"
+                --out "${P}_tightness.tsv" --results "${P}_tightness.json" \
+                --plot_dir "${P}_tightness_plots" --resume "$@"
         done ;;
     fashion_curves)
         setup
