@@ -32,6 +32,7 @@ from models import ClampGroupSort, Flatten, ReLU_x, Residual
 
 PROJECT_LEAVES = (ReLU_x, ClampGroupSort, Flatten, Residual)
 ADDS = (operator.add, operator.iadd, torch.add)
+ADD_METHODS = ('add', 'add_')
 RELUS = (F.relu, torch.relu)
 LOG_SOFTMAXES = (F.log_softmax, torch.log_softmax)
 SHAPE_QUERIES = ('size', 'dim')
@@ -69,8 +70,14 @@ def _is_shape_query(node) -> bool:
             and isinstance(node.args[0], torch.fx.Node) and _is_shape_query(node.args[0]))
 
 
+def _adds(node) -> bool:
+    return ((node.op == 'call_function' and node.target in ADDS)
+            or (node.op == 'call_method' and node.target in ADD_METHODS))
+
+
 def _is_add(node) -> bool:
-    return node.op == 'call_function' and node.target in ADDS and not node.kwargs
+    """a + b, a += b, torch.add(a, b), a.add(b), a.add_(b): a sum of two values, unscaled."""
+    return _adds(node) and not node.kwargs and len(node.args) == 2
 
 
 def _size(mods) -> tuple:
@@ -130,6 +137,8 @@ class _Reader:
         """The layer that ``node`` applies to ``value`` (its only tensor argument)."""
         if _is_add(node):
             raise _refuse(self.model, node, "adds values that are not the two arms of one fork")
+        if _adds(node):
+            raise _refuse(self.model, node, "adds with a scale (alpha) or an output argument")
         if node.op == 'call_module':
             layer = self.model.get_submodule(node.target)
         elif node.target in RELUS or (node.op == 'call_method' and node.target == 'relu'):
@@ -191,7 +200,19 @@ def trace(model: nn.Module) -> nn.Sequential:
         raise UnsupportedModel(f"{type(model).__name__}: torch.fx cannot trace its forward "
                                f"({type(e).__name__}: {first}); the bound reads networks "
                                f"without data-dependent control flow") from None
+    _follow_in_place_adds(graph)
     return nn.Sequential(*_Reader(model, graph).read())
+
+
+def _follow_in_place_adds(graph: torch.fx.Graph) -> None:
+    """After ``a.add_(b)`` the name ``a`` holds the sum: every later use of ``a`` is made a
+    use of the addition, so ``out.add_(x); relu(out)`` reads as ``relu(out + x)``."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if node.op == 'call_method' and node.target == 'add_' and node.args:
+            a = node.args[0]
+            for user in [u for u in a.users if order[u] > order[node]]:
+                user.replace_input_with(a, node)
 
 
 def _plain(mods) -> bool:

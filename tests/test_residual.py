@@ -255,6 +255,37 @@ def test_traced_user_module_is_read_as_the_project_blocks():
     assert user.block.conv2.weight.grad is not None and 'block.conv1.weight' in user.state_dict()
 
 
+class MethodAdds(nn.Module):
+    """Additions as methods: ``a.add(b)``, and ``a.add_(b)`` whose result is not used (later
+    uses of ``a`` read the sum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        x = F.relu(self.a(x).add(x))
+        out = self.b(x)
+        out.add_(x)
+        return self.fc(F.relu(out))
+
+
+def test_method_additions_are_read_as_blocks():
+    torch.manual_seed(0)
+    net = dev(MethodAdds())
+    same = nn.Sequential(net.stem, nn.ReLU(), Residual(net.a), nn.ReLU(), Residual(net.b),
+                         nn.ReLU(), net.fc)
+    assert [type(m).__name__ for m in sequential_view(net)] == [type(m).__name__ for m in same]
+    x = dev(torch.randn(5, 4))
+    y = net(x).argmax(1)
+    gen = lambda: torch.Generator(DEVICE).manual_seed(0)
+    a = compute_bound(net, x, y, 0.3, RandomVectors(5, DEVICE, gen()), {})
+    b = compute_bound(same, x, y, 0.3, RandomVectors(5, DEVICE, gen()), {})
+    assert torch.allclose(a.logits, net(x)) and torch.equal(a.r_local, b.r_local)
+
+
 class Cat(nn.Module):
     def __init__(self):
         super().__init__()
@@ -291,6 +322,15 @@ class Const(nn.Module):
         return self.b(x + 1.0)
 
 
+class Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.b(self.a(x).add(x, alpha=2.0))
+
+
 class Branchy(nn.Module):
     def __init__(self):
         super().__init__()
@@ -307,8 +347,9 @@ class Branchy(nn.Module):
     (Mul(), "Mul: graph node 'mul' (call_function mul) is not a layer the bound reads"),
     (Three(), "Three: graph node 'x' (placeholder x) is used by 3 operations"),
     (Const(), "Const: graph node 'add' (call_function add) adds values that are not"),
+    (Scaled(), "Scaled: graph node 'add' (call_method add) adds with a scale (alpha)"),
     (Branchy(), "Branchy: torch.fx cannot trace its forward (TraceError"),
-], ids=['cat', 'mul', 'three-users', 'constant', 'control-flow'])
+], ids=['cat', 'mul', 'three-users', 'constant', 'scaled', 'control-flow'])
 def test_other_graphs_are_refused_in_one_line(net, message):
     with pytest.raises(UnsupportedModel) as e:
         check_supported(net)
