@@ -9,11 +9,22 @@ something to build (a string per iteration, a number read from the device) asks
 ``watched()`` first.
 """
 import contextlib
+import os
+import re
 import threading
 import time
 
 
-PROGRESS_EVERY_S = 60.0     # without a terminal, a progress line at least this often
+def _every_s(default: float = 60.0) -> float:
+    """$LOCALLIP_PROGRESS_EVERY_S (seconds; 0: a line at every batch), else ``default``."""
+    text = os.environ.get('LOCALLIP_PROGRESS_EVERY_S', '').strip()
+    if text and not re.fullmatch(r'\d+(\.\d*)?|\.\d+', text):
+        raise SystemExit(f"error: LOCALLIP_PROGRESS_EVERY_S={text!r} is not a number of "
+                         f"seconds (>= 0)")
+    return float(text) if text else default
+
+
+PROGRESS_EVERY_S = _every_s()   # without a terminal, a progress line at least this often
 BAR_REFRESH_S = 1.0         # a terminal's bar shows the stage at most this often
 
 _watchers = []              # callables told of every change (a bar's follower)
@@ -97,7 +108,7 @@ class Heartbeat:
     """Progress lines for a log file (no terminal): ``say`` prints a line, and while a batch
     runs longer than ``every`` seconds a background thread prints ``status`` with the stage
     it is in (``current()``) and the time since the last line, every ``every`` seconds.
-    every=None: silent (a terminal shows the progress bar instead)."""
+    every=None: silent (a terminal shows the progress bar instead); 0: ``say`` only."""
 
     def __init__(self, every):
         self.every, self.status = every, ''
@@ -120,7 +131,7 @@ class Heartbeat:
                     self.last = time.monotonic()
 
     def say(self, line):
-        if self.every:
+        if self.every is not None:
             with self.lock:
                 print(line, flush=True)
                 self.last = time.monotonic()

@@ -122,6 +122,50 @@ pyrun() {
     fi
 }
 
+job_names() {
+    # job_names: sets JOBS to the jobs of this script (the labels of the case below, help aside)
+    local line
+    JOBS=()
+    while IFS= read -r line; do
+        if [[ $line =~ ^\ {4}([a-z0-9_|]+)\) ]]; then JOBS+=(${BASH_REMATCH[1]//|/ }); fi
+    done < "$(basename "$0")"
+}
+
+edit_distance() {
+    # edit_distance A B: sets DIST to the insertions, deletions and substitutions from A to B
+    local a=$1 b=$2 i j cost prev=() cur
+    for ((j = 0; j <= ${#b}; j++)); do prev[j]=$j; done
+    for ((i = 1; i <= ${#a}; i++)); do
+        cur=("$i")
+        for ((j = 1; j <= ${#b}; j++)); do
+            if [ "${a:i-1:1}" = "${b:j-1:1}" ]; then cost=0; else cost=1; fi
+            cur[j]=$((prev[j-1] + cost))
+            if ((prev[j] + 1 < cur[j])); then cur[j]=$((prev[j] + 1)); fi
+            if ((cur[j-1] + 1 < cur[j])); then cur[j]=$((cur[j-1] + 1)); fi
+        done
+        prev=("${cur[@]}")
+    done
+    DIST=${prev[${#b}]}
+}
+
+unknown_job() {
+    # unknown_job NAME: the jobs NAME starts, else the closest one (at most max(2, a third of
+    # its letters) edits away), else all of them, on one line; then one usage line
+    local name=$1 job best="" bestd=99 started=() hint
+    job_names
+    for job in "${JOBS[@]}"; do
+        if [[ $job == "$name"* ]]; then started+=("$job"); fi
+        edit_distance "$name" "$job"
+        if ((DIST < bestd)); then best=$job; bestd=$DIST; fi
+    done
+    if ((${#started[@]} == 1)); then hint="did you mean ${started[0]}?"
+    elif ((${#started[@]})); then hint="did you mean one of ${started[*]}?"
+    elif ((bestd <= 2 || bestd * 3 <= ${#best})); then hint="did you mean $best?"
+    else hint="the jobs are: ${JOBS[*]}"; fi
+    echo "run_job.sh: unknown job '$name'; $hint" >&2
+    echo "usage: bash run_job.sh <job> [flags for its script]; bash run_job.sh help describes the jobs" >&2
+}
+
 job=${1:-help}
 shift || true
 case "$job" in
@@ -334,6 +378,5 @@ case "$job" in
     help|-h|--help)
         sed -n '2,/^set -euo/p' "$0" | sed '$d' ;;
     *)
-        echo "run_job.sh: unknown job '$job'; the jobs are:" >&2
-        sed -n '2,/^set -euo/p' "$0" | sed '$d' >&2; exit 2 ;;
+        unknown_job "$job"; exit 2 ;;
 esac

@@ -152,7 +152,7 @@ def make_stores(args, model, input_shape, n_train, n_test, base, say=print, rank
              'device': f"{device} memory"}[plan.place]
     say(f"vector store: {per32 // 4} floats per sample x {n_train + n_test} samples, "
         f"{str(plan.dtype).replace('torch.', '')} in {where}: {plan.total / 2 ** 30:.2f} GiB "
-        f"({plan.room})", flush=True)
+        f"({plan.room}); {store_saving(args, plan.place, base, world)}", flush=True)
     if plan.place == 'device':
         if plan.total > 2 * plan.budget:
             raise UserError(f"the vector store needs {plan.total / 2 ** 30:.1f} GiB of GPU "
@@ -172,6 +172,18 @@ def make_stores(args, model, input_shape, n_train, n_test, base, say=print, rank
     stores = build() if rank == 0 else None     # rank 0 creates the shared files,
     dist.barrier()                               # the others open them once they exist
     return stores if rank == 0 else build()
+
+
+def store_saving(args, place: str, base: str, world: int = 1) -> str:
+    """Whether and where the vector store of a run is saved for --resume, in words."""
+    if args.no_save or args.no_save_vectors:
+        why = ('--no_save' if args.no_save else
+               '--no_save_vectors: --resume restarts the vectors from random')
+        return f"not saved ({why})" + ('; its disk files are scratch' if place == 'disk' else '')
+    file = f"{base}_vectors.pt" if world == 1 else f"{base}_vectors.rank<r>.pt (one per process)"
+    if place == 'disk':
+        return f"the disk files are updated in place, {file} saved every epoch for --resume"
+    return f"saved every epoch to {file} for --resume"
 
 
 def store_keys(indices, shapes) -> Optional[list]:
@@ -400,16 +412,22 @@ class Run:
 
 
 class _EpochLog:
-    """Finiteness check, progress bar, TensorBoard and, without a terminal, a progress
-    line every --verbose batches and at least once a minute."""
+    """Finiteness check, progress bar, TensorBoard and, when stdout or stderr is not a
+    terminal (a log file), a progress line every --verbose batches and at least every
+    PROGRESS_EVERY_S seconds, with the epoch's mean losses so far and the rate."""
 
     def __init__(self, run: Run, epoch: int, bar):
         self.run, self.epoch, self.bar = run, epoch, bar
         self.step0 = epoch * len(run.train_loader)
-        self.last_line = time.monotonic()
+        self.t0 = self.last_line = time.monotonic()
+        self.logged = bar.disable or not sys.stdout.isatty()
+        self.sums, self.n = [0.0, 0.0, 0.0], 0      # (loss, clean, robust) x batch size
 
-    def __call__(self, i, loss, eps, kappa):
-        lv, writer, verbose = loss.item(), self.run.writer, self.run.args.verbose
+    def __call__(self, i, losses, eps, kappa, b):
+        lv, clean, robust = losses.tolist()          # the step's losses: one host sync
+        writer, verbose = self.run.writer, self.run.args.verbose
+        self.sums = [s + b * v for s, v in zip(self.sums, (lv, clean, robust))]
+        self.n += b
         if not math.isfinite(lv):
             raise UserError(f"loss became {lv} at epoch {self.epoch}, batch {i} (eps {eps:.4g}); "
                             f"lower --lr or check the data")
@@ -419,11 +437,20 @@ class _EpochLog:
             writer.add_scalar('train/kappa', kappa, self.step0 + i)
         self.bar.set_postfix(loss=f"{lv:.3f}", eps=f"{eps:.3f}", refresh=False)
         now = time.monotonic()
-        if self.bar.disable and verbose and ((i + 1) % verbose == 0
-                                             or now - self.last_line >= PROGRESS_EVERY_S):
+        if self.logged and verbose and ((i + 1) % verbose == 0
+                                        or now - self.last_line >= PROGRESS_EVERY_S):
             self.last_line = now
-            print(f"  epoch {self.epoch} batch {i + 1}/{len(self.bar)} loss {lv:.4f} eps "
-                  f"{eps:.4f}", flush=True)
+            print(self.line(i, lv, eps, now), flush=True)
+
+    def line(self, i, lv, eps, now) -> str:
+        """'  epoch E batch i/N loss L eps e | mean loss (clean, robust) | rate, time left'."""
+        loss, clean, robust = (s / max(self.n, 1) for s in self.sums)
+        seconds, total = max(now - self.t0, 1e-9), len(self.bar)
+        left = (total - i - 1) * seconds / (i + 1)
+        return (f"  epoch {self.epoch} batch {i + 1}/{total} loss {lv:.4f} eps {eps:.4f} | "
+                f"mean loss {loss:.4f} (clean {clean:.4f}, robust {robust:.4f}) | "
+                f"{(i + 1) / seconds:.3g} batches/s, {self.n / seconds:.4g} samples/s, "
+                f"{int(left // 60)}:{int(left % 60):02d} left")
 
 
 EPOCH_KEYS = ('loss', 'clean_loss', 'robust_loss', 'clean_err', 'robust_err', 'lip_ratio')
@@ -468,7 +495,7 @@ def train_epoch(run: Run, epoch: int, first: bool = False) -> dict:
         # host sync per step that does not drain the GPU's queue
         if pending is not None:
             report(*pending)
-        pending = (i, out.loss.detach(), eps, kappa)
+        pending = (i, torch.stack([out.loss, out.clean, out.robust]).detach(), eps, kappa, b)
     if pending is not None:
         report(*pending)
     return _epoch_means(sums, varying, n_seen, device, run.world)

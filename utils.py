@@ -5,6 +5,7 @@ checkpoints.py.
 Nothing here parses arguments or touches a device at import time.
 """
 import argparse
+import difflib
 import os
 import random
 import sys
@@ -119,10 +120,36 @@ def _check_ranges(args):
 def argparser(argv=None, **overrides):
     """Parse the command line. Defaults: DEFAULTS, then the dataset column chosen by
     ``--data`` (or ``overrides['data']``), then ``overrides`` (the entry script's)."""
-    pre = argparse.ArgumentParser(add_help=False)
+    pre = FlagParser(add_help=False)
     pre.add_argument('--data', default=overrides.get('data', 'mnist'))
     known, _ = pre.parse_known_args(argv)
     return parse(make_parser(known.data, overrides), argv)
+
+
+class FlagParser(argparse.ArgumentParser):
+    """argparse with a short answer to a bad command line: the error, the closest flag to
+    each unknown one ('did you mean --epsilon?'), and one usage line pointing to --help
+    instead of the whole usage. Exit status 2, as argparse; abbreviations stay accepted."""
+
+    def error(self, message):
+        hint = closest_flags(message, list(self._option_string_actions))
+        self.exit(2, f"{self.prog}: error: {message}{hint}\n"
+                     f"usage: {self.prog} [--flag VALUE ...]; {self.prog} --help lists them\n")
+
+
+def closest_flags(message: str, flags: list) -> str:
+    """' (did you mean --epsilon?)' for the unknown flags argparse's ``message`` names, those
+    that have a close one among ``flags``; '' for any other message."""
+    prefix = 'unrecognized arguments: '
+    if not message.startswith(prefix):
+        return ''
+    unknown = [a.split('=')[0] for a in message[len(prefix):].split() if a.startswith('--')]
+    close = {a: difflib.get_close_matches(a, flags, n=1) for a in unknown}
+    close = {a: m[0] for a, m in close.items() if m}
+    if len(close) == 1:
+        return f" (did you mean {next(iter(close.values()))}?)"
+    return (" (did you mean " + ", ".join(f"{m} for {a}" for a, m in close.items()) + "?)"
+            if close else '')
 
 
 def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
@@ -132,8 +159,8 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
     d.update(DATA_DEFAULTS.get(data, MNIST))
     d.update(overrides or {})
 
-    p = argparse.ArgumentParser(description="Local-Lip: certified training and evaluation "
-                                "with local Lipschitz bounds (L2).")
+    p = FlagParser(description="Local-Lip: certified training and evaluation "
+                   "with local Lipschitz bounds (L2).")
     _data_flags(p.add_argument_group('data and model').add_argument, d)
     _schedule_flags(p.add_argument_group('optimisation and schedule').add_argument, d)
     _bound_flags(p.add_argument_group('the bound and PGD').add_argument, d)
@@ -331,7 +358,7 @@ def _run_flags(flag):
          help="GPU to use when CUDA is available (first of a comma list)")
     flag('--cpu', action='store_true', help="run on the CPU even when CUDA is available")
     flag('--verbose', type=int, default=200, help="print a progress line every N batches when "
-         "stderr is not a terminal (0: never)")
+         "stdout or stderr is not a terminal, and at least once a minute (0: never)")
     flag('--time_limit', type=float, default=0.0, help="(not in the reference) training: stop "
          "cleanly before an epoch that would end more than this many minutes after the start "
          "(judged by the longest epoch so far), with exit status 0, so that --resume continues; "
