@@ -13,19 +13,25 @@ bounded from above:
   1992, Lanczos theorem)
       P(xi_k <= (1 - e) lambda_max(B)) <= 1.648 sqrt(n) exp(-(2k - 1) sqrt(e)).
   Solving for e at probability delta gives the bound
-      ||A||_2 <= sqrt(xi_k (1 + ROUNDOFF) / (1 - e)),
+      ||A||_2 <= sqrt((xi_k + s) / (1 - e)),
   false with probability at most delta over the random start. The formula is evaluated at
   k - 1 for k Lanczos steps (whether the paper's k counts the last product or not, this is
-  the conservative reading), and ROUNDOFF = 1e-4 is a relative allowance for the float32
-  arithmetic of the products and the recurrence (float32 round-off in the computed Ritz value
-  is ~1e-6 relative here; tests compare with exact SVDs in float64).
-* Linear layers' global norms ||W||_2: exact, by SVD in float64 (deterministic).
+  the conservative reading). The theorem is about exact arithmetic: Lanczos runs in float64
+  with full reorthogonalisation, so its computed T_k is the exact Lanczos matrix of B + F
+  with ||F|| <= s (``Lanczos.slack``, a proven bound of the rounding; docs/method.md,
+  "Floating point"), and the theorem holds for B + F + s I.
+* Linear layers' global norms ||W||_2: by SVD in float64 (deterministic), raised by
+  SVD_ALLOWANCE (relative) for the SVD's own rounding.
 * Convolutions' global norms (the radius that propagates the ball and its box): the same
   Lanczos bound on W^T W, once per model, GLOBAL_STEPS steps.
 
 The per-sample bound is never above the global one (||D_out W D_in|| <= ||W||), so it is
 min(Lanczos bound, global bound), and a sample whose layer has every input and output
 varying uses the global bound (the same operator) without any Lanczos step.
+
+Everything here runs on ``GuaranteedNorms.network``, a float64 copy of the model (its float32
+weights exactly): the certificate is about the network the weights define, and the bound's
+own rounding is bounded (``rounding.py``; docs/method.md, "Floating point").
 
 Union bound: a certificate (one point, one radius) uses the per-sample bound of every affine
 layer but the last and the global bound of every convolution; each gets delta / (their
@@ -39,24 +45,27 @@ bounds (stage 0); then Lanczos on the remaining correctly classified samples, an
 stage k in STAGES a sample is decided: certified with the upper bounds, or hopeless when
 even the Ritz values (lower bounds, no inflation) do not certify it.
 """
+import copy
 import math
 from dataclasses import dataclass
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.nn as nn
 
 import progress
 from local_bound import (FLOOR, BoundError, BoundResult, compute_bound, exact_float32,
-                         worst_case_margins)
+                         rounded_margins, rounded_radius)
 from networks import check_supported, layer_list, layer_input_shapes
 from operators import apply_W, apply_WT, masked_products
+from rounding import abs_norm, layer_gamma, round_up, unit_roundoff
 
 KW_CONST = 1.648        # Kuczynski & Wozniakowski's constant for the Lanczos algorithm
-ROUNDOFF = 1e-4         # relative allowance added to every eigenvalue bound (float32 arithmetic)
 STAGES = (32, 64, 128, 256)   # Lanczos steps at which a sample's certificate is decided
 GLOBAL_STEPS = 500      # Lanczos steps for a convolution's global norm (once per model)
 BREAKDOWN = 1e-7        # relative size of a Lanczos residual treated as an invariant subspace
+SVD_ALLOWANCE = 1e-9    # relative rounding of a float64 SVD's largest singular value (backward
+#                         stable: a small multiple of n u ||W||, u = 1.1e-16, n <= 10^5)
 
 
 def kw_inflation(n, k: int, delta: float):
@@ -75,52 +84,68 @@ def kw_inflation(n, k: int, delta: float):
     return (s * s).clamp(max=1.0)
 
 
-def upper_from_ritz(xi: torch.Tensor, n, k: int, delta: float) -> torch.Tensor:
+def upper_from_ritz(xi: torch.Tensor, n, k: int, delta: float, slack: float) -> torch.Tensor:
     """Upper bound on sqrt(lambda_max) = ||A||_2 from the largest Ritz value xi [batch]
-    (float64) of k Lanczos steps: sqrt(xi (1 + ROUNDOFF) / (1 - e)); inf when e = 1."""
+    (float64) of k Lanczos steps whose T_k is exact for B + F, ||F|| <= slack (shifted by
+    slack, B + F is positive semidefinite and its lambda_max >= that of B):
+    sqrt((xi + slack) / (1 - e)) (1 + 8 u), u of float64 (this formula's own rounding); inf
+    when e = 1."""
     e = kw_inflation(n, k, delta).to(xi.device)
-    up = xi.clamp_min(0) * (1 + ROUNDOFF) / (1 - e)
-    return torch.where(e < 1, up, torch.full_like(up, math.inf)).sqrt()
+    up = (xi.clamp_min(0) + slack) / (1 - e)
+    up = torch.where(e < 1, up, torch.full_like(up, math.inf)).sqrt()
+    return up * (1 + 8 * unit_roundoff(torch.float64))
 
 
 class Lanczos:
-    """Batched Lanczos on A^T A or A A^T, A = D_out W D_in per sample (three-term
-    recurrence, no reorthogonalisation), continued stage by stage. Both have ||A||_2^2 as
-    their largest eigenvalue; the run takes the smaller of the layer's input and output
-    spaces (``space='auto'``), where every vector operation of a step is cheaper and the
-    dimension n in the failure probability is the smaller varying set.
+    """Batched Lanczos on A^T A or A A^T, A = D_out W D_in per sample, in float64 with full
+    reorthogonalisation, continued stage by stage. Both have ||A||_2^2 as their largest
+    eigenvalue; the run takes the smaller of the layer's input and output spaces
+    (``space='auto'``), where every vector operation of a step is cheaper and the dimension n
+    in the failure probability is the smaller varying set.
+
+    The layer is applied as a float64 copy (its float32 weights are exact there), every
+    Lanczos vector is kept and each new one orthogonalised against all of them (classical
+    Gram-Schmidt), so the computed T_k is the exact Lanczos matrix of B + F with ||F|| at most
+    ``slack`` (docs/method.md, "Floating point"): the Kuczynski-Wozniakowski theorem holds for
+    it. Memory: steps x n float64 per sample.
 
     layer: Conv2d, Linear or any linear layer; d_in [batch, *in_shape] / d_out [batch,
     *out_shape]: 0/1 varying indicators or None (all vary); the start is a Gaussian vector
     masked by the varying set of the chosen space (uses the torch default generator of its
-    device), i.e. uniform on the unit sphere of that n-dimensional subspace."""
+    device), i.e. uniform on the unit sphere of that n-dimensional subspace. ``dtype`` is
+    the model's (kept for the callers; the run is float64)."""
 
     def __init__(self, layer: nn.Module, d_in, d_out, in_shape, batch: int, device, dtype,
                  space: str = 'auto'):
-        self.layer, self.d_in, self.d_out, self.in_shape = layer, d_in, d_out, tuple(in_shape)
+        self.layer, self.in_shape = float64_layer(layer), tuple(in_shape)
+        self.d_in = None if d_in is None else d_in.double()
+        self.d_out = None if d_out is None else d_out.double()
         with torch.no_grad():
-            self.out_shape = tuple(apply_W(layer, torch.zeros((1, *self.in_shape), device=device,
-                                                              dtype=dtype)).shape[1:])
+            self.out_shape = tuple(apply_W(self.layer, torch.zeros(
+                (1, *self.in_shape), device=device, dtype=torch.float64)).shape[1:])
         if space == 'auto':
             space = 'out' if math.prod(self.out_shape) < math.prod(self.in_shape) else 'in'
         if space not in ('in', 'out'):
             raise ValueError(f"space must be 'auto', 'in' or 'out', got {space!r}")
         self.space = space
-        shape, d = (self.in_shape, d_in) if space == 'in' else (self.out_shape, d_out)
-        q = torch.randn((batch, *shape), device=device, dtype=dtype)
+        shape, d = (self.in_shape, self.d_in) if space == 'in' else (self.out_shape, self.d_out)
+        q = torch.randn((batch, *shape), device=device, dtype=torch.float64)
         if d is not None:
             q = q * d        # the start lives in the varying subspace: n counts only it
         self.n = (torch.full((batch,), float(math.prod(shape)), dtype=torch.float64)
                   if d is None else d.flatten(1).sum(1).double().cpu())
         nq = torch.linalg.vector_norm(q.flatten(1), dim=1)
-        self.q = q / nq.clamp_min(FLOOR).view(-1, *[1] * len(shape))
-        self.q_prev = torch.zeros_like(self.q)
-        self.beta = torch.zeros(batch, device=device, dtype=dtype)
+        self.q = (q / nq.clamp_min(FLOOR).view(-1, *[1] * len(shape))).flatten(1)
+        self.shape = shape
+        self.basis = self.q.new_zeros((batch, 0, self.q.shape[1]))
+        self.beta = torch.zeros(batch, device=device, dtype=torch.float64)
         self.alphas, self.betas = [], []
         self.steps = 0
+        self.abs_norm = abs_norm(self.layer, self.in_shape)
 
     def apply_B(self, q):
-        """A^T A q (space 'in') or A A^T q (space 'out') for a masked q [batch, *shape]."""
+        """A^T A q (space 'in') or A A^T q (space 'out') for a masked q [batch, n] (float64)."""
+        q = q.view(-1, *self.shape)
         if self.space == 'in':
             return masked_products(self.layer, q, self.in_shape, self.d_in, self.d_out)[1]
         t = apply_WT(self.layer, q, self.in_shape)
@@ -129,52 +154,92 @@ class Lanczos:
         z = apply_W(self.layer, t)
         return z if self.d_out is None else z.mul_(self.d_out)
 
+    def _room(self, steps: int):
+        """The basis grown to hold ``steps`` vectors per sample."""
+        have = self.basis.shape[1]
+        if have < steps:
+            more = self.basis.new_zeros((self.basis.shape[0], steps - have, self.basis.shape[2]))
+            self.basis = torch.cat([self.basis, more], 1)
+
     def run(self, steps: int):
-        """Advance every sample to ``steps`` Lanczos steps in all (in-place updates: every
-        step reads and writes a few [batch, *shape] tensors only)."""
+        """Advance every sample to ``steps`` Lanczos steps in all."""
+        self._room(steps)
         while self.steps < steps:
-            # the three-term recurrence w = B q_k - beta_{k-1} q_{k-1} - alpha_k q_k, without
-            # reorthogonalisation (memory: no basis kept); lost orthogonality shows as repeated
-            # copies of converged Ritz values (Paige), which leave the largest one in place
             progress.stage("Lanczos step", self.steps + 1, steps)
+            k = self.steps
+            self.basis[:, k] = self.q
             w = self.apply_B(self.q).flatten(1)
-            q, q_prev = self.q.flatten(1), self.q_prev.flatten(1)
-            w.addcmul_(q_prev, self.beta.unsqueeze(1), value=-1)
-            a = torch.linalg.vecdot(q, w)
-            w.addcmul_(q, a.unsqueeze(1), value=-1)
+            if k:
+                w.addcmul_(self.basis[:, k - 1], self.beta.unsqueeze(1), value=-1)
+            a = torch.linalg.vecdot(self.q, w)
+            w.addcmul_(self.q, a.unsqueeze(1), value=-1)
+            kept = self.basis[:, :k + 1]               # full reorthogonalisation (CGS)
+            w.sub_(torch.bmm(torch.bmm(kept, w.unsqueeze(2)).transpose(1, 2), kept).squeeze(1))
             b = torch.linalg.vector_norm(w, dim=1)
             # an (almost) invariant Krylov space: the Ritz values are exact, stop this sample
             dead = b <= BREAKDOWN * (a.abs() + self.beta)
             b = torch.where(dead, torch.zeros_like(b), b)
             inv = torch.where(dead, torch.zeros_like(b), 1 / b.clamp_min(FLOOR))
-            self.q_prev = self.q
-            self.q = w.mul_(inv.unsqueeze(1)).view_as(self.q)
+            self.q = w.mul_(inv.unsqueeze(1))
             self.beta = b
             self.alphas.append(a)
             self.betas.append(b)
             self.steps += 1
+
+    def slack(self) -> float:
+        """s >= ||F||: the float64 run's T_k is the exact Lanczos matrix of B + F (docs/method.md,
+        "Floating point"): 3 sqrt(k) times each step's error (its products, 2 gamma(m) |||W|||^2
+        with m the layer's fan-in plus slack, and the recurrence, reorthogonalisation and
+        eigenvalue solver, 16 (k + n) u ||B||), with ||B|| <= |||W|||^2 (|||W||| = ||(|W_ij|)||_2
+        bounds ||W||_2)."""
+        u = unit_roundoff(torch.float64)
+        k, n = max(self.steps, 1), self.basis.shape[2]
+        per_step = 2 * layer_gamma(self.layer, self.in_shape, u) + 16 * (k + n) * u
+        return 3 * math.sqrt(k) * per_step * self.abs_norm ** 2
 
     def ritz_max(self) -> torch.Tensor:
         """Largest eigenvalue of each sample's tridiagonal T [batch] (float64): a lower
         bound on lambda_max(B) = ||A||_2^2 (exact arithmetic)."""
         if not self.alphas:
             raise ValueError("ritz_max before any Lanczos step")
-        a = torch.stack(self.alphas, 1).double()
-        b = torch.stack(self.betas[:-1], 1).double() if len(self.betas) > 1 else None
+        a = torch.stack(self.alphas, 1)
+        b = torch.stack(self.betas[:-1], 1) if len(self.betas) > 1 else None
         t = torch.diag_embed(a)
         if b is not None:
             t = t + torch.diag_embed(b, 1) + torch.diag_embed(b, -1)
         return torch.linalg.eigvalsh(t.cpu())[:, -1].to(a.device)
 
+    def upper(self, xi: torch.Tensor, delta: float) -> torch.Tensor:
+        """[batch] upper bounds on ||A||_2 from the Ritz values xi of this run, each false
+        with probability <= delta (``upper_from_ritz`` with this run's slack)."""
+        return upper_from_ritz(xi, self.n.to(xi.device), self.steps, delta, self.slack())
+
     def select(self, keep: torch.Tensor) -> None:
         """Keep only the samples ``keep`` (indices into the current batch)."""
         kc = keep.cpu()
-        self.q, self.q_prev, self.beta = self.q[keep], self.q_prev[keep], self.beta[keep]
+        self.q, self.basis, self.beta = self.q[keep], self.basis[keep], self.beta[keep]
         self.alphas = [a[keep] for a in self.alphas]
         self.betas = [b[keep] for b in self.betas]
         self.n = self.n[kc]
         self.d_in = None if self.d_in is None else self.d_in[keep]
         self.d_out = None if self.d_out is None else self.d_out[keep]
+
+
+def float64_model(model: nn.Module) -> nn.Module:
+    """``model`` in float64 (a copy unless it is already; float32 weights are exact there),
+    in eval mode as the model is."""
+    p = next(model.parameters(), None)
+    if p is None or p.dtype == torch.float64:
+        return model
+    return copy.deepcopy(model).double()
+
+
+def float64_layer(layer: nn.Module) -> nn.Module:
+    """A float64 copy of a linear layer (float32 weights are exact in float64)."""
+    p = next(layer.parameters(), None)
+    if p is None or p.dtype == torch.float64:
+        return layer
+    return copy.deepcopy(layer).double()
 
 
 def lanczos_norm_bounds(layer, d_in, d_out, in_shape, batch, steps, delta, device, dtype,
@@ -184,7 +249,7 @@ def lanczos_norm_bounds(layer, d_in, d_out, in_shape, batch, steps, delta, devic
     lz = Lanczos(layer, d_in, d_out, in_shape, batch, device, dtype, space)
     lz.run(steps)
     xi = lz.ritz_max()
-    return xi.clamp_min(0).sqrt(), upper_from_ritz(xi, lz.n.to(xi.device), steps, delta)
+    return xi.clamp_min(0).sqrt(), lz.upper(xi, delta)
 
 
 def n_operators(model: nn.Sequential) -> int:
@@ -196,46 +261,47 @@ def n_operators(model: nn.Sequential) -> int:
 
 
 class GuaranteedNorms:
-    """Global spectral-norm bounds of every affine layer but the last, computed once per model:
-    ``upper[i]`` / ``lower[i]`` (0-dim tensors, model dtype, on the model's device) and the
-    failure probability ``delta_op`` each bound is given (delta / n_operators)."""
+    """What the guaranteed certificate of a model rests on, computed once per model:
+    ``network``, the model as a float64 copy (its weights exactly: the real-number network
+    the certificate is about; every guaranteed bound is computed on it, in float64);
+    global spectral-norm bounds of every affine layer but the last, ``upper[i]`` /
+    ``lower[i]`` (0-dim float64 tensors on the model's device); the failure probability
+    ``delta_op`` each bound is given (delta / n_operators). The convolutions' Lanczos
+    starts are drawn from ``generator_seed``: the run's own seed (``--seed``, ``seed=``), so
+    that two runs with other seeds draw anew; the probability is over that draw."""
 
-    def __init__(self, model: nn.Sequential, input_shape, delta: float,
-                 global_steps: int = GLOBAL_STEPS, generator_seed: int = 0):
+    def __init__(self, model: nn.Sequential, input_shape, delta: float, *, generator_seed: int,
+                 global_steps: int = GLOBAL_STEPS):
         if not 0 < delta < 1:
-            raise ValueError(f"--delta must be in (0, 1), got {delta}")
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
         self.delta = delta
-        self.delta_op = delta / n_operators(model)
+        self.delta_op = delta / max(n_operators(model), 1)
+        self.network = model = float64_model(model)
         p = next(model.parameters())
         self.upper: Dict[int, torch.Tensor] = {}
         self.lower: Dict[int, torch.Tensor] = {}
         shapes = layer_input_shapes(model, tuple(input_shape))
         last, layers = check_supported(model)[-1], layer_list(model)
-        state = torch.random.get_rng_state()
-        cuda_state = torch.cuda.get_rng_state_all() if p.is_cuda else None
-        torch.manual_seed(generator_seed)
-        try:
-            with torch.no_grad(), exact_float32():
-                for i, shape in shapes.items():
-                    if i == last:
-                        continue
-                    m = layers[i]
-                    if isinstance(m, nn.Linear):      # exact, deterministic
-                        s = torch.linalg.matrix_norm(m.weight.detach().double(), 2)
-                        lo, up = s, s * math.sqrt(1 + ROUNDOFF)
-                    else:
-                        lo, up = lanczos_norm_bounds(m, None, None, shape, 1, global_steps,
-                                                     self.delta_op, p.device, p.dtype)
-                        lo, up = lo[0], up[0]
+        devices = [p.device] if p.is_cuda else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), exact_float32():
+            torch.manual_seed(generator_seed)
+            for i, shape in shapes.items():
+                if i != last:
+                    lo, up = self._bounds(layers[i], shape, global_steps, p)
                     if not torch.isfinite(up):
-                        raise BoundError(f"layer {i} ({type(m).__name__}): no finite global "
-                                         f"norm bound after {global_steps} Lanczos steps")
+                        raise BoundError(f"layer {i} ({type(layers[i]).__name__}): no finite "
+                                         f"global norm bound after {global_steps} Lanczos steps")
                     self.lower[i] = lo.to(device=p.device, dtype=p.dtype)
-                    self.upper[i] = up.to(device=p.device, dtype=p.dtype)
-        finally:
-            torch.random.set_rng_state(state)
-            if cuda_state is not None:
-                torch.cuda.set_rng_state_all(cuda_state)
+                    self.upper[i] = round_up(up, p.dtype).to(p.device)
+
+    def _bounds(self, m: nn.Module, shape, global_steps: int, p: torch.Tensor):
+        """(lower, upper) float64 0-dim bounds on ||W||_2 of one layer."""
+        if isinstance(m, nn.Linear):      # deterministic
+            s = torch.linalg.matrix_norm(m.weight.detach().double(), 2)
+            return s, s * (1 + SVD_ALLOWANCE)
+        lo, up = lanczos_norm_bounds(m, None, None, shape, 1, global_steps, self.delta_op,
+                                     p.device, p.dtype)
+        return lo[0], up[0]
 
 
 def _is_full(d, batch, device):
@@ -261,7 +327,9 @@ def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
                        norms: GuaranteedNorms, *, opt_iter: int, bound: str = 'local',
                        stages: Sequence[int] = STAGES) -> GuaranteedCertificate:
     """Certificates of the local bound on the L2 eps-balls around x [batch, ...] (labels y
-    [batch]; eps a number or [batch] radii) whose spectral norms are all upper bounds (each
+    [batch]; eps a number or [batch] radii) of ``model``, computed on norms.network (its
+    float64 copy, made by the GuaranteedNorms of this model) in float64 and decided past the
+    rounding allowance, whose spectral norms are all upper bounds (each
     false with probability <= norms.delta_op; a certificate with probability <=
     norms.delta).
 
@@ -270,7 +338,7 @@ def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
     full one, in ``stages`` (cumulative step counts), each stage's upper bounds at
     delta_op / len(stages); after each stage a point is decided when the upper bounds
     certify it, or when the Ritz values (lower bounds) already fail to."""
-    b = x.shape[0]
+    b, model, x = x.shape[0], norms.network, x.double()
     ops = []          # (i, layer, d_in, d_out, in_shape) of every per-sample operator
 
     def record(i, layer, d_in, d_out, in_shape):
@@ -280,7 +348,7 @@ def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
     with torch.no_grad(), exact_float32():
         res = compute_bound(model, x, y, eps, None, None, sniter=0, opt_iter=opt_iter,
                             bound=bound, check=True, global_sigmas=norms.upper,
-                            local_norms=record)
+                            local_norms=record, rounding=True)
         eps_b = torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(b)
         cert = GuaranteedCertificate(res.certified(y), res.r_local / eps_b.clamp_min(FLOOR),
                                      torch.zeros(b, dtype=torch.long, device=x.device),
@@ -329,7 +397,7 @@ class _StagedNorms:
                 continue
             lz.run(k)
             xi = lz.ritz_max()
-            up = upper_from_ritz(xi, lz.n.to(xi.device), k, delta)
+            up = lz.upper(xi, delta)
             self.up[i][idx] = torch.minimum(self.up[i][idx], up)
             self.lo[i][idx] = torch.maximum(self.lo[i][idx], xi.clamp_min(0).sqrt())
             steps[idx] = k
@@ -356,31 +424,33 @@ class _Decision:
     def __call__(self, staged: _StagedNorms, cert: GuaranteedCertificate) -> torch.Tensor:
         """Writes the active points' certificate with the upper bounds into ``cert``;
         returns those still undecided (not certified, not refuted by the lower bounds)."""
-        a, res, y = staged.active, self.res, self.y
-        lip_up = res.lipschitz({i: u[a] for i, u in staged.up.items()}, a).to(self.eps_b.dtype)
-        lip_lo = res.lipschitz({i: v[a] for i, v in staged.lo.items()}, a).to(self.eps_b.dtype)
-        lo_box, hi_box = res.box[0][a], res.box[1][a]
-        w_up, w_lo = (worst_case_margins(self.final.weight, y[a], self.eps_b[a] * lip, lo_box,
-                                         hi_box, self.opt_iter) for lip in (lip_up, lip_lo))
-        sub = BoundResult(logits=res.logits[a], worst=w_up, r_local=self.eps_b[a] * lip_up,
-                          r_global=self.eps_b[a] * lip_up)
-        cert_up, cert_lo = sub.certified(y[a]), sub.certified(y[a], w_lo)
-        cert.certified[a], cert.margin[a], cert.lip[a] = cert_up, sub.margin(y[a]), lip_up
+        a, res, y, eps = staged.active, self.res, self.y[staged.active], self.eps_b[staged.active]
+        r_up, r_lo = (rounded_radius(res, eps, {i: t[a] for i, t in bounds.items()}, a)
+                      for bounds in (staged.up, staged.lo))
+        w_up, allowance = rounded_margins(res, self.final.weight, y, r_up, self.opt_iter, a)
+        w_lo, _ = rounded_margins(res, self.final.weight, y, r_lo, self.opt_iter, a)
+        sub = BoundResult(logits=res.logits[a], worst=w_up, r_local=r_up, r_global=r_up,
+                          allowance=allowance)
+        cert_up, cert_lo = sub.certified(y), sub.certified(y, w_lo)
+        cert.certified[a], cert.margin[a] = cert_up, sub.margin(y).to(cert.margin)
+        cert.lip[a] = (r_up / eps.double().clamp_min(FLOOR)).to(cert.lip)
         return a[~(cert_up | ~cert_lo)]
 
 
 def masked_norm_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
-                       norms: GuaranteedNorms, *, steps: int = STAGES[-1], bound: str = 'local'):
+                       norms: GuaranteedNorms, *, steps: int = STAGES[-1], bound: str = 'local',
+                       delta_op: Optional[float] = None):
     """(lower, upper): {affine index: [batch]} bounds on ||D_out W_i D_in||_2 with the varying
     sets of the eps-balls around x (eps a number or [batch]), from ``steps`` Lanczos steps
     from a random start per sample and layer. upper: each false with probability <=
-    norms.delta_op, never above the global bound (a layer whose inputs and outputs all vary
+    ``delta_op`` (default norms.delta_op), never above the global bound (a layer whose inputs and outputs all vary
     uses the global bound itself); lower: the Ritz values' square roots (exact arithmetic:
     below the norm; an estimate of it). Varying sets only grow with eps, so the upper bounds
     hold for the masked norms of every smaller radius too: one run serves a search over eps
     in [0, eps]."""
-    b = x.shape[0]
+    b, model, x = x.shape[0], norms.network, x.double()
     ops = []
+    delta_op = norms.delta_op if delta_op is None else delta_op
 
     def record(i, layer, d_in, d_out, in_shape):
         ops.append((i, layer, d_in, d_out, in_shape))
@@ -388,7 +458,7 @@ def masked_norm_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
 
     with torch.no_grad(), exact_float32():
         compute_bound(model, x, y, eps, None, None, sniter=0, opt_iter=1, bound=bound,
-                      check=True, global_sigmas=norms.upper, local_norms=record)
+                      check=True, global_sigmas=norms.upper, local_norms=record, rounding=True)
         lower, upper = {}, {}
         for i, layer, d_in, d_out, in_shape in ops:
             up = norms.upper[i].double().expand(b).clone()
@@ -401,8 +471,7 @@ def masked_norm_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
                              x.device, x.dtype)
                 lz.run(steps)
                 xi = lz.ritz_max()
-                up[idx] = torch.minimum(up[idx], upper_from_ritz(xi, lz.n.to(xi.device), steps,
-                                                                 norms.delta_op))
+                up[idx] = torch.minimum(up[idx], lz.upper(xi, delta_op))
                 lo[idx] = torch.minimum(up[idx], xi.clamp_min(0).sqrt())
-            lower[i], upper[i] = lo.to(x.dtype), up.to(x.dtype)
+            lower[i], upper[i] = lo, up
     return lower, upper

@@ -35,6 +35,8 @@ from networks import (ACTIVATIONS, AFFINE, FLATTEN, arms_of, check_supported, la
 from operators import (GLOBAL_TOL, NORM_FLOOR, TOL, PowerOptions, apply_absW, bcast, box_max,
                        box_min, global_power_iteration, global_vector_shape,
                        masked_power_iteration, row_norms)
+from rounding import (abs_norm, gamma, l2_error, layer_gamma, margin_allowance, through_affine,
+                      through_groupsort, unit_roundoff)
 from tracing import check_view, sequential_view
 from vectors import RandomVectors
 
@@ -182,6 +184,10 @@ class BoundResult:
     worst_global: Optional[torch.Tensor] = None   # [batch, classes] a_iy with r_global
     box: Optional[tuple] = None          # (lo, hi) [batch, hidden]: penultimate box - centre
     terms: list = field(default_factory=list)   # the Lipschitz bound's terms (lipschitz_of)
+    logit_err: Optional[torch.Tensor] = None    # rounding: [batch, classes] bound of every
+    #                                             logit's rounding error over the ball
+    allowance: Optional[torch.Tensor] = None    # rounding: [batch, classes] taken from each
+    #                                             margin before it is decided (0 at the label)
 
     def lipschitz(self, norms: Dict[int, torch.Tensor], rows=None) -> torch.Tensor:
         """The local Lipschitz bound [batch] (or [len(rows)]) that per-layer norms
@@ -195,10 +201,13 @@ class BoundResult:
         return self.logits + (self.worst if worst is None else worst)
 
     def margin(self, y: torch.Tensor, worst: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """min_{i != y} (logit_y - logit_i - a_iy); > 0 means certified. [batch]; NaN stays NaN."""
+        """min_{i != y} (logit_y - logit_i - a_iy - allowance_i); > 0 means certified.
+        [batch]; NaN stays NaN. The allowance (rounding, 0 without) is float64's."""
         z = self.worst_logits(y, worst)
         zy = z.gather(1, y.view(-1, 1))
         gap = zy - z
+        if self.allowance is not None:
+            gap = gap.double() - self.allowance
         gap = gap.scatter(1, y.view(-1, 1), float('inf'))
         return gap.min(1).values.masked_fill(~torch.isfinite(z).all(1), float('nan'))
 
@@ -222,9 +231,13 @@ def _varying(act: nn.Module, lb: torch.Tensor, ub: torch.Tensor,
     return (~stuck).to(lb.dtype)
 
 
-def _check_box(lb, ub, where):
+def _check_box(lb, ub, where, strict: bool = False):
+    """Raise BoundError where lb > ub or an entry is not finite. ``strict`` (boxes widened by
+    the rounding model: both contain the real activations, so they cannot cross): any
+    crossing; otherwise (power-iteration estimates, rounded boxes) one beyond 1e-4 of the
+    box's scale, the size of float32 rounding through a deep network."""
     gap = (lb - ub).max().item()
-    if gap > 1e-4 * (1.0 + ub.abs().max().item()):
+    if gap > (0.0 if strict else 1e-4 * (1.0 + ub.abs().max().item())):
         raise BoundError(f"{where}: lower bound exceeds upper bound by {gap:.3g}")
     if not (torch.isfinite(lb).all() and torch.isfinite(ub).all()):
         n = (~torch.isfinite(lb)).sum().item() + (~torch.isfinite(ub)).sum().item()
@@ -250,6 +263,9 @@ class BoundOptions:
     reference_nan: bool = False     # training: NaN worst-case margins become 0 (reference)
     sync_free: bool = False         # full loop counts, stops applied on the device (no host
     #                                 synchronisation: CUDA graphs / torch.compile)
+    rounding: bool = False          # guaranteed certificates: boxes widened by the rounding
+    #                                 model (rounding.py), worst-case logits in float64, margins
+    #                                 less the rounding allowance (docs/method.md)
 
     def __post_init__(self):
         if self.sync_free and self.check:
@@ -258,6 +274,8 @@ class BoundOptions:
             raise ValueError(f"pi_grad must be 'all' or 'last', got {self.pi_grad!r}")
         if self.bound not in ('local', 'global'):
             raise ValueError(f"bound must be 'local' or 'global', got {self.bound!r}")
+        if self.rounding and self.sync_free:
+            raise ValueError("rounding=True decides certificates on the host: not with sync_free")
 
     @property
     def power(self) -> PowerOptions:
@@ -364,6 +382,8 @@ class _Arm:
     r_global: torch.Tensor
     terms: list
     pending: list
+    err: Optional[torch.Tensor] = None
+    err_l2: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -389,6 +409,12 @@ class _Walk:
         self.global_sigmas, self.local_norms = global_sigmas, local_norms
         self.eps, self.mu, self.r, self.r_global = eps, x, eps, eps
         self.lb, self.ub = x - bcast(eps, x), x + bcast(eps, x)
+        self.u = unit_roundoff(x.dtype) if opts.rounding else None
+        self.err = torch.zeros_like(x) if opts.rounding else None   # rounding.py's E
+        self.err_l2 = x.new_zeros(self.b) if opts.rounding else None   # a bound of ||E||_2
+        if opts.rounding:        # x -/+ eps rounds by at most u |x -/+ eps|
+            widen = 2 * self.u * (x.abs() + bcast(eps, x))
+            self.lb, self.ub = self.lb - widen, self.ub + widen
         self.res = BoundResult(logits=None, worst=None, r_local=eps, r_global=eps)
         self.mask = None          # indicator of the activation feeding the next affine layer
         self.pending = []         # (key, layer, d_in, in_shape) / _PendingBlock awaiting d_out
@@ -415,7 +441,7 @@ class _Walk:
                     self.activation(key, m)
                 where, key = f"layer {key} ({type(m).__name__})", key + 1
             if self.opts.check:
-                _check_box(self.lb, self.ub, where)
+                _check_box(self.lb, self.ub, where, strict=self.opts.rounding)
         return key
 
     def block(self, blk: Residual, key: int) -> int:
@@ -423,26 +449,45 @@ class _Walk:
         the sum of the arms' boxes within the ball of radius r_branch + r_shortcut; the
         Lipschitz factor, branch + shortcut, waits for the indicator after the block."""
         self._finish_pending(None)
-        start = (self.mu, self.lb, self.ub, self.r, self.r_global)
+        start = (self.mu, self.lb, self.ub, self.r, self.r_global, self.err, self.err_l2)
         d_in, outer = self.mask, self.terms
         arms = []
         for mods in arms_of(blk):
-            self.mu, self.lb, self.ub, self.r, self.r_global = start
+            self.mu, self.lb, self.ub, self.r, self.r_global, self.err, self.err_l2 = start
             self.mask, self.terms, self.pending = d_in, [], []
             key = self.walk(mods, key)
             arms.append(_Arm(self.mu, self.lb, self.ub, self.r, self.r_global, self.terms,
-                             self.pending))
+                             self.pending, self.err, self.err_l2))
         b, s = arms
         self.mu, self.r, self.r_global = b.mu + s.mu, b.r + s.r, b.r_global + s.r_global
-        rr = bcast(self.r, self.mu)
-        self.lb = box_max(b.lb + s.lb, self.mu - rr)
-        self.ub = box_min(b.ub + s.ub, self.mu + rr)
+        lb, ub = b.lb + s.lb, b.ub + s.ub
+        if self.err is not None:   # one rounding of each sum: u |p + q| (docs/method.md)
+            mag = _magnitude(b) + _magnitude(s)
+            self.err = (b.err + s.err) * (1 + 2 * self.u) + 2 * self.u * mag
+            self.err_l2 = (b.err_l2 + s.err_l2) * (1 + 2 * self.u) + 2 * self.u * \
+                torch.linalg.vector_norm(mag.flatten(1), dim=1)
+            lb, ub = lb - 2 * self.u * mag, ub + 2 * self.u * mag
+            self.r = self.r * (1 + 2 * self.u)
+        rr = self._reach()
+        self.lb = box_max(lb, self.mu - rr)
+        self.ub = box_min(ub, self.mu + rr)
         self.mask, self.terms = None, outer
         self.pending = [_PendingBlock(b, None if blk.shortcut is None else s, d_in)]
         return key
 
+    def _reach(self) -> torch.Tensor:
+        """How far the activations of the ball are from the centre ``mu`` (per entry,
+        broadcasting over [batch, *shape]): r; with rounding, also the centre's own error
+        E and the rounding of mu -/+ the reach."""
+        rr = bcast(self.r, self.mu)
+        if self.err is None:
+            return rr
+        return rr * (1 + 4 * self.u) + self.err * (1 + 4 * self.u) + 4 * self.u * self.mu.abs()
+
     def flatten(self):
         self.mu, self.lb, self.ub = self.mu.flatten(1), self.lb.flatten(1), self.ub.flatten(1)
+        if self.err is not None:
+            self.err = self.err.flatten(1)
         if self.mask is not None:
             self.mask = self.mask.flatten(1)
 
@@ -451,11 +496,16 @@ class _Walk:
         self._finish_pending(None)     # the previous affine layer had no activation of its own
         in_shape = tuple(self.mu.shape[1:])
         sigma_g = self._global_norm(i, m, in_shape)
+        err, widen = self._affine_rounding(m, in_shape, sigma_g)
         centre, half = (self.lb + self.ub) / 2, (self.ub - self.lb) / 2
         both = m(torch.cat([self.mu, centre], 0))      # the network's own forward, once
         self.mu, centre = both[:self.b], both[self.b:]
         half = apply_absW(m, half)
         ball = bcast(self.r, self.mu) * row_norms(m, in_shape).to(self.mu)
+        if err is not None:        # the centre's error, this layer's rounding (rounding.py)
+            g = layer_gamma(m, in_shape, self.u)
+            ball, half = (ball + err) * (1 + g) + widen, half + widen
+            self.r, self.err = self.r * (1 + 2 * self.u), err
         self.lb = box_max(centre - half, self.mu - ball)
         self.ub = box_min(centre + half, self.mu + ball)
         self.r = self.r * sigma_g
@@ -464,16 +514,32 @@ class _Walk:
         self.pending = [(i, m, d_in, in_shape)]
         self.mask = None
 
+    def _affine_rounding(self, m: nn.Module, in_shape, sigma):
+        """(E after the layer, the widening of its boxes) [batch, *out_shape] with
+        rounding, else (None, None): E entrywise (rounding.through_affine), at most the
+        bound of its L2 norm (rounding.l2_error, from sigma >= ||W||_2); the widening
+        gamma (|W| M + |b|)."""
+        if self.err is None:
+            return None, None
+        mag = torch.maximum(self.lb.abs(), self.ub.abs())
+        err, scale = through_affine(m, self.err, mag, in_shape, self.u, apply_absW)
+        g = layer_gamma(m, in_shape, self.u)
+        self.err_l2 = l2_error(self.err_l2, scale, float(torch.as_tensor(sigma).detach()),
+                               abs_norm(m, in_shape), g)
+        return torch.minimum(err, bcast(self.err_l2, err)), g * scale
+
     def activation(self, i: int, m: nn.Module):
         """Box through the monotone activation, intersected with the ball's image; the
         varying-neuron indicator D; the pending layer's norm with D as its D_out (ReLU
         types; MaxMin's indicator is used on the input side only)."""
-        rr = bcast(self.r, self.mu)
+        rr = self._reach()
         if isinstance(m, ClampGroupSort):
             out = m(torch.cat([self.lb, self.ub, self.mu - rr, self.mu + rr, self.mu], 0))
             g_lb, g_ub, g_lo, g_hi, mu_out = out.split(self.b)
             lb_out, ub_out = torch.maximum(g_lb, g_lo), torch.minimum(g_ub, g_hi)
             self.res.post_boxes[i] = (lb_out, ub_out)
+            if self.err is not None:    # exact operations; errors mix within a pair
+                self.err = through_groupsort(self.err)
         else:   # elementwise and monotone: max(g(a), g(b)) = g(max(a, b)), exactly
             g = F.relu if isinstance(m, nn.ReLU) else m     # never in place (mu is kept)
             lb_out = g(box_max(self.lb, self.mu - rr))
@@ -537,6 +603,8 @@ class _Walk:
 
     def result(self, final: nn.Linear, y: torch.Tensor) -> BoundResult:
         """The logits, the radii and the worst-case margins of the last (logit) layer."""
+        if self.err is not None:
+            return self._rounded_result(final, y)
         self._finish_pending(None)
         res, o, mu = self.res, self.opts, self.mu
         res.logits = final(mu)
@@ -555,6 +623,67 @@ class _Walk:
             res.worst_global = worst_case_margins(final.weight, y, res.r_global, lo, hi,
                                                   o.opt_iter, False, o.sync_free)
         return res
+
+
+    def _rounded_result(self, final: nn.Linear, y: torch.Tensor) -> BoundResult:
+        """``result`` under the rounding model: the Lipschitz bound's product in float64,
+        raised by its rounding; the penultimate box widened by the centre's error (the ball
+        is about the real centre); the logits' error over the ball; worst-case logits in
+        float64 and the margin allowance (``rounded_margins``)."""
+        self._finish_pending(None)
+        res, mu, u = self.res, self.mu, self.u
+        res.logits, res.terms = final(mu), self.terms
+        res.r_local = rounded_radius(res, self.eps, {k: v.double() for k, v in
+                                                     res.sigmas.items()})
+        res.r_global, res.converged = self.r_global, self.converged
+        e = self.err * (1 + 4 * u) + 4 * u * (self.lb.abs() + self.ub.abs() + mu.abs())
+        res.box = (torch.minimum(self.lb - mu - e, torch.zeros_like(mu)),
+                   torch.maximum(self.ub - mu + e, torch.zeros_like(mu)))
+        mag, in_shape = torch.maximum(self.lb.abs(), self.ub.abs()), tuple(mu.shape[1:])
+        err, scale = through_affine(final, self.err, mag, in_shape, u, apply_absW)
+        a = abs_norm(final, in_shape)          # >= ||W||_2 too
+        l2 = l2_error(self.err_l2, scale, a, a, layer_gamma(final, in_shape, u))
+        res.logit_err = torch.minimum(err, l2.unsqueeze(1))
+        res.worst, res.allowance = rounded_margins(res, final.weight, y, res.r_local,
+                                                   self.opts.opt_iter)
+        return res
+
+
+def _magnitude(arm: _Arm) -> torch.Tensor:
+    """max(|lb|, |ub|) of an arm's box: a bound of its activations' magnitude."""
+    return torch.maximum(arm.lb.abs(), arm.ub.abs())
+
+
+def rounded_radius(res: BoundResult, eps: torch.Tensor, norms: Dict[int, torch.Tensor],
+                   rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """eps [n] times the Lipschitz bound of res.terms with the norms {key: [n]}, in float64,
+    raised by its own rounding (products and sums of positive numbers: gamma(4 terms + 4)).
+    ``rows``: the samples of the norms (BoundResult.lipschitz)."""
+    one = torch.ones(eps.shape, dtype=torch.float64, device=eps.device)
+    lip = lipschitz_of(res.terms, norms, one, rows, log=False).double()
+    ops = 4 * _count_terms(res.terms) + 4
+    return eps.double() * lip * (1 + gamma(ops, unit_roundoff(torch.float64)))
+
+
+def _count_terms(terms: list) -> int:
+    """How many norms and overlaps a Lipschitz bound's terms multiply and add."""
+    return sum(_count_terms(t.branch) + _count_terms(t.shortcut) + 1 if isinstance(t, Sum)
+               else 1 for t in terms)
+
+
+def rounded_margins(res: BoundResult, weight: torch.Tensor, y: torch.Tensor, r: torch.Tensor,
+                    opt_iter: int, rows: Optional[torch.Tensor] = None):
+    """(worst-case margins a [n, classes] in float64, their rounding allowance [n, classes])
+    of the rows ``rows`` (None: all) of a rounding result ``res`` at penultimate radii r [n]
+    (float64; ``res.r_local`` or another Lipschitz bound's): the BCP algorithm on
+    res.box in float64, and rounding.margin_allowance."""
+    lo, hi = res.box
+    logits, err = res.logits, res.logit_err
+    if rows is not None:
+        lo, hi, logits, err = lo[rows], hi[rows], logits[rows], err[rows]
+    w = weight.detach().double()
+    worst = worst_case_margins(w, y, r.double(), lo.double(), hi.double(), opt_iter)
+    return worst, margin_allowance(w, y, logits, worst, err, r, lo, hi)
 
 
 def compute_bound(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,

@@ -192,14 +192,15 @@ def guaranteed_radius(model, x, y, m0, norms, search: RadiusSearch, top=None,
     RADIUS_COARSE) of RITZ_STEPS Lanczos steps at the varying sets of the first one's
     failing radius; top is the second one's failing radius, widened by RADIUS_COARSE. A
     point certified at its top gets a new top from the Ritz values of its last run (at most
-    RADIUS_ROUNDS runs); its radius comes from the bounds of its last run alone. So every
-    reported radius rests on one set of bounds, drawn after its top was fixed: false with
-    probability <= norms.delta (no union over the search's steps or rounds needed). A
+    RADIUS_ROUNDS runs); its radius comes from the bounds of its last run alone. Which run
+    that is depends on the earlier runs' draws, so each run's bounds are drawn at
+    delta_op / RADIUS_ROUNDS: a reported radius is false with probability <= norms.delta
+    (the union over the rounds; none over the search's box-only steps is needed). A
     lower bound on what a fresh certificate at that radius gives (its own varying sets are
     smaller than top's, and it may run other step counts). Returns a Bracket: lo (the
     radius), hi (inf: certified at the last top or max_radius), evals (box-only
     evaluations, all searches)."""
-    gs = _GuaranteedSearch(model, x, y, m0, norms, search)
+    gs = _GuaranteedSearch(norms.network, x.double(), y, m0, norms, search)
     with torch.no_grad(), exact_float32():
         sel = (m0 > 0).nonzero().flatten()
         if sel.numel() > 0:
@@ -245,7 +246,7 @@ class _GuaranteedSearch:
             res = compute_bound(self.model, x[r], y[r], eps.to(x.dtype), None, None, sniter=0,
                                 opt_iter=s.opt_iter, bound=s.bound, check=True,
                                 global_sigmas=self.norms.upper,
-                                local_norms=lambda i, *_: bounds[i][rows])
+                                local_norms=lambda i, *_: bounds[i][rows], rounding=True)
             return (res.certified(y[r]), res.margin(y[r]),
                     torch.ones(r.numel(), dtype=torch.bool, device=x.device))
         out = bracket_search(evaluate, self.m0[sel], first, tol, s.max_evals, limit,
@@ -287,8 +288,11 @@ class _GuaranteedSearch:
         below its top; a point certified at its top gets a higher one."""
         x, y, s = self.x, self.y, self.search
         for rnd in range(RADIUS_ROUNDS):
+            # which round's bounds a radius rests on depends on the earlier rounds' draws:
+            # each round gets delta_op / RADIUS_ROUNDS, so the union over rounds is delta_op
             lower, upper = masked_norm_bounds(self.model, x[sel], y[sel], tops.t.to(x.dtype),
-                                              self.norms, steps=s.steps, bound=s.bound)
+                                              self.norms, steps=s.steps, bound=s.bound,
+                                              delta_op=self.norms.delta_op / RADIUS_ROUNDS)
             g = self.run(sel, upper, _first_guess(tops, lower, upper), s.rtol, tops.t,
                          torch.minimum(tops.est_hi, tops.t))
             self.lo[sel], self.hi[sel] = g.lo, g.hi
@@ -306,8 +310,9 @@ def _first_guess(tops: _Tops, lower, upper) -> torch.Tensor:
     upper bounds exceed the Ritz values (a radius scales at most inversely with the norms),
     less 2 RADIUS_COARSE (certified, as a rule), within [min(first, t), t]; it then tries
     the estimate's failing radius (failing, as a rule) and regula falsi between the two."""
-    ratio = torch.stack([(lower[i] / upper[i].clamp_min(FLOOR)).double()
-                         for i in upper]).prod(0)
+    ratio = torch.ones_like(tops.est_lo)          # a network without norms: 1
+    for i in upper:
+        ratio = ratio * (lower[i] / upper[i].clamp_min(FLOOR)).double()
     guess = tops.est_lo * ratio * (1 - 2 * RADIUS_COARSE)
     return torch.minimum(torch.maximum(guess, torch.minimum(tops.first, tops.t)), tops.t)
 

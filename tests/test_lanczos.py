@@ -179,7 +179,7 @@ def test_global_norms_bound_the_layers():
     net = trained_tiny('relux')
     cpu_net = copy.deepcopy(net).cpu()
     before = torch.random.get_rng_state()
-    norms = GuaranteedNorms(net, (1, 8, 8), 1e-4, global_steps=60)
+    norms = GuaranteedNorms(net, (1, 8, 8), 1e-4, generator_seed=0, global_steps=60)
     assert torch.equal(before, torch.random.get_rng_state())
     assert n_operators(net) == 3 + 2
     assert norms.delta_op == pytest.approx(1e-4 / 5)
@@ -193,7 +193,8 @@ def test_global_norms_bound_the_layers():
 def test_guaranteed_certificates_are_conservative_and_survive_attacks():
     """On a trained network: guaranteed certified accuracy <= the reference count, every
     guaranteed certificate is also a reference one up to power-iteration stalls (none here),
-    and PGD on the margin and 2000 sampled points in each ball never flip a guaranteed point."""
+    and PGD on the margin and 2000 points on each ball's sphere never flip a guaranteed point
+    (the same directions at radius 5 flip most of them)."""
     from evaluation import EvalSettings, full_evaluation
     from attacks import audit_batch
     net = trained_tiny('relux')
@@ -206,7 +207,7 @@ def test_guaranteed_certificates_are_conservative_and_survive_attacks():
     assert res['certificate']['delta'] == 1e-4
     assert all('certified_guaranteed' in p for p in res['per_sample'])
     x, y = dev(*blobs(64, 1))
-    norms = GuaranteedNorms(net, (1, 8, 8), 1e-4)
+    norms = GuaranteedNorms(net, (1, 8, 8), 1e-4, generator_seed=0)
     torch.manual_seed(5)
     g = guaranteed_certify(net, x, y, 0.3, norms, opt_iter=50)
     sel = g.certified
@@ -215,17 +216,21 @@ def test_guaranteed_certificates_are_conservative_and_survive_attacks():
     assert not broken.any()
     xs, ys = x[sel], y[sel]
     d = torch.randn(2000, *xs.shape[1:], device=DEVICE)
-    d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * 0.3 * torch.rand(2000, 1, 1, 1, device=DEVICE)
+    d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1)          # on the unit sphere
     with torch.no_grad():
         for k in range(xs.shape[0]):
-            assert (net(xs[k:k + 1] + d).argmax(1) == ys[k]).all()
+            assert (net(xs[k:k + 1] + 0.3 * (1 - 1e-6) * d).argmax(1) == ys[k]).all()
+        # the sampling does work: on the sphere of radius 5 it flips most of these points
+        far = sum(bool((net(xs[k:k + 1] + 5 * d).argmax(1) != ys[k]).any())
+                  for k in range(xs.shape[0]))
+    assert far >= xs.shape[0] // 2, (far, xs.shape[0])
 
 
 def test_guaranteed_global_mode_uses_no_lanczos_steps():
     """--bound global: every indicator is 1, so every sample uses the global bounds (0 steps)."""
     net = trained_tiny('relux')
     x, y = dev(*blobs(16, 2))
-    norms = GuaranteedNorms(net, (1, 8, 8), 1e-4, global_steps=60)
+    norms = GuaranteedNorms(net, (1, 8, 8), 1e-4, generator_seed=0, global_steps=60)
     g = guaranteed_certify(net, x, y, 0.2, norms, opt_iter=20, bound='global')
     assert (g.steps == 0).all()
     g0 = guaranteed_certify(net, x, y, 0.0, norms, opt_iter=20)

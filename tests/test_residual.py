@@ -400,7 +400,7 @@ def test_guaranteed_certificates_and_radius_through_blocks():
     net = copy.deepcopy(trained_tiny('residual')).double().eval()
     xt, yt = dev(*blobs(32, 2))
     xt = xt.double()
-    norms = GuaranteedNorms(net, (1, 8, 8), 1e-4)
+    norms = GuaranteedNorms(net, (1, 8, 8), 1e-4, generator_seed=0)
     g = guaranteed_certify(net, xt, yt, 0.3, norms, opt_iter=200)
     glob, local = exact_norms(net, (1, 8, 8))
     exact = compute_bound(net, xt, yt, 0.3, global_sigmas=glob, local_norms=local, opt_iter=200)
