@@ -130,13 +130,13 @@ def load_for_evaluation(args, device):
     model = select_model(args.data, args.model, args.init)
     path = saved_model_path(args.saved_model)
     ckpt = load_checkpoint(path, model, 'cpu')
-    model.eval()
+    model.eval().to(device)      # before folding: every batch is compared with this model
     try:           # eval-mode BatchNorm folded into affine layers; every layer checked
         model = fold_batchnorm(model)
         check_supported(model)
     except ValueError as err:
         raise UserError(f"--model {args.model}: {err}") from None
-    return model.to(device), path, ckpt.get('epoch', '?')
+    return model, path, ckpt.get('epoch', '?')
 
 
 def header_line(args, path, epoch, test_loader, world, device) -> str:

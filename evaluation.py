@@ -21,6 +21,7 @@ from local_bound import TEST_OPT_ITER, TEST_SNITER
 import progress
 from radius import RADIUS_RTOL, RADIUS_STEPS, RadiusSearch, radius_batch
 from tightness import LowerSearch, lipschitz_lower_bound
+from tracing import refresh, verify
 from report import (BatchOutcome, TsvWriter, batch_rows, resume_rows, summarize, tsv_columns,
                     write_tsv)
 from utils import (BATCH_STREAM, GUARANTEED_STREAM, LOWER_STREAM, NORMS_STREAM, RADIUS_STREAM,
@@ -86,6 +87,7 @@ def full_evaluation(model, loader, settings: EvalSettings, device, tsv_path=None
     lead = rank == 0
     say = print if lead else (lambda *a, **k: None)
     model.eval()
+    refresh(model)          # the network read as its forward runs now; verified per batch
     work = _batches_to_do(loader, settings, tsv_path if resume else None, lead, world, say)
     in_shape = tuple(loader.dataset[0][0].shape)
     # this process's rows go, as they are made, to the TSV (one process) or its part file
@@ -228,6 +230,10 @@ class _BatchRun:
         s, t0 = self.settings, time.time()
         torch.manual_seed(derived_seed(s.seed, BATCH_STREAM, bi))
         x, y = x.to(self.device), y.to(self.device)
+        try:        # the network the bound reads is the model's own forward on this batch
+            verify(self.model, x)
+        except ValueError as e:
+            raise UserError(f"test batch {bi}: {e}") from None
         # every batch starts from the same global vectors, converged once per evaluation
         # (they do not depend on the data): resumable, and no batch repeats the iterations
         global_vectors = {k: v.clone() for k, v in self.base_global.items()}

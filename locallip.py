@@ -15,6 +15,10 @@ change inside the ball); pass ``y`` to certify against true labels (a misclassif
 is never certified). Inputs get a batch axis added when they lack one. The model is put
 through ``networks.fold_batchnorm`` (eval-mode BatchNorm folded into affine layers) and
 must be in eval mode when it holds BatchNorm or Dropout. Tensors follow the model's device.
+Every call checks its inputs first (a one-line ValueError naming ``x``, ``y``, ``eps`` or
+``delta``), reads the model afresh (its forward traced as it runs now; forward hooks and
+attributes replaced on an instance refused) and compares the network the bound reads with
+the model's own forward on ``x`` (``tracing.verify``, docs/method.md).
 
 Certificates: ``'reference'`` uses power-iteration estimates of the masked spectral norms
 (as the paper's release; approached from below, so a certificate is as good as their
@@ -38,6 +42,7 @@ from local_bound import (CONVERGED_SNITER, FLOOR, TEST_OPT_ITER, UnsupportedMode
                          exact_float32)
 from networks import NOOPS, POOLS, SUPPORTED, check_supported, fold_batchnorm, layer_list
 from operators import TOL
+from tracing import refresh, verify
 from vectors import KeptVectors, RandomVectors
 
 SNITER = CONVERGED_SNITER   # per-sample power iterations at most (each stops at ``tol``)
@@ -89,11 +94,14 @@ def load_weights(model: nn.Module, path: str) -> dict:
 
 
 def prepare(model: nn.Module) -> nn.Sequential:
-    """The model as the bound walks it: BatchNorm folded (a copy when there is any), every
-    layer checked. Raises ``UnsupportedModel`` (a ValueError) naming the first module that
+    """The model as the bound walks it, read afresh (``tracing.refresh``: its forward is
+    traced as it runs now): BatchNorm folded (a copy when there is any), every layer
+    checked. Raises ``UnsupportedModel`` (a ValueError) naming the first module that
     cannot be bounded and what is accepted: a model that is not an nn.Sequential, a layer
-    outside ``SUPPORTED``, BatchNorm / Dropout in training mode, no Linear logit layer."""
+    outside ``SUPPORTED``, BatchNorm / Dropout in training mode, no Linear logit layer, a
+    forward hook, a forward replaced on an instance."""
     try:
+        refresh(model)
         folded = fold_batchnorm(model)
         check_supported(folded)
     except UnsupportedModel as refusal:
@@ -103,30 +111,90 @@ def prepare(model: nn.Module) -> nn.Sequential:
     return folded
 
 
+@dataclass
+class _Call:
+    """One API call's network and inputs, checked."""
+    net: nn.Module           # the network the bound reads (``prepare``)
+    x: torch.Tensor          # [batch, *input_shape] on the model's device and dtype
+    y: torch.Tensor          # [batch] labels (the predictions when none were given)
+
+
+def _checked_call(model: nn.Module, x, y) -> _Call:
+    """``prepare`` the model, check x and y, and ``tracing.verify`` on x that the network
+    the bound reads is the model's own forward. Raises ValueError / UnsupportedModel."""
+    net = prepare(model)
+    x = _batched(net, x)
+    try:
+        verify(net, x)
+    except ValueError as refusal:      # UnsupportedModel, or an x the model cannot take
+        raise refusal.with_traceback(None) from None
+    return _Call(net, x, _labels(net, x, y))
+
+
+def _first_layer(model: nn.Module) -> Optional[nn.Module]:
+    return next((m for m in layer_list(model) if not isinstance(m, NOOPS)), None)
+
+
 def _batched(model: nn.Sequential, x) -> torch.Tensor:
     """x on the model's device and dtype with a batch axis: [batch, *input_shape]."""
     p = next(model.parameters())
     x = torch.as_tensor(x).to(device=p.device, dtype=p.dtype)
-    first = next((m for m in layer_list(model) if not isinstance(m, NOOPS)), None)
+    first = _first_layer(model)
     if isinstance(first, (nn.Conv2d,) + POOLS) and x.dim() == 3:
         x = x.unsqueeze(0)
     elif isinstance(first, nn.Linear) and x.dim() == 1:
         x = x.unsqueeze(0)
     if x.dim() < 2:
         raise ValueError(f"x must be [batch, *input_shape], got shape {tuple(x.shape)}")
+    _check_x(first, x)
     return x
 
 
+def _check_x(first: Optional[nn.Module], x: torch.Tensor) -> None:
+    """Refuse, naming ``x``, NaN / infinite values and a shape the first layer cannot take
+    (a Conv2d's channels, a first Linear's features)."""
+    bad = ~torch.isfinite(x.flatten(1)).all(1)
+    if bad.any():
+        raise ValueError(f"x holds NaN or infinite values (input {int(bad.nonzero()[0])} of "
+                         f"{x.shape[0]}): only finite inputs can be certified")
+    if isinstance(first, nn.Conv2d) and (x.dim() != 4 or x.shape[1] != first.in_channels):
+        raise ValueError(f"x has shape {tuple(x.shape)}; the model's first layer, a Conv2d, "
+                         f"takes [batch, {first.in_channels}, height, width]")
+    if isinstance(first, nn.Linear) and (x.dim() != 2 or x.shape[1] != first.in_features):
+        raise ValueError(f"x has shape {tuple(x.shape)}; the model's first layer, a Linear, "
+                         f"takes [batch, {first.in_features}]")
+
+
 def _labels(model, x, y) -> torch.Tensor:
+    """[batch] labels: ``y`` checked (integers in [0, classes)), or the predictions."""
     if y is None:
         with torch.no_grad():
             return model(x).argmax(1)
-    y = torch.as_tensor(y, device=x.device).long().reshape(-1)
+    y = torch.as_tensor(y, device=x.device)
+    classes = layer_list(model)[check_supported(model)[-1]].out_features
+    if y.is_floating_point() and not bool((y == y.round()).all()):
+        raise ValueError(f"y must hold class labels (integers), got {y.flatten()[:4].tolist()}")
+    y = y.long().reshape(-1)
     if y.numel() == 1 and x.shape[0] > 1:
         y = y.expand(x.shape[0])
     if y.shape[0] != x.shape[0]:
         raise ValueError(f"y has {y.shape[0]} labels for a batch of {x.shape[0]} inputs")
+    if bool(((y < 0) | (y >= classes)).any()):
+        raise ValueError(f"y must hold class labels in [0, {classes}), got {y.tolist()[:8]}")
     return y
+
+
+def _check_eps(eps) -> float:
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    return float(eps)
+
+
+def _check_certificate(certificate: str, delta) -> None:
+    if certificate not in ('reference', 'guaranteed'):
+        raise ValueError(f"certificate must be 'reference' or 'guaranteed', got {certificate!r}")
+    if certificate == 'guaranteed' and not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
 
 
 @contextlib.contextmanager
@@ -155,11 +223,9 @@ def lipschitz_bound(model: nn.Module, x, eps: float, y=None, *, sniter: int = SN
     ``lower``: also the empirical lower bound of the local constant (``tightness``, seeded
     by ``seed``; about 2 x 20 forward-backward passes per input).
     Returns a LipschitzBound (per-sample tensors on the model's device)."""
-    net = prepare(model)
-    x = _batched(net, x)
-    y = _labels(net, x, y)
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps}")
+    eps = _check_eps(eps)
+    call = _checked_call(model, x, y)
+    net, x, y = call.net, call.x, call.y
     gen = torch.Generator(device=x.device).manual_seed(seed)
     with torch.no_grad(), exact_float32():
         gv = _global_vectors(net, x, sniter, seed)
@@ -178,7 +244,7 @@ def lipschitz_bound(model: nn.Module, x, eps: float, y=None, *, sniter: int = SN
 
 def _as_radii(eps) -> list:
     radii = [float(e) for e in (eps if isinstance(eps, (list, tuple)) else [eps])]
-    if not radii or min(radii) < 0:
+    if not radii or not all(e >= 0 for e in radii):
         raise ValueError(f"eps must be one or several radii >= 0, got {eps}")
     return radii
 
@@ -191,10 +257,10 @@ def certify(model: nn.Module, x, y=None, eps: Union[float, Sequence[float]] = 0.
     certificate='reference' (power-iteration estimates, each radius warm-started from the
     previous one's vectors) or 'guaranteed' (Lanczos upper bounds: each certificate false
     with probability <= delta)."""
-    net = prepare(model)
-    x = _batched(net, x)
-    y = _labels(net, x, y)
     radii = _as_radii(eps)
+    _check_certificate(certificate, delta)
+    call = _checked_call(model, x, y)
+    net, x, y = call.net, call.x, call.y
     out = {}
     if certificate == 'reference':
         gen = torch.Generator(device=x.device).manual_seed(seed)
@@ -205,13 +271,11 @@ def certify(model: nn.Module, x, y=None, eps: Union[float, Sequence[float]] = 0.
                 res = compute_bound(net, x, y, e, vecs, gv, sniter=sniter, tol=tol,
                                     opt_iter=opt_iter, check=True)
                 out[e] = res.certified(y)
-    elif certificate == 'guaranteed':
+    else:
         norms = GuaranteedNorms(net, tuple(x.shape[1:]), delta, generator_seed=seed)
         with torch.no_grad(), _seeded(seed, x.device):
             for e in sorted(radii):
                 out[e] = guaranteed_certify(net, x, y, e, norms, opt_iter=opt_iter).certified
-    else:
-        raise ValueError(f"certificate must be 'reference' or 'guaranteed', got {certificate!r}")
     return {e: out[e] for e in radii}
 
 
@@ -239,9 +303,10 @@ def certified_radius(model: nn.Module, x, y=None, *, certificate: str = 'referen
     (``steps`` steps) are computed once per point, with the varying sets of a radius above
     the point's radius (placed by a coarse search with the global upper bounds, then one
     with Ritz-value estimates); they hold at every smaller radius, and the search below it
-    only propagates boxes with them. Every step rests on the same bounds, so the reported
-    radius is certified with probability >= 1 - delta (over the random starts), with no
-    union bound over the steps needed. It is a lower bound: a fresh ``certify(...,
+    only propagates boxes with them. Every step rests on the same bounds, each of the (at
+    most 3) rounds of bounds at a third of delta, so the reported radius is certified with
+    probability >= 1 - delta (over the random starts), floating-point rounding included
+    (docs/method.md). It is a lower bound: a fresh ``certify(...,
     certificate='guaranteed')`` holds at it (with probability >= 1 - delta) and may hold a
     little above ``upper``, since its own varying sets are smaller than the ones the
     search's bounds used and it may run other step counts. Fewer ``steps`` are faster and
@@ -249,15 +314,13 @@ def certified_radius(model: nn.Module, x, y=None, *, certificate: str = 'referen
     Fashion-MNIST model the median radius is 0.5% below the estimate search's with 256
     steps, 6% below with 32).
     ``max_radius``: stop searching above this radius (radius = max_radius, upper = inf)."""
-    net = prepare(model)
-    x = _batched(net, x)
-    y = _labels(net, x, y)
-    if certificate not in ('reference', 'guaranteed'):
-        raise ValueError(f"certificate must be 'reference' or 'guaranteed', got {certificate!r}")
+    _check_certificate(certificate, delta)
     if not 0 < rtol < 1:
         raise ValueError(f"rtol must be in (0, 1), got {rtol}")
     if int(steps) != steps or steps < 2:
         raise ValueError(f"steps must be an integer >= 2, got {steps}")
+    call = _checked_call(model, x, y)
+    net, x, y = call.net, call.x, call.y
     norms = None
     if certificate == 'guaranteed':
         norms = GuaranteedNorms(net, tuple(x.shape[1:]), delta, generator_seed=seed)

@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from errors import UnsupportedModel
 from models import ClampGroupSort, Flatten, ReLU_x, Residual
-from tracing import derived, relative_error, sequential_view, view_output
+from tracing import (ForwardRefusal, base_class, derived, relative_error, sequential_view,
+                     view_output)
 
 POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)       # averages: linear, weights >= 0, no bias
 AFFINE = (nn.Conv2d, nn.Linear) + POOLS             # linear maps (plus bias): one norm each
@@ -135,11 +136,14 @@ def check_supported(model: nn.Module) -> List[int]:
     ``model``: an nn.Sequential of the supported layers and ``models.Residual`` blocks, or
     any module whose forward torch.fx reads as such (``tracing``). Raises UnsupportedModel
     (a ValueError) naming the first unsupported module or graph node, a Dropout in
-    training mode, or a BatchNorm (``fold_batchnorm`` turns it into affine layers at the
-    same keys).
+    training mode, a BatchNorm (``fold_batchnorm`` turns it into affine layers at the
+    same keys), or a forward hook / an attribute replaced on an instance
+    (``tracing.check_forwards``).
     """
     try:
         view = sequential_view(model)
+    except ForwardRefusal:
+        raise
     except UnsupportedModel as e:
         raise UnsupportedModel(f"{e}, of the layers {SUPPORTED}") from None
     names = {} if view is model else {id(m): n for n, m in model.named_modules() if n}
@@ -204,8 +208,11 @@ def _with_weights(a: nn.Module, weight: torch.Tensor, bias: torch.Tensor,
                   live: bool) -> nn.Module:
     """A new module computing as ``a`` with the given weight and bias: new Parameters, or
     with ``live`` the tensors themselves (a training step's fold, through which gradients
-    reach the original parameters and the batch statistics)."""
-    b = copy.copy(a)
+    reach the original parameters and the batch statistics). ``b`` is of ``a``'s torch.nn
+    class (a parametrized layer's class, whose weight is a property, is left behind)."""
+    cls = base_class(type(a))
+    b = cls.__new__(cls)             # a shallow copy (copy.copy refuses a parametrized one)
+    b.__dict__.update(a.__dict__)
     b._parameters, b._buffers, b._modules = {}, dict(a._buffers), {}
     if live:
         b.weight, b.bias = weight, bias
@@ -234,6 +241,18 @@ def _fold_into(a: nn.Module, m: nn.Module, s, t, where: str) -> nn.Module:
     return _with_weights(a, w, t if a.bias is None else a.bias * s + t, s.requires_grad)
 
 
+def _bias_magnitude(bn: nn.Module, s: torch.Tensor, before: Optional[nn.Module]) -> torch.Tensor:
+    """[channels] the magnitudes of every term of a folded layer's bias s b + (beta - mean s)
+    (|s| |b| + |mean s| + |beta|): the scale of the rounding of the model that runs it unfolded
+    (rounding.py)."""
+    mag = (bn.running_mean * s).abs()
+    if bn.bias is not None:
+        mag = mag + bn.bias.abs()
+    if before is not None and before.bias is not None:
+        mag = mag + (before.bias * s).abs()
+    return mag.detach()
+
+
 def _fold_chain(mods: list, key: int, stats: Optional[dict] = None):
     """(folded modules, next key) of one chain (see fold_batchnorm); blocks recursively.
     ``stats``: {id(BatchNorm): (mean, var)} of a training batch (``training_view``): fold
@@ -252,11 +271,14 @@ def _fold_chain(mods: list, key: int, stats: Optional[dict] = None):
             continue
         if isinstance(m, BATCHNORM):
             s, t = _bn_scale_shift(m) if stats is None else _batch_scale_shift(m, *stats[id(m)])
+            bn, before = m, None if prev is None else out[prev]
             if prev is not None:
                 out[prev] = _fold_into(out[prev], m, s, t, f"layer {key}")
-                m = nn.Identity()
+                folded, m = out[prev], nn.Identity()
             else:
-                m = _bn_as_layer(m, s, t)
+                folded = m = _bn_as_layer(m, s, t)
+            if stats is None:
+                folded.bias_magnitude = _bias_magnitude(bn, s, before)
             prev = None
         elif isinstance(m, (nn.Conv2d, nn.Linear)):
             prev = len(out)

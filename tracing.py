@@ -4,6 +4,16 @@ its own ``forward``, or such a module inside an ``nn.Sequential``) is traced wit
 and its graph rewritten as that form, sharing the model's own layer objects (so gradients,
 ``state_dict`` keys and checkpoints stay the model's).
 
+A module is read as a layer or container of type B (torch.nn's own class, or the project's
+``ReLU_x``, ``ClampGroupSort``, ``Flatten``, ``Residual``) only when it computes as B does:
+its class is B, or a subclass none of whose own classes redefines anything of B's (its
+forward, ``_conv_forward``, ``__call__``, ...; ``__init__``, ``extra_repr``,
+``reset_parameters`` and class metadata aside; a new attribute such as the weight property
+``torch.nn.utils.parametrize`` adds is read by the forward and the bound alike). Any other
+subclass is traced through like a user's module. Forward hooks and pre-hooks (on a module
+or global) and an attribute of the class replaced on an instance (``m.forward = f``) are
+refused (``check_forwards``).
+
 What a traced graph may contain: one input; calls of layers (the torch.nn ones and the
 project's ``ReLU_x``, ``ClampGroupSort``, ``Flatten``, ``Residual``; whether the bound supports
 a layer's type is ``networks.check_supported``'s question); ``relu``; flattening to
@@ -15,17 +25,26 @@ of a point equally: margins, certificates and radii are the logits'; ``view_outp
 it back where the view's output is compared with the model's).
 Anything else (a concatenation, a product of branches, a constant added, a value used by
 three operations, data-dependent control flow) is refused with one line naming the graph
-node. The rewritten network is compared with the model's own forward on the first input it
-is used with (``check_view``).
+node.
+
+A view is cached per model and rebuilt when a module, its class, training flag, hooks or
+instance attributes change; ``refresh`` drops it (the API and evaluate.py re-trace at the
+start of every call). ``verify`` compares the network the bound reads with the model's own
+forward on the inputs being certified (every API call, every evaluated batch);
+``check_view`` (compute_bound) compares a rewritten view once per view otherwise.
 """
+import functools
 import operator
 import weakref
+from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.modules import module as torch_module
+from torch.nn.utils import parametrize
 
 from errors import UnsupportedModel
 from models import ClampGroupSort, Flatten, ReLU_x, Residual
@@ -36,16 +55,61 @@ ADD_METHODS = ('add', 'add_')
 RELUS = (F.relu, torch.relu)
 LOG_SOFTMAXES = (F.log_softmax, torch.log_softmax)
 SHAPE_QUERIES = ('size', 'dim')
-VIEW_TOL = 1e-4      # relative difference allowed between the rewritten and the model's forward
+# what a subclass may define again and still compute as its torch.nn / project class
+HARMLESS = frozenset({
+    '__init__', 'extra_repr', 'reset_parameters', '__repr__', '__module__', '__qualname__',
+    '__doc__', '__dict__', '__weakref__', '__annotations__', '__orig_bases__', '__parameters__',
+    '__firstlineno__', '__static_attributes__', '__constants__', '__getstate__', '__setstate__',
+    '__deepcopy__', '_version', '__abstractmethods__', '_abc_impl'})
+# the old-style reparametrizations (forward pre-hooks) and their parametrize versions
+REPLACEMENTS = {'torch.nn.utils.spectral_norm': 'torch.nn.utils.parametrizations.spectral_norm',
+                'torch.nn.utils.weight_norm': 'torch.nn.utils.parametrizations.weight_norm'}
+VIEW_ULPS = 16       # view vs the model's forward, same layers: units of roundoff (relative)
+FOLD_ULPS = 1024     # ... with BatchNorm folded into a copy's weights
+
+
+class ForwardRefusal(UnsupportedModel):
+    """A refusal of what a module's forward runs (hooks, replaced attributes, a
+    parametrization in training mode): its message is complete as it is."""
+
+
+def base_class(cls: type) -> Optional[type]:
+    """The class a module of class ``cls`` would be read as: the nearest of its classes that
+    is torch.nn's own (torch.nn.modules) or the project's layers; None if there is none."""
+    for k in cls.__mro__:
+        if k is nn.Module:
+            return None
+        if k in PROJECT_LEAVES or k.__module__.startswith('torch.nn.modules.'):
+            return k
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _names(base: type) -> frozenset:
+    return frozenset(dir(base)) - HARMLESS
+
+
+def overrides(cls: type, base: type) -> List[str]:
+    """The attributes of ``base`` (its own, nn.Module's and object's; HARMLESS aside) that a
+    class of ``cls`` outside ``base``'s own classes defines again: what may make a module of
+    ``cls`` compute other than ``base`` does ([] for ``base`` itself)."""
+    names, own = _names(base), set(base.__mro__)
+    return sorted({n for k in cls.__mro__ if k not in own for n in vars(k) if n in names})
+
+
+def reads_as(m: nn.Module, base: type) -> bool:
+    """``m`` is a ``base`` that computes as ``base`` does (its class overrides nothing)."""
+    return isinstance(m, base) and not overrides(type(m), base)
 
 
 def is_layer(m: nn.Module) -> bool:
-    """A module the trace keeps whole: torch.nn's own layers (torch.fx's rule) and the
-    project's; containers (nn.Sequential) and a user's modules are traced through."""
+    """A module the trace keeps whole: one computing as its torch.nn class or the project's
+    (a subclass that overrides nothing of it included); containers (nn.Sequential), a
+    user's modules and subclasses with their own forward are traced through."""
     if isinstance(m, nn.Sequential):
         return False
-    return isinstance(m, PROJECT_LEAVES) or type(m).__module__.startswith(('torch.nn.',
-                                                                          'torch.ao.nn.'))
+    base = base_class(type(m))
+    return base is not None and not overrides(type(m), base)
 
 
 class _Tracer(torch.fx.Tracer):
@@ -216,12 +280,13 @@ def _follow_in_place_adds(graph: torch.fx.Graph) -> None:
 
 
 def _plain(mods) -> bool:
-    """True when nothing in ``mods`` needs a rewrite (layers, Sequentials, Residuals)."""
+    """True when nothing in ``mods`` needs a rewrite (layers, Sequentials, Residuals, each
+    computing as its class: ``reads_as``)."""
     for m in mods:
-        if isinstance(m, nn.Sequential):
+        if reads_as(m, nn.Sequential):
             if not _plain(m):
                 return False
-        elif isinstance(m, Residual):
+        elif reads_as(m, Residual):
             arms = [m.branch] + ([] if m.shortcut is None else [m.shortcut])
             if not _plain(arms):
                 return False
@@ -232,9 +297,9 @@ def _plain(mods) -> bool:
 
 def _rewrite(m: nn.Module) -> nn.Module:
     """The form the bound reads of one module (a copy of the containers only)."""
-    if isinstance(m, nn.Sequential):
+    if reads_as(m, nn.Sequential):
         return nn.Sequential(*(_rewrite(c) for c in m))
-    if isinstance(m, Residual):
+    if reads_as(m, Residual):
         short = None if m.shortcut is None else _rewrite(m.shortcut)
         return Residual(_rewrite(m.branch), short)
     if not is_layer(m):
@@ -242,35 +307,132 @@ def _rewrite(m: nn.Module) -> nn.Module:
     return m
 
 
-_VIEWS = weakref.WeakKeyDictionary()     # model -> (its modules' ids, view, checked)
-_SOURCES = weakref.WeakKeyDictionary()   # a rewritten model's derived copy -> the model
+# ----------------------------------------------------------------------------------------
+# What runs besides the layers: hooks, attributes replaced on an instance
+# ----------------------------------------------------------------------------------------
+def _where(model: nn.Module, name: str, m: nn.Module) -> str:
+    return (f"the model ({type(model).__name__})" if not name else
+            f"{type(model).__name__}: module {name!r} ({type(m).__name__})")
+
+
+def _hook_refusal(where: str, kind: str, hook) -> ForwardRefusal:
+    name = getattr(hook, '__qualname__', type(hook).__qualname__)
+    new = REPLACEMENTS.get(getattr(hook, '__module__', None) or type(hook).__module__)
+    advice = f"use {new}, which the bound reads" if new else "remove it (handle.remove())"
+    return ForwardRefusal(f"{where} has a forward {kind} ({name}), which changes what the "
+                          f"network computes while the bound reads its layers as they are: "
+                          f"{advice}")
+
+
+def _check_global_hooks() -> None:
+    for kind, hooks in (('hook', torch_module._global_forward_hooks),
+                        ('pre-hook', torch_module._global_forward_pre_hooks)):
+        for hook in hooks.values():
+            raise _hook_refusal("a global module hook (register_module_forward_"
+                                f"{kind.replace('-', '_')})", kind, hook)
+
+
+def check_forwards(model: nn.Module) -> None:
+    """Refuse what makes ``model(x)`` compute other than its layers as the bound reads them:
+    a forward hook or pre-hook on any of its modules or a global one, and an attribute of a
+    module's class replaced on the instance (``m.forward = f``, ``m._conv_forward = f``;
+    ``m.compile()`` too). Raises ForwardRefusal (an UnsupportedModel) naming the module."""
+    _check_global_hooks()
+    for name, m in model.named_modules():
+        where = _where(model, name, m)
+        for kind, hooks in (('hook', m._forward_hooks), ('pre-hook', m._forward_pre_hooks)):
+            for hook in hooks.values():
+                raise _hook_refusal(where, kind, hook)
+        shadow = [k for k in vars(m) if hasattr(type(m), k)]
+        if shadow == ['_compiled_call_impl']:
+            raise ForwardRefusal(f"{where} was compiled (m.compile()), which runs its forward "
+                                 f"as compiled code: certify the module before compiling")
+        if shadow:
+            raise ForwardRefusal(f"{where}: {shadow[0]!r} is set on the instance over its "
+                                 f"class's (m.{shadow[0]} = ...), which the bound does not "
+                                 f"read: define a subclass instead")
+
+
+def _check_parametrizations(model: nn.Module) -> None:
+    """Refuse a parametrized layer (torch.nn.utils.parametrize) in training mode: a
+    parametrization may then change the weight at every read (spectral_norm's power
+    iteration), so the bound's reads and the forward's would differ."""
+    for name, m in model.named_modules():
+        if parametrize.is_parametrized(m) and any(p.training
+                                                   for p in m.parametrizations.modules()):
+            raise ForwardRefusal(f"{_where(model, name, m)} has a parametrization in training "
+                                 f"mode, which may change its weight at every read: call "
+                                 f"model.eval() first")
+
+
+# ----------------------------------------------------------------------------------------
+# The cached views
+# ----------------------------------------------------------------------------------------
+@dataclass
+class _Entry:
+    key: tuple                        # _key of the model the view was made for
+    view: Optional[nn.Sequential]     # None: the model itself is the view
+    checked: bool = False             # compared with the model's own forward
+
+
+_VIEWS = weakref.WeakKeyDictionary()     # model -> _Entry
+_SOURCES = weakref.WeakKeyDictionary()   # a model's derived copy (BatchNorm folded) -> model
 _LOG_SOFTMAX_DROPPED = weakref.WeakSet()  # views made without the model's final log_softmax
 
 
+def _key(model: nn.Module) -> tuple:
+    """What a view depends on, cheaply: every module's identity, class, training flag,
+    number of forward hooks and of instance attributes, and the global hooks."""
+    glob = (len(torch_module._global_forward_hooks), len(torch_module._global_forward_pre_hooks))
+    return glob + tuple((id(m), type(m), m.training, len(m._forward_hooks),
+                         len(m._forward_pre_hooks), len(m.__dict__)) for m in model.modules())
+
+
+def _entry(model: nn.Module) -> _Entry:
+    """The cached view of ``model``, made (checked by ``check_forwards``, traced when it is
+    not a plain nn.Sequential) when there is none for its current ``_key``."""
+    key = _key(model)
+    hit = _VIEWS.get(model)
+    if hit is not None and hit.key == key:
+        return hit
+    check_forwards(model)
+    view = None
+    if not (reads_as(model, nn.Sequential) and _plain(model)
+            and not _last_is_log_softmax(model)):
+        view = _rewrite(model)
+        if _last_is_log_softmax(view):
+            view = _without_last(view)
+            _LOG_SOFTMAX_DROPPED.add(view)
+    _VIEWS[model] = hit = _Entry(key, view)
+    return hit
+
+
+def refresh(model: nn.Module) -> None:
+    """Forget the view of ``model`` (and of the model it was derived from): the next read
+    traces the forward afresh, as it runs now (a forward that branches on an attribute or
+    on ``self.training`` is frozen in a traced graph)."""
+    for m in (model, _SOURCES.get(model)):
+        if m is not None:
+            _VIEWS.pop(m, None)
+
+
 def derived(copy: nn.Module, source: nn.Module) -> nn.Module:
-    """Mark ``copy`` (e.g. BatchNorm folded) as made from ``source``'s rewrite, so that
-    ``check_view`` on the copy checks the rewrite of ``source``. Returns ``copy``."""
-    if sequential_view(source) is not source:
-        _SOURCES[copy] = source
+    """Mark ``copy`` (e.g. BatchNorm folded) as made from ``source``'s view: ``check_view``
+    on the copy checks the view of ``source``, and ``verify`` compares the copy with
+    ``source``'s own forward. Returns ``copy``."""
+    _SOURCES[copy] = _SOURCES.get(source, source)
+    if sequential_view(source) in _LOG_SOFTMAX_DROPPED:
+        _LOG_SOFTMAX_DROPPED.add(copy)
     return copy
 
 
 def sequential_view(model: nn.Module) -> nn.Sequential:
     """The network as the bound reads it: ``model`` itself when it is an nn.Sequential of
     layers and Residual blocks (nested Sequentials allowed), else its rewrite (cached per
-    model; rebuilt when its modules change)."""
-    if isinstance(model, nn.Sequential) and _plain(model) and not _last_is_log_softmax(model):
-        return model
-    ids = tuple(id(m) for m in model.modules())
-    hit = _VIEWS.get(model)
-    if hit is not None and hit[0] == ids:
-        return hit[1]
-    view = _rewrite(model)
-    if _last_is_log_softmax(view):
-        view = _without_last(view)
-        _LOG_SOFTMAX_DROPPED.add(view)
-    _VIEWS[model] = (ids, view, False)
-    return view
+    model; rebuilt when its modules, their classes, training flags, hooks or instance
+    attributes change). Raises UnsupportedModel (``check_forwards``, ``trace``)."""
+    view = _entry(model).view
+    return model if view is None else view
 
 
 def _last_layer(m: nn.Module) -> nn.Module:
@@ -308,30 +470,107 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got - want).abs().max() / want.abs().max().clamp_min(1e-12)).item()
 
 
+def run_view(view: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The output of ``view`` (a ``sequential_view``) on x [batch, ...] as the bound reads
+    it: its chain, a Residual as shortcut(x) + branch(x), every layer by the forward of the
+    class it is read as (``base_class``; no hooks, nothing set on the instance)."""
+    if isinstance(view, nn.Sequential):
+        for m in view:
+            x = run_view(m, x)
+        return x
+    if isinstance(view, Residual):
+        short = x if view.shortcut is None else run_view(view.shortcut, x)
+        return short + run_view(view.branch, x)
+    return base_class(type(view)).forward(view, x)
+
+
+def view_tolerance(model: nn.Module, dtype: torch.dtype) -> float:
+    """The relative difference ``verify`` allows: VIEW_ULPS units of roundoff where the view
+    runs the model's own layers on the same tensors (the same operations: equal but for a
+    kernel that is not bitwise reproducible), FOLD_ULPS where BatchNorm was folded into a
+    copy's weights (each folded weight and bias rounded once more)."""
+    return (FOLD_ULPS if model in _SOURCES else VIEW_ULPS) * torch.finfo(dtype).eps
+
+
+def _running_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``model``'s own forward on x [batch, ...] (a copy of it: a forward may write in
+    place). Raises ValueError naming x when it fails or is not finite."""
+    try:
+        out = model(x.clone())
+    except RuntimeError as e:
+        raise ValueError(f"x of shape {tuple(x.shape)}: the model's own forward fails on it "
+                         f"({str(e).strip().splitlines()[0]})") from None
+    bad = ~torch.isfinite(out.flatten(1)).all(1)
+    if bad.any():
+        raise ValueError(f"x: the model's output on input {int(bad.nonzero()[0])} is not "
+                         f"finite (NaN or inf); nothing can be certified there")
+    return out
+
+
+def _read_output(model: nn.Module, view: nn.Module, x: torch.Tensor,
+                 inputs: str) -> torch.Tensor:
+    """``run_view`` of ``view`` on x, the model's final log_softmax put back; ``inputs``
+    names x in a refusal."""
+    try:
+        return view_output(view, run_view(view, x.clone()))
+    except RuntimeError as e:       # e.g. a view(-1, k) that was not a flattening
+        raise UnsupportedModel(f"{type(model).__name__}: the network read from its forward "
+                               f"fails on {inputs} ({str(e).splitlines()[0]}): its forward "
+                               f"does something the trace does not show") from None
+
+
+def _compare(model: nn.Module, view: nn.Module, want: torch.Tensor, x: torch.Tensor,
+             inputs: str) -> float:
+    """Relative difference of ``view``'s output on x from ``want`` (the running network's);
+    raises UnsupportedModel beyond ``view_tolerance``, naming x as ``inputs``."""
+    tol = view_tolerance(model, want.dtype)
+    with torch.no_grad():
+        got = _read_output(model, view, x, inputs)
+    if want.shape != got.shape:
+        raise UnsupportedModel(f"{type(model).__name__}: the network read from its forward "
+                               f"gives shape {tuple(got.shape)}, the model {tuple(want.shape)}")
+    err = relative_error(got, want)
+    if not err <= tol:
+        raise UnsupportedModel(f"{type(model).__name__}: the network the bound reads differs "
+                               f"from the model's own forward by {err:.3g} (relative; "
+                               f"{tol:.2g} allowed) on {inputs}: its forward does "
+                               f"something the bound does not see")
+    return err
+
+
+def verify(model: nn.Module, x: torch.Tensor) -> float:
+    """Prove that the network the bound reads of ``model`` (its view; a BatchNorm-folded
+    copy's source model: ``derived``) is the network that runs, on the inputs x [batch,
+    ...] being certified: the view's output (``run_view``) against the running model's own
+    forward, within ``view_tolerance``. Every API call and every evaluated batch calls it
+    (one more forward of each); compute_bound's ``check_view`` then compares no more.
+    Returns the relative difference; raises UnsupportedModel (ValueError when the model's
+    own forward fails on x, or is not finite)."""
+    source = _SOURCES.get(model, model)
+    _check_parametrizations(source)
+    entry = _entry(model)
+    with torch.no_grad():
+        want = _running_output(source, x)
+    view = model if entry.view is None else entry.view
+    err = _compare(model, view, want, x, "the inputs being certified")
+    entry.checked = True
+    return err
+
+
 def check_view(model: nn.Module, x: torch.Tensor) -> Optional[float]:
-    """Compare a rewritten model's forward with its own on ``x`` [batch, ...] (once per
-    rewrite); raise UnsupportedModel when they differ by more than VIEW_TOL (relative).
-    Returns the difference found, None when nothing was compared."""
+    """compute_bound's check: unless ``verify`` already compared this view, compare a
+    rewritten model's view with its own forward on ``x`` [batch, ...] (once per view; a
+    plain nn.Sequential is its own view); raise UnsupportedModel when they differ by more
+    than ``view_tolerance``. Returns the difference found, None when nothing was compared."""
+    entry = _entry(model)
+    if entry.checked:
+        return None
     if model in _SOURCES:
         return check_view(_SOURCES[model], x)
-    view = sequential_view(model)
-    if view is model or _VIEWS[model][2]:
+    if entry.view is None:
         return None
     with torch.no_grad():
         want = model(x)
-        try:
-            got = view_output(view, view(x))
-        except RuntimeError as e:       # e.g. a view(-1, k) that was not a flattening
-            raise UnsupportedModel(f"{type(model).__name__}: the network read from its forward "
-                                   f"fails on the first input ({str(e).splitlines()[0]}): its "
-                                   f"forward does something the trace does not show") from None
-        if want.shape != got.shape:
-            raise UnsupportedModel(f"{type(model).__name__}: the network read from its forward "
-                                   f"gives shape {tuple(got.shape)}, the model {tuple(want.shape)}")
-        err = relative_error(got, want)
-    if not err <= VIEW_TOL:
-        raise UnsupportedModel(f"{type(model).__name__}: the network read from its forward "
-                               f"differs from it by {err:.3g} (relative) on the first input: "
-                               f"its forward does something the trace does not show")
-    _VIEWS[model] = (_VIEWS[model][0], view, True)
+    err = _compare(model, entry.view, want, x, "the first input")
+    entry.checked = True
     return err
