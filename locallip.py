@@ -27,6 +27,7 @@ is false with probability at most ``delta`` over the algorithm's random starts.
 """
 import contextlib
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Union
 
@@ -144,8 +145,9 @@ def _batched(model: nn.Sequential, x) -> torch.Tensor:
         x = x.unsqueeze(0)
     elif isinstance(first, nn.Linear) and x.dim() == 1:
         x = x.unsqueeze(0)
-    if x.dim() < 2:
-        raise ValueError(f"x must be [batch, *input_shape], got shape {tuple(x.shape)}")
+    if x.dim() < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be [batch, *input_shape] with at least one input, got shape "
+                         f"{tuple(x.shape)}")
     _check_x(first, x)
     return x
 
@@ -249,6 +251,27 @@ def _as_radii(eps) -> list:
     return radii
 
 
+_NORMS = weakref.WeakKeyDictionary()     # model -> (what they were drawn for, GuaranteedNorms)
+
+
+def _guaranteed_norms(model: nn.Module, net: nn.Module, shape: tuple, delta: float,
+                      seed: int) -> GuaranteedNorms:
+    """The GuaranteedNorms of ``net`` (``model`` prepared), kept per model and reused while
+    the network (its structure, every parameter and buffer, each tensor's version counter)
+    and the arguments are the same: the global bounds are drawn once from ``seed``, as one
+    evaluation does for all its batches (each certificate stays false with probability
+    <= delta)."""
+    state = tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape)
+                  for t in model.state_dict(keep_vars=True).values())
+    key = (str(net), state, shape, delta, seed)
+    hit = _NORMS.get(model)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    norms = GuaranteedNorms(net, shape, delta, generator_seed=seed)
+    _NORMS[model] = (key, norms)
+    return norms
+
+
 def certify(model: nn.Module, x, y=None, eps: Union[float, Sequence[float]] = 0.5, *,
             certificate: str = 'reference', delta: float = DELTA, sniter: int = SNITER,
             tol: float = TOL, opt_iter: int = OPT_ITER, seed: int = 0) -> Dict[float, torch.Tensor]:
@@ -272,7 +295,7 @@ def certify(model: nn.Module, x, y=None, eps: Union[float, Sequence[float]] = 0.
                                     opt_iter=opt_iter, check=True)
                 out[e] = res.certified(y)
     else:
-        norms = GuaranteedNorms(net, tuple(x.shape[1:]), delta, generator_seed=seed)
+        norms = _guaranteed_norms(model, net, tuple(x.shape[1:]), delta, seed)
         with torch.no_grad(), _seeded(seed, x.device):
             for e in sorted(radii):
                 out[e] = guaranteed_certify(net, x, y, e, norms, opt_iter=opt_iter).certified
@@ -323,7 +346,7 @@ def certified_radius(model: nn.Module, x, y=None, *, certificate: str = 'referen
     net, x, y = call.net, call.x, call.y
     norms = None
     if certificate == 'guaranteed':
-        norms = GuaranteedNorms(net, tuple(x.shape[1:]), delta, generator_seed=seed)
+        norms = _guaranteed_norms(model, net, tuple(x.shape[1:]), delta, seed)
     with torch.no_grad(), _seeded(seed, x.device):
         gv = None if norms is not None else _global_vectors(net, x, sniter, seed)
         search = RadiusSearch(sniter=sniter, opt_iter=opt_iter, rtol=rtol, max_radius=max_radius,

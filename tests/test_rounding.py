@@ -225,3 +225,28 @@ def test_radius_rounds_split_delta(monkeypatch):
     assert bounds, "no Lanczos bounds were drawn"
     for _, used, whole in bounds:
         assert used is not None and used <= whole / radius.RADIUS_ROUNDS * (1 + 1e-12)
+
+
+def test_api_keeps_the_norms_while_the_weights_are_the_same(monkeypatch):
+    """locallip draws a model's global bounds once and reuses them while its weights, the
+    input shape, delta and the seed are the same; an in-place weight change draws anew."""
+    import lanczos
+    made = []
+    original = lanczos.GuaranteedNorms.__init__
+
+    def counted(self, *args, **kw):
+        made.append(1)
+        original(self, *args, **kw)
+    monkeypatch.setattr(lanczos.GuaranteedNorms, '__init__', counted)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 36, 3))
+    x = torch.rand(3, 1, 8, 8)
+    locallip.certify(net, x, eps=0.01, certificate='guaranteed')
+    locallip.certify(net, x, eps=0.02, certificate='guaranteed')
+    assert len(made) == 1
+    locallip.certify(net, x, eps=0.01, certificate='guaranteed', seed=1)
+    assert len(made) == 2
+    with torch.no_grad():
+        net[0].weight.mul_(0.5)
+    locallip.certify(net, x, eps=0.01, certificate='guaranteed', seed=1)
+    assert len(made) == 3
