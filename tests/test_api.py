@@ -226,6 +226,11 @@ def test_standalone_batchnorm_and_pool_norms_equal_exact_svd():
 
 
 def test_user_model_is_sound_on_sampled_points():
+    """Points on the 0.15-sphere around each input and gradient ascent of every z_i - z_y
+    in the ball (of the user's model, BatchNorm and all, not the folded one) stay below
+    the worst-case logits; the ascent does raise every gap (it runs). (This random model's
+    worst-case logits are loose; test_soundness checks them where they are exact.)"""
+    from soundness_checks import largest_gaps
     net = user_net()
     x = torch.rand(8, 1, 8, 8, dtype=torch.float64)
     b = locallip.lipschitz_bound(net, x, eps=0.15)
@@ -238,11 +243,15 @@ def test_user_model_is_sound_on_sampled_points():
         g = torch.Generator().manual_seed(5)
         for _ in range(50):
             d = torch.randn(x.shape, generator=g, dtype=torch.float64)
-            d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * 0.15 * torch.rand(
-                8, 1, 1, 1, generator=g, dtype=torch.float64)
-            out = folded(x + d)
+            d = d / d.flatten(1).norm(dim=1).view(-1, 1, 1, 1) * 0.15 * (1 - 1e-12)
+            out = net(x + d)
             gap = out - out.gather(1, y.view(-1, 1))
             assert (gap <= worst_gap + 1e-9).all()
+    found = largest_gaps(net, x, y, 0.15)
+    assert (found <= worst_gap + 1e-9).all()
+    clean = res.logits - res.logits.gather(1, y.view(-1, 1))
+    other = torch.ones_like(clean, dtype=torch.bool).scatter(1, y.view(-1, 1), False)
+    assert (found > clean)[other].all()
     assert (b.local <= b.global_ * (1 + 1e-6)).all()
     assert set(b.sigmas) == {0, 3, 4, 8} and set(b.varying) == {2, 5, 10}
 
@@ -391,27 +400,56 @@ def test_readme_api_example_runs(capsys):
     assert 'certified radius' in out
 
 
-def _bundled(n=12):
+# the bundled Fashion-MNIST model the tests below read ($LOCALLIP_TEST_BUNDLED: another
+# file, for the test that a checkpoint which does not load fails them)
+BUNDLED = os.environ.get('LOCALLIP_TEST_BUNDLED') or os.path.join(
+    ROOT, 'pretrained', 'fashionmnist', 'local_relux_best.pth')
+
+
+def _fashion_test_set():
+    """The Fashion-MNIST test set (data/, then Debian's), or None when it is not installed.
+    Only "not found" means not installed: any other error (a damaged file) is raised, and
+    no checkpoint is read here, so a checkpoint that does not load fails the tests below
+    instead of skipping them as "not installed"."""
     from data_load import get_dataset
-    ds = get_dataset('fashionmnist', None, train=False, augment=False,   # data/, then Debian's
-                     download=False)
+    try:
+        return get_dataset('fashionmnist', None, train=False, augment=False, download=False)
+    except UserError as e:
+        if 'dataset fashionmnist not found' in str(e):
+            return None
+        raise
+
+
+def _bundled(n=12):
+    ds = _fashion_test_set()
     net = select_model('fashionmnist', 'relux', 2.0)
-    load_checkpoint(os.path.join(ROOT, 'pretrained', 'fashionmnist', 'local_relux_best.pth'), net)
+    load_checkpoint(BUNDLED, net)          # errors fail the test
     xs = torch.stack([ds[k][0] for k in range(n)])
     ys = torch.tensor([int(ds[k][1]) for k in range(n)])
     return net.eval(), xs, ys
 
 
-def _has_fashion():
-    try:
-        _bundled(1)
-        return True
-    except (UserError, FileNotFoundError, RuntimeError):
-        return False
+fashion = pytest.mark.skipif(_fashion_test_set() is None, reason="Fashion-MNIST is not "
+                             "installed (apt-get install dataset-fashion-mnist)")
 
 
-fashion = pytest.mark.skipif(not _has_fashion(), reason="Fashion-MNIST is not installed "
-                             "(apt-get install dataset-fashion-mnist)")
+@fashion
+def test_a_checkpoint_that_does_not_load_fails_the_fashion_tests(tmp_path):
+    """The Fashion-MNIST tests skip only when the dataset is not installed: with the bundled
+    checkpoint cut short, one of them fails, naming the file (before, the skip condition
+    loaded the checkpoint too and any error read as "Fashion-MNIST is not installed")."""
+    import subprocess
+    import sys
+    cut = tmp_path / 'cut_best.pth'
+    with open(BUNDLED, 'rb') as f:
+        cut.write_bytes(f.read(1000))
+    env = dict(os.environ, LOCALLIP_TEST_BUNDLED=str(cut), OMP_NUM_THREADS='2')
+    p = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider', '-rs',
+                        'tests/test_api.py::test_reference_radius_brackets_the_certificate'],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = p.stdout + p.stderr
+    assert p.returncode == 1 and '1 failed' in out and 'skipped' not in out, out[-3000:]
+    assert str(cut) in out and 'UserError' in out, out[-3000:]
 
 
 @fashion

@@ -190,5 +190,6 @@ def test_report_job(repo):
     name = repo.path('runs', 'report', 'local_relux_report')
     r = json.load(open(name + '.json'))
     assert r['n'] == 32 and set(r['radii']) == {'0.02', '0.5'} and r['audit']['broken'] == 0
+    assert r['audit']['attacked'] > 0, r['audit']      # not vacuous: certified points attacked
     assert os.path.isfile(name + '.tsv') and os.listdir(name + '_plots')
     assert '| 0.02 |' in out and "report files: runs/report/local_relux_report.tsv" in out

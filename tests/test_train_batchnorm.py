@@ -138,3 +138,4 @@ def test_readme_model_trains_and_evaluates_from_the_command_line(tmp_path, mnist
         '--audit_steps', '20', '--results', out)
     r = json.load(open(out))
     assert r['n'] == 32 and r['audit']['broken'] == 0
+    assert r['audit']['attacked'] > 0, r['audit']      # not vacuous: certified points attacked
