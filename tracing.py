@@ -430,7 +430,13 @@ def sequential_view(model: nn.Module) -> nn.Sequential:
     """The network as the bound reads it: ``model`` itself when it is an nn.Sequential of
     layers and Residual blocks (nested Sequentials allowed), else its rewrite (cached per
     model; rebuilt when its modules, their classes, training flags, hooks or instance
-    attributes change). Raises UnsupportedModel (``check_forwards``, ``trace``)."""
+    attributes change). Raises UnsupportedModel (``check_forwards``, ``trace``).
+    Inside torch.compile (training's --compile step, whose model training checked eagerly
+    before compiling and which --compile keeps a plain nn.Sequential) an nn.Sequential is
+    read as itself, without the cache: dynamo would guard on the cache's weak entries, which
+    the garbage collector may remove between the guard's creation and its check."""
+    if torch.compiler.is_compiling() and isinstance(model, nn.Sequential):
+        return model
     view = _entry(model).view
     return model if view is None else view
 
