@@ -203,7 +203,7 @@ def test_the_vector_store_line_says_whether_and_where_it_is_saved(tmp_path):
     net, said = tiny_net('relux'), []
     say = lambda *a, **k: said.append(a[0])              # noqa: E731
     base = str(tmp_path / 'r')
-    for flags, ending in (([], f"float32 in RAM: 0.00 GiB (half the available RAM is "),
+    for flags, ending in (([], "float32 in RAM: 0.00 GiB (half the available RAM is "),
                           ([], f"; saved every epoch to {base}_vectors.pt for --resume"),
                           (['--no_save_vectors'], "; not saved (--no_save_vectors: --resume "
                                                   "restarts the vectors from random)"),
