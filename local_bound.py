@@ -495,6 +495,10 @@ class _Walk:
         """Box by interval arithmetic intersected with the ball's box; ball through ||W||_2."""
         self._finish_pending(None)     # the previous affine layer had no activation of its own
         in_shape = tuple(self.mu.shape[1:])
+        if isinstance(m, nn.Linear) and len(in_shape) != 1:
+            raise UnsupportedModel(f"layer {i} (Linear) is applied to a [batch, "
+                                   f"{', '.join(map(str, in_shape))}] tensor; the bound reads "
+                                   f"Linear layers on [batch, features]: flatten before it")
         sigma_g = self._global_norm(i, m, in_shape)
         err, widen = self._affine_rounding(m, in_shape, sigma_g)
         centre, half = (self.lb + self.ub) / 2, (self.ub - self.lb) / 2

@@ -125,6 +125,9 @@ def _check_layer(i: int, m: nn.Module, where: str) -> bool:
     if not isinstance(m, (nn.Linear,) + ACTIVATIONS + FLATTEN):
         raise UnsupportedModel(f"{where} is not supported by the bound; supported: "
                                f"{SUPPORTED}, and residual blocks of them")
+    if isinstance(m, nn.Flatten) and (m.start_dim, m.end_dim) != (1, -1):
+        raise UnsupportedModel(f"{where} flattens dims {m.start_dim}..{m.end_dim}; the bound "
+                               f"reads flattening to [batch, features] (start_dim=1, end_dim=-1)")
     return isinstance(m, nn.Linear)
 
 

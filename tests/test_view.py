@@ -356,3 +356,20 @@ def test_api_inputs_are_checked_first_by_their_names():
         locallip.certify(net, x, y=[0, 1, 2, 3], eps=EPS, **FAST)
     with pytest.raises(ValueError, match=r"^eps must be one or several radii >= 0, got nan"):
         locallip.certify(net, x, eps=float('nan'), **FAST)
+
+
+def test_partial_flatten_and_linear_on_images_are_refused_in_one_line():
+    """A Flatten other than to [batch, features] and a Linear applied to a 4-D tensor run in
+    the model but are not what the bound reads: one UnsupportedModel line, not a traceback
+    from inside the bound (before: RuntimeError on shapes)."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 4, 4)
+    partial = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Flatten(2), nn.ReLU(), nn.Flatten(),
+                            nn.Linear(18, 3)).eval()
+    on_images = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Linear(3, 3), nn.ReLU(), nn.Flatten(),
+                              nn.Linear(18, 3)).eval()
+    for net, what in ((partial, "flattens dims 2..-1"), (on_images, r"Linear\) is applied to")):
+        net(x)
+        for cert in ('guaranteed', 'reference'):
+            with pytest.raises(locallip.UnsupportedModel, match=what):
+                locallip.certify(net, x, eps=0.1, certificate=cert)
