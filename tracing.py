@@ -206,7 +206,10 @@ class _Reader:
         if node.op == 'call_module':
             layer = self.model.get_submodule(node.target)
         elif node.target in RELUS or (node.op == 'call_method' and node.target == 'relu'):
-            layer = nn.ReLU()
+            # F.relu(h, inplace=True) as the module it is: an arm may not start with it
+            inplace = bool(node.kwargs.get('inplace', node.args[1] if len(node.args) > 1
+                                           else False))
+            layer = nn.ReLU(inplace=inplace)
         elif self.is_flatten(node):
             layer = nn.Flatten()
         elif node.target is F.avg_pool2d:

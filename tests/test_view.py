@@ -373,3 +373,23 @@ def test_partial_flatten_and_linear_on_images_are_refused_in_one_line():
         for cert in ('guaranteed', 'reference'):
             with pytest.raises(locallip.UnsupportedModel, match=what):
                 locallip.certify(net, x, eps=0.1, certificate=cert)
+
+
+class _InPlaceArm(nn.Module):
+    """h feeds both arms; the branch starts with F.relu(h, inplace=True), which overwrites the
+    h the identity arm reads: the model computes relu(h) + l2(relu(h)), not h + l2(relu(h))."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2, self.fc = nn.Linear(2, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.l1(x)
+        return self.fc(h + self.l2(F.relu(h, inplace=True)))
+
+
+def test_functional_in_place_relu_starting_an_arm_is_refused():
+    """Read as nn.ReLU(inplace=True), which the arm-start rule refuses (before: read as an
+    out-of-place ReLU, a network other than the one that runs where h < 0)."""
+    with pytest.raises(locallip.UnsupportedModel, match="inplace=True"):
+        locallip.certify(_InPlaceArm().eval(), torch.rand(3, 2), eps=0.1)
