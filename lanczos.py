@@ -57,8 +57,8 @@ import progress
 from local_bound import (FLOOR, BoundError, BoundResult, compute_bound, exact_float32,
                          rounded_margins, rounded_radius)
 from networks import check_supported, layer_list, layer_input_shapes
-from operators import apply_W, apply_WT, masked_products
-from rounding import abs_norm, layer_gamma, round_up, unit_roundoff
+from operators import apply_absW, apply_W, apply_WT, masked_products
+from rounding import abs_norm, layer_gamma, unit_roundoff
 
 KW_CONST = 1.648        # Kuczynski & Wozniakowski's constant for the Lanczos algorithm
 STAGES = (32, 64, 128, 256)   # Lanczos steps at which a sample's certificate is decided
@@ -117,7 +117,7 @@ class Lanczos:
 
     def __init__(self, layer: nn.Module, d_in, d_out, in_shape, batch: int, device, dtype,
                  space: str = 'auto'):
-        self.layer, self.in_shape = float64_layer(layer), tuple(in_shape)
+        self.layer, self.in_shape = float64_model(layer), tuple(in_shape)
         self.d_in = None if d_in is None else d_in.double()
         self.d_out = None if d_out is None else d_out.double()
         with torch.no_grad():
@@ -141,7 +141,7 @@ class Lanczos:
         self.beta = torch.zeros(batch, device=device, dtype=torch.float64)
         self.alphas, self.betas = [], []
         self.steps = 0
-        self.abs_norm = abs_norm(self.layer, self.in_shape)
+        self.abs_norm = abs_norm(self.layer, self.in_shape, apply_absW)
 
     def apply_B(self, q):
         """A^T A q (space 'in') or A A^T q (space 'out') for a masked q [batch, n] (float64)."""
@@ -226,20 +226,12 @@ class Lanczos:
 
 
 def float64_model(model: nn.Module) -> nn.Module:
-    """``model`` in float64 (a copy unless it is already; float32 weights are exact there),
-    in eval mode as the model is."""
+    """``model`` (a network or one layer) in float64: a copy unless it is already (float32
+    weights are exact there), in the model's mode."""
     p = next(model.parameters(), None)
     if p is None or p.dtype == torch.float64:
         return model
     return copy.deepcopy(model).double()
-
-
-def float64_layer(layer: nn.Module) -> nn.Module:
-    """A float64 copy of a linear layer (float32 weights are exact in float64)."""
-    p = next(layer.parameters(), None)
-    if p is None or p.dtype == torch.float64:
-        return layer
-    return copy.deepcopy(layer).double()
 
 
 def lanczos_norm_bounds(layer, d_in, d_out, in_shape, batch, steps, delta, device, dtype,
@@ -292,7 +284,7 @@ class GuaranteedNorms:
                         raise BoundError(f"layer {i} ({type(layers[i]).__name__}): no finite "
                                          f"global norm bound after {global_steps} Lanczos steps")
                     self.lower[i] = lo.to(device=p.device, dtype=p.dtype)
-                    self.upper[i] = round_up(up, p.dtype).to(p.device)
+                    self.upper[i] = up.to(p.device)     # float64, as the network
 
     def _bounds(self, m: nn.Module, shape, global_steps: int, p: torch.Tensor):
         """(lower, upper) float64 0-dim bounds on ||W||_2 of one layer."""

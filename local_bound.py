@@ -462,7 +462,7 @@ class _Walk:
         self.mu, self.r, self.r_global = b.mu + s.mu, b.r + s.r, b.r_global + s.r_global
         lb, ub = b.lb + s.lb, b.ub + s.ub
         if self.err is not None:   # one rounding of each sum: u |p + q| (docs/method.md)
-            mag = _magnitude(b) + _magnitude(s)
+            mag = _magnitude(b.lb, b.ub) + _magnitude(s.lb, s.ub)
             self.err = (b.err + s.err) * (1 + 2 * self.u) + 2 * self.u * mag
             self.err_l2 = (b.err_l2 + s.err_l2) * (1 + 2 * self.u) + 2 * self.u * \
                 torch.linalg.vector_norm(mag.flatten(1), dim=1)
@@ -518,18 +518,19 @@ class _Walk:
         self.pending = [(i, m, d_in, in_shape)]
         self.mask = None
 
-    def _affine_rounding(self, m: nn.Module, in_shape, sigma):
+    def _affine_rounding(self, m: nn.Module, in_shape, sigma=None):
         """(E after the layer, the widening of its boxes) [batch, *out_shape] with
         rounding, else (None, None): E entrywise (rounding.through_affine), at most the
-        bound of its L2 norm (rounding.l2_error, from sigma >= ||W||_2); the widening
-        gamma (|W| M + |b|)."""
+        bound of its L2 norm (rounding.l2_error, from sigma >= ||W||_2; None: |||W|||,
+        which bounds it too); the widening gamma (|W| M + |b|)."""
         if self.err is None:
             return None, None
-        mag = torch.maximum(self.lb.abs(), self.ub.abs())
+        mag = _magnitude(self.lb, self.ub)
         err, scale = through_affine(m, self.err, mag, in_shape, self.u, apply_absW)
         g = layer_gamma(m, in_shape, self.u)
-        self.err_l2 = l2_error(self.err_l2, scale, float(torch.as_tensor(sigma).detach()),
-                               abs_norm(m, in_shape), g)
+        a = abs_norm(m, in_shape, apply_absW)
+        sigma = a if sigma is None else float(torch.as_tensor(sigma).detach())
+        self.err_l2 = l2_error(self.err_l2, scale, sigma, a, g)
         return torch.minimum(err, bcast(self.err_l2, err)), g * scale
 
     def activation(self, i: int, m: nn.Module):
@@ -643,19 +644,15 @@ class _Walk:
         e = self.err * (1 + 4 * u) + 4 * u * (self.lb.abs() + self.ub.abs() + mu.abs())
         res.box = (torch.minimum(self.lb - mu - e, torch.zeros_like(mu)),
                    torch.maximum(self.ub - mu + e, torch.zeros_like(mu)))
-        mag, in_shape = torch.maximum(self.lb.abs(), self.ub.abs()), tuple(mu.shape[1:])
-        err, scale = through_affine(final, self.err, mag, in_shape, u, apply_absW)
-        a = abs_norm(final, in_shape)          # >= ||W||_2 too
-        l2 = l2_error(self.err_l2, scale, a, a, layer_gamma(final, in_shape, u))
-        res.logit_err = torch.minimum(err, l2.unsqueeze(1))
+        res.logit_err, _ = self._affine_rounding(final, tuple(mu.shape[1:]))
         res.worst, res.allowance = rounded_margins(res, final.weight, y, res.r_local,
                                                    self.opts.opt_iter)
         return res
 
 
-def _magnitude(arm: _Arm) -> torch.Tensor:
-    """max(|lb|, |ub|) of an arm's box: a bound of its activations' magnitude."""
-    return torch.maximum(arm.lb.abs(), arm.ub.abs())
+def _magnitude(lb: torch.Tensor, ub: torch.Tensor) -> torch.Tensor:
+    """max(|lb|, |ub|) of a box: a bound of its activations' magnitude."""
+    return torch.maximum(lb.abs(), ub.abs())
 
 
 def rounded_radius(res: BoundResult, eps: torch.Tensor, norms: Dict[int, torch.Tensor],

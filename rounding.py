@@ -99,28 +99,19 @@ def l2_error(prev: torch.Tensor, scale: torch.Tensor, sigma: float, abs_w: float
     return ((sigma + g * abs_w) * prev + g * own) * (1 + 4 * g)
 
 
-def abs_norm(layer: nn.Module, in_shape) -> float:
+def abs_norm(layer: nn.Module, in_shape, apply_abs) -> float:
     """An upper bound of |||W||| = ||(|W_ij|)||_2 (itself >= ||W||_2): sqrt(max row sum x max
-    column sum) of |W|, from |W| 1 and |W|^T 1, raised by their rounding."""
+    column sum) of |W|, from |W| 1 and |W|^T 1, raised by their rounding. apply_abs(layer, v)
+    = |W| v."""
     p = next(layer.parameters(), None)
     dtype = torch.float64 if p is None else p.dtype
     ones = torch.ones((1, *in_shape), dtype=dtype, device=None if p is None else p.device)
     with torch.enable_grad():
         ones.requires_grad_(True)
-        rows = _apply_abs(layer, ones)
+        rows = apply_abs(layer, ones)
         cols, = torch.autograd.grad(rows.sum(), ones)
     bound = math.sqrt(rows.max().item() * cols.max().item())
     return bound * (1 + 2 * gamma(math.prod(in_shape) + PAD, unit_roundoff(dtype)))
-
-
-def _apply_abs(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """|W| x of a Conv2d, Linear or average pool (weights >= 0), without bias."""
-    if isinstance(layer, nn.Conv2d):
-        return torch.nn.functional.conv2d(x, layer.weight.abs(), None, layer.stride,
-                                          layer.padding, layer.dilation, layer.groups)
-    if isinstance(layer, nn.Linear):
-        return torch.nn.functional.linear(x, layer.weight.abs())
-    return layer(x)
 
 
 def through_groupsort(err: torch.Tensor) -> torch.Tensor:
@@ -157,9 +148,3 @@ def margin_allowance(weight: torch.Tensor, y: torch.Tensor, logits: torch.Tensor
                                                                      + worst.abs())
     return total.scatter(1, y.view(-1, 1), 0.0)
 
-
-def round_up(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``t`` in ``dtype``, rounded toward +inf (an upper bound stays one)."""
-    out = t.to(dtype)
-    low = out.to(t.dtype) < t
-    return torch.where(low, torch.nextafter(out, torch.full_like(out, math.inf)), out)
