@@ -44,14 +44,14 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from local_bound import (compute_bound, exact_float32, worst_case_margins,
-                         worst_case_margins_all_pairs)
-from networks import layer_input_shapes
-from vectors import RandomVectors, VectorStore
-from data_load import get_dataset
-from train import StepSettings, step_function, stored_step
-from checkpoints import load_checkpoint, saved_model_path
-from models import clamp_thresholds, select_model
+from locallip.bound import (compute_bound, exact_float32, worst_case_margins,
+                             worst_case_margins_all_pairs)
+from locallip.checkpoints import load_checkpoint, saved_model_path
+from locallip.data import get_dataset
+from locallip.layers import layer_input_shapes
+from locallip.models import clamp_thresholds, select_model
+from locallip.step import StepSettings, step_function, stored_step
+from locallip.vectors import RandomVectors, VectorStore
 
 INPUT = {'mnist': (1, 28, 28), 'fashionmnist': (1, 28, 28), 'cifar10': (3, 32, 32),
          'tinyimagenet': (3, 64, 64)}
@@ -116,7 +116,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--tf32', choices=('default', 'on', 'off'), default='default', help="CUDA: "
                    "TF32 for convolutions and matmuls in the timed steps (default: PyTorch's)")
     p.add_argument('--compile', action='store_true', help="train mode: the certified step "
-                   "through torch.compile (train.py --compile; 'reduce-overhead' on CUDA); "
+                   "through torch.compile (train_mnist.py --compile; 'reduce-overhead' on CUDA); "
                    "compiled during the warm-up steps (raise --warmup)")
     p.add_argument('--profile', type=int, default=0, help="train mode: profile this many "
                    "certified steps after the timing (torch.profiler) and print a summary")
@@ -161,7 +161,7 @@ def main(argv=None):
 
 def train_steps(a, model, dev):
     """(clean_step, certified_step) of the train mode: one Adam step each on a fresh random
-    batch, the certified one through the training loop's step (train.certified_step;
+    batch, the certified one through the training loop's step (step.certified_step;
     --compile: compiled)."""
     shape, classes = INPUT[a.data], CLASSES[a.data]
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
@@ -190,7 +190,7 @@ def train_steps(a, model, dev):
         next_row[0] += n
         return store.batch(idx, dev)
 
-    # the training loop's certified step (train.certified_step; --compile: compiled)
+    # the training loop's certified step (step.certified_step; --compile: compiled)
     step_args = StepSettings(sniter=a.sniter, opt_iter=a.opt_iter, pi_grad=a.pi_grad,
                              gloro=a.gloro, sp_thres=0.0, compile=a.compile)
     step_fn = step_function(a.compile, dev)
@@ -297,8 +297,8 @@ class Tally:
 def certify_all(name, a, model, batches, shape, tally: Tally):
     """Certify every batch with method ``name`` at every radius of ``tally``, counting into
     it (the timed part: the global vectors and norms are set up here, as evaluate.py does)."""
-    from certify import converged_global_vectors
-    from lanczos import GuaranteedNorms
+    from locallip.certificates import converged_global_vectors
+    from locallip.lanczos import GuaranteedNorms
     dev = batches[0][0].device
     norms = gv0 = None
     if name in ('guaranteed', 'radius_guaranteed'):
@@ -316,7 +316,7 @@ def certify_all(name, a, model, batches, shape, tally: Tally):
 
 def _radius_tally(a, model, x, y, gv0, norms, tally: Tally):
     """The certified radius of every point (guaranteed with ``norms``, else the estimate's)."""
-    from radius import RadiusSearch, radius_batch
+    from locallip.radius import RadiusSearch, radius_batch
     search = RadiusSearch(sniter=a.test_sniter, opt_iter=a.test_opt_iter, steps=a.radius_steps)
     r = radius_batch(model, x, y, gv0, search, norms=norms, reference=norms is None)
     found = r.radius if norms is None else r.radius_guaranteed
@@ -327,7 +327,7 @@ def _radius_tally(a, model, x, y, gv0, norms, tally: Tally):
 
 def _guaranteed_tally(a, model, x, y, norms, tally: Tally):
     """Guaranteed certificates (Lanczos upper bounds) at every radius."""
-    from lanczos import guaranteed_certify
+    from locallip.certificates import guaranteed_certify
     for e in tally.certified:
         tally.certified[e] += int(guaranteed_certify(model, x, y, e, norms,
                                                      opt_iter=a.test_opt_iter).certified.sum())
@@ -336,7 +336,7 @@ def _guaranteed_tally(a, model, x, y, norms, tally: Tally):
 def _estimate_tally(a, model, x, y, gv0, early: bool, tally: Tally):
     """Power-iteration certificates at the radii in increasing order, each starting from the
     previous radius's vectors; each point stops on its own (``early``) or with the batch."""
-    from vectors import KeptVectors
+    from locallip.vectors import KeptVectors
     vec, gv = KeptVectors(x.shape[0], x.device), {k: v.clone() for k, v in gv0.items()}
     for e in tally.certified:
         with torch.no_grad(), exact_float32():

@@ -24,20 +24,21 @@ import json
 import os
 import sys
 import time
-from dataclasses import fields
 
 import torch
 import torch.distributed as dist
 
-from evaluation import EvalSettings, full_evaluation
-from data_load import get_loaders
-from networks import check_supported, fold_batchnorm
-from report import (check_expected, comparison_table, expected_results, markdown_table,
-                    lower_line, radius_line, radius_lines, summary_line)
-from checkpoints import load_checkpoint, saved_model_path
-from errors import UserError
-from models import select_model
-from utils import argparser, distributed, init_distributed, run_main
+from locallip.checkpoints import load_checkpoint, saved_model_path
+from locallip.data import get_loaders
+from locallip.errors import UserError
+from locallip.evaluation import full_evaluation
+from locallip.flags import eval_settings
+from locallip.layers import check_supported, fold_batchnorm
+from locallip.models import select_model
+from locallip.report import (check_expected, comparison_table, expected_results, lower_line,
+                             markdown_table, radius_line, radius_lines, summary_line)
+from locallip.runtime import distributed, init_distributed, run_main
+from utils import argparser
 
 AUDIT_FAILED = 3   # exit status when the audit breaks a certificate
 EXPECT_FAILED = 4  # exit status when --expect numbers are not reproduced
@@ -82,21 +83,12 @@ def main(argv=None, **defaults):
                                  if args.plots and args.out else None)
     if (args.plots or args.plot_dir) and not args.out:
         raise UserError("--plots / --plot_dir need --out (the plots are drawn from its rows)")
-    rank, world, device = init_distributed(args)
+    rank, world, device = init_distributed(args.cpu, args.cuda_ids, args.dist_backend)
     try:
         return evaluate(args, plot_dir, rank, world, device)
     finally:
         if distributed():
             dist.destroy_process_group()
-
-
-def eval_settings(args, **changes) -> EvalSettings:
-    """The EvalSettings of the flags in ``args`` (the fields are named after them; the radii
-    are --epsilon's, heartbeat lines follow --verbose), with ``changes`` on top."""
-    names = {f.name for f in fields(EvalSettings)} - {'radii', 'heartbeat'}
-    values = {k: getattr(args, k) for k in names if hasattr(args, k)}
-    values.update(radii=list(args.radii), heartbeat=bool(args.verbose))
-    return EvalSettings(**dict(values, **changes))
 
 
 def evaluate(args, plot_dir, rank, world, device):
@@ -162,7 +154,7 @@ def write_outputs(args, res, plot_dir):
     if args.out:
         print(f"wrote {args.out} ({res['n']} rows)")
     if plot_dir:
-        from plots import make_plots
+        from locallip.plots import make_plots
         for p in make_plots(args.out, plot_dir, title=os.path.basename(args.saved_model)):
             print(f"wrote {p}")
 

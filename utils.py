@@ -1,21 +1,14 @@
-"""Hyper-parameter defaults, the argument parser and small helpers (devices, processes,
-seeds, the entry scripts' error handling). Architectures: models.py; checkpoints:
-checkpoints.py.
+"""Hyper-parameter defaults and the command line of the entry scripts (train_mnist.py,
+train_cifar10.py, evaluate.py, TinyImagenet/): edit the defaults here. The library they run
+is the package ``locallip`` (devices, processes and seeds: locallip/runtime.py).
 
 Nothing here parses arguments or touches a device at import time.
 """
 import argparse
 import difflib
-import os
-import random
 import sys
 
-import numpy as np
-import torch
-import torch.distributed as dist
-
-from errors import UserError
-
+from locallip.errors import UserError
 
 # ========================================================================================
 # Hyper-parameter defaults (one per line, with why). The entry scripts pick a column:
@@ -44,6 +37,11 @@ DEFAULTS = dict(
     n_test=0,                # use only the first N test images (0 = all)
     workers=0,               # DataLoader workers; 0 is fastest for in-memory MNIST on 2 cores
     store_dtype='auto',      # per-sample vector store: fp32 if it fits in RAM, else fp16, else disk
+    delta=1e-4,              # guaranteed certificate: failure probability of each (point, radius)
+    radius_rtol=1e-3,        # certified-radius search: relative bracket width at which it stops
+    radius_steps=256,        # Lanczos steps of a guaranteed radius's norm bounds (fewer: looser)
+    audit_restarts=2,        # audit attack restarts: 2 x 100 steps catch the broken bounds we tried
+    audit_steps=100,         # steps of each audit attack
 )
 MNIST = dict(
     data='mnist', model='relux',
@@ -164,7 +162,7 @@ def make_parser(data='mnist', overrides=None) -> argparse.ArgumentParser:
     _data_flags(p.add_argument_group('data and model').add_argument, d)
     _schedule_flags(p.add_argument_group('optimisation and schedule').add_argument, d)
     _bound_flags(p.add_argument_group('the bound and PGD').add_argument, d)
-    _evaluation_flags(p.add_argument_group('evaluate.py').add_argument)
+    _evaluation_flags(p.add_argument_group('evaluate.py').add_argument, d)
     _output_flags(p.add_argument_group('evaluate.py outputs').add_argument)
     _run_flags(p.add_argument_group('files, devices and runs').add_argument)
     _reference_flags(p.add_argument_group("the reference's other flags").add_argument)
@@ -256,7 +254,7 @@ def _bound_flags(flag, d):
          "estimate of every power iteration, in training and certification: 'bilinear' "
          "(reference, v^T A u = ||A^T v|| with the last v and u); 'forward' (DEVIATION, opt-in: "
          "||A u|| after the last half-step, this project's estimate before the reference was "
-         "matched; about 11%% larger certified loss with fresh vectors at CIFAR-10 settings)")
+         "matched; a larger certified loss and other gradients: docs/method.md)")
     flag('--compile', action='store_true', help="(not in the reference, opt-in) torch.compile "
          "the certified training step (bound and loss; on CUDA with mode 'reduce-overhead', i.e. "
          "CUDA graphs): its loops then run their full counts with the iterations after each "
@@ -288,7 +286,7 @@ def _bound_flags(flag, d):
     flag('--alpha', type=float, default=d['alpha'], help="PGD-L2 step size (default epsilon/4)")
 
 
-def _evaluation_flags(flag):
+def _evaluation_flags(flag, d):
     """What evaluate.py certifies and attacks."""
     flag('--saved_model', default=None, help="evaluate.py: load <saved_model>_best.pth (the "
          "reference's prefix), or the checkpoint file <saved_model> itself")
@@ -297,20 +295,19 @@ def _evaluation_flags(flag):
          "(approached from below, as the reference); 'guaranteed': ALSO certificates whose every "
          "spectral norm is a Lanczos upper bound false with probability <= --delta (per point "
          "and radius, over the random starts; lanczos.py), columns certified_guaranteed@<eps>")
-    flag('--delta', type=float, default=1e-4, help="evaluate.py --certificate guaranteed: "
+    flag('--delta', type=float, default=d['delta'], help="evaluate.py --certificate guaranteed: "
          "failure probability of each certificate (split over its norm bounds)")
     flag('--radius', action='store_true', help="(not in the reference) evaluate.py: also the "
          "certified radius of every point, the largest eps at which it is certified (a search "
          "over eps to --radius_rtol; with --certificate guaranteed also the guaranteed radius): "
          "TSV columns radius / radius_upper, the median in the summary, a continuous curve in "
          "the plots")
-    flag('--radius_rtol', type=float, default=1e-3, help="evaluate.py --radius: relative "
+    flag('--radius_rtol', type=float, default=d['radius_rtol'], help="evaluate.py --radius: relative "
          "tolerance of the search (the point is certified at radius and not at radius_upper <= "
          "radius * (1 + rtol))")
-    flag('--radius_steps', type=int, default=256, help="evaluate.py --radius --certificate "
-         "guaranteed: Lanczos steps of each masked-norm upper bound of the guaranteed radius "
-         "(fewer: faster and looser; on the bundled Fashion-MNIST model the median radius is "
-         "0.5%% below the estimate search's with 256 steps, 6%% below with 32)")
+    flag('--radius_steps', type=int, default=d['radius_steps'], help="evaluate.py --radius "
+         "--certificate guaranteed: Lanczos steps of each masked-norm upper bound of the "
+         "guaranteed radius (fewer: faster and looser; docs/performance.md)")
     flag('--lower_bound', action='store_true', help="(not in the reference) evaluate.py: "
          "also an empirical LOWER bound of every point's local Lipschitz constant at the first "
          "--epsilon (secant ratios raised by gradient ascent over pairs of points of the ball, "
@@ -320,9 +317,9 @@ def _evaluation_flags(flag):
     flag('--audit', action='store_true', help="evaluate.py: attack every certified point inside "
          "its ball (PGD-L2 on the margin, --audit_restarts x --audit_steps, no clipping) and "
          "stop with exit status 3 if any certified prediction flips")
-    flag('--audit_restarts', type=int, default=2, help="random restarts of the audit attack "
-         "(2 x 100 steps: a 1000-point, 2-radius MNIST-size audit in minutes, see README)")
-    flag('--audit_steps', type=int, default=100, help="steps of each audit attack")
+    flag('--audit_restarts', type=int, default=d['audit_restarts'], help="random restarts of "
+         "the audit attack")
+    flag('--audit_steps', type=int, default=d['audit_steps'], help="steps of each audit attack")
 
 
 def _output_flags(flag):
@@ -369,8 +366,8 @@ def _run_flags(flag):
          "the same weights; slower on GPUs. CPU training is reproducible without it at a fixed "
          "thread count")
     flag('--no_save_vectors', action='store_true', help="training: do not write the per-sample "
-         "vector store <prefix>_<model>_vectors.pt each epoch (it can be large: 677 MB for the "
-         "quickstart); --resume then restarts the vectors from random")
+         "vector store <prefix>_<model>_vectors.pt each epoch (it can be large: the start-up line "
+         "gives its size); --resume then restarts the vectors from random")
     flag('--no_save', action='store_true', help="training: write no checkpoint, vector store or "
          "TensorBoard file (the final evaluation uses the best model kept in memory)")
 
@@ -419,88 +416,6 @@ def parse(p: argparse.ArgumentParser, argv=None):
     if args.prefix is None:
         args.prefix = args.data
     return args
-
-
-# ========================================================================================
-# Small helpers
-# ========================================================================================
-def get_device(args):
-    if torch.cuda.is_available() and not args.cpu:
-        return torch.device(f"cuda:{args.cuda_ids.split(',')[0]}")
-    return torch.device('cpu')
-
-
-# Distributed helpers (torchrun; one process works without it): training and evaluation
-def init_distributed(args):
-    """(rank, world, device). Under torchrun (its RANK / WORLD_SIZE environment, also with
-    one process): a process group, NCCL on GPUs, gloo on CPU; otherwise one plain process."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if 'RANK' not in os.environ or 'MASTER_ADDR' not in os.environ:
-        if world > 1:
-            raise UserError("WORLD_SIZE > 1 without torchrun's RANK / MASTER_ADDR; launch with "
-                            "torchrun --nproc_per_node=N")
-        return 0, 1, get_device(args)
-    use_cuda = torch.cuda.is_available() and not args.cpu
-    dist.init_process_group(args.dist_backend if use_cuda else 'gloo')
-    local = int(os.environ.get('LOCAL_RANK', '0'))
-    if use_cuda:
-        torch.cuda.set_device(local)
-    return dist.get_rank(), world, torch.device(f'cuda:{local}' if use_cuda else 'cpu')
-
-
-def distributed():
-    """True inside a torchrun process group (also of one process)."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def all_reduce_sum(values, device, world):
-    """Sum a list of floats (or 0-dim tensors) over processes."""
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device) for v in values])
-    if distributed():
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def seed_all(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-# The random streams of an evaluation, derived from --seed: each is seed * SEED_STRIDE +
-# its offset (+ the batch number), so that a batch's draws depend only on the seed and the
-# batch (resumable, the same with any process count) and no two streams meet for fewer
-# than 500009 batches.
-SEED_STRIDE = 1000003          # a prime above any offset + batch count
-BATCH_STREAM = 0               # a batch's power-iteration starts and PGD
-GUARANTEED_STREAM = 500009     # a batch's Lanczos starts (guaranteed certificates)
-RADIUS_STREAM = 700001         # a batch's certified-radius search
-LOWER_STREAM = 800011          # a batch's lower-bound ascent (--lower_bound)
-NORMS_STREAM = 999979          # the global Lanczos norm bounds, once per evaluation
-GLOBAL_STREAM = 999983         # the global power-iteration vectors, once per evaluation
-
-
-def derived_seed(seed: int, stream: int, batch: int = 0) -> int:
-    """The seed of random ``stream`` (one of the *_STREAM offsets) for ``batch``."""
-    return seed * SEED_STRIDE + stream + batch
-
-
-def use_deterministic_kernels():
-    """Deterministic kernels from here on (--deterministic): the cuBLAS workspace setting
-    must precede the first cuBLAS call, so call this before any CUDA work."""
-    os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
-    torch.use_deterministic_algorithms(True)
-    torch.backends.cudnn.deterministic = True
-    torch.backends.cudnn.benchmark = False
-
-
-def run_main(fn):
-    """Run an entry point; a UserError becomes one line on stderr and exit status 2."""
-    try:
-        fn()
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 # ========================================================================================

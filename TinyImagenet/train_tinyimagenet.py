@@ -8,8 +8,15 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from train import main  # noqa: E402
-from utils import run_main  # noqa: E402
+from locallip.runtime import run_main  # noqa: E402
+from locallip.training import train  # noqa: E402
+from utils import argparser  # noqa: E402
+
+
+def main(argv=None):
+    """Train as the flags say, with the tinyimagenet defaults (utils.py)."""
+    return train(argparser(argv, data='tinyimagenet'))
+
 
 if __name__ == '__main__':
-    run_main(lambda: main(data='tinyimagenet'))
+    run_main(main)

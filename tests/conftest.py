@@ -1,4 +1,5 @@
 """Shared fixtures: tiny seeded networks and datasets written in the exact on-disk formats."""
+import math
 import os
 import pickle
 import struct
@@ -7,17 +8,37 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn as nn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 torch.set_num_threads(2)
 
-from models import ClampGroupSort, ReLU_x, Residual, _build  # noqa: E402
+from locallip.checkpoints import load_checkpoint  # noqa: E402
+from locallip.errors import UserError  # noqa: E402
+from locallip.models import ClampGroupSort, ReLU_x, Residual, _build, select_model  # noqa: E402
+from locallip.operators import apply_W  # noqa: E402
 
 # The device of every device-capable test: `pytest --device cuda` or LOCALLIP_TEST_DEVICE=cuda.
 # Tests build their seeded inputs on the CPU and move them with ``dev``, so CPU and CUDA runs
 # check the same cases. The subprocess tests pass --cpu unless the device is CUDA.
 DEVICE = torch.device(os.environ.get('LOCALLIP_TEST_DEVICE', 'cpu'))
+
+
+def train_main(argv=None, data='mnist'):
+    """What train_mnist.py / train_cifar10.py / TinyImagenet/train_tinyimagenet.py do: parse
+    ``argv`` with the ``data`` column's defaults and train."""
+    from locallip.training import train
+    from utils import argparser
+    return train(argparser(argv, data=data))
+
+
+def settings_of(radii, **fields):
+    """EvalSettings at ``radii`` with the command line's defaults (utils.py, their only
+    source) and ``fields`` on top."""
+    from locallip.flags import eval_settings
+    from utils import argparser
+    return eval_settings(argparser(['--epsilon', *map(str, radii)]), **fields)
 
 
 def pytest_addoption(parser):
@@ -204,10 +225,10 @@ _TRAINED = {}
 
 def trained_tiny(kind='relux', eps=0.3, steps=150):
     """tiny_net trained with the certified loss on blobs (cached per session)."""
-    from local_bound import certified_loss, compute_bound
-    from networks import layer_input_shapes
-    from vectors import VectorStore
-    from models import clamp_thresholds
+    from locallip.bound import certified_loss, compute_bound
+    from locallip.layers import layer_input_shapes
+    from locallip.models import clamp_thresholds
+    from locallip.vectors import VectorStore
     key = (kind, eps, steps)
     if key not in _TRAINED:
         torch.manual_seed(0)
@@ -233,7 +254,8 @@ def trained_tiny(kind='relux', eps=0.3, steps=150):
 def blob_loader(n=64, seed=1, batch=32):
     """Loader of (x, y, index) over fresh blobs."""
     from torch.utils.data import DataLoader, TensorDataset
-    from data_load import IndexedDataset
+
+    from locallip.data import IndexedDataset
     x, y = blobs(n, seed)
     return DataLoader(IndexedDataset(TensorDataset(x, y)), batch_size=batch)
 
@@ -267,3 +289,57 @@ def make_tinyimagenet_like(root, classes=4, per_class=8, val_per_class=4, seed=0
     with open(os.path.join(base, 'wnids.txt'), 'w') as f:
         f.write('\n'.join(wnids) + '\n')
     return root
+
+
+# the bundled Fashion-MNIST model the tests below read ($LOCALLIP_TEST_BUNDLED: another
+# file, for the test that a checkpoint which does not load fails them)
+BUNDLED = os.environ.get('LOCALLIP_TEST_BUNDLED') or os.path.join(
+    ROOT, 'pretrained', 'fashionmnist', 'local_relux_best.pth')
+
+
+def fashion_test_set():
+    """The Fashion-MNIST test set (data/, then Debian's), or None when it is not installed.
+    Only "not found" means not installed: any other error (a damaged file) is raised, and
+    no checkpoint is read here, so a checkpoint that does not load fails the tests below
+    instead of skipping them as "not installed"."""
+    from locallip.data import get_dataset
+    try:
+        return get_dataset('fashionmnist', None, train=False, augment=False, download=False)
+    except UserError as e:
+        if 'dataset fashionmnist not found' in str(e):
+            return None
+        raise
+
+
+def bundled(n=12):
+    ds = fashion_test_set()
+    net = select_model('fashionmnist', 'relux', 2.0)
+    load_checkpoint(BUNDLED, net)          # errors fail the test
+    xs = torch.stack([ds[k][0] for k in range(n)])
+    ys = torch.tensor([int(ds[k][1]) for k in range(n)])
+    return net.eval(), xs, ys
+
+
+fashion = pytest.mark.skipif(fashion_test_set() is None, reason="Fashion-MNIST is not "
+                             "installed (apt-get install dataset-fashion-mnist)")
+
+
+def randomize_bn(net):
+    g = torch.Generator().manual_seed(3)
+    for m in net:
+        if isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+            c = m.num_features
+            m.running_mean.copy_(torch.rand(c, generator=g, dtype=m.running_mean.dtype) - 0.5)
+            m.running_var.copy_(torch.rand(c, generator=g, dtype=m.running_var.dtype) + 0.5)
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(c, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+    return net
+
+
+def explicit_matrix(layer, in_shape):
+    """The matrix [out, in] of the linear map x -> W x (no bias)."""
+    n = math.prod(in_shape)
+    basis = torch.eye(n, dtype=torch.float64, device=layer.weight.device).reshape(n, *in_shape)
+    layer = layer.double()
+    return apply_W(layer, basis).reshape(n, -1).t()

@@ -1,4 +1,4 @@
-"""Soundness checks that can fail, shared by test_soundness.py, test_exact_radius.py and
+"""Soundness checks that can fail, shared by test_soundness.py, test_radius.py and
 test_mutations.py (which runs them with the bound made deliberately too optimistic and
 asserts that they catch it).
 
@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 import locallip
-from models import ReLU_x
+from locallip.models import ReLU_x
 
 
 # ----------------------------------------------------------------------------------------
@@ -265,7 +265,7 @@ def worst_logit_check(net, x, y, eps):
     the largest gaps ascent finds in the ball: returns {'above': found gaps above the bound
     (violations), 'attained': the smallest fraction of a_iy that ascent reaches, over the
     classes i != y of every point}."""
-    from local_bound import compute_bound
+    from locallip.bound import compute_bound
     with torch.no_grad():
         res = compute_bound(net, x, y, eps, None, None, sniter=2000, tol=1e-10, opt_iter=1000,
                             check=True)

@@ -4,114 +4,13 @@ import math
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from conftest import DEVICE, dev, explicit_matrix, tiny_net
 
-from conftest import DEVICE, dev, tiny_net
-from local_bound import (BoundError, compute_bound, certified_loss, worst_case_margins,
-                         worst_case_margins_all_pairs, robust_loss)
-from networks import check_supported
-from operators import (PowerOptions, apply_W, apply_WT, global_power_iteration, global_vector_shape,
-                       masked_power_iteration)
-from vectors import KeptVectors, RandomVectors, VectorStore
-from models import ClampGroupSort, ReLU_x
-
-
-def explicit_matrix(layer, in_shape):
-    """The matrix [out, in] of the linear map x -> W x (no bias)."""
-    n = math.prod(in_shape)
-    basis = torch.eye(n, dtype=torch.float64, device=layer.weight.device).reshape(n, *in_shape)
-    layer = layer.double()
-    return apply_W(layer, basis).reshape(n, -1).t()
-
-
-LAYERS = [
-    ('linear', lambda: nn.Linear(12, 7), (12,)),
-    ('conv s2 p1 (odd input, adjoint one short)', lambda: nn.Conv2d(2, 3, 4, stride=2, padding=1), (2, 7, 7)),
-    ('conv s1 p1', lambda: nn.Conv2d(2, 3, 3, stride=1, padding=1), (2, 5, 5)),
-    ('conv s2 p0', lambda: nn.Conv2d(2, 4, 4, stride=2, padding=0), (2, 9, 9)),
-]
-
-
-@pytest.mark.parametrize('name,make,in_shape', LAYERS, ids=[l[0] for l in LAYERS])
-def test_adjoint(name, make, in_shape):
-    torch.manual_seed(0)
-    layer = dev(make().double())
-    x = dev(torch.randn(3, *in_shape, dtype=torch.float64))
-    y_shape = apply_W(layer, x).shape
-    y = dev(torch.randn(y_shape, dtype=torch.float64))
-    lhs = (apply_W(layer, x) * y).sum()
-    rhs = (x * apply_WT(layer, y, in_shape)).sum()
-    assert abs(lhs - rhs).item() < 1e-10
-    assert apply_WT(layer, y, in_shape).shape == x.shape
-
-
-@pytest.mark.parametrize('name,make,in_shape', LAYERS, ids=[l[0] for l in LAYERS])
-def test_masked_power_iteration_equals_exact_svd(name, make, in_shape):
-    torch.manual_seed(1)
-    layer = dev(make().double())
-    M = explicit_matrix(layer, in_shape)
-    out_shape = apply_W(layer, dev(torch.zeros(1, *in_shape, dtype=torch.float64))).shape[1:]
-    b = 4
-    d_in = dev((torch.rand(b, *in_shape) > 0.4).double())
-    d_out = dev((torch.rand(b, *out_shape) > 0.3).double())
-    u0 = dev(torch.randn(b, *in_shape, dtype=torch.float64))
-    for grad in (False, True):
-        with torch.set_grad_enabled(grad):
-            pi = masked_power_iteration(layer, u0, 3000, d_in, d_out, PowerOptions(tol=1e-10))
-        for k in range(b):
-            masked = d_out[k].reshape(-1, 1) * M * d_in[k].reshape(1, -1)
-            exact = torch.linalg.matrix_norm(masked, ord=2)
-            assert pi.sigma[k].item() == pytest.approx(exact.item(), rel=1e-6)
-            assert pi.sigma[k].item() <= exact.item() * (1 + 1e-9)   # from below
-    # without masks: the global spectral norm, also via the global iteration
-    exact = torch.linalg.matrix_norm(M, ord=2).item()
-    pi = masked_power_iteration(layer, u0, 3000, opts=PowerOptions(tol=1e-10))
-    assert pi.sigma.min().item() == pytest.approx(exact, rel=1e-6)
-    g0 = dev(torch.randn(1, *global_vector_shape(layer, in_shape), dtype=torch.float64))
-    assert tuple(g0.shape[1:]) == ((M.shape[0],) if isinstance(layer, nn.Linear) else in_shape)
-    sg, gu, _ = global_power_iteration(layer, g0, 3000, tol=1e-10)
-    assert sg.item() == pytest.approx(exact, rel=1e-6)
-    top = torch.linalg.svd(M)   # a linear layer's vector is the top LEFT singular vector
-    want = top.U[:, 0] if isinstance(layer, nn.Linear) else top.Vh[0]
-    assert abs(gu.flatten() @ want).item() == pytest.approx(1.0, abs=1e-6)
-    assert global_power_iteration(layer, g0, 3000, tol=1e-3)[2]       # converged
-    assert not global_power_iteration(layer, g0, 1, tol=1e-3)[2]      # reported as not
-    if isinstance(layer, nn.Linear):   # an input-space vector is refused, with the shapes
-        with pytest.raises(ValueError, match="output space"):
-            global_power_iteration(layer, u0[:1], 3)
-
-
-def test_warm_start_from_a_smaller_radius_gives_the_fresh_sigmas():
-    """Evaluation bounds a batch at its radii in increasing order, each starting from the
-    vectors of the previous one: the varying sets only grow, and the sigmas reached are the
-    ones a fresh start reaches (exact SVD agreement is tested above). (That this takes fewer
-    iterations on a trained model is measured, not unit-tested: see the README.)"""
-    torch.manual_seed(0)
-    net = dev(tiny_net('relux').double().eval())
-    x = dev(torch.rand(6, 1, 8, 8, dtype=torch.float64))
-    y = dev(torch.randint(0, 3, (6,)))
-    kw = dict(sniter=3000, opt_iter=100, tol=1e-10)
-    kept = KeptVectors(6, DEVICE)
-    small = compute_bound(net, x, y, 0.05, kept, {}, **kw)
-    warm = compute_bound(net, x, y, 0.2, kept, {}, **kw)
-    fresh = compute_bound(net, x, y, 0.2, RandomVectors(6, DEVICE), {}, **kw)
-    for i in small.masks:
-        assert (small.masks[i] <= warm.masks[i]).all()          # larger ball, more varying
-    assert any((small.masks[i] < warm.masks[i]).any() for i in small.masks)   # not trivial
-    for i in fresh.sigmas:
-        assert torch.allclose(warm.sigmas[i], fresh.sigmas[i], rtol=1e-6)
-    assert torch.equal(warm.certified(y), fresh.certified(y))
-
-
-def test_power_iteration_reports_convergence():
-    torch.manual_seed(0)
-    layer = dev(nn.Conv2d(2, 3, 3, padding=1).double())
-    u0 = dev(torch.randn(5, 2, 6, 6, dtype=torch.float64))
-    with torch.no_grad():
-        short = masked_power_iteration(layer, u0, 1, opts=PowerOptions(tol=1e-3))
-        long = masked_power_iteration(layer, u0, 5000, opts=PowerOptions(tol=1e-3))
-    assert not short.converged.any() and (short.iters == 1).all()
-    assert long.converged.all() and (long.iters > 1).all()
+from locallip.bound import (BoundError, compute_bound, worst_case_margins,
+                             worst_case_margins_all_pairs)
+from locallip.layers import check_supported
+from locallip.models import ClampGroupSort, ReLU_x
+from locallip.vectors import RandomVectors, VectorStore
 
 
 def exact_max(w, r, lo, hi):
@@ -325,26 +224,6 @@ def test_nan_is_never_certified():
     assert math.isnan(res.margin(y)[0].item())
 
 
-def test_losses():
-    torch.manual_seed(0)
-    net = dev(tiny_net('relux'))
-    x = dev(torch.rand(4, 1, 8, 8))
-    y = dev(torch.tensor([0, 1, 2, 0]))
-    res = compute_bound(net, x, y, 0.1, RandomVectors(4, DEVICE), {}, sniter=3, opt_iter=3)
-    z = res.logits + res.worst
-    assert robust_loss(res, y).item() == pytest.approx(F.cross_entropy(z, y).item(), rel=1e-6)
-    zo = z.clone()
-    zo[dev(torch.arange(4)), y] = -float('inf')
-    g = torch.cat([res.logits, zo.max(1, keepdim=True).values], 1)
-    assert robust_loss(res, y, gloro=True).item() == pytest.approx(F.cross_entropy(g, y).item(), rel=1e-6)
-    loss, clean, rob = certified_loss(res, y, 0.3)
-    assert loss.item() == pytest.approx(0.3 * clean.item() + 0.7 * rob.item(), rel=1e-6)
-    loss, clean, rob = certified_loss(res, y, 0.3, gloro=True)
-    assert loss.item() == rob.item()
-    loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
-
-
 def test_vector_store_round_trip(tmp_path):
     shapes = {0: (2, 3, 3), 2: (5,)}
     for dtype in (torch.float32, torch.float16):
@@ -368,88 +247,3 @@ def test_vector_store_round_trip(tmp_path):
 # ----------------------------------------------------------------------------------------
 # sync_free: the loops' stops decided on the device (for CUDA graphs / torch.compile)
 # ----------------------------------------------------------------------------------------
-def _no_host_reads(monkeypatch):
-    """Make every host read of a tensor's value raise (what a CUDA graph cannot hold)."""
-    def refuse(*a, **k):
-        raise AssertionError('host read of a tensor value')
-    for name in ('__bool__', 'item', 'tolist', '__float__', '__int__'):
-        monkeypatch.setattr(torch.Tensor, name, refuse)
-
-
-@pytest.mark.parametrize('kind', ['relux', 'maxmin'])
-@pytest.mark.parametrize('pi_grad', ['all', 'last'])
-def test_sync_free_training_step_equals_the_stopping_loops(kind, pi_grad, monkeypatch):
-    """A training step (gradient through the power iterations, reference NaN handling) with
-    sync_free gives the stopping loops' values (bitwise for pi_grad 'all', to 1e-6 for the
-    per-sample stop of 'last') and iteration counts, their gradients to 1e-6, while
-    the loops do stop early (20 iterations at most, tol 0.2), and it reads no tensor on the
-    host. (pi_grad 'last' without sync_free is also the regression test of a crash: the
-    per-sample loop's v was requested under no_grad, so never kept.)"""
-    torch.manual_seed(0)
-    x, y = torch.rand(12, 1, 8, 8), torch.randint(0, 3, (12,))
-    out = {}
-    for sf in (False, True):
-        net = tiny_net(kind, seed=3)
-        vec = KeptVectors(12, torch.device('cpu'))
-        gv = {}
-        torch.manual_seed(5)            # the same fresh vectors for both
-        with monkeypatch.context() as mp:
-            if sf:
-                _no_host_reads(mp)
-            res = compute_bound(net, x, y, 0.3, vec, gv, sniter=20, opt_iter=20, tol=0.2,
-                                global_tol=0.2, pi_grad=pi_grad, reference_nan=True,
-                                sync_free=sf)
-            loss, _, _ = certified_loss(res, y, 0.5, gloro=True)
-            loss.backward()
-        out[sf] = (res, loss.detach(), [p.grad.clone() for p in net.parameters()],
-                   {k: v.clone() for k, v in gv.items()}, vec)
-    (r0, l0, g0, gv0, v0), (r1, l1, g1, gv1, v1) = out[False], out[True]
-    # the whole-batch loop (pi_grad all) computes the same products: bitwise. The per-sample
-    # stop (pi_grad last) shrinks the batch of its convolutions: last-bit differences
-    same = torch.equal if pi_grad == 'all' else \
-        (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6))
-    assert same(l0, l1)
-    assert same(r0.worst, r1.worst) and same(r0.r_local, r1.r_local)
-    assert torch.equal(r0.r_global, r1.r_global)
-    stopped_early = False
-    for i in r0.sigmas:
-        assert same(r0.sigmas[i], r1.sigmas[i]), i
-        assert torch.equal(r0.iters[i], r1.iters[i]), i
-        assert same(v0.get(i, None), v1.get(i, None)), i
-        stopped_early |= bool((r0.iters[i] < 20).any())
-    assert stopped_early                # the early stop happened: the equality is not vacuous
-    for k in gv0:
-        assert torch.equal(gv0[k], gv1[k]), k
-    for a, b in zip(g0, g1):
-        tol = 1e-9 if pi_grad == 'all' else 1e-7
-        assert torch.allclose(a, b, rtol=1e-6, atol=tol), (a - b).abs().max()
-
-
-def test_sync_free_bcp_equals_the_early_break(monkeypatch):
-    """The worst-case-logit rounds: the device-side stop equals the break (values bitwise),
-    in cases where the loop stops well before opt_iter and where more rounds matter."""
-    g = torch.Generator().manual_seed(2)
-    W = torch.randn(5, 30, generator=g)
-    y = torch.randint(0, 5, (16,), generator=g)
-    r = torch.rand(16, generator=g) * 3
-    lo, hi = -torch.rand(16, 30, generator=g) * 0.3, torch.rand(16, 30, generator=g) * 0.3
-    for ref_nan in (True, False):
-        full = worst_case_margins(W, y, r, lo, hi, 40, ref_nan)
-        with monkeypatch.context() as mp:
-            _no_host_reads(mp)
-            free = worst_case_margins(W, y, r, lo, hi, 40, ref_nan, True)
-        assert torch.equal(full, free), ref_nan
-        with monkeypatch.context() as mp, pytest.raises(AssertionError, match='host read'):
-            _no_host_reads(mp)          # the guard does catch the stopping loop's read
-            worst_case_margins(W, y, r, lo, hi, 40, ref_nan)
-    # the rounds matter (1 round is not the answer) and the loop ends before 40 rounds
-    assert not torch.equal(worst_case_margins(W, y, r, lo, hi, 1), full)
-    assert torch.equal(worst_case_margins(W, y, r, lo, hi, 30), full)
-
-
-def test_sync_free_refuses_check():
-    net = tiny_net('relux')
-    with pytest.raises(ValueError, match='sync_free'):
-        compute_bound(net, torch.rand(2, 1, 8, 8), torch.tensor([0, 1]), 0.1,
-                      KeptVectors(2, torch.device('cpu')), {}, sniter=2, opt_iter=2,
-                      check=True, sync_free=True)

@@ -10,10 +10,9 @@ import time
 
 import pytest
 import torch
-
-from plots import ramp_end_epoch, read_scalars, series, varying_data
-
 from conftest import DEVICE, ROOT, USER_RESNET, device_flags
+
+from locallip.plots import ramp_end_epoch, read_scalars, series, varying_data
 
 FAST = ['--data_dir', None, '--no_download', '--batch_size', '64', '--test_batch_size', '64',
         '--n_train', '128', '--n_test', '64', '--rampup', '1', '--sniter', '1',
@@ -84,7 +83,7 @@ def test_train_then_evaluate(tmp_path, mnist_dir):
     assert start.startswith(f"evaluate: {prefix}_relux_best.pth (epoch ") and '64 test points' in start
     assert f"points from {os.path.abspath(os.path.join(mnist_dir, 'MNIST'))} in" in start
     assert 'radii 0.3 0.1' in start and 'reference certificates' in start
-    from report import read_tsv
+    from locallip.report import read_tsv
     header, rows = read_tsv(tsv)
     assert len(rows) == 64 and header[:8] == ['idx', 'label', 'pred', 'correct', 'pgd_correct',
                                               'local_bound', 'global_bound', 'margin']
@@ -226,7 +225,7 @@ def inline(entry, argv, capsys):
     return (exit status, stderr): the subprocess runs' checks without starting Python and
     importing torch again for each bad input. Any exception other than the UserError that
     run_main turns into exit status 2 propagates and fails the test (a traceback)."""
-    from utils import run_main
+    from locallip.runtime import run_main
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         run_main(lambda: entry([*argv, *device_flags()]))
@@ -234,7 +233,7 @@ def inline(entry, argv, capsys):
 
 
 def test_bad_training_input(tmp_path, mnist_dir, capsys):
-    from train import main
+    from conftest import train_main
     base = [a if a is not None else mnist_dir for a in FAST] + ['--epochs', '1', '--prefix',
                                                                  str(tmp_path / 'x')]
     # one real process: exit status 2, one line, no traceback
@@ -246,9 +245,9 @@ def test_bad_training_input(tmp_path, mnist_dir, capsys):
                           (['--epsilon_train', '-1'], '--epsilon_train must be in [0, inf)'),
                           (['--time_limit', '-1'], '--time_limit must be in [0, inf)'),
                           (['--epsilon', '0.1', '0.2'], 'training takes one --epsilon')):
-        code, err = inline(lambda a: main(a, data='mnist'), base + args, capsys)
+        code, err = inline(lambda a: train_main(a, data='mnist'), base + args, capsys)
         assert code == 2 and err.startswith('error:') and message in err, (args, err)
-    code, err = inline(lambda a: main(a, data='mnist'),
+    code, err = inline(lambda a: train_main(a, data='mnist'),
                        ['--data_dir', str(tmp_path / 'nothing'), '--no_download', '--epochs', '1',
                         '--prefix', str(tmp_path / 'x')], capsys)
     assert code == 2 and 'dataset mnist not found' in err and 'nothing' in err and 'to get it' in err
@@ -263,7 +262,7 @@ def test_bad_evaluation_input(tmp_path, mnist_dir, capsys):
     p = run('evaluate.py', *base, '--saved_model', str(tmp_path / 'missing'), check=False)
     assert p.returncode == 2 and 'checkpoint not found' in p.stderr and 'missing_best.pth' in p.stderr
     assert 'Traceback' not in p.stderr and 'P loads P_best.pth' in p.stderr
-    from models import select_model
+    from locallip.models import select_model
     torch.save({'state_dict': select_model('mnist', 'relux').state_dict(), 'err': 1, 'epoch': 0},
                str(tmp_path / 'm_best.pth'))
     m = str(tmp_path / 'm')
@@ -308,9 +307,9 @@ def test_bad_evaluation_input(tmp_path, mnist_dir, capsys):
 def test_audit_failure_exits_nonzero(tmp_path, mnist_dir, monkeypatch, capsys):
     """A wrong (shrunk) bound on purpose: the audit with its default restarts and steps
     prints the sample and exits with 3."""
-    import local_bound
     import evaluate
-    from models import select_model
+    from locallip import bound as local_bound
+    from locallip.models import select_model
     torch.manual_seed(0)
     torch.save({'state_dict': select_model('mnist', 'relux').state_dict(), 'err': 1, 'epoch': 0},
                str(tmp_path / 'm_best.pth'))
@@ -329,10 +328,11 @@ def test_progress_lines_without_a_terminal(monkeypatch, capsys):
     """Without a terminal an epoch of fewer than --verbose batches still prints progress at
     least every PROGRESS_EVERY_S seconds (here 0: every batch; by default none in 4 quick
     batches)."""
-    import train
     from conftest import blob_loader, tiny_net
-    from networks import layer_input_shapes
-    from vectors import VectorStore
+
+    from locallip import training as train
+    from locallip.layers import layer_input_shapes
+    from locallip.vectors import VectorStore
     from utils import argparser
     args = argparser(['--verbose', '200', '--sniter', '1', '--rampup', '1', '--epsilon', '0.1',
                       '--epsilon_train', '0.1'])
@@ -353,7 +353,7 @@ def test_progress_lines_without_a_terminal(monkeypatch, capsys):
 def test_evaluation_heartbeat_without_a_terminal(capsys):
     """Without a terminal, evaluate prints a line per batch and, while a batch runs longer
     than the interval, its status at least once per interval."""
-    from progress import Heartbeat
+    from locallip.progress import Heartbeat
     beat = Heartbeat(0.2)
     beat.status = 'evaluate: batch 1/3 running'
     time.sleep(0.75)
@@ -372,10 +372,11 @@ def test_evaluation_heartbeat_without_a_terminal(capsys):
 def test_epoch_logs_the_training_figures():
     """Each certified epoch reports the paper's training-figure quantities: the mean local /
     global Lipschitz ratio (<= 1) and the fraction of varying neurons per activation."""
-    import train
     from conftest import blob_loader, tiny_net
-    from networks import layer_input_shapes
-    from vectors import VectorStore
+
+    from locallip import training as train
+    from locallip.layers import layer_input_shapes
+    from locallip.vectors import VectorStore
     from utils import argparser
     args = argparser(['--sniter', '2', '--rampup', '1', '--epsilon', '0.2', '--epsilon_train', '0.2'])
     net = tiny_net('relux')
@@ -393,12 +394,13 @@ def test_old_checkpoints_global_vectors_carry_over():
     (as the reference's; such a checkpoint names no space) resumes with normalize(W u) in its
     place, square layers too; the conv vectors and the new format pass unchanged; a shape
     that does not fit is refused with both shapes named."""
-    import train
     from conftest import _build
-    from networks import layer_input_shapes
-    from operators import global_power_iteration, global_vector_shape
-    from errors import UserError
-    from models import ReLU_x
+
+    from locallip import step
+    from locallip.errors import UserError
+    from locallip.layers import layer_input_shapes
+    from locallip.models import ReLU_x
+    from locallip.operators import global_power_iteration, global_vector_shape
     torch.manual_seed(3)   # conv, linear 32 -> 16, square linear 16 -> 16, logits
     net = _build([(1, 2, 4, 2, 1, 4)], [(32, 16), (16, 16), (16, 3)],
                  lambda shape, j: ReLU_x(shape, 1.0)).to(DEVICE)
@@ -408,8 +410,8 @@ def test_old_checkpoints_global_vectors_carry_over():
     g = torch.Generator().manual_seed(0)
     old = {k: torch.randn(1, *s, generator=g) for k, s in shapes.items()}
     said = []
-    assert train.GLOBAL_LINEAR_SPACE == 'output'     # the space a new checkpoint names
-    got = train.resumed_global_vectors(old, net, shapes, DEVICE, said.append, 'input')
+    assert step.GLOBAL_LINEAR_SPACE == 'output'     # the space a new checkpoint names
+    got = step.resumed_global_vectors(old, net, shapes, DEVICE, said.append, 'input')
     for k, s in shapes.items():
         assert tuple(got[k].shape) == (1, *global_vector_shape(net[k], s))
         if k in lin:
@@ -420,12 +422,12 @@ def test_old_checkpoints_global_vectors_carry_over():
         else:
             assert torch.equal(got[k], old[k].to(DEVICE))
     assert len(said) == len(lin)
-    again = train.resumed_global_vectors(got, net, shapes, DEVICE, said.append, 'output')
+    again = step.resumed_global_vectors(got, net, shapes, DEVICE, said.append, 'output')
     assert all(torch.equal(again[k], got[k]) for k in got) and len(said) == len(lin)
     bad = {**old, lin[0]: torch.randn(1, 5)}
     for space in ('input', 'output'):
         with pytest.raises(UserError, match=r"layer %d .*\(1, 5\)" % lin[0]):
-            train.resumed_global_vectors(bad, net, shapes, DEVICE, said.append, space)
+            step.resumed_global_vectors(bad, net, shapes, DEVICE, said.append, space)
 
 
 @pytest.mark.parametrize('backend', ['aot_eager'] + (['inductor'] if DEVICE.type == 'cuda' else []))
@@ -438,10 +440,11 @@ def test_compiled_step_equals_eager(backend):
     fullgraph this test was run once and passed). On CUDA it also runs 'inductor', i.e. what
     --compile uses there: mode 'reduce-overhead', CUDA graphs. TF32 is off in both runs so
     that they compute the same products. The GPU timing is bench.py --compile."""
-    import train
     from conftest import tiny_net
-    from local_bound import exact_float32
-    from networks import layer_input_shapes
+
+    from locallip import flags, step
+    from locallip.bound import exact_float32
+    from locallip.layers import layer_input_shapes
     from utils import argparser
     x, y = torch.rand(8, 1, 8, 8).to(DEVICE), torch.randint(0, 3, (8,)).to(DEVICE)
     results = []
@@ -454,11 +457,11 @@ def test_compiled_step_equals_eager(backend):
         given = {k: torch.randn(8, *s, generator=g).to(DEVICE) for k, s in shapes.items()}
         gv = {}
         torch.manual_seed(2)            # the global vectors' first draw, outside compiled code
-        train.start_global_vectors(gv, net, shapes, x)
-        fn = train.step_function(args.compile, DEVICE, backend=backend, fullgraph=True)
-        assert (fn is train.certified_step) != compiled
+        step.start_global_vectors(gv, net, shapes, x)
+        fn = step.step_function(args.compile, DEVICE, backend=backend, fullgraph=True)
+        assert (fn is step.certified_step) != compiled
         with exact_float32():
-            outs = [fn(net, x, y, 0.3, 0.5, given, gv, train.step_settings(args))]
+            outs = [fn(net, x, y, 0.3, 0.5, given, gv, flags.step_settings(args))]
             outs[-1][0].backward()
         results.append((outs, [p.grad.clone() for p in net.parameters()], gv))
     (o0, g0, gv0), (o1, g1, gv1) = results
@@ -527,7 +530,7 @@ def test_user_residual_module_trains_resumes_and_evaluates(tmp_path, mnist_dir, 
     assert r['lower_bound']['min_bound_over_lower'] >= 1.0 and r['lower_bound']['points'] > 0
     assert 'bound / lower bound' in p.stdout
     assert os.path.getsize(str(tmp_path / 'rows_plots' / 'bound_over_lower.png')) > 5000
-    from report import read_tsv
+    from locallip.report import read_tsv
     header, rows = read_tsv(tsv)
     assert 'lower_bound' in header and 'radius_guaranteed' in header
     assert all(row['radius_guaranteed'] <= row['radius'] * (1 + 1e-3) + 1e-12 for row in rows)

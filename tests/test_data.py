@@ -7,11 +7,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import make_cifar_like, make_mnist_like, write_idx
 from torchvision import datasets
 
-from conftest import make_cifar_like, make_mnist_like, write_idx
-from data_load import DEBIAN_FASHION, IdxImages, get_dataset, get_loaders, read_idx
-from errors import UserError
+from locallip.data import DEBIAN_FASHION, IdxImages, get_dataset, get_loaders, read_idx
+from locallip.errors import UserError
 
 
 def args_for(data, data_dir, **kw):
@@ -121,7 +121,7 @@ def test_bad_idx_file(tmp_path):
 def test_evaluation_downloads_the_test_split_only(tmp_path, monkeypatch):
     """The MNIST test split alone: only its two files are fetched (torchvision's own download
     takes both splits), read from the raw folder; a failed download leaves no empty folder."""
-    import data_load
+    from locallip import data as data_load
     rng = np.random.default_rng(1)
     fetched = []
 

@@ -8,9 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
 from conftest import ROOT
+from PIL import Image
 
 sys.path.append(os.path.join(ROOT, 'TinyImagenet'))
 
@@ -77,7 +76,8 @@ def test_two_process_gloo_equals_one_process(tmp_path):
 
 
 def test_prepare_regroups_validation(tmp_path):
-    from prepare_data import main as prepare, regroup_val
+    from prepare_data import main as prepare
+    from prepare_data import regroup_val
     root = tmp_path / 'data' / 'tiny-imagenet-200'
     (root / 'val' / 'images').mkdir(parents=True)
     lines = []
@@ -93,11 +93,11 @@ def test_prepare_regroups_validation(tmp_path):
 
 
 def test_tiny_store_sizes_and_refusal(tmp_path):
-    from networks import layer_input_shapes
-    from vectors import VectorStore
-    from train import check_store_fits
-    from errors import UserError
-    from models import select_model
+    from locallip.errors import UserError
+    from locallip.layers import layer_input_shapes
+    from locallip.models import select_model
+    from locallip.storage import check_store_fits
+    from locallip.vectors import VectorStore
     shapes = layer_input_shapes(select_model('tinyimagenet', 'tinyimagenet_relux'), (3, 64, 64))
     assert VectorStore.bytes_per_sample(shapes) == 928576 * 4
     assert VectorStore.bytes_per_sample(shapes, [0, 6, 12, 14, 17], torch.float16) == 158272 * 2
@@ -109,8 +109,8 @@ def test_tiny_store_sizes_and_refusal(tmp_path):
 
 
 def test_sparsity_loss_values():
-    from local_bound import BoundResult, sparsity_loss
-    from models import ClampGroupSort, ReLU_x
+    from locallip.bound import BoundResult, sparsity_loss
+    from locallip.models import ClampGroupSort, ReLU_x
     net = torch.nn.Sequential(torch.nn.Linear(2, 2), ReLU_x((2,), 1.0), torch.nn.Linear(2, 4),
                               ClampGroupSort((2,), 0.5, -0.5), torch.nn.Linear(4, 2))
     res = BoundResult(None, None, None, None)
@@ -177,7 +177,7 @@ def _evaluate(nproc, data, model, out, *extra, port=29541, wait=True):
 
 
 def _rows(path):
-    from report import read_tsv
+    from locallip.report import read_tsv
     header, rows = read_tsv(path)
     return header, [{k: v for k, v in r.items() if not k.startswith('seconds')} for r in rows]
 
@@ -203,6 +203,7 @@ def test_distributed_evaluation_equals_one_process(tmp_path):
     every batch is seeded by its number, never by rank or process count; an evaluation killed
     with 2 processes resumes with 1, one killed with 1 resumes with 3, to the same rows."""
     import json
+
     from conftest import make_mnist_like
     data = make_mnist_like(str(tmp_path / 'data'), n_train=16, n_test=96)
     model = _evalnet(tmp_path)

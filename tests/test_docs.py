@@ -8,8 +8,7 @@ import re
 import shlex
 
 import pytest
-
-from conftest import ROOT
+from conftest import ROOT, train_main
 
 DOCS = [os.path.join(ROOT, 'README.md'), os.path.join(ROOT, 'CHANGELOG.md')] + sorted(
     glob.glob(os.path.join(ROOT, 'docs', '*.md')))
@@ -58,11 +57,10 @@ class Parsed(Exception):
 
 def _entry(script):
     """The function a script's command line goes through: f(argv)."""
-    import train
     import evaluate
-    table = {'train_mnist.py': lambda a: train.main(a, data='mnist'),
-             'train_cifar10.py': lambda a: train.main(a, data='cifar10'),
-             'TinyImagenet/train_tinyimagenet.py': lambda a: train.main(a, data='tinyimagenet'),
+    table = {'train_mnist.py': lambda a: train_main(a, data='mnist'),
+             'train_cifar10.py': lambda a: train_main(a, data='cifar10'),
+             'TinyImagenet/train_tinyimagenet.py': lambda a: train_main(a, data='tinyimagenet'),
              'evaluate.py': evaluate.main,
              'TinyImagenet/evaluate_tinyimagenet.py': lambda a: evaluate.main(a, data='tinyimagenet')}
     if script in table:
@@ -143,22 +141,33 @@ PROSE = {'Any', 'CPU', 'GPU', 'CUDA', 'MaxMin', 'ValueError', 'SUPPORTED'}  # ca
     (os.path.join('docs', 'api.md'), "works on any `nn.Sequential` of ", "says the same")])
 def test_layer_lists_are_the_codes(doc, start, end):
     """The README and docs/api.md name exactly the layer types the bound accepts."""
-    from networks import SUPPORTED_NAMES
+    from locallip.layers import SUPPORTED_NAMES
     found = layer_list(os.path.join(ROOT, doc), start, end)
     assert found == set(SUPPORTED_NAMES), (doc, sorted(found ^ set(SUPPORTED_NAMES)))
 
 
+def module_name(rel: str) -> str:
+    """'locallip/bound.py' -> 'locallip.bound', 'locallip/__init__.py' -> 'locallip',
+    'utils.py' -> 'utils'."""
+    name = rel[:-3].replace('/', '.')
+    return name[:-len('.__init__')] if name.endswith('.__init__') else name
+
+
 def project_imports():
-    """{module: sorted project modules it imports} of the top-level modules, from the AST."""
+    """{module: sorted project modules it imports} of the scripts at the root and the
+    package's modules, from the AST (``from locallip import progress`` imports
+    locallip.progress)."""
     import ast
-    mods = {os.path.splitext(os.path.basename(f))[0] for f in glob.glob(os.path.join(ROOT, '*.py'))}
+    files = [os.path.relpath(p, ROOT) for pattern in ('*.py', 'locallip/*.py')
+             for p in glob.glob(os.path.join(ROOT, pattern))]
+    mods = {module_name(f): f for f in files}
     graph = {}
-    for m in mods:
-        tree = ast.parse(open(os.path.join(ROOT, m + '.py')).read())
+    for m, rel in mods.items():
         deps = set()
-        for node in ast.walk(tree):
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, rel)).read())):
             if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module in mods:
-                deps.add(node.module)
+                subs = {f"{node.module}.{a.name}" for a in node.names} & set(mods)
+                deps |= subs or {node.module}
             elif isinstance(node, ast.Import):
                 deps |= {a.name for a in node.names if a.name in mods}
         graph[m] = sorted(deps - {m})
@@ -173,7 +182,11 @@ def test_code_map_is_the_code():
     documented = {}
     for line in table.splitlines()[2:]:
         cells = [c.strip() for c in line.strip().strip('|').split('|')]
-        documented[cells[0].strip('`')[:-3]] = sorted(filter(None, map(str.strip, cells[2].split(','))))
+        module = module_name(cells[0].strip('`'))
+        names = filter(None, map(str.strip, cells[2].split(',')))
+        # a package module's row names its imports inside the package without the prefix
+        inside = module.startswith('locallip')
+        documented[module] = sorted(f"locallip.{n}" if inside else n for n in names)
     graph = project_imports()
     assert documented == graph, {m: (documented.get(m), graph.get(m))
                                  for m in set(documented) | set(graph)
@@ -194,6 +207,7 @@ def test_code_map_is_the_code():
 
 def test_layers_live_outside_the_argparser_module():
     import torch.nn as nn
+
     import utils
     assert not [k for k, v in vars(utils).items()
                 if isinstance(v, type) and issubclass(v, nn.Module)]

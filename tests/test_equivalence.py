@@ -9,12 +9,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import dev, tiny_net
-from local_bound import certified_loss, compute_bound, sparsity_loss
-from networks import layer_input_shapes
-from operators import apply_W, apply_WT, global_vector_shape
-from models import ClampGroupSort, Flatten, ReLU_x, select_model
+
+from locallip.bound import certified_loss, compute_bound, sparsity_loss
+from locallip.layers import layer_input_shapes
+from locallip.models import ClampGroupSort, Flatten, ReLU_x, select_model
+from locallip.operators import apply_W, apply_WT, global_vector_shape
 
 
 class FixedVectors:
@@ -303,7 +303,7 @@ def test_old_estimate_is_caught(name):
 
 
 def test_box_max_min_equal_torch_with_ties():
-    from operators import box_max, box_min
+    from locallip.bound import box_max, box_min
     torch.manual_seed(0)
     a = torch.randint(-3, 4, (5, 7)).double()      # many exact ties
     b = torch.randint(-3, 4, (5, 7)).double()

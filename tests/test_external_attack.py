@@ -5,10 +5,10 @@ step-size-free PGD); no attack finds an adversarial example within a certified r
 import copy
 
 import torch
-import torchattacks               # requirements.txt installs it (for the tests only)
+import torchattacks  # requirements.txt installs it (for the tests only)
+from conftest import blobs, dev, trained_tiny
 
 import locallip
-from conftest import blobs, dev, trained_tiny
 
 
 def _flipped_within(net, x, y, radius, attack) -> int:

@@ -3,8 +3,8 @@ own command lines, and its learning-rate schedulers epoch by epoch."""
 import pytest
 import torch
 
-from train import lr_factor, make_optimizer
-from errors import UserError
+from locallip.errors import UserError
+from locallip.schedule import lr_factor, make_optimizer
 from utils import argparser
 
 # flag -> reference default, root scripts (train_mnist.py / train_cifar10.py / evaluate.py)
@@ -44,6 +44,7 @@ def test_every_reference_flag_has_its_default(data):
 
 def test_every_flag_has_help():
     import argparse
+
     import utils
     captured = {}
     real = argparse.ArgumentParser.parse_args
@@ -172,6 +173,7 @@ def _outside(interval):
 
 def test_every_numeric_flag_has_a_range_and_out_of_range_is_one_error():
     import re
+
     import utils
     numeric = {x.dest for x in utils.make_parser()._actions if x.type in (int, float)}
     assert numeric - set(utils.RANGES) - set(NO_RANGE) == set(), "numeric flag without a range"
@@ -190,9 +192,32 @@ def test_every_numeric_flag_has_a_range_and_out_of_range_is_one_error():
 def test_out_of_range_in_a_real_process_is_one_line(tmp_path):
     import subprocess
     import sys
+
     from conftest import ROOT
     for argv in (['--n_test', '-5'], ['--test_sniter', '0']):
         p = subprocess.run([sys.executable, 'evaluate.py', '--saved_model', str(tmp_path / 'm'),
                             *argv], capture_output=True, text=True, cwd=ROOT)
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith('error:'), p.stderr
+
+
+def test_defaults_edited_in_utils_take_effect(monkeypatch):
+    """utils.py's DEFAULTS block is where a user edits the defaults, and the only source of
+    them: an edit reaches the flags, the evaluation's settings and the step's; EvalSettings
+    has no defaults of its own (but the heartbeat, which has no flag)."""
+    from dataclasses import MISSING, fields
+
+    import utils
+    from locallip.evaluation import EvalSettings
+    from locallip.flags import eval_settings, step_settings
+    monkeypatch.setitem(utils.DEFAULTS, 'audit_steps', 7)
+    monkeypatch.setitem(utils.DEFAULTS, 'delta', 0.01)
+    monkeypatch.setitem(utils.DEFAULTS, 'radius_steps', 64)
+    monkeypatch.setitem(utils.DEFAULTS, 'opt_iter', 3)
+    monkeypatch.setitem(utils.MNIST, 'epochs', 5)
+    a = utils.argparser([])
+    s = eval_settings(a)
+    assert (s.audit_steps, s.delta, s.radius_steps, a.epochs) == (7, 0.01, 64, 5)
+    assert step_settings(a).opt_iter == 3
+    assert [f.name for f in fields(EvalSettings)
+            if f.default is not MISSING or f.default_factory is not MISSING] == ['heartbeat']

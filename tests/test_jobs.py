@@ -24,7 +24,6 @@ import sys
 
 import pytest
 import torch
-
 from conftest import DEVICE, ROOT, make_cifar_like, make_mnist_like, make_tinyimagenet_like
 
 pytestmark = pytest.mark.jobs

@@ -13,14 +13,14 @@ import zipfile
 
 import pytest
 import torch
+from conftest import ROOT, device_flags, make_mnist_like, tiny_net, train_main
 
-from conftest import ROOT, device_flags, make_mnist_like, tiny_net
-from errors import UserError
+from locallip.errors import UserError
 
 
 def inline(entry, argv, capsys):
     """(exit status, stderr) of an entry point run in this process as its script does."""
-    from utils import run_main
+    from locallip.runtime import run_main
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
         run_main(lambda: entry([*argv, *device_flags()]))
@@ -57,10 +57,9 @@ def test_a_file_that_is_no_checkpoint_says_so(tmp_path, capsys):
         assert size is None or f"({size} bytes that are neither" in err, (name, err)
     assert 'zip archive without the data.pkl torch.save writes; it holds notes.txt' in err
     # train --resume reads its checkpoint with the same words
-    import train
     prefix = str(tmp_path / 'run')
     open(prefix + '_relux_checkpoint.pth', 'wb').write(files['random'])
-    code, err = inline(lambda a: train.main(a, data='mnist'),
+    code, err = inline(lambda a: train_main(a, data='mnist'),
                        ['--data_dir', data, '--no_download', '--epochs', '1', '--n_test', '8',
                         '--batch_size', '32', '--prefix', prefix, '--resume'], capsys)
     assert code == 2 and 'not a PyTorch checkpoint (5000 bytes' in err and 'refused' not in err
@@ -84,7 +83,7 @@ def test_a_pickle_that_runs_code_is_refused_naming_it(tmp_path, capsys):
     for proto in (0, 2, 4):
         open(str(tmp_path / f'p{proto}.pkl'), 'wb').write(pickle.dumps(_Payload(marker), proto))
     torch.save({'state_dict': {}, 'x': _Payload(marker)}, str(tmp_path / 'zipped.pth'))
-    from checkpoints import safe_load
+    from locallip.checkpoints import safe_load
     for name in ('p0.pkl', 'p2.pkl', 'p4.pkl', 'zipped.pth'):
         with pytest.raises(UserError) as e:
             safe_load(str(tmp_path / name))
@@ -179,11 +178,12 @@ def test_progress_lines_reach_a_log_on_stdout_while_the_bar_is_on_a_terminal(mon
                                                                             capsys):
     """stdout in a log file, stderr (the progress bar) on a terminal: the log still gets
     the progress lines (here at every batch)."""
-    import train
     from conftest import blob_loader
-    from networks import layer_input_shapes
+
+    from locallip import training as train
+    from locallip.layers import layer_input_shapes
+    from locallip.vectors import VectorStore
     from utils import argparser
-    from vectors import VectorStore
     monkeypatch.setattr('sys.stderr', Terminal())
     monkeypatch.setattr(train, 'PROGRESS_EVERY_S', 0.0)
     args = argparser(['--sniter', '1', '--rampup', '1', '--epsilon', '0.1',
@@ -198,7 +198,7 @@ def test_progress_lines_reach_a_log_on_stdout_while_the_bar_is_on_a_terminal(mon
 
 
 def test_the_vector_store_line_says_whether_and_where_it_is_saved(tmp_path):
-    from train import make_stores
+    from locallip.storage import make_stores
     from utils import argparser
     net, said = tiny_net('relux'), []
     say = lambda *a, **k: said.append(a[0])              # noqa: E731

@@ -2,11 +2,11 @@
 reference release load as they are, save/load round trip."""
 import pytest
 import torch
-
 from conftest import DEVICE, dev
-from checkpoints import load_checkpoint
-from errors import UserError
-from models import select_model, MODELS, ReLU_x, ClampGroupSort
+
+from locallip.checkpoints import load_checkpoint
+from locallip.errors import UserError
+from locallip.models import MODELS, ClampGroupSort, ReLU_x, select_model
 
 
 def spec_layout(convs, fcs, act):

@@ -1,7 +1,7 @@
 """The soundness checks catch a bound made deliberately too optimistic. Each mutation is
 applied with monkeypatch where the bound uses it (every module that imported the function
 by name: soundness_checks.patch_everywhere), then the checks of test_soundness.py (attacks
-at the certified radius of a near-tight network) and test_exact_radius.py (radii and
+at the certified radius of a near-tight network) and test_radius.py (radii and
 certificates against the exact minimal adversarial distance) run as functions and must
 report a violation, for both certificates."""
 import dataclasses
@@ -10,12 +10,12 @@ import math
 
 import pytest
 import torch
-
-import local_bound
-import locallip
 from soundness_checks import (ExactDistances, affine_exact_distance, certify_check,
-                              near_tight_inputs, orthogonal_net, patch_everywhere,
-                              radius_check, random_relu_net, worst_logit_check)
+                              near_tight_inputs, orthogonal_net, patch_everywhere, radius_check,
+                              random_relu_net, worst_logit_check)
+
+import locallip
+from locallip import bound as local_bound
 
 
 def _lipschitz_times(factor):
@@ -70,7 +70,7 @@ def mutate(monkeypatch, name):
 def test_mutations_reach_every_importer(monkeypatch):
     """lipschitz_of is patched in local_bound and in radius.py (imported by name), and the
     worst-case margins in local_bound at least; unpatched after the test."""
-    import radius
+    from locallip import radius
     original = local_bound.lipschitz_of
     assert mutate(monkeypatch, 'lipschitz x0.5') >= 2
     assert radius.lipschitz_of is local_bound.lipschitz_of is not original
@@ -98,7 +98,7 @@ def test_attacks_at_the_radius_catch_the_mutation(monkeypatch, name, certificate
 @pytest.mark.parametrize('certificate', ['reference', 'guaranteed'])
 @pytest.mark.parametrize('name', list(MUTATIONS))
 def test_exact_distance_catches_the_mutation(monkeypatch, name, certificate):
-    """On a 2-D ReLU network of test_exact_radius (whose checks pass unmutated): radii above
+    """On a 2-D ReLU network of test_radius (whose checks pass unmutated): radii above
     the exact distance, and (for the mutations of the bound itself) certificates at 1.001
     and 1.05 times the exact distance."""
     net = random_relu_net((6, 4), 3, seed=1)

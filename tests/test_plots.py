@@ -5,7 +5,8 @@ import os
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from plots import main, make_training_plots, ramp_end_epoch, read_scalars, series, varying_data
+from locallip.plots import make_training_plots, ramp_end_epoch, read_scalars, series, varying_data
+from plots import main
 
 
 def write_run(path, epochs, eps, offset=0.0, varying=(1, 3)):

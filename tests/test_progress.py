@@ -4,10 +4,11 @@ import io
 import re
 import time
 
-import progress
-from conftest import DEVICE, blob_loader, trained_tiny
-from evaluation import EvalSettings, full_evaluation
-from progress import Heartbeat
+from conftest import DEVICE, blob_loader, settings_of, trained_tiny
+
+from locallip import progress
+from locallip.evaluation import full_evaluation
+from locallip.progress import Heartbeat
 
 STAGES = (r"global vectors of layer \d+ \(once per evaluation\): global power iteration on "
           r"\w+ \d+/\d+",
@@ -23,9 +24,9 @@ STAGES = (r"global vectors of layer \d+ \(once per evaluation\): global power it
 
 
 def settings():
-    return EvalSettings(radii=[0.3, 0.6], test_sniter=500, test_opt_iter=50, niter=10,
-                        certificate='guaranteed', radius=True, audit=True, audit_restarts=2,
-                        audit_steps=5)
+    return settings_of([0.3, 0.6], test_sniter=500, test_opt_iter=50, niter=10,
+                       certificate='guaranteed', radius=True, audit=True, audit_restarts=2,
+                       audit_steps=5)
 
 
 def test_every_long_stage_reports_where_it_is():
@@ -92,7 +93,7 @@ def test_progress_bar_shows_the_stage(monkeypatch):
 def test_training_test_certification_heartbeat(monkeypatch, capsys):
     """Training's per-epoch test certification, without a terminal: heartbeat lines with the
     stage while a batch runs long (the training steps print their own lines, --verbose)."""
-    from certify import certify_loader
+    from locallip.certificates import certify_loader
     monkeypatch.setattr(progress, 'PROGRESS_EVERY_S', 0.02)
     slow = progress.stage
 

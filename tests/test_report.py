@@ -5,23 +5,23 @@ import os
 
 import pytest
 import torch
+from conftest import DEVICE, blob_loader, blobs, dev, settings_of, trained_tiny
 
-import local_bound
-from conftest import DEVICE, blob_loader, blobs, dev, trained_tiny
-from evaluation import EvalSettings, full_evaluation
-from report import (check_expected, comparison_table, expected_results, markdown_table, read_tsv,
-                    tsv_columns)
-from local_bound import compute_bound
-from vectors import RandomVectors
-from plots import make_plots, radius_data, sparsity_data, tightness_data
-from errors import UserError
+from locallip import bound as local_bound
+from locallip.bound import compute_bound
+from locallip.errors import UserError
+from locallip.evaluation import full_evaluation
+from locallip.plots import make_plots, radius_data, sparsity_data, tightness_data
+from locallip.report import (check_expected, comparison_table, expected_results, markdown_table,
+                             read_tsv, tsv_columns)
+from locallip.vectors import RandomVectors
 
 
 def eval_args(**kw):
-    a = dict(radii=[0.3, 0.1, 0.6], bound='local', test_sniter=500, test_opt_iter=50,
+    a = dict(bound='local', test_sniter=500, test_opt_iter=50,
              alpha=0.075, niter=10, audit_restarts=2, audit_steps=50)
     a.update(kw)
-    return EvalSettings(**a)
+    return settings_of(a.pop('radii', [0.3, 0.1, 0.6]), **a)
 
 
 def test_one_pass_global_equals_global_mode():
@@ -106,7 +106,7 @@ def test_unconverged_evaluation_is_reported():
     for v in res['radii'].values():
         assert v['certified_acc_converged_only'] == 0
     assert not res['global_converged']        # one iteration: the global norms did not converge
-    from report import GLOBAL_WARNING, radius_lines, summary_line
+    from locallip.report import GLOBAL_WARNING, radius_lines, summary_line
     lines = radius_lines(res)
     assert GLOBAL_WARNING in lines and all('NOT converged' in l for l in lines[:-1])
     assert 'global iterations NOT converged' in summary_line(res)
@@ -205,14 +205,14 @@ def test_certification_runs_without_tf32(monkeypatch):
     """Certification disables TF32 for CUDA convolutions and matmuls (10-bit mantissas
     perturb the products enough to break a bound) and restores the previous settings; the
     training step keeps PyTorch's settings."""
-    import certify
+    from locallip import certificates
     seen = []
-    real = certify.compute_bound
+    real = certificates.compute_bound
 
     def spy(*a, **k):
         seen.append((torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32))
         return real(*a, **k)
-    monkeypatch.setattr(certify, 'compute_bound', spy)
+    monkeypatch.setattr(certificates, 'compute_bound', spy)
     old = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     try:
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
@@ -227,8 +227,8 @@ def test_certification_runs_without_tf32(monkeypatch):
 def test_fold_part_files_keeps_whole_batches(tmp_path):
     """The part files of an interrupted distributed evaluation fold into the TSV: whole
     batches only, a part file cut before its header is dropped, the part files removed."""
-    from evaluation import fold_part_files
-    from report import write_tsv
+    from locallip.evaluation import fold_part_files
+    from locallip.report import write_tsv
     header = tsv_columns([0.5], [2])
     row = lambda i: {c: (i if c in ('idx', 'label', 'pred') else 0.25) for c in header}
     indices = [[0, 1], [2, 3], [4, 5]]

@@ -6,14 +6,14 @@ the last layer in the worst-case logits) is an accumulating index_put_, which on
 adds repeated labels' rows from several threads in a varying order once the gradient has
 32768 elements or more (64 points x 512 hidden units, the 4C3F models)."""
 import torch
-
-from local_bound import take_rows
-from networks import layer_input_shapes
-from train import certified_step, start_global_vectors, step_settings
-from models import select_model
-from utils import argparser
-
 from conftest import DEVICE, dev
+
+from locallip.bound import take_rows
+from locallip.layers import layer_input_shapes
+from locallip.models import select_model
+from locallip.step import certified_step, start_global_vectors
+from locallip.flags import step_settings
+from utils import argparser
 
 
 def distinct(fn, params, n=12):
@@ -80,8 +80,8 @@ def test_a_kill_between_any_two_epoch_writes_resumes_matching_vectors(tmp_path, 
     """save_epoch cut after each of its file operations (rename, vector store, best model,
     checkpoint, removal of .prev): the checkpoint on disk always finds the vectors of its
     own epoch (resume_vectors), so --resume repeats the cut epoch from the same state."""
-    import train
-    from vectors import VectorStore
+    from locallip import training as train
+    from locallip.vectors import VectorStore
     files = train.EpochFiles(str(tmp_path / 'r_checkpoint.pth'), str(tmp_path / 'r_best.pth'),
                              str(tmp_path / 'r_vectors.pt'))
 

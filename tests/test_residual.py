@@ -10,18 +10,21 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import DEVICE, blobs, dev, trained_tiny, user_resnet
+
 import locallip
-from attacks import pgd_l2
-from lanczos import GuaranteedNorms, guaranteed_certify
-from local_bound import UnsupportedModel, compute_bound
-from networks import check_supported, features, fold_batchnorm, layer_input_shapes, layer_list
-from operators import apply_W
-from models import Residual
-from tightness import LowerSearch, lipschitz_lower_bound
-from tracing import sequential_view
-from vectors import RandomVectors
+from locallip.attacks import pgd_l2
+from locallip.bound import compute_bound
+from locallip.certificates import guaranteed_certify
+from locallip.errors import UnsupportedModel
+from locallip.lanczos import GuaranteedNorms
+from locallip.layers import (check_supported, features, fold_batchnorm, layer_input_shapes,
+                             layer_list)
+from locallip.models import Residual
+from locallip.operators import apply_W
+from locallip.tightness import LowerSearch, lipschitz_lower_bound
+from locallip.tracing import sequential_view
+from locallip.vectors import RandomVectors
 
 
 def explicit(layer, in_shape):

@@ -7,14 +7,14 @@ import math
 import pytest
 import torch
 import torch.nn as nn
+from conftest import trained_tiny
 
 import locallip
-import radius
-from lanczos import GuaranteedNorms, Lanczos
-from local_bound import BoundError, _check_box, compute_bound
-from rounding import gamma, margin_allowance, through_affine, unit_roundoff
-from operators import apply_absW
-from conftest import trained_tiny
+from locallip import radius
+from locallip.bound import BoundError, _check_box, compute_bound
+from locallip.lanczos import GuaranteedNorms, Lanczos
+from locallip.operators import apply_absW
+from locallip.rounding import gamma, margin_allowance, through_affine, unit_roundoff
 
 
 def cancelling_net(dtype=torch.float32):
@@ -163,7 +163,7 @@ def test_lanczos_float64_orthonormal_with_slack():
     is a tiny fraction of ||W||^2."""
     torch.manual_seed(0)
     layer = nn.Linear(40, 30)
-    lz = Lanczos(layer, None, None, (40,), 2, 'cpu', torch.float32)
+    lz = Lanczos(layer, None, None, (40,), 2, 'cpu')
     lz.run(60)
     q = lz.basis[:, :lz.steps]
     live = (torch.stack(lz.betas, 1) > 0).cumprod(1).sum(1)     # steps before breakdown
@@ -230,7 +230,7 @@ def test_radius_rounds_split_delta(monkeypatch):
 def test_api_keeps_the_norms_while_the_weights_are_the_same(monkeypatch):
     """locallip draws a model's global bounds once and reuses them while its weights, the
     input shape, delta and the seed are the same; an in-place weight change draws anew."""
-    import lanczos
+    from locallip import lanczos
     made = []
     original = lanczos.GuaranteedNorms.__init__
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from train import batch_eps_kappa, epoch_eps_kappa, lr_factor
+from locallip.schedule import batch_eps_kappa, epoch_eps_kappa, lr_factor
 from utils import argparser
 
 
@@ -42,7 +42,8 @@ def test_store_choice_at_real_sizes():
     """Full MNIST / Fashion-MNIST (70k x 48,336 floats) and CIFAR-10 (60k x 113,664) on a
     24 GB machine, where half the available RAM is about 11 GiB."""
     import torch
-    from train import choose_store
+
+    from locallip.storage import choose_store
     budget = 11 * 2 ** 30
     assert choose_store(48336 * 4, 70000, budget) == (torch.float16, False)    # 6.8 GB in RAM
     assert choose_store(113664 * 4, 60000, budget) == (torch.float16, True)    # 13.6 GB on disk
@@ -56,8 +57,9 @@ def test_make_stores_places_sizes_and_refuses(tmp_path):
     --indices key that is not a stored layer and for --store_backing device on the CPU."""
     import torch
     from conftest import tiny_net
-    from errors import UserError
-    from train import make_stores
+
+    from locallip.errors import UserError
+    from locallip.storage import make_stores
     net, said = tiny_net('relux'), []
     say = lambda *a, **k: said.append(a[0])              # noqa: E731
     args = argparser(['--store_dtype', 'auto', '--store_backing', 'auto'])

@@ -9,12 +9,12 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
-import locallip
 from conftest import DEVICE, blobs, dev, trained_tiny
-from attacks import audit_batch, pgd_l2
 from soundness_checks import (affine_exact_distance, attack_works, flips_within, linear_net,
                               near_tight_inputs, orthogonal_net, radius_check)
+
+import locallip
+from locallip.attacks import audit_batch, pgd_l2
 
 NEAR_TIGHT = {
     'linear': lambda: linear_net(d=6, classes=4, seed=0),

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from soundness_checks import radius_check
 
 import locallip
-from models import ClampGroupSort, ReLU_x, Residual
-from soundness_checks import radius_check
+from locallip.models import ClampGroupSort, ReLU_x, Residual
 
 SHAPE = (1, 8, 8)
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from conftest import DEVICE, ROOT, dev
-from errors import UnsupportedModel, UserError
-from local_bound import compute_bound
-from networks import bound_structure, layer_input_shapes, training_view
-from train import check_trainable
 from test_cli import FAST, run
+
+from locallip.bound import compute_bound
+from locallip.errors import UnsupportedModel, UserError
+from locallip.layers import bound_structure, layer_input_shapes, training_view
+from locallip.training import check_trainable
 
 
 class BNNet(nn.Module):

@@ -1,397 +1,56 @@
 """The one training loop of MNIST, Fashion-MNIST, CIFAR-10 and TinyImageNet.
 
-The entry scripts (train_mnist.py, train_cifar10.py, TinyImagenet/train.py) only choose
-dataset defaults and call ``main``. Schedule (the reference's, docs/training.md): ``warmup``
-epochs of plain cross-entropy, then certified training with eps and kappa ramped over ``rampup`` epochs
-(with the reference's within-epoch increments), Adam with a constant then exponentially
-decaying learning rate, certified test error after every epoch at the next epoch's eps,
-best (after the ramp) and last checkpoints, and a final clean / PGD / certified
-evaluation of the best model at --epsilon.
+The entry scripts (train_mnist.py, train_cifar10.py, TinyImagenet/train_tinyimagenet.py) only
+choose dataset defaults, parse the flags (utils.argparser) and call ``train``. Schedule (the
+reference's, docs/training.md; schedule.py): ``warmup`` epochs of plain cross-entropy, then
+certified training (step.py) with eps and kappa ramped over ``rampup`` epochs (with the
+reference's within-epoch increments), Adam with a constant then exponentially decaying
+learning rate, certified test error after every epoch at the next epoch's eps, best (after
+the ramp) and last checkpoints, and a final clean / PGD / certified evaluation of the best
+model at --epsilon. Where the per-sample vectors live: storage.py.
 
 Every epoch re-seeds all random generators from (seed, epoch), and the checkpoint holds
 the model, optimiser, scheduler, power-iteration vectors and arguments, so that
 ``--resume`` after a killed run reaches the same result as an uninterrupted run.
 """
-import bisect
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from data_load import get_loaders
-from certify import certify_loader
-from evaluate import eval_settings
-from evaluation import full_evaluation
-from progress import PROGRESS_EVERY_S
-from report import summary_line
-from local_bound import FLOOR, certified_loss, compute_bound, sparsity_loss
-from networks import (BATCHNORM, DROPOUTS, bound_structure, check_supported, fold_batchnorm,
-                      layer_input_shapes, layer_list, training_view)
-from operators import NORM_EPS, global_vector_shape
-from vectors import GivenVectors, VectorStore
-from checkpoints import atomic_save, checkpoint_base, load_checkpoint, safe_load
-from errors import UnsupportedModel, UserError
-from models import clamp_thresholds, select_model
-from utils import (all_reduce_sum, argparser, distributed, init_distributed, run_main, seed_all,
-                   use_deterministic_kernels)
-
-
-# ----------------------------------------------------------------------------------------
-# Schedules
-# ----------------------------------------------------------------------------------------
-def epoch_eps_kappa(args, epoch):
-    """(eps, kappa) at the start of ``epoch`` (before ``warmup``: a clean epoch, (0, 1)):
-    eps = linspace(starting_epsilon, epsilon_train, schedule_length)[t - warmup], then
-    epsilon_train; kappa = linspace(starting_kappa, kappa, kappa_schedule_length)[...], then
-    kappa."""
-    k = epoch - args.warmup
-    if k < 0:
-        return 0.0, 1.0
-    n_eps, n_kappa = args.schedule_length, args.kappa_schedule_length
-    eps = (np.linspace(args.starting_epsilon, args.epsilon_train, n_eps)[k] if k < n_eps
-           else args.epsilon_train)
-    kappa = (np.linspace(args.starting_kappa, args.kappa, n_kappa)[k] if k < n_kappa
-             else args.kappa)
-    return float(eps), float(kappa)
-
-
-def batch_eps_kappa(args, epoch, i, n_batches):
-    """Within-epoch values (reference quirks kept: the eps increment uses the evaluation
-    radius --epsilon, and both increments continue after the ramp)."""
-    eps, kappa = epoch_eps_kappa(args, epoch)
-    if epoch < args.warmup:
-        return eps, kappa
-    frac = i / n_batches
-    if args.schedule_length > 0:
-        eps += frac * (args.epsilon - args.starting_epsilon) / args.schedule_length
-    if args.kappa_schedule_length > 0:
-        kappa += frac * (args.kappa - args.starting_kappa) / args.kappa_schedule_length
-    return eps, kappa
-
-
-def lr_factor(args):
-    """The learning rate of epoch t is lr * f(t) (the reference's schedulers):
-    exp: 1 until epochs//2 + more, then (end_lr / lr)^((t - (epochs//2 + more - 1)) /
-    (epochs//2 - more)); step: gamma^(e // step_size) and multistep: gamma^(number of
-    --wd_list milestones <= e), with e = max(t - (rampup + warmup - 1) + 1, 0), i.e.
-    constant until the ramp ends."""
-    if args.lr_scheduler == 'exp':
-        start = args.epochs // 2 + args.more
-        span = args.epochs // 2 - args.more
-        ratio = args.end_lr / args.lr
-
-        def f(t):
-            if t < start or span <= 0:
-                return 1.0
-            return ratio ** ((t - (start - 1)) / span)
-        return f
-
-    def after_ramp(t):
-        return max(t - (args.rampup + args.warmup - 1) + 1, 0)
-    if args.lr_scheduler == 'step':
-        return lambda t: args.gamma ** (after_ramp(t) // args.step_size)
-    milestones = sorted(args.wd_list)
-    return lambda t: args.gamma ** bisect.bisect_right(milestones, after_ramp(t))
-
-
-def make_optimizer(args, model):
-    """Adam(lr), or SGD(lr, momentum, weight_decay) with --opt sgd (reference)."""
-    if args.opt == 'sgd':
-        return torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum,
-                               weight_decay=args.weight_decay)
-    return torch.optim.Adam(model.parameters(), lr=args.lr)
-
-
-# ----------------------------------------------------------------------------------------
-# Vector stores
-# ----------------------------------------------------------------------------------------
-def available_ram():
-    try:
-        with open('/proc/meminfo') as f:
-            for line in f:
-                if line.startswith('MemAvailable:'):
-                    return int(line.split()[1]) * 1024
-    except OSError:     # no /proc/meminfo (not Linux): the kernel's free pages instead
-        pass
-    return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_AVPHYS_PAGES')
-
-
-def choose_store(per_sample_fp32, n, budget, requested='auto'):
-    """(dtype, on_disk) of the vector store: ``requested`` float32 / float16 in RAM, or
-    auto: float32 in RAM if n samples fit in ``budget`` bytes, else float16 in RAM if that
-    fits, else float16 in a disk file."""
-    if requested in ('float32', 'float16'):
-        return getattr(torch, requested), False
-    if per_sample_fp32 * n <= budget:
-        return torch.float32, False
-    return torch.float16, per_sample_fp32 // 2 * n > budget
-
-
-def make_stores(args, model, input_shape, n_train, n_test, base, say=print, rank=0, world=1,
-                device=torch.device('cpu')):
-    """Train and test VectorStores, sized and typed by --store_dtype / --store_backing /
-    --indices. Refuses (UserError) before training when the store cannot fit. On a GPU the
-    store lives in GPU memory when it fits in half the free memory (auto) or when asked
-    (device). A disk store is one file per split shared by all processes of a node (rank 0
-    creates it)."""
-    shapes = layer_input_shapes(bound_structure(model), input_shape)
-    keys = store_keys(getattr(args, 'indices', None), shapes)
-    per32 = VectorStore.bytes_per_sample(shapes, keys, torch.float32)
-    plan = plan_store(per32, n_train + n_test, args.store_dtype, args.store_backing, device)
-    path = base + '_store' if plan.place == 'disk' else None
-    where = {'disk': f"disk files {path}_{{train,test}}.bin", 'ram': "RAM",
-             'device': f"{device} memory"}[plan.place]
-    say(f"vector store: {per32 // 4} floats per sample x {n_train + n_test} samples, "
-        f"{str(plan.dtype).replace('torch.', '')} in {where}: {plan.total / 2 ** 30:.2f} GiB "
-        f"({plan.room}); {store_saving(args, plan.place, base, world)}", flush=True)
-    if plan.place == 'device':
-        if plan.total > 2 * plan.budget:
-            raise UserError(f"the vector store needs {plan.total / 2 ** 30:.1f} GiB of GPU "
-                            f"memory but only {2 * plan.budget / 2 ** 30:.1f} GiB are free; use "
-                            f"--store_dtype float16, --store_backing ram or fewer --indices")
-    else:
-        check_store_fits(plan.total, path, plan.budget * 2 // world)
-    store_device = device if plan.place == 'device' else torch.device('cpu')
-
-    def build():
-        return tuple(VectorStore(shapes, n, plan.dtype, path and f"{path}_{split}.bin", keys,
-                                 store_device)
-                     for n, split in ((n_train, 'train'), (n_test, 'test')))
-
-    if path is None or world == 1:
-        return build()
-    stores = build() if rank == 0 else None     # rank 0 creates the shared files,
-    dist.barrier()                               # the others open them once they exist
-    return stores if rank == 0 else build()
-
-
-def store_saving(args, place: str, base: str, world: int = 1) -> str:
-    """Whether and where the vector store of a run is saved for --resume, in words."""
-    if args.no_save or args.no_save_vectors:
-        why = ('--no_save' if args.no_save else
-               '--no_save_vectors: --resume restarts the vectors from random')
-        return f"not saved ({why})" + ('; its disk files are scratch' if place == 'disk' else '')
-    file = f"{base}_vectors.pt" if world == 1 else f"{base}_vectors.rank<r>.pt (one per process)"
-    if place == 'disk':
-        return f"the disk files are updated in place, {file} saved every epoch for --resume"
-    return f"saved every epoch to {file} for --resume"
-
-
-def store_keys(indices, shapes) -> Optional[list]:
-    """The layer keys of --indices (a comma list; None when empty: every stored layer),
-    each checked against ``shapes`` (the layers with stored vectors)."""
-    if not indices:
-        return None
-    keys = [int(k) for k in str(indices).split(',') if k != '']
-    bad = [k for k in keys if k not in shapes]
-    if bad:
-        raise UserError(f"--indices {bad} are not affine layers with stored vectors; "
-                        f"choose from {sorted(shapes)}")
-    return keys
-
-
-@dataclass
-class StorePlan:
-    """Where and how the vector store lives."""
-    dtype: torch.dtype
-    place: str          # 'ram', 'disk' or 'device' (the GPU's memory)
-    total: int          # bytes of both splits
-    budget: int         # half the available RAM, or half the free GPU memory ('device')
-    room: str           # that budget, in words
-
-
-def plan_store(per32: int, n: int, store_dtype: str, backing: str, device) -> StorePlan:
-    """The plan for n samples of ``per32`` float32 bytes each: --store_dtype / --store_backing
-    (auto: the GPU's memory when training on one and it fits in half the free memory, else
-    choose_store's RAM or disk)."""
-    budget = available_ram() // 2
-    on_gpu = device.type == 'cuda'
-    if backing == 'device' and not on_gpu:
-        raise UserError("--store_backing device needs a CUDA device (training runs on the CPU)")
-    gpu_budget = torch.cuda.mem_get_info(device)[0] // 2 if on_gpu else 0
-    dtype, on_disk = choose_store(per32, n, budget, store_dtype)
-    place = {'auto': 'disk' if on_disk else 'ram', 'ram': 'ram', 'disk': 'disk',
-             'device': 'device'}[backing]
-    if on_gpu and backing in ('auto', 'device'):
-        wanted = ([getattr(torch, store_dtype)] if store_dtype != 'auto'
-                  else [torch.float32, torch.float16])
-        fitting = [t for t in wanted if n * per32 // (4 // torch.empty((), dtype=t).element_size())
-                   <= gpu_budget]
-        if fitting or backing == 'device':
-            dtype, place = (fitting or wanted)[0], 'device'
-    total = n * per32 // (1 if dtype == torch.float32 else 2)
-    if place == 'device':
-        return StorePlan(dtype, place, total, gpu_budget,
-                         f"half the free GPU memory is {gpu_budget / 2 ** 30:.1f} GiB")
-    return StorePlan(dtype, place, total, budget,
-                     f"half the available RAM is {budget / 2 ** 30:.1f} GiB")
-
-
-def check_store_fits(total, path, ram_available):
-    """UserError unless ``total`` bytes fit: in RAM (this process's share) or on disk."""
-    if path is None and total > ram_available:
-        raise UserError(f"the vector store needs {total / 2 ** 30:.1f} GiB of RAM but only "
-                        f"{ram_available / 2 ** 30:.1f} GiB are available to this process; use "
-                        f"--store_dtype float16, --store_backing disk or fewer --indices")
-    if path is not None:
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        free = shutil.disk_usage(folder).free
-        if total > free:
-            raise UserError(f"the vector store needs {total / 2 ** 30:.1f} GiB of disk in {folder} "
-                            f"but only {free / 2 ** 30:.1f} GiB are free; use fewer --indices or "
-                            f"another --prefix location")
+from locallip.certificates import certify_loader
+from locallip.checkpoints import atomic_save, checkpoint_base, load_checkpoint, safe_load
+from locallip.data import get_loaders
+from locallip.errors import UserError
+from locallip.evaluation import full_evaluation
+from locallip.flags import eval_settings, step_settings
+from locallip.layers import (BATCHNORM, DROPOUTS, bound_structure, check_supported, fold_batchnorm,
+                             layer_input_shapes, layer_list)
+from locallip.models import clamp_thresholds, select_model
+from locallip.progress import PROGRESS_EVERY_S
+from locallip.report import summary_line
+from locallip.runtime import (all_reduce_sum, distributed, init_distributed, seed_all,
+                              use_deterministic_kernels)
+from locallip.schedule import batch_eps_kappa, epoch_eps_kappa, lr_factor, make_optimizer
+from locallip.step import (GLOBAL_LINEAR_SPACE, clean_step, resumed_global_vectors,
+                           step_function, stored_step)
+from locallip.storage import make_stores
 
 
 # ----------------------------------------------------------------------------------------
 # One epoch
 # ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StepSettings:
-    """The switches of the certified step (``step_settings`` reads them from the flags)."""
-    sniter: int                      # per-sample and global power iterations (--sniter)
-    opt_iter: int                    # worst-case-logit rounds (--opt_iter)
-    bound: str = 'local'             # 'local' or 'global'
-    pi_grad: str = 'all'             # gradients through every power iteration, or the last
-    estimate: str = 'bilinear'       # the spectral-norm estimate
-    gloro: bool = False              # the GloRo loss instead of BCP's
-    sparse: float = 0.0              # weight of the sparsity loss (TinyImageNet)
-    sp_thres: float = 0.1            # its threshold term's weight
-    compile: bool = False            # torch.compile'd (sync-free loops)
-
-
-def step_settings(args) -> StepSettings:
-    """The StepSettings of the training flags in ``args``."""
-    return StepSettings(args.sniter, args.opt_iter, args.bound, args.pi_grad, args.estimate,
-                        args.gloro, args.sparse, args.sp_thres, args.compile)
-
-
-class StepResult(NamedTuple):
-    """certified_step's result (a named tuple: torch.compile returns it as it is)."""
-    loss: torch.Tensor               # 0-dim: kappa CE + (1 - kappa) robust (BCP) or robust
-    clean: torch.Tensor              # 0-dim clean cross-entropy
-    robust: torch.Tensor             # 0-dim cross-entropy on the worst-case logits
-    logits: torch.Tensor             # [batch, classes]
-    not_certified: torch.Tensor      # 0-dim count
-    lip_ratio: torch.Tensor          # 0-dim sum over the batch of local / global bound
-    varying: dict                    # activation index -> 0-dim summed fraction varying
-    vectors: dict                    # affine index -> final vectors [batch, *in_shape]
-
-
-def certified_step(model, x, y, eps, kappa, given, global_vectors,
-                   settings: StepSettings) -> StepResult:
-    """The certified part of a training step: the bound from the ``given`` starting vectors
-    {affine index: [batch, *in_shape]} and the training loss (what --compile compiles).
-    x [batch, *input_shape], y [batch], eps: the L2 radius (float), kappa: the CE weight;
-    ``global_vectors`` is updated in place."""
-    s = settings
-    vectors = GivenVectors(given)
-    res = compute_bound(model, x, y, eps, vectors, global_vectors, sniter=s.sniter,
-                        opt_iter=s.opt_iter, bound=s.bound, pi_grad=s.pi_grad,
-                        estimate=s.estimate, reference_nan=True, sync_free=s.compile)
-    sp = sparsity_loss(model, res, s.sp_thres) if s.sparse else None
-    loss, clean, rob = certified_loss(res, y, kappa, s.gloro, sp, s.sparse)
-    with torch.no_grad():   # the paper's training figures: local / global bound, sparsity
-        rerr = (~res.certified(y)).sum()
-        ratio = (res.r_local / res.r_global.clamp_min(FLOOR)).sum()
-        varying = {k: d.flatten(1).mean(1).sum() for k, d in res.masks.items()}
-    return StepResult(loss, clean, rob, res.logits, rerr, ratio, varying, vectors.out)
-
-
-def start_global_vectors(global_vectors, model, shapes, x):
-    """Draw the missing global power-iteration vectors [1, *global_vector_shape] as
-    compute_bound would on first use (same order, same generator), but outside compiled
-    code, whose random numbers differ from eager ones."""
-    layers = layer_list(model)
-    for k, s in shapes.items():
-        if k not in global_vectors:
-            global_vectors[k] = torch.randn((1, *global_vector_shape(layers[k], s)),
-                                            device=x.device, dtype=x.dtype)
-
-
-GLOBAL_LINEAR_SPACE = 'output'   # checkpoints say where a linear layer's global vector lives
-
-
-def resumed_global_vectors(saved, model, shapes, device, say, linear_space='output'):
-    """The global vectors of a checkpoint, on ``device``. ``linear_space``: where the
-    checkpoint's linear-layer vectors live; checkpoints written before they moved to the
-    output space (as the reference's) say nothing and hold them in the input space: each is
-    carried over as normalize(W u), the output vector the next iteration reaches from it,
-    so the warm start is kept. A shape that does not fit is refused, both shapes named."""
-    if linear_space not in ('input', 'output'):
-        raise UserError(f"checkpoint's global vectors: unknown space {linear_space!r}")
-    out, layers = {}, layer_list(model)
-    for k, v in saved.items():
-        k, v = int(k), v.to(device)
-        convert = isinstance(layers[k], torch.nn.Linear) and linear_space == 'input'
-        want = (1, *(shapes[k] if convert else global_vector_shape(layers[k], shapes[k])))
-        if tuple(v.shape) != want:
-            raise UserError(f"checkpoint's global vector of layer {k} has shape "
-                            f"{tuple(v.shape)}, the model needs {want}")
-        if convert:
-            with torch.no_grad():
-                w = layers[k].weight
-                v = v.to(w.dtype) @ w.t()
-                v = v / (v.norm() + NORM_EPS)
-            say(f"layer {k}: global vector carried from the input to the output space")
-        out[k] = v
-    return out
-
-
-def stored_step(step_fn, model, x, y, eps, kappa, vectors, shapes, global_vectors,
-                settings: StepSettings) -> StepResult:
-    """``step_fn`` (certified_step, maybe compiled) with its starting vectors read from
-    ``vectors`` (a vector store's batch, or RandomVectors) for the layers of ``shapes``
-    {affine index: in_shape}, and the final ones written back."""
-    try:                                  # BatchNorm folded by the batch's statistics
-        model = training_view(model, x)
-    except UnsupportedModel as e:
-        raise UserError(str(e)) from None
-    start_global_vectors(global_vectors, model, shapes, x)
-    given = {k: vectors.get(k, s) for k, s in shapes.items()}
-    out = step_fn(model, x, y, eps, kappa, given, global_vectors, settings)
-    for k, u in out.vectors.items():
-        vectors.put(k, u)
-    if settings.compile:                  # CUDA graphs reuse their outputs' memory at the
-        for k in global_vectors:          # next replay: keep what outlives the step
-            global_vectors[k] = global_vectors[k].clone()
-        out = out._replace(loss=out.loss.clone())
-    return out
-
-
-_COMPILED = {}
-
-
-def step_function(compiled: bool, device, backend='inductor', fullgraph=False):
-    """certified_step, or when ``compiled`` (--compile) its torch.compile'd version (one per
-    device type and backend; 'reduce-overhead', CUDA graphs, on CUDA). The tests compile
-    with backend 'aot_eager' (no code generation: fast) and fullgraph=True (a graph break
-    raises: the whole step is one graph)."""
-    if not compiled:
-        return certified_step
-    key = (torch.device(device).type, backend, fullgraph)
-    if key not in _COMPILED:
-        cuda = key[0] == 'cuda' and backend == 'inductor'
-        _COMPILED[key] = torch.compile(certified_step, backend=backend, fullgraph=fullgraph,
-                                       mode='reduce-overhead' if cuda else None)
-    return _COMPILED[key]
-
-
 @dataclass
 class Run:
     """A training run: what every epoch reads and updates (main builds it)."""
-    args: object                     # the parsed flags (train.py is where they stop)
+    args: object                     # the parsed flags (utils.argparser)
     model: torch.nn.Sequential
     opt: torch.optim.Optimizer
     sched: object                    # the learning-rate scheduler
@@ -478,7 +137,7 @@ def train_epoch(run: Run, epoch: int, first: bool = False) -> dict:
             for k, v in out.varying.items():
                 varying[k] = varying.get(k, 0) + v.double()
         else:
-            out = _clean_step(model, x, y)
+            out = clean_step(model, x, y)
         _optimizer_step(run, out.loss)
         if first and i == 0:    # the global batch's mean loss (all processes hold equal shares)
             mean_loss = all_reduce_sum([out.loss.detach()], device, run.world)[0] / run.world
@@ -499,14 +158,6 @@ def train_epoch(run: Run, epoch: int, first: bool = False) -> dict:
     if pending is not None:
         report(*pending)
     return _epoch_means(sums, varying, n_seen, device, run.world)
-
-
-def _clean_step(model, x, y) -> StepResult:
-    """A warm-up step's numbers: cross-entropy only (no bound: NaN statistics)."""
-    logits = model(x)
-    loss = torch.nn.functional.cross_entropy(logits, y)
-    nan = torch.tensor(float('nan'), device=x.device)
-    return StepResult(loss, loss, loss, logits, nan, nan, {}, {})
 
 
 def _optimizer_step(run: Run, loss):
@@ -619,7 +270,7 @@ def resume_vectors(path: str, epoch: int, stores) -> bool:
 def check_trainable(model, name, compiled=False):
     """UserError unless the bound can follow ``model`` through training: every layer
     supported (BatchNorm with running statistics: each step folds the batch's own,
-    ``networks.training_view``); with ``compiled`` (--compile), no BatchNorm or Dropout
+    ``layers.training_view``); with ``compiled`` (--compile), no BatchNorm or Dropout
     (the step's fold is a new network every step)."""
     try:
         check_supported(bound_structure(model))
@@ -635,11 +286,10 @@ def check_trainable(model, name, compiled=False):
 RESUME_KEYS = ('optimizer', 'scheduler', 'global_vectors', 'epoch', 'best_err')
 
 
-def main(argv=None, **dataset_defaults):
-    """Train as the flags in ``argv`` say (the entry scripts pass their dataset defaults);
-    returns the final evaluation's results (process 0; None elsewhere or when --time_limit
-    stopped the run)."""
-    args = argparser(argv, **dataset_defaults)
+def train(args):
+    """Train as the parsed flags ``args`` say (utils.argparser: the entry scripts parse them
+    with their dataset defaults); returns the final evaluation's results (process 0; None
+    elsewhere or when --time_limit stopped the run)."""
     if len(args.radii) > 1:
         raise UserError("training takes one --epsilon (several radii are for evaluate.py)")
     if args.deterministic:
@@ -661,7 +311,7 @@ def main(argv=None, **dataset_defaults):
 def start_run(args) -> Run:
     """The model, loaders, optimiser, vector stores and files of a run (resumed from its
     checkpoint with --resume), announced in the start-up lines."""
-    rank, world, device = init_distributed(args)
+    rank, world, device = init_distributed(args.cpu, args.cuda_ids, args.dist_backend)
     say = print if rank == 0 else (lambda *a, **k: None)
     base = checkpoint_base(args.prefix, args.model)
     seed_all(args.seed)
@@ -833,6 +483,3 @@ def final_evaluation(run: Run) -> dict:
                 + f"; TensorBoard {run.base}_tb", flush=True)
     return res
 
-
-if __name__ == '__main__':
-    run_main(main)

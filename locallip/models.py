@@ -9,7 +9,7 @@ import sys
 import torch
 import torch.nn as nn
 
-from errors import UserError
+from locallip.errors import UserError
 
 
 # ========================================================================================

@@ -1,5 +1,6 @@
-"""Spectral-norm UPPER bounds with a stated failure probability, and the certificates built on
-them (``evaluate.py --certificate guaranteed --delta D``).
+"""Spectral-norm UPPER bounds with a stated failure probability, for the guaranteed
+certificate (``certificates.py``) and radius (``radius.py``; ``evaluate.py --certificate
+guaranteed --delta D``).
 
 Power iteration approaches ||A||_2 from below, and "converged" only means its vector stopped
 moving, so a certificate built on it can be wrong. Here every norm the local bound uses is
@@ -39,26 +40,19 @@ number), and each per-sample bound is split again over the STAGES at which it ma
 so the data-dependent stop below costs nothing in validity. Each certificate is then false
 with probability at most ``delta`` (over the algorithm's random starts; nothing is assumed
 about the data).
-
-Staged certification (``guaranteed_certify``): first every sample with the global upper
-bounds (stage 0); then Lanczos on the remaining correctly classified samples, and at each
-stage k in STAGES a sample is decided: certified with the upper bounds, or hopeless when
-even the Ritz values (lower bounds, no inflation) do not certify it.
 """
 import copy
 import math
-from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
-import progress
-from local_bound import (FLOOR, BoundError, BoundResult, compute_bound, exact_float32,
-                         rounded_margins, rounded_radius)
-from networks import check_supported, layer_list, layer_input_shapes
-from operators import apply_absW, apply_W, apply_WT, masked_products
-from rounding import abs_norm, layer_gamma, unit_roundoff
+from locallip import progress
+from locallip.bound import FLOOR, BoundError, compute_bound, exact_float32
+from locallip.layers import check_supported, layer_input_shapes, layer_list
+from locallip.operators import apply_absW, apply_W, apply_WT, masked_products
+from locallip.rounding import abs_norm, layer_gamma, unit_roundoff
 
 KW_CONST = 1.648        # Kuczynski & Wozniakowski's constant for the Lanczos algorithm
 STAGES = (32, 64, 128, 256)   # Lanczos steps at which a sample's certificate is decided
@@ -112,10 +106,10 @@ class Lanczos:
     layer: Conv2d, Linear or any linear layer; d_in [batch, *in_shape] / d_out [batch,
     *out_shape]: 0/1 varying indicators or None (all vary); the start is a Gaussian vector
     masked by the varying set of the chosen space (uses the torch default generator of its
-    device), i.e. uniform on the unit sphere of that n-dimensional subspace. ``dtype`` is
-    the model's (kept for the callers; the run is float64)."""
+    device), i.e. uniform on the unit sphere of that n-dimensional subspace; the run is
+    float64 whatever the layer's dtype."""
 
-    def __init__(self, layer: nn.Module, d_in, d_out, in_shape, batch: int, device, dtype,
+    def __init__(self, layer: nn.Module, d_in, d_out, in_shape, batch: int, device,
                  space: str = 'auto'):
         self.layer, self.in_shape = float64_model(layer), tuple(in_shape)
         self.d_in = None if d_in is None else d_in.double()
@@ -234,11 +228,11 @@ def float64_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model).double()
 
 
-def lanczos_norm_bounds(layer, d_in, d_out, in_shape, batch, steps, delta, device, dtype,
+def lanczos_norm_bounds(layer, d_in, d_out, in_shape, batch, steps, delta, device,
                         space='auto'):
     """(lower, upper) [batch] float64 bounds on ||D_out W D_in||_2 after ``steps`` Lanczos
     steps: lower = sqrt(Ritz value), upper false with probability <= delta each."""
-    lz = Lanczos(layer, d_in, d_out, in_shape, batch, device, dtype, space)
+    lz = Lanczos(layer, d_in, d_out, in_shape, batch, device, space)
     lz.run(steps)
     xi = lz.ritz_max()
     return xi.clamp_min(0).sqrt(), lz.upper(xi, delta)
@@ -292,141 +286,15 @@ class GuaranteedNorms:
             s = torch.linalg.matrix_norm(m.weight.detach().double(), 2)
             return s, s * (1 + SVD_ALLOWANCE)
         lo, up = lanczos_norm_bounds(m, None, None, shape, 1, global_steps, self.delta_op,
-                                     p.device, p.dtype)
+                                     p.device)
         return lo[0], up[0]
 
 
-def _is_full(d, batch, device):
+def is_full(d, batch, device):
     """[batch] bool: every entry of the indicator is 1 (None: all vary)."""
     if d is None:
         return torch.ones(batch, dtype=torch.bool, device=device)
     return d.flatten(1).min(1).values > 0
-
-
-@dataclass
-class GuaranteedCertificate:
-    """guaranteed_certify's result: per-sample tensors [batch] on x's device."""
-    certified: torch.Tensor      # bool
-    lip: torch.Tensor            # the product of the norm upper bounds used (the guaranteed
-    #                              local Lipschitz bound when certified or still undecided at
-    #                              the last stage, else the bound at the stage that decided)
-    steps: torch.Tensor          # largest Lanczos steps run on any of the sample's layers
-    #                              (0: decided with the global bounds)
-    margin: torch.Tensor         # the worst-case margin with those bounds
-
-
-def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
-                       norms: GuaranteedNorms, *, opt_iter: int, bound: str = 'local',
-                       stages: Sequence[int] = STAGES) -> GuaranteedCertificate:
-    """Certificates of the local bound on the L2 eps-balls around x [batch, ...] (labels y
-    [batch]; eps a number or [batch] radii) of ``model``, computed on norms.network (its
-    float64 copy, made by the GuaranteedNorms of this model) in float64 and decided past the
-    rounding allowance, whose spectral norms are all upper bounds (each
-    false with probability <= norms.delta_op; a certificate with probability <=
-    norms.delta).
-
-    Every point starts from the global upper bounds (norms.upper). A correctly classified
-    point they do not certify runs Lanczos on each of its masked operators that is not the
-    full one, in ``stages`` (cumulative step counts), each stage's upper bounds at
-    delta_op / len(stages); after each stage a point is decided when the upper bounds
-    certify it, or when the Ritz values (lower bounds) already fail to."""
-    b, model, x = x.shape[0], norms.network, x.double()
-    ops = []          # (i, layer, d_in, d_out, in_shape) of every per-sample operator
-
-    def record(i, layer, d_in, d_out, in_shape):
-        ops.append((i, layer, d_in, d_out, in_shape))
-        return norms.upper[i].expand(b)
-
-    with torch.no_grad(), exact_float32():
-        res = compute_bound(model, x, y, eps, None, None, sniter=0, opt_iter=opt_iter,
-                            bound=bound, check=True, global_sigmas=norms.upper,
-                            local_norms=record, rounding=True)
-        eps_b = torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(b)
-        cert = GuaranteedCertificate(res.certified(y), res.r_local / eps_b.clamp_min(FLOOR),
-                                     torch.zeros(b, dtype=torch.long, device=x.device),
-                                     res.margin(y))
-        if not ops:
-            return cert
-        undecided = (res.logits.argmax(1) == y) & ~cert.certified & (eps_b > 0)
-        staged = _StagedNorms(ops, undecided.nonzero().flatten(), norms, x)
-        decide = _Decision(res, layer_list(model)[check_supported(model)[-1]], y, eps_b,
-                           opt_iter)
-        for k in stages:
-            if staged.active.numel() == 0:
-                break
-            staged.run(k, norms.delta_op / len(stages), cert.steps)
-            staged.keep(decide(staged, cert))
-    return cert
-
-
-class _StagedNorms:
-    """Per operator i: upper and lower bounds up[i], lo[i] [batch] (float64; the global
-    ones to start with) and the Lanczos state of the still undecided points ``active``
-    whose operator is not the full one (need[i] = [their indices, Lanczos])."""
-
-    def __init__(self, ops, active, norms: GuaranteedNorms, x):
-        b = x.shape[0]
-        self.active = active
-        self.up = {i: norms.upper[i].double().expand(b).clone() for i, *_ in ops}
-        self.lo = {i: norms.lower[i].double().expand(b).clone() for i, *_ in ops}
-        self.need = {}
-        if active.numel() == 0:
-            return
-        for i, layer, d_in, d_out, in_shape in ops:
-            full = _is_full(d_in, b, x.device) & _is_full(d_out, b, x.device)
-            idx = active[~full[active]]
-            if idx.numel():
-                self.lo[i][idx] = 0.0  # the global lower bound holds for the full operator only
-                self.need[i] = [idx, Lanczos(layer, None if d_in is None else d_in[idx],
-                                             None if d_out is None else d_out[idx], in_shape,
-                                             idx.numel(), x.device, x.dtype)]
-
-    def run(self, k: int, delta: float, steps: torch.Tensor):
-        """Lanczos to ``k`` steps on every operator; bounds tightened (upper at ``delta``),
-        ``steps`` [batch] set to k where a point ran."""
-        for i, (idx, lz) in self.need.items():
-            if idx.numel() == 0:
-                continue
-            lz.run(k)
-            xi = lz.ritz_max()
-            up = lz.upper(xi, delta)
-            self.up[i][idx] = torch.minimum(self.up[i][idx], up)
-            self.lo[i][idx] = torch.maximum(self.lo[i][idx], xi.clamp_min(0).sqrt())
-            steps[idx] = k
-
-    def keep(self, active):
-        """Only the points ``active`` go on: the others leave every Lanczos state."""
-        self.active = active
-        for i, (idx, lz) in self.need.items():
-            keep = torch.isin(idx, active).nonzero().flatten()
-            lz.select(keep)
-            self.need[i][0] = idx[keep]
-
-
-@dataclass
-class _Decision:
-    """The certificate of the active points with a stage's bounds: the bound's result
-    ``res``, the logit layer, labels y and radii eps_b [batch]."""
-    res: BoundResult
-    final: nn.Linear
-    y: torch.Tensor
-    eps_b: torch.Tensor
-    opt_iter: int
-
-    def __call__(self, staged: _StagedNorms, cert: GuaranteedCertificate) -> torch.Tensor:
-        """Writes the active points' certificate with the upper bounds into ``cert``;
-        returns those still undecided (not certified, not refuted by the lower bounds)."""
-        a, res, y, eps = staged.active, self.res, self.y[staged.active], self.eps_b[staged.active]
-        r_up, r_lo = (rounded_radius(res, eps, {i: t[a] for i, t in bounds.items()}, a)
-                      for bounds in (staged.up, staged.lo))
-        w_up, allowance = rounded_margins(res, self.final.weight, y, r_up, self.opt_iter, a)
-        w_lo, _ = rounded_margins(res, self.final.weight, y, r_lo, self.opt_iter, a)
-        sub = BoundResult(logits=res.logits[a], worst=w_up, r_local=r_up, r_global=r_up,
-                          allowance=allowance)
-        cert_up, cert_lo = sub.certified(y), sub.certified(y, w_lo)
-        cert.certified[a], cert.margin[a] = cert_up, sub.margin(y).to(cert.margin)
-        cert.lip[a] = (r_up / eps.double().clamp_min(FLOOR)).to(cert.lip)
-        return a[~(cert_up | ~cert_lo)]
 
 
 def masked_norm_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
@@ -455,12 +323,12 @@ def masked_norm_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
         for i, layer, d_in, d_out, in_shape in ops:
             up = norms.upper[i].double().expand(b).clone()
             lo = norms.lower[i].double().expand(b).clone()
-            full = _is_full(d_in, b, x.device) & _is_full(d_out, b, x.device)
+            full = is_full(d_in, b, x.device) & is_full(d_out, b, x.device)
             idx = (~full).nonzero().flatten()
             if idx.numel():
                 lz = Lanczos(layer, None if d_in is None else d_in[idx],
                              None if d_out is None else d_out[idx], in_shape, idx.numel(),
-                             x.device, x.dtype)
+                             x.device)
                 lz.run(steps)
                 xi = lz.ritz_max()
                 up[idx] = torch.minimum(up[idx], lz.upper(xi, delta_op))

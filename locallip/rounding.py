@@ -11,7 +11,7 @@ residual addition rounds once: |fl(p + q) - (p + q)| <= u |p + q|. A BatchNorm f
 its affine layer is computed by the running model unfolded, with rounded scale and shift:
 its layer carries ``FOLD_TERMS`` more terms and the magnitudes of every term of its bias
 (``bias_magnitude``). Not covered: FFT / Winograd convolution algorithms and TF32 (the
-certification itself runs with TF32 off, ``local_bound.exact_float32``).
+certification itself runs with TF32 off, ``bound.exact_float32``).
 
 Errors are propagated elementwise over the whole ball: E bounds |a(x') - fl(a)(x')| for
 every x' of the ball, where fl(a) is ANY evaluation in this arithmetic of the layers up to

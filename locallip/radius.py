@@ -7,14 +7,13 @@ from typing import Optional
 
 import torch
 
-import progress
-from lanczos import STAGES, masked_norm_bounds
-from local_bound import (CONVERGED_SNITER, FLOOR, TEST_OPT_ITER, compute_bound, lipschitz_of,
-                         structure_terms, exact_float32)
-from networks import check_supported, layer_list
-from operators import global_power_iteration
-from vectors import SubsetVectors
-
+from locallip import progress
+from locallip.bound import (CONVERGED_SNITER, FLOOR, TEST_OPT_ITER, compute_bound, exact_float32,
+                            lipschitz_of, structure_terms)
+from locallip.lanczos import STAGES, masked_norm_bounds
+from locallip.layers import check_supported, layer_list
+from locallip.operators import global_power_iteration
+from locallip.vectors import SubsetVectors
 
 RADIUS_RTOL = 1e-3      # the search stops when hi - lo <= rtol * lo (relative bracket width)
 RADIUS_EVALS = 24       # most bound evaluations per point and search
@@ -39,7 +38,7 @@ class RadiusSearch:
     max_evals: int = RADIUS_EVALS        # bound evaluations per point and search, at most
     steps: int = RADIUS_STEPS   # Lanczos steps of the guaranteed search's norm bounds
     bound: str = 'local'        # 'local' or 'global' (every indicator 1)
-    estimate: str = 'bilinear'  # the power-iteration estimate (local_bound.BoundOptions)
+    estimate: str = 'bilinear'  # the power-iteration estimate (bound.BoundOptions)
 
 
 @dataclass

@@ -13,7 +13,7 @@ Everything is about L2 balls {x' : ||x' - x||_2 <= eps} around each input. Label
 to the model's own predictions (what is certified is then that the prediction cannot
 change inside the ball); pass ``y`` to certify against true labels (a misclassified point
 is never certified). Inputs get a batch axis added when they lack one. The model is put
-through ``networks.fold_batchnorm`` (eval-mode BatchNorm folded into affine layers) and
+through ``layers.fold_batchnorm`` (eval-mode BatchNorm folded into affine layers) and
 must be in eval mode when it holds BatchNorm or Dropout. Tensors follow the model's device.
 Every call checks its inputs first (a one-line ValueError naming ``x``, ``y``, ``eps`` or
 ``delta``), reads the model afresh (its forward traced as it runs now; forward hooks and
@@ -34,17 +34,17 @@ from typing import Dict, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from certify import converged_global_vectors
-from radius import RADIUS_RTOL, RADIUS_STEPS, RadiusSearch, radius_batch
-from lanczos import GuaranteedNorms, guaranteed_certify
-from checkpoints import load_checkpoint
-from tightness import LowerSearch, lipschitz_lower_bound
-from local_bound import (CONVERGED_SNITER, FLOOR, TEST_OPT_ITER, UnsupportedModel, compute_bound,
-                         exact_float32)
-from networks import NOOPS, POOLS, SUPPORTED, check_supported, fold_batchnorm, layer_list
-from operators import TOL
-from tracing import refresh, verify
-from vectors import KeptVectors, RandomVectors
+from locallip.bound import CONVERGED_SNITER, FLOOR, TEST_OPT_ITER, compute_bound, exact_float32
+from locallip.certificates import converged_global_vectors, guaranteed_certify
+from locallip.checkpoints import load_checkpoint
+from locallip.errors import UnsupportedModel
+from locallip.lanczos import GuaranteedNorms
+from locallip.layers import NOOPS, POOLS, SUPPORTED, check_supported, fold_batchnorm, layer_list
+from locallip.operators import TOL
+from locallip.radius import RADIUS_RTOL, RADIUS_STEPS, RadiusSearch, radius_batch
+from locallip.tightness import LowerSearch, lipschitz_lower_bound
+from locallip.tracing import refresh, verify
+from locallip.vectors import KeptVectors, RandomVectors
 
 SNITER = CONVERGED_SNITER   # per-sample power iterations at most (each stops at ``tol``)
 OPT_ITER = TEST_OPT_ITER    # worst-case-logit rounds (exact once they finish; sound at any count)
@@ -87,7 +87,7 @@ class CertifiedRadius:
 
 
 def load_weights(model: nn.Module, path: str) -> dict:
-    """Load the checkpoint at ``path`` ({'state_dict': ...}, as train.py and the reference
+    """Load the checkpoint at ``path`` ({'state_dict': ...}, as the training loop and the reference
     write them, or a bare state_dict) into ``model``; returns the checkpoint dict. Safe: the
     file is read with torch.load(weights_only=True), and one that needs arbitrary unpickling
     (code to run, a whole pickled module) is refused with errors.UserError naming it."""

@@ -13,45 +13,44 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from attacks import audit_batch, pgd_correct_batch
-from certify import certify_batch, converged_global_vectors
-from errors import UserError
-from lanczos import GuaranteedNorms, guaranteed_certify
-from local_bound import TEST_OPT_ITER, TEST_SNITER
-import progress
-from radius import RADIUS_RTOL, RADIUS_STEPS, RadiusSearch, radius_batch
-from tightness import LowerSearch, lipschitz_lower_bound
-from tracing import refresh, verify
-from report import (BatchOutcome, TsvWriter, batch_rows, resume_rows, summarize, tsv_columns,
-                    write_tsv)
-from utils import (BATCH_STREAM, GUARANTEED_STREAM, LOWER_STREAM, NORMS_STREAM, RADIUS_STREAM,
-                   all_reduce_sum,
-                   derived_seed)
-from vectors import KeptVectors
+from locallip import progress
+from locallip.attacks import audit_batch, pgd_correct_batch
+from locallip.certificates import certify_batch, converged_global_vectors, guaranteed_certify
+from locallip.errors import UserError
+from locallip.lanczos import GuaranteedNorms
+from locallip.radius import RadiusSearch, radius_batch
+from locallip.report import (BatchOutcome, TsvWriter, batch_rows, resume_rows, summarize,
+                             tsv_columns, write_tsv)
+from locallip.runtime import (BATCH_STREAM, GUARANTEED_STREAM, LOWER_STREAM, NORMS_STREAM,
+                              RADIUS_STREAM, all_reduce_sum, derived_seed)
+from locallip.tightness import LowerSearch, lipschitz_lower_bound
+from locallip.tracing import refresh, verify
+from locallip.vectors import KeptVectors
 
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """What full_evaluation computes; the names are evaluate.py's flags (evaluate.py builds
-    it from them)."""
-    radii: List[float]                 # L2 radii; the first is PGD's and the summary's
-    test_sniter: int = TEST_SNITER     # per-sample power iterations (stop at 1e-3)
-    test_opt_iter: int = TEST_OPT_ITER  # worst-case-logit rounds
-    bound: str = 'local'               # 'local' or 'global' (every indicator 1)
-    estimate: str = 'bilinear'         # the power-iteration estimate
-    alpha: Optional[float] = None      # PGD step (None: radius / 4, the reference's)
-    niter: int = 100                   # PGD steps (0: no attack)
-    certificate: str = 'reference'     # 'reference' or 'guaranteed' (also Lanczos bounds)
-    delta: float = 1e-4                # a guaranteed certificate's failure probability
-    radius: bool = False               # also each point's certified radius
-    lower_bound: bool = False          # also an empirical lower bound of the local constant
-    radius_rtol: float = RADIUS_RTOL   # its relative tolerance
-    radius_steps: int = RADIUS_STEPS   # Lanczos steps of the guaranteed radius
-    audit: bool = False                # attack every certificate inside its ball
-    audit_restarts: int = 2            # the audit's restarts ...
-    audit_steps: int = 50              # ... and steps
-    seed: int = 0                      # every random draw derives from it and the batch
-    heartbeat: bool = True             # without a terminal, progress lines in the log
+    """What full_evaluation computes; the names are evaluate.py's flags, and so are the
+    values: ``eval_settings`` builds it from the parsed flags, whose defaults (utils.py) are
+    the only ones (no field but ``heartbeat`` has a default here)."""
+    radii: List[float]          # L2 radii; the first is PGD's and the summary's
+    test_sniter: int            # per-sample power iterations (stop at 1e-3)
+    test_opt_iter: int          # worst-case-logit rounds
+    bound: str                  # 'local' or 'global' (every indicator 1)
+    estimate: str               # the power-iteration estimate
+    alpha: Optional[float]      # PGD step (None: radius / 4, the reference's)
+    niter: int                  # PGD steps (0: no attack)
+    certificate: str            # 'reference' or 'guaranteed' (also Lanczos bounds)
+    delta: float                # a guaranteed certificate's failure probability
+    radius: bool                # also each point's certified radius
+    lower_bound: bool           # also an empirical lower bound of the local constant
+    radius_rtol: float          # its relative tolerance
+    radius_steps: int           # Lanczos steps of the guaranteed radius
+    audit: bool                 # attack every certificate inside its ball
+    audit_restarts: int         # the audit's restarts ...
+    audit_steps: int            # ... and steps
+    seed: int                   # every random draw derives from it and the batch
+    heartbeat: bool = True      # without a terminal, progress lines in the log
 
     @property
     def pgd_step(self) -> float:

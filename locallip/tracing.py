@@ -16,7 +16,7 @@ refused (``check_forwards``).
 
 What a traced graph may contain: one input; calls of layers (the torch.nn ones and the
 project's ``ReLU_x``, ``ClampGroupSort``, ``Flatten``, ``Residual``; whether the bound supports
-a layer's type is ``networks.check_supported``'s question); ``relu``; flattening to
+a layer's type is ``layers.check_supported``'s question); ``relu``; flattening to
 [batch, features] (``torch.flatten(x, 1)``, ``x.flatten(1)``, ``x.view(x.size(0), -1)``,
 ``x.reshape(n, -1)``, ``x.view(-1, features)``); ``F.avg_pool2d``, ``F.adaptive_avg_pool2d``;
 additions ``a + b`` that merge the two arms of a fork (y = x + f(x), y = s(x) + f(x)); and a
@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch.nn.modules import module as torch_module
 from torch.nn.utils import parametrize
 
-from errors import UnsupportedModel
-from models import ClampGroupSort, Flatten, ReLU_x, Residual
+from locallip.errors import UnsupportedModel
+from locallip.models import ClampGroupSort, Flatten, ReLU_x, Residual
 
 PROJECT_LEAVES = (ReLU_x, ClampGroupSort, Flatten, Residual)
 ADDS = (operator.add, operator.iadd, torch.add)

@@ -49,7 +49,7 @@ class KeptVectors(RandomVectors):
 class GivenVectors:
     """Starting vectors handed in, {module index: [batch, *in_shape]}; ``put`` collects the
     final ones in ``out``: the vector store is read before and written after the bound,
-    outside compiled code (train.py --compile)."""
+    outside compiled code (training --compile)."""
 
     def __init__(self, given: Dict[int, torch.Tensor]):
         self.given, self.out = given, {}

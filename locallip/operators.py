@@ -11,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import progress
-from networks import POOLS
+from locallip import progress
+from locallip.layers import POOLS
 
 TOL = 1e-3          # power iteration stops when the largest per-sample change is below this
 NORM_FLOOR = 1e-12  # guards divisions by norms that can be exactly zero
@@ -111,41 +111,6 @@ def bcast(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def _norm(x: torch.Tensor) -> torch.Tensor:
     """Per-sample L2 norm of [batch, ...] -> [batch], at least NORM_FLOOR (zero-safe gradient)."""
     return torch.linalg.vector_norm(x.flatten(1), dim=1).clamp_min(NORM_FLOOR)
-
-
-class _Extremum(torch.autograd.Function):
-    """torch.maximum / torch.minimum with the same values and the same gradients (the
-    gradient goes to the larger / smaller input, split in halves on ties), in fewer passes
-    over memory than autograd's generic formula. a and b have the same shape."""
-
-    @staticmethod
-    def forward(ctx, a, b, is_max):
-        w = torch.sign(a - b) if is_max else torch.sign(b - a)
-        w.add_(1).mul_(0.5)                  # weight of a: 1, 1/2 on ties, 0
-        ctx.save_for_backward(w)
-        return torch.maximum(a, b) if is_max else torch.minimum(a, b)
-
-    @staticmethod
-    def backward(ctx, g):
-        w, = ctx.saved_tensors
-        ga = g * w
-        return ga, g - ga, None
-
-
-def _needs_grad(a, b) -> bool:
-    return torch.is_grad_enabled() and (a.requires_grad or b.requires_grad)
-
-
-def box_max(a, b):
-    """Elementwise max of two same-shaped tensors (see _Extremum; without a gradient to
-    record, torch.maximum itself)."""
-    return _Extremum.apply(a, b, True) if _needs_grad(a, b) else torch.maximum(a, b)
-
-
-def box_min(a, b):
-    """Elementwise min of two same-shaped tensors (see _Extremum; without a gradient to
-    record, torch.minimum itself)."""
-    return _Extremum.apply(a, b, False) if _needs_grad(a, b) else torch.minimum(a, b)
 
 
 # ----------------------------------------------------------------------------------------

@@ -3,7 +3,7 @@ attack on certified points (the whole L2 ball, margin loss, restarts)."""
 import torch
 import torch.nn.functional as F
 
-import progress
+from locallip import progress
 
 
 def _per_sample_norm(t, floor=0.0):

@@ -7,8 +7,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from errors import UserError
-
+from locallip.errors import UserError
 
 # ----------------------------------------------------------------------------------------
 # Per-sample rows

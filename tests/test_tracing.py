@@ -12,8 +12,8 @@ from torch.nn.modules import module as torch_module
 from torch.nn.utils import parametrizations
 
 import locallip
-from attacks import audit_batch
-from models import ReLU_x, Residual
+from locallip.attacks import audit_batch
+from locallip.models import ReLU_x, Residual
 
 EPS = 0.05
 FAST = dict(sniter=60, opt_iter=30)           # enough for equal bounds of equal networks

@@ -11,8 +11,8 @@ from typing import Optional
 
 import torch
 
-from errors import UserError
-from models import model_tag
+from locallip.errors import UserError
+from locallip.models import model_tag
 
 
 def checkpoint_base(prefix: str, model: str) -> str:

@@ -7,15 +7,15 @@ names; a model that is not an nn.Sequential of layers and residual blocks is rea
 ``tracing.sequential_view``."""
 import copy
 import weakref
-from typing import Dict, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import torch
 import torch.nn as nn
 
-from errors import UnsupportedModel
-from models import ClampGroupSort, Flatten, ReLU_x, Residual
-from tracing import (ForwardRefusal, base_class, derived, relative_error, sequential_view,
-                     view_output)
+from locallip.errors import UnsupportedModel
+from locallip.models import ClampGroupSort, Flatten, ReLU_x, Residual
+from locallip.tracing import (ForwardRefusal, base_class, derived, relative_error, sequential_view,
+                              view_output)
 
 POOLS = (nn.AvgPool2d, nn.AdaptiveAvgPool2d)       # averages: linear, weights >= 0, no bias
 AFFINE = (nn.Conv2d, nn.Linear) + POOLS             # linear maps (plus bias): one norm each
@@ -47,6 +47,18 @@ def modules_of(m: nn.Module) -> list:
     return list(m) if isinstance(m, nn.Sequential) else [m]
 
 
+def chain(mods) -> Iterator[nn.Module]:
+    """The modules of the chain ``mods`` in key order with every nested nn.Sequential opened:
+    layers and Residual blocks. The one place the walks over a network (layer_list,
+    layer_input_shapes, fold_batchnorm, bound.structure_terms, bound._Walk) open
+    Sequentials; each handles a block's arms (``arms_of``) itself."""
+    for m in mods:
+        if isinstance(m, nn.Sequential):
+            yield from chain(m)
+        else:
+            yield m
+
+
 def arms_of(block: Residual):
     """(branch modules, shortcut modules) of a residual block; the identity has none."""
     return modules_of(block.branch), ([] if block.shortcut is None else modules_of(block.shortcut))
@@ -60,10 +72,8 @@ def layer_list(model: nn.Module) -> List[nn.Module]:
     out = []
 
     def walk(mods):
-        for m in mods:
-            if isinstance(m, nn.Sequential):
-                walk(m)
-            elif isinstance(m, Residual):
+        for m in chain(mods):
+            if isinstance(m, Residual):
                 branch, short = arms_of(m)
                 walk(branch)
                 walk(short)
@@ -73,20 +83,12 @@ def layer_list(model: nn.Module) -> List[nn.Module]:
     return out
 
 
-def _top_level(view: nn.Sequential) -> list:
-    """The view's modules with nested Sequentials flattened (blocks stay whole)."""
-    out = []
-    for m in view:
-        out += _top_level(m) if isinstance(m, nn.Sequential) else [m]
-    return out
-
-
 def features(model: nn.Module) -> nn.Sequential:
     """The network up to its penultimate layer (the logit layer's input): the map whose
     local Lipschitz constant the bound bounds (``BoundResult.r_local`` / eps). Shares the
     model's layers."""
     check_supported(model)
-    top = _top_level(sequential_view(model))
+    top = list(chain(sequential_view(model)))
     last = max(k for k, m in enumerate(top) if isinstance(m, nn.Linear))
     return nn.Sequential(*top[:last])
 
@@ -110,7 +112,7 @@ def _check_layer(i: int, m: nn.Module, where: str) -> bool:
     if isinstance(m, nn.AdaptiveAvgPool2d):
         return True
     if isinstance(m, BATCHNORM):
-        raise UnsupportedModel(f"{where}: fold it first with networks.fold_batchnorm(model) "
+        raise UnsupportedModel(f"{where}: fold it first with locallip.layers.fold_batchnorm(model) "
                                f"(a per-channel affine map in eval mode; locallip and "
                                f"evaluate.py do this)")
     if isinstance(m, NOOPS):
@@ -153,7 +155,7 @@ def check_supported(model: nn.Module) -> List[int]:
     affine = [i for i, m in enumerate(layer_list(view))
               if _check_layer(i, m, _layer_name(i, m, names))]
     _check_in_place(view)
-    real = [m for m in _top_level(view) if not isinstance(m, NOOPS)]
+    real = [m for m in chain(view) if not isinstance(m, NOOPS)]
     if not affine or not real or not isinstance(real[-1], nn.Linear):
         raise UnsupportedModel("the last module of the model (after any Identity / Dropout) "
                                "must be nn.Linear (the logit layer), outside any residual "
@@ -162,12 +164,7 @@ def check_supported(model: nn.Module) -> List[int]:
 
 
 def _first_leaf(mods: list) -> Optional[nn.Module]:
-    for m in mods:
-        if isinstance(m, nn.Sequential):
-            m = _first_leaf(modules_of(m))
-        if m is not None:
-            return m
-    return None
+    return next(chain(mods), None)
 
 
 def _check_in_place(view: nn.Module):
@@ -261,15 +258,13 @@ def _fold_chain(mods: list, key: int, stats: Optional[dict] = None):
     ``stats``: {id(BatchNorm): (mean, var)} of a training batch (``training_view``): fold
     with them, differentiably, and drop Dropout; None: the running statistics."""
     out, prev = [], None       # prev: position in out of an affine layer not yet folded into
-    for m in mods:
-        if isinstance(m, (nn.Sequential, Residual)):
-            arms = [modules_of(m)] if isinstance(m, nn.Sequential) else list(arms_of(m))
+    for m in chain(mods):
+        if isinstance(m, Residual):
             folded = []
-            for arm in arms:
+            for arm in arms_of(m):
                 f, key = _fold_chain(arm, key, stats)
                 folded.append(nn.Sequential(*f))
-            out.append(folded[0] if isinstance(m, nn.Sequential) else
-                       Residual(folded[0], folded[1] if m.shortcut is not None else None))
+            out.append(Residual(folded[0], folded[1] if m.shortcut is not None else None))
             prev = None
             continue
         if isinstance(m, BATCHNORM):
@@ -390,14 +385,13 @@ def layer_input_shapes(model: nn.Module, input_shape) -> Dict[int, tuple]:
     shapes = {}
 
     def run(mods, x, key):
-        for m in mods:
-            if isinstance(m, (nn.Sequential, Residual)):
-                arms = [modules_of(m)] if isinstance(m, nn.Sequential) else list(arms_of(m))
+        for m in chain(mods):
+            if isinstance(m, Residual):
                 outs = []
-                for arm in arms:
+                for arm in arms_of(m):
                     y, key = run(arm, x, key)
                     outs.append(y)
-                x = outs[0] if isinstance(m, nn.Sequential) else outs[0] + outs[1]
+                x = outs[0] + outs[1]
                 continue
             if isinstance(m, AFFINE) and key != last:
                 shapes[key] = tuple(x.shape[1:])

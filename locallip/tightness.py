@@ -1,5 +1,5 @@
 """How far the bound is from the truth: an empirical LOWER bound of the local Lipschitz
-constant of the network's penultimate features h (``networks.features``) on the L2 ball
+constant of the network's penultimate features h (``layers.features``) on the L2 ball
 ``{x : ||x - x0||_2 <= eps}``, the constant that ``BoundResult.r_local / eps`` bounds from
 above.
 
@@ -18,9 +18,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-import progress
-from networks import features
-from operators import NORM_FLOOR
+from locallip import progress
+from locallip.layers import features
+from locallip.operators import NORM_FLOOR
 
 INSIDE = 1 - 1e-3      # final points are kept this far inside the ball (Jacobians interior)
 
