@@ -25,6 +25,11 @@ vectors at the smallest radius, warm at the larger ones, global vectors converge
               certificate='guaranteed'): no power iteration; --radius_steps Lanczos steps
               per masked norm, once per point, and box-only searches)
 reports seconds, certified points per second and certified accuracy per radius and method.
+lanczos mode: the Lanczos runs of the guaranteed certificate on the first --test_batch_size
+points at --eps, --radius_steps steps on each masked layer, with partial reorthogonalisation
+and with it at every step: per layer the steps that reorthogonalised, the measured loss of
+orthogonality, the rounding slack over |||W|||^2, the Ritz values' largest relative
+difference between the two, and the seconds of each.
 --vectors store: the certified step takes its per-sample vectors from a VectorStore, as the
 training loop does, on rows never written before (so every vector is a fresh draw of the
 store's own generator and all iterations run): it times the loop's real vector path.
@@ -75,7 +80,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument('--gloro', action='store_true', help="GloRo loss instead of BCP")
     p.add_argument('--pi_grad', choices=('all', 'last'), default='all', help="as in training: "
                    "'last' differentiates only the final power-iteration product")
-    p.add_argument('--mode', choices=('train', 'eval', 'worst'), default='train', help="what to "
+    p.add_argument('--mode', choices=('train', 'eval', 'worst', 'lanczos'), default='train',
+                   help="what to "
                    "measure; worst: peak memory of one worst-case-logit computation, true-class "
                    "column vs all pairs (--classes, --hidden, --batch_size, --opt_iter)")
     p.add_argument('--classes', type=int, default=200, help="worst mode: classes")
@@ -154,6 +160,8 @@ def main(argv=None):
            'stored_vector_bytes_per_sample': per_sample, 'torch': torch.__version__}
     if a.mode == 'eval':
         out.update(eval_methods(a, model, dev, shape, classes, timed))
+    elif a.mode == 'lanczos':
+        out.update(lanczos_runs(a, model, dev, shape, classes, timed))
     else:
         out.update(train_timing(a, model, dev, timed))
     return write_json(out, a.json)
@@ -266,6 +274,43 @@ def eval_methods(a, model, dev, shape, classes, timed):
             res[f'speedup_vs_{slow}'] = m[slow]['seconds'] / m['guaranteed']['seconds']
             print(f"guaranteed is {res[f'speedup_vs_{slow}']:.1f}x faster than {slow}")
     return res
+
+
+def lanczos_runs(a, model, dev, shape, classes, timed):
+    """lanczos mode (see the module docstring): {'layers': {key: {...}}}, one line per layer."""
+    from locallip.bound import compute_bound, exact_float32
+    from locallip.lanczos import GuaranteedNorms, Lanczos
+    x, y = eval_batches(a, shape, classes, dev)[0][0]
+    norms = GuaranteedNorms(model, shape, a.delta, generator_seed=a.seed)
+    ops = []
+
+    def record(i, layer, d_in, d_out, in_shape):
+        ops.append((i, layer, d_in, d_out, in_shape))
+        return norms.upper[i].expand(len(x))
+    with torch.no_grad(), exact_float32():
+        compute_bound(norms.network, x.double(), y, a.eps, None, None, sniter=0, opt_iter=1,
+                      check=True, global_sigmas=norms.upper, local_norms=record, rounding=True)
+    layers = {}
+    for i, layer, d_in, d_out, in_shape in ops:
+        runs = []
+        for semi in (None, 0.0):          # partial, then at every step
+            torch.manual_seed(a.seed)
+            lz = Lanczos(layer, d_in, d_out, in_shape, len(x), dev)
+            lz.semi = lz.semi if semi is None else semi
+            with torch.no_grad():
+                sec = timed(lambda: lz.run(a.radius_steps))
+                runs.append((lz, sec, lz.ritz_max(), lz.orthogonality(), lz.slack()))
+        (lz, sec, xi, eta, slack), (full, sec_full, xi_full, _, _) = runs
+        layers[i] = row = {
+            'n': lz.q.shape[1], 'steps': lz.steps, 'reorthogonalised': lz.reorthogonalised,
+            'eta_max': float(eta.max()), 'slack_over_abs_norm2': float(slack.max()) / lz.abs_norm ** 2,
+            'ritz_rel_diff': float(((xi - xi_full).abs() / xi_full.abs().clamp_min(1e-300)).max()),
+            'seconds': sec, 'seconds_every_step': sec_full}
+        print(f"layer {i} n {row['n']}: reorthogonalised {lz.reorthogonalised}/{lz.steps} steps, "
+              f"eta <= {row['eta_max']:.1e}, slack <= {row['slack_over_abs_norm2']:.1e} |||W|||^2, "
+              f"Ritz values within {row['ritz_rel_diff']:.1e} of every-step reorthogonalisation; "
+              f"{sec:.2f} s against {sec_full:.2f} s", flush=True)
+    return {'layers': layers, 'eps': a.eps, 'points': len(x)}
 
 
 def eval_batches(a, shape, classes, dev):

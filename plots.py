@@ -12,7 +12,7 @@ from locallip.plots import make_training_plots
 
 def main(argv=None):
     p = argparse.ArgumentParser(description='Training curves (PNG) from TensorBoard runs of '
-                                'the training scripts; see the module docstring for the figures.')
+                                'the training scripts; the figures: locallip/plots.py')
     p.add_argument('--runs', nargs='+', required=True, metavar='LABEL=DIR',
                    help='one LABEL=DIR per run: DIR is the run\'s TensorBoard folder '
                         '(<prefix>_<model>_tb), LABEL its name in the legends')

@@ -271,7 +271,7 @@ def _bound_flags(flag, d):
          "term of the sparsity loss")
     flag('--indices', default='', help="comma list of layer keys whose per-sample vectors "
          "are stored across epochs (the module indices of a plain nn.Sequential; with residual "
-         "blocks, indices into networks.layer_list; default: all affine layers but the last)")
+         "blocks, indices into locallip.layers.layer_list; default: all affine layers but the last)")
     flag('--store_backing', choices=('auto', 'device', 'ram', 'disk'), default='auto', help="where "
          "the per-sample vectors live: 'device' in the GPU's memory (no host-device copies), RAM, "
          "or a disk file next to the checkpoint shared by all processes of a node; auto: the GPU "
@@ -294,7 +294,7 @@ def _evaluation_flags(flag, d):
          help="evaluate.py: 'reference': certificates from power-iteration norm estimates "
          "(approached from below, as the reference); 'guaranteed': ALSO certificates whose every "
          "spectral norm is a Lanczos upper bound false with probability <= --delta (per point "
-         "and radius, over the random starts; lanczos.py), columns certified_guaranteed@<eps>")
+         "and radius, over the random starts; locallip/lanczos.py), columns certified_guaranteed@<eps>")
     flag('--delta', type=float, default=d['delta'], help="evaluate.py --certificate guaranteed: "
          "failure probability of each certificate (split over its norm bounds)")
     flag('--radius', action='store_true', help="(not in the reference) evaluate.py: also the "
@@ -311,7 +311,7 @@ def _evaluation_flags(flag, d):
     flag('--lower_bound', action='store_true', help="(not in the reference) evaluate.py: "
          "also an empirical LOWER bound of every point's local Lipschitz constant at the first "
          "--epsilon (secant ratios raised by gradient ascent over pairs of points of the ball, "
-         "and Jacobian spectral norms at its final points; tightness.py): TSV columns "
+         "and Jacobian spectral norms at its final points; locallip/tightness.py): TSV columns "
          "lower_bound / seconds_lower, the median local_bound / lower_bound in the summary, "
          "a figure of the ratio with --plots")
     flag('--audit', action='store_true', help="evaluate.py: attack every certified point inside "

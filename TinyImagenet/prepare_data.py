@@ -1,5 +1,5 @@
 """Download tiny-imagenet-200 (needs internet) and regroup its validation images into one
-folder per class, the layout ImageFolder and data_load.py expect:
+folder per class, the layout ImageFolder and locallip/data.py expect:
 
     python TinyImagenet/prepare_data.py --data_dir data          # download + regroup
     python TinyImagenet/prepare_data.py --data_dir data --no_download   # regroup only

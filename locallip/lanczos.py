@@ -18,9 +18,10 @@ bounded from above:
   false with probability at most delta over the random start. The formula is evaluated at
   k - 1 for k Lanczos steps (whether the paper's k counts the last product or not, this is
   the conservative reading). The theorem is about exact arithmetic: Lanczos runs in float64
-  with full reorthogonalisation, so its computed T_k is the exact Lanczos matrix of B + F
-  with ||F|| <= s (``Lanczos.slack``, a proven bound of the rounding; docs/method.md,
-  "Floating point"), and the theorem holds for B + F + s I.
+  with partial reorthogonalisation, and its computed T_k is the exact Lanczos matrix of
+  B + F with ||F|| <= s (``Lanczos.slack``, bounded from the rounding and the loss of
+  orthogonality the run measured; docs/method.md, "Floating point"), so the theorem holds
+  for B + F + s I.
 * Linear layers' global norms ||W||_2: by SVD in float64 (deterministic), raised by
   SVD_ALLOWANCE (relative) for the SVD's own rounding.
 * Convolutions' global norms (the radius that propagates the ball and its box): the same
@@ -37,7 +38,8 @@ own rounding is bounded (``rounding.py``; docs/method.md, "Floating point").
 Union bound: a certificate (one point, one radius) uses the per-sample bound of every affine
 layer but the last and the global bound of every convolution; each gets delta / (their
 number), and each per-sample bound is split again over the STAGES at which it may be read,
-so the data-dependent stop below costs nothing in validity. Each certificate is then false
+so the data-dependent stop of ``certificates.guaranteed_certify`` costs nothing in
+validity. Each certificate is then false
 with probability at most ``delta`` (over the algorithm's random starts; nothing is assumed
 about the data).
 """
@@ -52,12 +54,15 @@ from locallip import progress
 from locallip.bound import FLOOR, BoundError, compute_bound, exact_float32
 from locallip.layers import check_supported, layer_input_shapes, layer_list
 from locallip.operators import apply_absW, apply_W, apply_WT, masked_products
-from locallip.rounding import abs_norm, layer_gamma, unit_roundoff
+from locallip.rounding import abs_norm, gamma, layer_gamma, unit_roundoff
 
 KW_CONST = 1.648        # Kuczynski & Wozniakowski's constant for the Lanczos algorithm
 STAGES = (32, 64, 128, 256)   # Lanczos steps at which a sample's certificate is decided
 GLOBAL_STEPS = 500      # Lanczos steps for a convolution's global norm (once per model)
 BREAKDOWN = 1e-7        # relative size of a Lanczos residual treated as an invariant subspace
+SEMI = 2.0 ** -26       # sqrt(u) of float64: an estimated overlap of two Lanczos vectors above it
+#                         reorthogonalises (Simon's semi-orthogonality)
+OMEGA_NOISE = 1.0       # the overlap estimates' rounding per step, in units of n u |||W|||^2
 SVD_ALLOWANCE = 1e-9    # relative rounding of a float64 SVD's largest singular value (backward
 #                         stable: a small multiple of n u ||W||, u = 1.1e-16, n <= 10^5)
 
@@ -78,10 +83,10 @@ def kw_inflation(n, k: int, delta: float):
     return (s * s).clamp(max=1.0)
 
 
-def upper_from_ritz(xi: torch.Tensor, n, k: int, delta: float, slack: float) -> torch.Tensor:
+def upper_from_ritz(xi: torch.Tensor, n, k: int, delta: float, slack) -> torch.Tensor:
     """Upper bound on sqrt(lambda_max) = ||A||_2 from the largest Ritz value xi [batch]
-    (float64) of k Lanczos steps whose T_k is exact for B + F, ||F|| <= slack (shifted by
-    slack, B + F is positive semidefinite and its lambda_max >= that of B):
+    (float64) of k Lanczos steps whose T_k is exact for B + F, ||F|| <= slack (a number or
+    [batch]; shifted by slack, B + F is positive semidefinite and its lambda_max >= that of B):
     sqrt((xi + slack) / (1 - e)) (1 + 8 u), u of float64 (this formula's own rounding); inf
     when e = 1."""
     e = kw_inflation(n, k, delta).to(xi.device)
@@ -91,17 +96,21 @@ def upper_from_ritz(xi: torch.Tensor, n, k: int, delta: float, slack: float) -> 
 
 
 class Lanczos:
-    """Batched Lanczos on A^T A or A A^T, A = D_out W D_in per sample, in float64 with full
+    """Batched Lanczos on A^T A or A A^T, A = D_out W D_in per sample, in float64 with partial
     reorthogonalisation, continued stage by stage. Both have ||A||_2^2 as their largest
     eigenvalue; the run takes the smaller of the layer's input and output spaces
     (``space='auto'``), where every vector operation of a step is cheaper and the dimension n
     in the failure probability is the smaller varying set.
 
-    The layer is applied as a float64 copy (its float32 weights are exact there), every
-    Lanczos vector is kept and each new one orthogonalised against all of them (classical
-    Gram-Schmidt), so the computed T_k is the exact Lanczos matrix of B + F with ||F|| at most
-    ``slack`` (docs/method.md, "Floating point"): the Kuczynski-Wozniakowski theorem holds for
-    it. Memory: steps x n float64 per sample.
+    The layer is applied as a float64 copy (its float32 weights are exact there) and every
+    Lanczos vector is kept. A new vector is orthogonalised against all of them (classical
+    Gram-Schmidt) when Simon's recurrence estimates that its overlap with one of them has
+    grown past sqrt(u) (``SEMI``), and at the step after (partial reorthogonalisation; Simon,
+    Math. Comp. 42, 1984). Which steps do is a matter of speed only: ``slack`` bounds, from
+    what the run measured (the basis' loss of orthogonality ||Q^T Q - I||_F, the components
+    removed from each step), how far the computed T_k is from the exact Lanczos matrix of
+    some B + G from the same start: ||G|| <= slack (docs/method.md, "Floating point"), and
+    the Kuczynski-Wozniakowski theorem holds for it. Memory: steps x n float64 per sample.
 
     layer: Conv2d, Linear or any linear layer; d_in [batch, *in_shape] / d_out [batch,
     *out_shape]: 0/1 varying indicators or None (all vary); the start is a Gaussian vector
@@ -133,9 +142,17 @@ class Lanczos:
         self.shape = shape
         self.basis = self.q.new_zeros((batch, 0, self.q.shape[1]))
         self.beta = torch.zeros(batch, device=device, dtype=torch.float64)
-        self.alphas, self.betas = [], []
+        # per step: alpha, beta, and the norm of what left the recurrence (components
+        # reorthogonalised away, a breakdown's residual) [batch, 3, steps]
+        self.coef = self.q.new_zeros((batch, 3, 0))
+        self.omega = torch.ones((batch, 1), device=device, dtype=torch.float64)
+        self.omega_prev = self.omega.new_zeros((batch, 0))   # Simon's overlap estimates
+        self.again = False      # the step after a reorthogonalisation reorthogonalises too
+        self.semi = SEMI        # the overlap estimate that reorthogonalises (0: every step)
+        self.reorthogonalised = 0   # steps that reorthogonalised (speed, not validity)
         self.steps = 0
-        self.abs_norm = abs_norm(self.layer, self.in_shape, apply_absW)
+        with torch.no_grad():
+            self.abs_norm = float(abs_norm(self.layer, self.in_shape, apply_absW))
 
     def apply_B(self, q):
         """A^T A q (space 'in') or A A^T q (space 'out') for a masked q [batch, n] (float64)."""
@@ -154,50 +171,129 @@ class Lanczos:
         if have < steps:
             more = self.basis.new_zeros((self.basis.shape[0], steps - have, self.basis.shape[2]))
             self.basis = torch.cat([self.basis, more], 1)
+            more = self.coef.new_zeros((self.coef.shape[0], 3, steps - have))
+            self.coef = torch.cat([self.coef, more], 2)
+
+    @property
+    def alphas(self) -> torch.Tensor:
+        """[batch, steps] the diagonal of T."""
+        return self.coef[:, 0, :self.steps]
+
+    @property
+    def betas(self) -> torch.Tensor:
+        """[batch, steps] each step's beta (the off-diagonal of T, then the next step's)."""
+        return self.coef[:, 1, :self.steps]
 
     def run(self, steps: int):
         """Advance every sample to ``steps`` Lanczos steps in all."""
         self._room(steps)
         while self.steps < steps:
             progress.stage("Lanczos step", self.steps + 1, steps)
-            k = self.steps
-            self.basis[:, k] = self.q
-            w = self.apply_B(self.q).flatten(1)
-            if k:
-                w.addcmul_(self.basis[:, k - 1], self.beta.unsqueeze(1), value=-1)
-            a = torch.linalg.vecdot(self.q, w)
-            w.addcmul_(self.q, a.unsqueeze(1), value=-1)
-            kept = self.basis[:, :k + 1]               # full reorthogonalisation (CGS)
-            w.sub_(torch.bmm(torch.bmm(kept, w.unsqueeze(2)).transpose(1, 2), kept).squeeze(1))
-            b = torch.linalg.vector_norm(w, dim=1)
-            # an (almost) invariant Krylov space: the Ritz values are exact, stop this sample
-            dead = b <= BREAKDOWN * (a.abs() + self.beta)
-            b = torch.where(dead, torch.zeros_like(b), b)
-            inv = torch.where(dead, torch.zeros_like(b), 1 / b.clamp_min(FLOOR))
-            self.q = w.mul_(inv.unsqueeze(1))
-            self.beta = b
-            self.alphas.append(a)
-            self.betas.append(b)
-            self.steps += 1
+            self._step()
 
-    def slack(self) -> float:
-        """s >= ||F||: the float64 run's T_k is the exact Lanczos matrix of B + F (docs/method.md,
-        "Floating point"): 3 sqrt(k) times each step's error (its products, 2 gamma(m) |||W|||^2
-        with m the layer's fan-in plus slack, and the recurrence, reorthogonalisation and
-        eigenvalue solver, 16 (k + n) u ||B||), with ||B|| <= |||W|||^2 (|||W||| = ||(|W_ij|)||_2
-        bounds ||W||_2)."""
+    def _step(self):
+        """One Lanczos step of every sample: w = B q - beta q_prev - alpha q, reorthogonalised
+        when the overlap estimates say so; q_next = w / ||w|| (0 after a breakdown)."""
+        k = self.steps
+        self.basis[:, k] = self.q
+        w = self.apply_B(self.q).flatten(1)
+        if k:
+            w.addcmul_(self.basis[:, k - 1], self.beta.unsqueeze(1), value=-1)
+        a = torch.linalg.vecdot(self.q, w)
+        w.addcmul_(self.q, a.unsqueeze(1), value=-1)
+        b = torch.linalg.vector_norm(w, dim=1)
+        nxt = self._overlaps(a, b)
+        removed = torch.zeros_like(b)
+        if self.again or bool((nxt[:, :k + 1] > self.semi).any()):
+            kept = self.basis[:, :k + 1]             # classical Gram-Schmidt against all
+            c = torch.bmm(kept, w.unsqueeze(2))
+            w.sub_(torch.bmm(c.transpose(1, 2), kept).squeeze(1))
+            removed = torch.linalg.vector_norm(c.squeeze(2), dim=1)
+            b = torch.linalg.vector_norm(w, dim=1)
+            nxt[:, :k + 1] = OMEGA_NOISE * unit_roundoff(torch.float64) * w.shape[1]
+            self.again, self.reorthogonalised = not self.again, self.reorthogonalised + 1
+        # an (almost) invariant Krylov space: the Ritz values are exact, stop this sample;
+        # the residual dropped is paid for in the slack
+        dead = b <= BREAKDOWN * (a.abs() + self.beta)
+        removed = torch.where(dead, removed + b, removed)
+        b = torch.where(dead, torch.zeros_like(b), b)
+        inv = torch.where(dead, torch.zeros_like(b), 1 / b.clamp_min(FLOOR))
+        self.q = w.mul_(inv.unsqueeze(1))
+        self.omega_prev, self.omega = self.omega, nxt * (~dead).unsqueeze(1)
+        self.beta = b
+        self.coef[:, 0, k], self.coef[:, 1, k], self.coef[:, 2, k] = a, b, removed
+        self.steps += 1
+
+    def _overlaps(self, a, b) -> torch.Tensor:
+        """[batch, k + 2]: Simon's estimates of |q_next^T q_i| for i <= k (and 1 for q_next
+        itself) from the recurrence's coefficients (alpha_k = a, beta_k = b): the three-term
+        recurrence of the overlaps, with a rounding term per step, in absolute values. An
+        estimate only: it decides when to reorthogonalise, the slack measures the rest."""
+        k, u = self.steps, unit_roundoff(torch.float64)
+        noise = OMEGA_NOISE * u * self.q.shape[1] * self.abs_norm ** 2   # a step's rounding
+        nxt = b.new_zeros((b.shape[0], k + 2))
+        inv = 1 / b.clamp_min(FLOOR).unsqueeze(1)
+        if k:
+            al, be, om = self.alphas, self.betas, self.omega
+            t = be * om[:, 1:] + (al - a.unsqueeze(1)) * om[:, :k]
+            t[:, 1:] += be[:, :-1] * om[:, :k - 1]
+            t -= self.beta.unsqueeze(1) * self.omega_prev
+            nxt[:, :k] = (t.abs() + noise) * inv
+        nxt[:, k] = noise * inv.squeeze(1)
+        nxt[:, k + 1] = 1.0
+        return nxt
+
+    def orthogonality(self) -> torch.Tensor:
+        """[batch] eta >= ||Q^T Q - I||_F for the run's vectors q_1 .. q_k and the next one
+        (their Gram matrix in float64, plus its rounding); the zero vectors after a breakdown
+        are left out (their block of T is 0 and decoupled)."""
+        q = torch.cat([self.basis[:, :self.steps], self.q.unsqueeze(1)], 1)
+        gram = torch.bmm(q, q.transpose(1, 2))
+        live = (gram.diagonal(dim1=1, dim2=2) > 0.5).to(gram.dtype)
+        err = (gram - torch.eye(q.shape[1], dtype=gram.dtype, device=gram.device))
+        err = err * live.unsqueeze(1) * live.unsqueeze(2)
+        eta = torch.linalg.matrix_norm(err)
+        diag = gram.diagonal(dim1=1, dim2=2).amax(1)
+        u = unit_roundoff(torch.float64)
+        return (eta + q.shape[1] * gamma(q.shape[2] + 2, u) * diag) * (1 + 4 * q.shape[1] * u)
+
+    def slack(self) -> torch.Tensor:
+        """[batch] s >= ||G||: the run's T_k is the exact Lanczos matrix of B + G from the
+        same start (docs/method.md, "Floating point"): with eta = ``orthogonality()`` and
+        f = sqrt(k) times the largest error of a step's recurrence (its products, 2 gamma(m)
+        |||W|||^2 with m the layer's fan-in plus slack; its arithmetic, reorthogonalisation and
+        the eigenvalue solver, 16 (k + n) u |||W|||^2; what it removed),
+        s = 3 (4 eta ||T|| + beta_k eta + f) / (1 - 2 eta)^2, and inf when eta > 1/4.
+        ||B|| <= |||W|||^2 (|||W||| = ||(|W_ij|)||_2 bounds ||W||_2)."""
         u = unit_roundoff(torch.float64)
         k, n = max(self.steps, 1), self.basis.shape[2]
-        per_step = 2 * layer_gamma(self.layer, self.in_shape, u) + 16 * (k + n) * u
-        return 3 * math.sqrt(k) * per_step * self.abs_norm ** 2
+        norm2 = self.abs_norm ** 2
+        per_step = (2 * layer_gamma(self.layer, self.in_shape, u) + 16 * (k + n) * u) * norm2
+        eta = self.orthogonality()
+        removed = self.coef[:, 2, :self.steps].amax(1) if self.steps else torch.zeros_like(eta)
+        f = math.sqrt(k) * (per_step + removed * (1 + eta).sqrt())
+        t_norm = self._tridiagonal_norm()
+        s = 3 * (4 * eta * t_norm + self.beta * eta + f) / (1 - 2 * eta).clamp_min(FLOOR) ** 2
+        s = torch.where(eta <= 0.25, s, torch.full_like(s, math.inf))
+        return s * (1 + 32 * u)
+
+    def _tridiagonal_norm(self) -> torch.Tensor:
+        """[batch] an upper bound of ||T_k||_2: its largest absolute row sum."""
+        if self.steps == 0:
+            return self.beta.new_zeros(self.beta.shape)
+        a, b = self.alphas.abs(), self.betas[:, :-1]
+        rows = a.clone()
+        rows[:, :-1] += b
+        rows[:, 1:] += b
+        return rows.amax(1) * (1 + 4 * unit_roundoff(torch.float64))
 
     def ritz_max(self) -> torch.Tensor:
         """Largest eigenvalue of each sample's tridiagonal T [batch] (float64): a lower
         bound on lambda_max(B) = ||A||_2^2 (exact arithmetic)."""
-        if not self.alphas:
+        if self.steps == 0:
             raise ValueError("ritz_max before any Lanczos step")
-        a = torch.stack(self.alphas, 1)
-        b = torch.stack(self.betas[:-1], 1) if len(self.betas) > 1 else None
+        a = self.alphas
+        b = self.betas[:, :-1] if self.steps > 1 else None
         t = torch.diag_embed(a)
         if b is not None:
             t = t + torch.diag_embed(b, 1) + torch.diag_embed(b, -1)
@@ -212,8 +308,8 @@ class Lanczos:
         """Keep only the samples ``keep`` (indices into the current batch)."""
         kc = keep.cpu()
         self.q, self.basis, self.beta = self.q[keep], self.basis[keep], self.beta[keep]
-        self.alphas = [a[keep] for a in self.alphas]
-        self.betas = [b[keep] for b in self.betas]
+        self.coef = self.coef[keep]
+        self.omega, self.omega_prev = self.omega[keep], self.omega_prev[keep]
         self.n = self.n[kc]
         self.d_in = None if self.d_in is None else self.d_in[keep]
         self.d_out = None if self.d_out is None else self.d_out[keep]

@@ -112,7 +112,7 @@ class BatchOutcome:
     what ``batch_rows`` turns into TSV rows."""
     idx: torch.Tensor                    # sample indices
     labels: torch.Tensor
-    by_eps: Dict[float, Any]             # radius -> certify.BatchCertificate
+    by_eps: Dict[float, Any]             # radius -> certificates.BatchCertificate
     pgd: torch.Tensor                    # bool: correct, and still after PGD at radii[0]
     global_converged: bool               # every global power iteration met its tolerance
     audited: Optional[torch.Tensor] = None   # radii at which the audit attacked the point

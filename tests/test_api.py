@@ -1,5 +1,6 @@
-"""One's own model: safe checkpoint loading, the locallip API, more layer types (BatchNorm,
-AvgPool2d, Dropout, Identity), the vjp transpose, and the certified-radius search."""
+"""One's own model through the locallip API: more layer types (BatchNorm, AvgPool2d,
+Dropout, Identity), refusals, bare calls and shapes, models by import path, the README's
+example."""
 import os
 import re
 

@@ -221,7 +221,7 @@ def same_as_a_second_run(a, others, args, tmp_path, mnist_dir):
 
 
 def inline(entry, argv, capsys):
-    """Run an entry point in this process as its script does (through utils.run_main) and
+    """Run an entry point in this process as its script does (through locallip.runtime.run_main) and
     return (exit status, stderr): the subprocess runs' checks without starting Python and
     importing torch again for each bad input. Any exception other than the UserError that
     run_main turns into exit status 2 propagates and fails the test (a traceback)."""

@@ -1,5 +1,5 @@
 """The optimised certified training step equals a literal, line-by-line transcription of the
-spec (sections 3, 4 and 9), written from the spec and not from local_bound.py: the loss to
+spec (sections 3, 4 and 9), written from the spec and not from locallip/bound.py: the loss to
 1e-5 and every parameter gradient to 1e-4 relative (norm of the difference), in float64, for
 the ReLU_x, ReLU and MaxMin models, BCP and GloRo, with sparsity, fresh and warm vectors,
 sniter 1, 2 and 5. The test is shown to fail for the old ||A u|| estimate."""

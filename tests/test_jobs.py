@@ -41,13 +41,16 @@ SITE = "import os\nimport torchvision.datasets.cifar as c\n" \
 
 
 class Repo:
-    """A copy of the scripts with generated datasets under data/; ``job`` runs an entry."""
+    """A copy of the scripts and the package with generated datasets under data/; ``job``
+    runs an entry."""
 
     def __init__(self, root):
         self.root = root
         os.makedirs(os.path.join(root, 'TinyImagenet'))
         for f in glob.glob(os.path.join(ROOT, '*.py')) + [os.path.join(ROOT, 'run_job.sh')]:
             shutil.copy(f, root)
+        shutil.copytree(os.path.join(ROOT, 'locallip'), os.path.join(root, 'locallip'),
+                        ignore=shutil.ignore_patterns('__pycache__'))
         for f in glob.glob(os.path.join(ROOT, 'TinyImagenet', '*.py')) + [
                 os.path.join(ROOT, 'TinyImagenet', 'run_job.sh')]:
             shutil.copy(f, os.path.join(root, 'TinyImagenet'))

@@ -1,13 +1,13 @@
-"""Guaranteed certificates (lanczos.py): the upper bounds against exact SVDs of explicit
-masked operators, the stalled power iteration they guard against, the Ritz value's
-accuracy, and certificates on a trained network that attacks never break."""
+"""Spectral-norm upper bounds (locallip/lanczos.py): the upper bounds against exact SVDs of
+explicit masked operators, the stalled power iteration they guard against, the Ritz value's
+accuracy, breakdown, the global norms, and the partial reorthogonalisation's slack."""
 import copy
 import math
 
 import pytest
 import torch
 import torch.nn as nn
-from conftest import trained_tiny
+from conftest import explicit_matrix, trained_tiny
 
 from locallip.lanczos import (GuaranteedNorms, Lanczos, kw_inflation, lanczos_norm_bounds,
                                n_operators)
@@ -188,3 +188,30 @@ def test_global_norms_bound_the_layers():
         out = tuple(cpu_net[i](torch.zeros(1, *shape)).shape[1:])
         exact = exact_norm(cpu_net[i], torch.ones(shape), torch.ones(out), shape)
         assert norms.lower[i].item() <= exact * (1 + 1e-6) <= norms.upper[i].item() * (1 + 1e-6)
+
+
+def test_partial_reorthogonalisation_measures_what_it_skips():
+    """Partial reorthogonalisation runs on some steps only; the loss of orthogonality it
+    leaves is measured (orthogonality() bounds the true ||Q^T Q - I||_F) and paid for in the
+    slack. Without any reorthogonalisation the basis loses its orthogonality and the slack
+    says so (infinite: the bound falls back to the global one), never a false bound."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 4, 3, padding=1).double()
+    exact = torch.linalg.matrix_norm(explicit_matrix(conv, (2, 8, 8)), 2)
+    runs = {}
+    for semi in (None, math.inf):
+        torch.manual_seed(1)
+        lz = Lanczos(conv, None, None, (2, 8, 8), 2, 'cpu')
+        lz.semi = lz.semi if semi is None else semi
+        with torch.no_grad():
+            lz.run(100)
+        q = torch.cat([lz.basis[:, :lz.steps], lz.q.unsqueeze(1)], 1)
+        true = torch.linalg.matrix_norm(q @ q.transpose(1, 2) - torch.eye(q.shape[1],
+                                                                          dtype=q.dtype))
+        assert (true <= lz.orthogonality()).all()
+        assert (lz.upper(lz.ritz_max(), 1e-4) >= exact).all()
+        runs[semi] = lz
+    partial, none = runs[None], runs[math.inf]
+    assert 0 < partial.reorthogonalised < 100 and none.reorthogonalised == 0
+    assert (partial.slack() < 1e-8 * exact ** 2).all()
+    assert (none.orthogonality() > 0.25).all() and torch.isinf(none.slack()).all()

@@ -63,3 +63,18 @@ def test_no_argparse_namespace_in_the_core():
     assert len(CORE) > 15
     found = [(f, n.name) for f, n in functions() if f in CORE and 'args' in parameters(n)]
     assert found == [], found
+
+
+def test_root_modules_hand_on_every_public_name():
+    """local_bound.py and data_load.py, kept at the root for the reference's imports, hand on
+    every public name of the package module they stand for."""
+    import data_load
+    import local_bound
+    from locallip import bound, data
+    for shim, module in ((local_bound, bound), (data_load, data)):
+        tree = ast.parse(open(module.__file__).read())
+        public = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets
+                  if isinstance(t, ast.Name)}
+        public |= {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        public = {p for p in public if not p.startswith('_')}
+        assert public - set(vars(shim)) == set(), (shim.__name__, sorted(public - set(vars(shim))))

@@ -68,8 +68,8 @@ def mutate(monkeypatch, name):
 
 
 def test_mutations_reach_every_importer(monkeypatch):
-    """lipschitz_of is patched in local_bound and in radius.py (imported by name), and the
-    worst-case margins in local_bound at least; unpatched after the test."""
+    """lipschitz_of is patched in bound.py and in radius.py (imported by name), and the
+    worst-case margins in bound.py at least; unpatched after the test."""
     from locallip import radius
     original = local_bound.lipschitz_of
     assert mutate(monkeypatch, 'lipschitz x0.5') >= 2

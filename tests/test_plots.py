@@ -10,7 +10,7 @@ from plots import main
 
 
 def write_run(path, epochs, eps, offset=0.0, varying=(1, 3)):
-    """One train.py-like event file: the per-epoch scalars the training figures read."""
+    """One event file as the training loop writes it: the per-epoch scalars the training figures read."""
     w = SummaryWriter(path)
     for e, r in zip(epochs, eps):
         w.add_scalar('train/clean_loss_epoch', 2.0 - 0.1 * e + offset, e)

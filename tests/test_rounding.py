@@ -158,15 +158,15 @@ def test_rounding_boxes_contain_float32_forwards():
 
 
 def test_lanczos_float64_orthonormal_with_slack():
-    """The Lanczos basis stays orthonormal to 1e-10 after 60 steps on a 40-dim space (full
+    """The Lanczos basis stays orthonormal to 1e-10 after 60 steps on a 40-dim space (partial
     reorthogonalisation), its upper bound is at least the exact norm, and the rounding slack
-    is a tiny fraction of ||W||^2."""
+    (which counts the measured loss of orthogonality) is a tiny fraction of ||W||^2."""
     torch.manual_seed(0)
     layer = nn.Linear(40, 30)
     lz = Lanczos(layer, None, None, (40,), 2, 'cpu')
     lz.run(60)
     q = lz.basis[:, :lz.steps]
-    live = (torch.stack(lz.betas, 1) > 0).cumprod(1).sum(1)     # steps before breakdown
+    live = (lz.betas > 0).cumprod(1).sum(1)     # steps before breakdown
     for b in range(2):
         k = int(live[b]) + 1 if int(live[b]) < lz.steps else lz.steps
         gram = q[b, :k] @ q[b, :k].T
@@ -174,7 +174,7 @@ def test_lanczos_float64_orthonormal_with_slack():
     exact = torch.linalg.matrix_norm(layer.weight.double(), 2)
     up = lz.upper(lz.ritz_max(), 1e-4)
     assert (up >= exact).all()
-    assert 0 < lz.slack() < 1e-9 * exact ** 2
+    assert ((0 < lz.slack()) & (lz.slack() < 1e-8 * exact ** 2)).all()
 
 
 def test_single_linear_layer_guaranteed():

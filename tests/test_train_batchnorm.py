@@ -1,5 +1,5 @@
 """BatchNorm and Dropout in certified training: each step bounds the network with every
-BatchNorm folded by the batch's own statistics (``networks.training_view``), whose
+BatchNorm folded by the batch's own statistics (``layers.training_view``), whose
 logits and gradients are those of the model's own training-mode forward without Dropout;
 the README's own-model example (a residual block, BatchNorm, Dropout) trains and evaluates
 from the command line."""
