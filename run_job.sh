@@ -42,12 +42,14 @@
 #   mnist_relu | cifar_relu_4c3f | cifar_relu_6c2f | cifar_relu_6c2f_gloro | cifar_maxmin_6c2f
 #                the paper's training commands (need the datasets and, realistically, a GPU)
 #   eval_mnist | eval_cifar     the paper's evaluation commands on pretrained/ checkpoints
-#   gpu_check [tests|bench|eval|compile|torchrun|all]   on a CUDA machine with PyTorch
+#   gpu_check [tests|bench|eval|compile|torchrun|all|guaranteed]   on a CUDA machine with PyTorch
 #                installed (uses ${PYTHON:-python3}, no .venv): the test suite on cuda, the GPU
 #                benchmark table and profile, certification speed of 1000 Fashion-MNIST points
 #                at three radii by each certificate, the same with --compile (CUDA graphs) and
 #                a compiled epoch, and a one-process torchrun (NCCL) epoch; logs and JSON go to
 #                ${OUT:-gpu_out}/. Fashion-MNIST must be under data/FashionMNIST/raw or installed.
+#                'guaranteed' (not in all): the guaranteed certificate and radius of 500 points,
+#                and with BASELINE=DIR the same from an older tree, for the speed comparison.
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PY:-.venv/bin/python}     # PY=/path/to/python uses another interpreter
@@ -319,6 +321,7 @@ case "$job" in
         PY=${PYTHON:-python3}
         O=${OUT:-gpu_out}
         mkdir -p "$O"
+        O=$(cd "$O" && pwd)
         what=${1:-all}
         export PYTHONUNBUFFERED=1
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
@@ -353,6 +356,19 @@ case "$job" in
                 --json "$O/bench_eval_methods.json" > "$O/bench_eval_methods.log" 2>&1 \
                 || echo "bench eval_methods failed or timed out"
             tail -4 "$O/bench_eval_methods.log"
+        fi
+        if [ "$what" = guaranteed ]; then
+            # the guaranteed certificate and radius of 500 points (docs/performance.md's CPU
+            # table), and the same with an older tree when BASELINE=DIR names one (e.g. a
+            # git archive of an earlier commit), one after the other on the same GPU
+            gflags=(--device cuda --mode eval --data fashionmnist --model relux --init 2.0
+                    --saved_model "$PWD/pretrained/fashionmnist/local_relux" --n_test 500
+                    --radii 1.0 --methods guaranteed radius_guaranteed)
+            "$PY" bench.py "${gflags[@]}" --json "$O/bench_guaranteed.json" | tail -3
+            if [ -n "${BASELINE:-}" ]; then
+                (cd "$BASELINE" && "$PY" bench.py "${gflags[@]}" \
+                    --json "$O/bench_guaranteed_baseline.json" | tail -3)
+            fi
         fi
         if [ "$what" = compile ] || [ "$what" = all ]; then
             # --compile (CUDA graphs through torch.compile 'reduce-overhead'): the step times

@@ -147,9 +147,11 @@ class Lanczos:
         self.coef = self.q.new_zeros((batch, 3, 0))
         self.omega = torch.ones((batch, 1), device=device, dtype=torch.float64)
         self.omega_prev = self.omega.new_zeros((batch, 0))   # Simon's overlap estimates
-        self.again = False      # the step after a reorthogonalisation reorthogonalises too
+        # per sample: due again at the next step (the step after a reorthogonalisation), and
+        # the steps that reorthogonalised (speed, not validity)
+        self.again = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.reorthogonalised = torch.zeros(batch, dtype=torch.long, device=device)
         self.semi = SEMI        # the overlap estimate that reorthogonalises (0: every step)
-        self.reorthogonalised = 0   # steps that reorthogonalised (speed, not validity)
         self.steps = 0
         with torch.no_grad():
             self.abs_norm = float(abs_norm(self.layer, self.in_shape, apply_absW))
@@ -203,15 +205,15 @@ class Lanczos:
         w.addcmul_(self.q, a.unsqueeze(1), value=-1)
         b = torch.linalg.vector_norm(w, dim=1)
         nxt = self._overlaps(a, b)
-        removed = torch.zeros_like(b)
-        if self.again or bool((nxt[:, :k + 1] > self.semi).any()):
-            kept = self.basis[:, :k + 1]             # classical Gram-Schmidt against all
-            c = torch.bmm(kept, w.unsqueeze(2))
-            w.sub_(torch.bmm(c.transpose(1, 2), kept).squeeze(1))
-            removed = torch.linalg.vector_norm(c.squeeze(2), dim=1)
+        due = self.again | (nxt[:, :k + 1] > self.semi).any(1)
+        removed = self._reorthogonalise(w, due)
+        if removed is None:
+            removed = torch.zeros_like(b)
+        else:
             b = torch.linalg.vector_norm(w, dim=1)
-            nxt[:, :k + 1] = OMEGA_NOISE * unit_roundoff(torch.float64) * w.shape[1]
-            self.again, self.reorthogonalised = not self.again, self.reorthogonalised + 1
+            nxt[due, :k + 1] = OMEGA_NOISE * unit_roundoff(torch.float64) * w.shape[1]
+        self.again = due & ~self.again
+        self.reorthogonalised += due.to(self.reorthogonalised.dtype)
         # an (almost) invariant Krylov space: the Ritz values are exact, stop this sample;
         # the residual dropped is paid for in the slack
         dead = b <= BREAKDOWN * (a.abs() + self.beta)
@@ -223,6 +225,28 @@ class Lanczos:
         self.beta = b
         self.coef[:, 0, k], self.coef[:, 1, k], self.coef[:, 2, k] = a, b, removed
         self.steps += 1
+
+    def _reorthogonalise(self, w, due) -> Optional[torch.Tensor]:
+        """Classical Gram-Schmidt of w [batch, n] against every kept vector, in place, for the
+        samples ``due`` [batch] bool; returns the norms [batch] of the components removed (0
+        elsewhere), or None when no sample is due. On the CPU, when only some are due, one
+        matrix-vector product pair per due sample (it reads only that sample's vectors);
+        otherwise one batched product whose rows not due remove nothing."""
+        if not bool(due.any()):
+            return None
+        k = self.steps + 1
+        removed = w.new_zeros(w.shape[0])
+        if w.device.type == 'cpu' and not bool(due.all()):
+            for i in due.nonzero().flatten().tolist():
+                kept = self.basis[i, :k]
+                c = torch.mv(kept, w[i])
+                w[i].addmv_(kept.t(), c, alpha=-1)
+                removed[i] = torch.linalg.vector_norm(c)
+            return removed
+        kept = self.basis[:, :k]
+        c = torch.bmm(kept, w.unsqueeze(2)) * due.to(w.dtype).view(-1, 1, 1)
+        w.sub_(torch.bmm(c.transpose(1, 2), kept).squeeze(1))
+        return torch.linalg.vector_norm(c.squeeze(2), dim=1)
 
     def _overlaps(self, a, b) -> torch.Tensor:
         """[batch, k + 2]: Simon's estimates of |q_next^T q_i| for i <= k (and 1 for q_next
@@ -309,6 +333,7 @@ class Lanczos:
         kc = keep.cpu()
         self.q, self.basis, self.beta = self.q[keep], self.basis[keep], self.beta[keep]
         self.coef = self.coef[keep]
+        self.again, self.reorthogonalised = self.again[keep], self.reorthogonalised[keep]
         self.omega, self.omega_prev = self.omega[keep], self.omega_prev[keep]
         self.n = self.n[kc]
         self.d_in = None if self.d_in is None else self.d_in[keep]
