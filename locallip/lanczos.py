@@ -152,6 +152,7 @@ class Lanczos:
         self.again = torch.zeros(batch, dtype=torch.bool, device=device)
         self.reorthogonalised = torch.zeros(batch, dtype=torch.long, device=device)
         self.semi = SEMI        # the overlap estimate that reorthogonalises (0: every step)
+        self.per_sample = torch.device(device).type == 'cpu'   # due rows one by one
         self.steps = 0
         with torch.no_grad():
             self.abs_norm = float(abs_norm(self.layer, self.in_shape, apply_absW))
@@ -236,7 +237,7 @@ class Lanczos:
             return None
         k = self.steps + 1
         removed = w.new_zeros(w.shape[0])
-        if w.device.type == 'cpu' and not bool(due.all()):
+        if self.per_sample and not bool(due.all()):
             for i in due.nonzero().flatten().tolist():
                 kept = self.basis[i, :k]
                 c = torch.mv(kept, w[i])

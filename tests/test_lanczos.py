@@ -216,3 +216,25 @@ def test_partial_reorthogonalisation_measures_what_it_skips():
     assert (none.reorthogonalised == 0).all()
     assert (partial.slack() < 1e-8 * exact ** 2).all()
     assert (none.orthogonality() > 0.25).all() and torch.isinf(none.slack()).all()
+
+
+def test_both_reorthogonalisation_paths_agree():
+    """The due samples reorthogonalised one by one (the CPU's path) and in one batched product
+    with the others' coefficients zeroed (the GPU's) give the same run to rounding (the
+    slacks, made of quantities near the rounding, to a factor of 2)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 4, 3, padding=1)
+    runs = []
+    for per_sample in (True, False):
+        torch.manual_seed(1)
+        lz = Lanczos(conv, None, None, (2, 8, 8), 3, 'cpu')
+        lz.per_sample = per_sample
+        with torch.no_grad():
+            lz.run(60)
+        runs.append(lz)
+    one, batched = runs
+    assert one.reorthogonalised.tolist() == batched.reorthogonalised.tolist()
+    assert 0 < int(one.reorthogonalised.min()) < 60
+    torch.testing.assert_close(one.coef, batched.coef, rtol=1e-9, atol=1e-12)
+    ratio = one.slack() / batched.slack()
+    assert ((ratio > 0.5) & (ratio < 2)).all(), ratio
