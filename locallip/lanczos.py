@@ -207,6 +207,8 @@ class Lanczos:
         b = torch.linalg.vector_norm(w, dim=1)
         nxt = self._overlaps(a, b)
         due = self.again | (nxt[:, :k + 1] > self.semi).any(1)
+        if k:                   # a sample that broke down has q = 0 from then on: nothing due
+            due &= self.coef[:, 1, k - 1] > 0
         removed = self._reorthogonalise(w, due)
         if removed is None:
             removed = torch.zeros_like(b)

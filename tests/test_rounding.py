@@ -167,6 +167,7 @@ def test_lanczos_float64_orthonormal_with_slack():
     lz.run(60)
     q = lz.basis[:, :lz.steps]
     live = (lz.betas > 0).cumprod(1).sum(1)     # steps before breakdown
+    assert (live < lz.steps).all() and (lz.reorthogonalised <= live + 1).all()  # none after it
     for b in range(2):
         k = int(live[b]) + 1 if int(live[b]) < lz.steps else lz.steps
         gram = q[b, :k] @ q[b, :k].T
