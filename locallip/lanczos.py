@@ -222,7 +222,7 @@ class Lanczos:
         dead = b <= BREAKDOWN * (a.abs() + self.beta)
         removed = torch.where(dead, removed + b, removed)
         b = torch.where(dead, torch.zeros_like(b), b)
-        inv = torch.where(dead, torch.zeros_like(b), 1 / b.clamp_min(FLOOR))
+        inv = torch.where(dead, torch.zeros_like(b), 1 / torch.where(dead, torch.ones_like(b), b))
         self.q = w.mul_(inv.unsqueeze(1))
         self.omega_prev, self.omega = self.omega, nxt * (~dead).unsqueeze(1)
         self.beta = b
@@ -259,7 +259,8 @@ class Lanczos:
         k, u = self.steps, unit_roundoff(torch.float64)
         noise = OMEGA_NOISE * u * self.q.shape[1] * self.abs_norm ** 2   # a step's rounding
         nxt = b.new_zeros((b.shape[0], k + 2))
-        inv = 1 / b.clamp_min(FLOOR).unsqueeze(1)
+        live = b > 0
+        inv = torch.where(live, 1 / torch.where(live, b, torch.ones_like(b)), 0.0).unsqueeze(1)
         if k:
             al, be, om = self.alphas, self.betas, self.omega
             t = be * om[:, 1:] + (al - a.unsqueeze(1)) * om[:, :k]
@@ -276,7 +277,10 @@ class Lanczos:
         are left out (their block of T is 0 and decoupled)."""
         q = torch.cat([self.basis[:, :self.steps], self.q.unsqueeze(1)], 1)
         gram = torch.bmm(q, q.transpose(1, 2))
-        live = (gram.diagonal(dim1=1, dim2=2) > 0.5).to(gram.dtype)
+        # live: the start unless it is 0 (no varying entry), then each vector whose step's
+        # beta is not 0 (a breakdown sets it to exactly 0, and every later one)
+        start = (self.n > 0).to(device=q.device, dtype=q.dtype).unsqueeze(1)
+        live = torch.cat([start, (self.coef[:, 1, :self.steps] > 0).to(q.dtype)], 1)
         err = (gram - torch.eye(q.shape[1], dtype=gram.dtype, device=gram.device))
         err = err * live.unsqueeze(1) * live.unsqueeze(2)
         eta = torch.linalg.matrix_norm(err)
@@ -287,15 +291,18 @@ class Lanczos:
     def slack(self) -> torch.Tensor:
         """[batch] s >= ||G||: the run's T_k is the exact Lanczos matrix of B + G from the
         same start (docs/method.md, "Floating point"): with eta = ``orthogonality()`` and
-        f = sqrt(k) times the largest error of a step's recurrence (its products, 2 gamma(m)
-        |||W|||^2 with m the layer's fan-in plus slack; its arithmetic, reorthogonalisation and
+        f = sqrt(k) times the largest error of a step's recurrence (its products, (gamma(m) +
+        gamma(m')) |||W|||^2 with m, m' the fan-in of W and W^T plus slack; its arithmetic,
+        reorthogonalisation and
         the eigenvalue solver, 16 (k + n) u |||W|||^2; what it removed),
         s = 3 (4 eta ||T|| + beta_k eta + f) / (1 - 2 eta)^2, and inf when eta > 1/4.
         ||B|| <= |||W|||^2 (|||W||| = ||(|W_ij|)||_2 bounds ||W||_2)."""
         u = unit_roundoff(torch.float64)
         k, n = max(self.steps, 1), self.basis.shape[2]
         norm2 = self.abs_norm ** 2
-        per_step = (2 * layer_gamma(self.layer, self.in_shape, u) + 16 * (k + n) * u) * norm2
+        products = (layer_gamma(self.layer, self.in_shape, u)
+                    + layer_gamma(self.layer, self.in_shape, u, transpose=True))
+        per_step = (products + 16 * (k + n) * u) * norm2
         eta = self.orthogonality()
         removed = self.coef[:, 2, :self.steps].amax(1) if self.steps else torch.zeros_like(eta)
         f = math.sqrt(k) * (per_step + removed * (1 + eta).sqrt())

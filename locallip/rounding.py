@@ -55,10 +55,23 @@ def fan_in(layer: nn.Module, in_shape) -> int:
     return math.prod(in_shape[-2:])          # AdaptiveAvgPool2d: at most the whole plane
 
 
-def layer_gamma(layer: nn.Module, in_shape, u: float) -> float:
-    """gamma(n + PAD) of one affine layer (plus FOLD_TERMS for a folded BatchNorm)."""
+def fan_out(layer: nn.Module, in_shape) -> int:
+    """The most terms one entry of W^T y sums (the transpose's fan-in): an input feeds at most
+    this many outputs, whatever the stride."""
+    if isinstance(layer, nn.Conv2d):
+        return (layer.out_channels // layer.groups) * math.prod(layer.kernel_size)
+    if isinstance(layer, nn.Linear):
+        return layer.out_features
+    return fan_in(layer, in_shape)           # pools: as many windows as a window has entries
+    #                                          (AdaptiveAvgPool2d: at most the whole plane)
+
+
+def layer_gamma(layer: nn.Module, in_shape, u: float, transpose: bool = False) -> float:
+    """gamma(n + PAD) of one affine layer's product W x (``transpose``: W^T y), plus
+    FOLD_TERMS for a folded BatchNorm."""
     extra = FOLD_TERMS if getattr(layer, 'bias_magnitude', None) is not None else 0
-    return gamma(fan_in(layer, in_shape) + PAD + extra, u)
+    n = fan_out(layer, in_shape) if transpose else fan_in(layer, in_shape)
+    return gamma(n + PAD + extra, u)
 
 
 def bias_magnitude(layer: nn.Module, like: torch.Tensor) -> Optional[torch.Tensor]:

@@ -238,3 +238,19 @@ def test_both_reorthogonalisation_paths_agree():
     torch.testing.assert_close(one.coef, batched.coef, rtol=1e-9, atol=1e-12)
     ratio = one.slack() / batched.slack()
     assert ((ratio > 0.5) & (ratio < 2)).all(), ratio
+
+
+@pytest.mark.parametrize('scale', [1e-16, 1e-19])
+def test_tiny_layers_are_bounded(scale):
+    """A layer whose weights are tiny (||B|| below 1e-30) keeps unit Lanczos vectors and an
+    upper bound above its norm (an absolute floor in the normalisation made the vectors
+    non-unit, the loss of orthogonality read as dead vectors, and the bound 0.68x the norm)."""
+    torch.manual_seed(0)
+    lin = nn.Linear(30, 20)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(20, 30) * scale)
+        lz = Lanczos(lin, None, None, (30,), 1, 'cpu')
+        lz.run(40)
+    exact = torch.linalg.matrix_norm(lin.weight.double(), 2)
+    assert (lz.upper(lz.ritz_max(), 1e-4) >= exact).all()
+    assert (lz.upper(lz.ritz_max(), 1e-4) <= 1.1 * exact).all()
