@@ -278,20 +278,11 @@ def eval_methods(a, model, dev, shape, classes, timed):
 
 def lanczos_runs(a, model, dev, shape, classes, timed):
     """lanczos mode (see the module docstring): {'layers': {key: {...}}}, one line per layer."""
-    from locallip.bound import compute_bound, exact_float32
-    from locallip.lanczos import GuaranteedNorms, Lanczos
+    from locallip.lanczos import GuaranteedNorms, Lanczos, masked_operators
     x, y = eval_batches(a, shape, classes, dev)[0][0]
     norms = GuaranteedNorms(model, shape, a.delta, generator_seed=a.seed)
-    ops = []
-
-    def record(i, layer, d_in, d_out, in_shape):
-        ops.append((i, layer, d_in, d_out, in_shape))
-        return norms.upper[i].expand(len(x))
-    with torch.no_grad(), exact_float32():
-        compute_bound(norms.network, x.double(), y, a.eps, None, None, sniter=0, opt_iter=1,
-                      check=True, global_sigmas=norms.upper, local_norms=record, rounding=True)
     layers = {}
-    for i, layer, d_in, d_out, in_shape in ops:
+    for i, layer, d_in, d_out, in_shape in masked_operators(x, y, a.eps, norms).ops:
         runs = []
         for semi in (None, 0.0):          # partial, then at every step
             torch.manual_seed(a.seed)

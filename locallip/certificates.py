@@ -21,7 +21,7 @@ from tqdm import tqdm
 from locallip import progress
 from locallip.bound import (FLOOR, BoundResult, compute_bound, exact_float32, rounded_margins,
                             rounded_radius)
-from locallip.lanczos import STAGES, GuaranteedNorms, Lanczos, is_full
+from locallip.lanczos import STAGES, GuaranteedNorms, Lanczos, is_full, masked_operators
 from locallip.layers import check_supported, layer_input_shapes, layer_list
 from locallip.operators import global_power_iteration, global_vector_shape
 from locallip.runtime import GLOBAL_STREAM, derived_seed
@@ -153,16 +153,9 @@ def guaranteed_certify(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
     delta_op / len(stages); after each stage a point is decided when the upper bounds
     certify it, or when the Ritz values (lower bounds) already fail to."""
     b, model, x = x.shape[0], norms.network, x.double()
-    ops = []          # (i, layer, d_in, d_out, in_shape) of every per-sample operator
-
-    def record(i, layer, d_in, d_out, in_shape):
-        ops.append((i, layer, d_in, d_out, in_shape))
-        return norms.upper[i].expand(b)
-
+    found = masked_operators(x, y, eps, norms, opt_iter=opt_iter, bound=bound)
+    res, ops = found.res, found.ops
     with torch.no_grad(), exact_float32():
-        res = compute_bound(model, x, y, eps, None, None, sniter=0, opt_iter=opt_iter,
-                            bound=bound, check=True, global_sigmas=norms.upper,
-                            local_norms=record, rounding=True)
         eps_b = torch.as_tensor(eps, dtype=x.dtype, device=x.device).expand(b)
         cert = GuaranteedCertificate(res.certified(y), res.r_local / eps_b.clamp_min(FLOOR),
                                      torch.zeros(b, dtype=torch.long, device=x.device),

@@ -45,13 +45,14 @@ about the data).
 """
 import copy
 import math
+from dataclasses import dataclass
 from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
 from locallip import progress
-from locallip.bound import FLOOR, BoundError, compute_bound, exact_float32
+from locallip.bound import FLOOR, BoundError, BoundResult, compute_bound, exact_float32
 from locallip.layers import check_supported, layer_input_shapes, layer_list
 from locallip.operators import apply_absW, apply_W, apply_WT, masked_products
 from locallip.rounding import abs_norm, gamma, layer_gamma, unit_roundoff
@@ -93,6 +94,12 @@ def upper_from_ritz(xi: torch.Tensor, n, k: int, delta: float, slack) -> torch.T
     up = (xi.clamp_min(0) + slack) / (1 - e)
     up = torch.where(e < 1, up, torch.full_like(up, math.inf)).sqrt()
     return up * (1 + 8 * unit_roundoff(torch.float64))
+
+
+def _reciprocal(b: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """1 / b, and 0 where ``zero`` (no floor on b: a layer with tiny weights keeps unit
+    vectors)."""
+    return torch.where(zero, torch.zeros_like(b), 1 / torch.where(zero, torch.ones_like(b), b))
 
 
 class Lanczos:
@@ -222,7 +229,7 @@ class Lanczos:
         dead = b <= BREAKDOWN * (a.abs() + self.beta)
         removed = torch.where(dead, removed + b, removed)
         b = torch.where(dead, torch.zeros_like(b), b)
-        inv = torch.where(dead, torch.zeros_like(b), 1 / torch.where(dead, torch.ones_like(b), b))
+        inv = _reciprocal(b, dead)
         self.q = w.mul_(inv.unsqueeze(1))
         self.omega_prev, self.omega = self.omega, nxt * (~dead).unsqueeze(1)
         self.beta = b
@@ -259,8 +266,7 @@ class Lanczos:
         k, u = self.steps, unit_roundoff(torch.float64)
         noise = OMEGA_NOISE * u * self.q.shape[1] * self.abs_norm ** 2   # a step's rounding
         nxt = b.new_zeros((b.shape[0], k + 2))
-        live = b > 0
-        inv = torch.where(live, 1 / torch.where(live, b, torch.ones_like(b)), 0.0).unsqueeze(1)
+        inv = _reciprocal(b, ~(b > 0)).unsqueeze(1)
         if k:
             al, be, om = self.alphas, self.betas, self.omega
             t = be * om[:, 1:] + (al - a.unsqueeze(1)) * om[:, :k]
@@ -428,6 +434,31 @@ def is_full(d, batch, device):
     return d.flatten(1).min(1).values > 0
 
 
+@dataclass
+class MaskedOperators:
+    """What the bound read on the way: its result with the global upper bounds, and every
+    per-sample masked operator (i, layer, d_in, d_out, in_shape) it asked a norm of."""
+    res: BoundResult
+    ops: list
+
+
+def masked_operators(x: torch.Tensor, y: torch.Tensor, eps, norms: GuaranteedNorms, *,
+                     opt_iter: int = 1, bound: str = 'local') -> MaskedOperators:
+    """The bound of the eps-balls around x [batch, ...] (labels y; float64, on norms.network,
+    with rounding) with every norm the global upper bound, recording the masked operators."""
+    b, ops = x.shape[0], []
+
+    def record(i, layer, d_in, d_out, in_shape):
+        ops.append((i, layer, d_in, d_out, in_shape))
+        return norms.upper[i].expand(b)
+
+    with torch.no_grad(), exact_float32():
+        res = compute_bound(norms.network, x.double(), y, eps, None, None, sniter=0,
+                            opt_iter=opt_iter, bound=bound, check=True,
+                            global_sigmas=norms.upper, local_norms=record, rounding=True)
+    return MaskedOperators(res, ops)
+
+
 def masked_norm_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, eps,
                        norms: GuaranteedNorms, *, steps: int = STAGES[-1], bound: str = 'local',
                        delta_op: Optional[float] = None):
@@ -439,17 +470,10 @@ def masked_norm_bounds(model: nn.Sequential, x: torch.Tensor, y: torch.Tensor, e
     below the norm; an estimate of it). Varying sets only grow with eps, so the upper bounds
     hold for the masked norms of every smaller radius too: one run serves a search over eps
     in [0, eps]."""
-    b, model, x = x.shape[0], norms.network, x.double()
-    ops = []
+    b, x = x.shape[0], x.double()
     delta_op = norms.delta_op if delta_op is None else delta_op
-
-    def record(i, layer, d_in, d_out, in_shape):
-        ops.append((i, layer, d_in, d_out, in_shape))
-        return norms.upper[i].expand(b)
-
+    ops = masked_operators(x, y, eps, norms, bound=bound).ops
     with torch.no_grad(), exact_float32():
-        compute_bound(model, x, y, eps, None, None, sniter=0, opt_iter=1, bound=bound,
-                      check=True, global_sigmas=norms.upper, local_norms=record, rounding=True)
         lower, upper = {}, {}
         for i, layer, d_in, d_out, in_shape in ops:
             up = norms.upper[i].double().expand(b).clone()
